@@ -1,0 +1,31 @@
+# Set-up + run targets. Idempotent: the venv is (re)built only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default; a GPU cluster uses TORCH_SPEC="torch" FAISS_EXTRA=gpu (see README).
+TORCH_SPEC ?= torch==2.13.0
+FAISS_EXTRA ?= cpu
+OUT ?= out/demo
+
+.PHONY: install demo demo-quick test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(FAISS_EXTRA),dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/cart demo --out $(OUT)
+
+demo-quick: install
+	$(VENV)/bin/cart demo --quick --out $(OUT)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) out
