@@ -1,0 +1,112 @@
+"""The transductive protocol end to end on one machine: identifiers, generator, baselines, metrics.
+
+Protocol (DESIGN.md §5): caption #q of every candidate is the query, the other captions are
+training queries; every candidate is in the catalog. Used by `cart demo` and benchmarks/quality.py.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from cart_core.config import CartConfig
+from cart_core.corpus import Corpus, check_min_items, split_captions
+from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
+from cart_core.generator import Generator
+from cart_core.identifiers import IdentifierTable
+from cart_core.indexing import build_index, identifier_inputs
+from cart_core.metrics import retrieval_metrics
+from cart_core.retrieval import GenerativeRetriever
+from cart_core.text import TextEncoder
+from cart_core.training import train_generator
+
+PROTOCOL = "transductive"
+
+
+@dataclass
+class PreparedCorpus:
+    """What every method on one corpus shares: the split and the MiniLM sentence vectors."""
+
+    corpus: Corpus
+    train_item: np.ndarray
+    train_text: list[str]
+    query_item: np.ndarray
+    query_text: list[str]
+    train_vec: np.ndarray
+    query_vec: np.ndarray
+    centroids: np.ndarray
+    encoder: TextEncoder
+    timings: dict = field(default_factory=dict)
+
+
+def prepare(corpus: Corpus, cfg: CartConfig, encoder: TextEncoder | None = None) -> PreparedCorpus:
+    (train_item, train_text), (query_item, query_text) = split_captions(corpus, cfg.eval.query_caption_index)
+    encoder = encoder or TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens)
+    t0 = time.perf_counter()
+    train_vec = encoder.sentence_embeddings(train_text)
+    query_vec = encoder.sentence_embeddings(query_text)
+    elapsed = time.perf_counter() - t0
+    centroids = caption_centroids(train_item, train_vec, len(corpus))
+    return PreparedCorpus(corpus, train_item, train_text, query_item, query_text, train_vec, query_vec,
+                          centroids, encoder, {"sentence_embed_s": elapsed})
+
+
+def record(method: str, metrics: dict, queries_per_s: float, **extra) -> dict:
+    return {"method": method, "protocol": PROTOCOL, **metrics, "queries_per_s": queries_per_s, **extra}
+
+
+def _timed_search(index: FlatIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    rows, _ = index.search(queries, k)
+    return rows, len(queries) / max(time.perf_counter() - t0, 1e-9)
+
+
+def dense_baselines(prep: PreparedCorpus, k: int = 10, encode_qps: float | None = None) -> list[dict]:
+    """Caption centroid (text only) and MiniLM -> feature-space ridge + faiss flat search.
+
+    queries_per_s counts the search only, plus query encoding when encode_qps is given."""
+    n = len(prep.corpus)
+    out = []
+    rows, qps = _timed_search(FlatIndex(prep.centroids), prep.query_vec, n)
+    out.append(record("caption_centroid", retrieval_metrics(rows, prep.query_item), _with_encode(qps, encode_qps)))
+    ridge = fit_ridge(prep.train_vec, prep.corpus.embeddings[prep.train_item], alpha=1.0)
+    rows, qps = _timed_search(FlatIndex(prep.corpus.embeddings), apply_ridge(prep.query_vec, ridge), n)
+    out.append(record("faiss_flat_ridge", retrieval_metrics(rows, prep.query_item), _with_encode(qps, encode_qps)))
+    return out
+
+
+def _with_encode(search_qps: float, encode_qps: float | None) -> float:
+    if not encode_qps:
+        return search_qps
+    return 1.0 / (1.0 / search_qps + 1.0 / encode_qps)
+
+
+@dataclass
+class GenerativeRun:
+    record: dict
+    table: IdentifierTable
+    generator: Generator
+    index_report: dict
+    train_history: dict
+
+
+def run_generative(prep: PreparedCorpus, cfg: CartConfig, method: str = "generative",
+                   progress: bool = True) -> GenerativeRun:
+    corpus = prep.corpus
+    check_min_items(corpus, cfg.identifiers.n_clusters, "identifiers.n_clusters")
+    vectors = identifier_inputs(cfg.identifiers.source, corpus.embeddings, prep.centroids)
+    t0 = time.perf_counter()
+    table, _, index_report = build_index(corpus.item_ids, vectors, cfg.identifiers, progress=progress)
+    index_s = time.perf_counter() - t0
+    gen_cfg = replace(cfg.generator, vocab_sizes=list(table.vocab_sizes))
+    generator = Generator(gen_cfg, text_encoder=prep.encoder if gen_cfg.query == "text" else None)
+    history = train_generator(generator, prep.train_text, table.codes[prep.train_item], cfg.train, progress=progress)
+    retriever = GenerativeRetriever(generator, table)
+    t0 = time.perf_counter()
+    rows, _ = retriever.search(prep.query_text, k=cfg.eval.k, beam_size=cfg.eval.beam_size,
+                               batch_size=cfg.eval.batch_size, progress=progress)
+    qps = len(prep.query_text) / (time.perf_counter() - t0)
+    rec = record(method, retrieval_metrics(rows, prep.query_item), qps,
+                 index_s=index_s, train_s=history["train_s"], beam_size=cfg.eval.beam_size)
+    return GenerativeRun(rec, table, generator, index_report, history)

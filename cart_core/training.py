@@ -1,0 +1,128 @@
+"""Training the generator on (query -> identifier) pairs: cross-entropy + omega * R-Drop KL.
+
+The text encoder is frozen, so its layer states are computed once per training query and cached
+in float16; each epoch then only runs the small fusion decoder, which is what makes training on a
+2-core CPU practical.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cart_core.generator import Generator, identifier_nll, rdrop_kl
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    rdrop_weight: float = 1.0   # omega; 0 switches R-Drop off
+    seed: int = 0
+
+
+@dataclass
+class StateCache:
+    """Frozen encoder states for a fixed list of queries, padded to one length."""
+
+    states: torch.Tensor  # float16 [N, S, T, H]
+    mask: torch.Tensor    # bool [N, T]
+
+    @classmethod
+    def build(cls, generator: Generator, queries, batch_size: int = 256, progress: bool = True) -> "StateCache":
+        chunks, masks = [], []
+        bar = tqdm(range(0, len(queries), batch_size), desc="encode queries", disable=not progress, leave=False)
+        with torch.no_grad():
+            for start in bar:
+                states, mask = generator.encode_queries(queries[start:start + batch_size])
+                chunks.append(states.to(torch.float16))
+                masks.append(mask)
+        t = max(m.shape[1] for m in masks)
+        states = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, t - c.shape[2])) for c in chunks])
+        mask = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for m in masks])
+        return cls(states, mask)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.mask[index]
+        t = int(mask.sum(1).max())  # trim padding shared by the whole batch
+        return self.states[index, :, :t].float(), mask[:, :t]
+
+
+def _lr_lambda(total_steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def train_generator(
+    generator: Generator,
+    queries,
+    codes: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Fit the decoder (and vector projector) on queries[i] -> codes[i]; returns a loss history."""
+    if len(queries) != len(codes):
+        raise ValueError(f"{len(queries)} queries but {len(codes)} target identifiers")
+    if len(codes) == 0:
+        raise ValueError("no training pairs")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    targets = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+    cache = StateCache.build(generator, queries, progress=progress) if generator.text_encoder else None
+    vectors = None if cache else torch.as_tensor(np.asarray(queries), dtype=torch.float32)
+    params = [p for n, p in generator.named_parameters() if p.requires_grad and not n.startswith("text_encoder.")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(targets) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.warmup_frac * total))))
+    history = {"loss": [], "nll": [], "kl": []}
+    start_time = time.perf_counter()
+    bar = tqdm(range(cfg.epochs), desc="train generator", disable=not progress)
+    for _ in bar:
+        generator.train()
+        perm = torch.randperm(len(targets), generator=gen)
+        sums = np.zeros(3)
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            states, mask = cache.batch(idx) if cache else generator.encode_queries(vectors[idx])
+            y = targets[idx]
+            if cfg.rdrop_weight > 0:  # two dropout passes in one batch
+                if cache is None:
+                    states2, mask2 = generator.encode_queries(vectors[idx])
+                    states, mask = torch.cat([states, states2]), torch.cat([mask, mask2])
+                else:
+                    states, mask = torch.cat([states, states]), torch.cat([mask, mask])
+                logp = generator.decoder.sequence_log_probs(generator.decoder.prepare_memory(states, mask), torch.cat([y, y]))
+                half = len(y)
+                a, b = [lp[:half] for lp in logp], [lp[half:] for lp in logp]
+                nll = 0.5 * (identifier_nll(a, y) + identifier_nll(b, y))
+                kl = rdrop_kl(a, b)
+            else:
+                logp = generator.decoder.sequence_log_probs(generator.decoder.prepare_memory(states, mask), y)
+                nll, kl = identifier_nll(logp, y), torch.zeros(())
+            loss = nll + cfg.rdrop_weight * kl
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            sums += np.array([float(loss), float(nll), float(kl)]) * len(y)
+        for key, value in zip(("loss", "nll", "kl"), sums / len(targets)):
+            history[key].append(float(value))
+        bar.set_postfix(nll=f"{history['nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.3f}")
+    generator.eval()
+    history["train_s"] = time.perf_counter() - start_time
+    history["pairs"] = int(len(targets))
+    return history
