@@ -70,7 +70,7 @@ def dense_baselines(prep: PreparedCorpus, k: int = 10, encode_qps: float | None 
     out = []
     rows, qps = _timed_search(FlatIndex(prep.centroids), prep.query_vec, n)
     out.append(record("caption_centroid", retrieval_metrics(rows, prep.query_item), _with_encode(qps, encode_qps)))
-    ridge = fit_ridge(prep.train_vec, prep.corpus.embeddings[prep.train_item], alpha=1.0)
+    ridge = fit_ridge(prep.train_vec, prep.corpus.embeddings[prep.train_item], alpha=0.01)
     rows, qps = _timed_search(FlatIndex(prep.corpus.embeddings), apply_ridge(prep.query_vec, ridge), n)
     out.append(record("faiss_flat_ridge", retrieval_metrics(rows, prep.query_item), _with_encode(qps, encode_qps)))
     return out

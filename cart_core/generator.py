@@ -30,10 +30,10 @@ class GeneratorConfig:
     vector_layers: int = 2              # vector queries: pseudo layers S
     vector_slots: int = 4               # vector queries: pseudo tokens T per layer
     vector_hidden: int = 256            # vector queries: pseudo state width H
-    d_model: int = 256
+    d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
-    ff_dim: int = 1024
+    ff_dim: int = 512
     dropout: float = 0.1
     coarse_fusion: bool = True
     fine_fusion: bool = True

@@ -39,7 +39,8 @@ def _residual_kmeans(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[lis
     faiss = import_faiss()
     books, codes, residual = [], [], np.ascontiguousarray(x, dtype=np.float32)
     for level in range(levels):
-        km = faiss.Kmeans(residual.shape[1], min(k, len(residual)), niter=20, seed=seed + level, verbose=False)
+        km = faiss.Kmeans(residual.shape[1], min(k, len(residual)), niter=20, seed=seed + level, verbose=False,
+                          min_points_per_centroid=1)
         km.train(residual)
         _, idx = km.index.search(residual, 1)
         books.append(km.centroids.copy())

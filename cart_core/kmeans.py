@@ -53,7 +53,7 @@ class CoarseQuantizer:
             x = x[np.sort(rng.choice(len(x), sample_size, replace=False))]
         km = faiss.Kmeans(
             x.shape[1], n_clusters, niter=n_iter, seed=seed, spherical=spherical,
-            max_points_per_centroid=max(256, -(-len(x) // n_clusters)), verbose=False,
+            max_points_per_centroid=max(256, -(-len(x) // n_clusters)), min_points_per_centroid=1, verbose=False,
         )
         km.train(x)
         return cls(np.ascontiguousarray(km.centroids, dtype=np.float32), spherical)

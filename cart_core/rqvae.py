@@ -118,7 +118,8 @@ def _kmeans_init(model: RQVAE, x: torch.Tensor, seed: int) -> None:
         residual = model.encoder(x / model.input_scale).numpy().astype(np.float32)
         for level in range(model.cfg.levels):
             n_clusters = min(k, len(residual))
-            km = faiss.Kmeans(residual.shape[1], n_clusters, niter=20, seed=seed + level, verbose=False)
+            km = faiss.Kmeans(residual.shape[1], n_clusters, niter=20, seed=seed + level, verbose=False,
+                               min_points_per_centroid=1)
             km.train(np.ascontiguousarray(residual))
             book = np.asarray(km.centroids, dtype=np.float32)
             if n_clusters < k:  # tiny inputs: pad with jittered copies
@@ -185,7 +186,7 @@ def fit_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, progress: bool = True) -> tupl
             opt.step()
             for level in range(cfg.levels):
                 usage[level] += torch.bincount(codes[:, level], minlength=cfg.codebook_size)
-            total += float(recon) * len(xb)
+            total += recon.item() * len(xb)
             n += len(xb)
         history.append(total / n)
         resets += _reset_dead_codes(model, init_sample, usage, gen)

@@ -64,6 +64,20 @@ def _lr_lambda(total_steps: int, warmup: int):
     return f
 
 
+def _batches(n: int, batch_size: int, gen: torch.Generator, lengths: torch.Tensor | None):
+    """Shuffled batches; with query lengths, batches are formed from length-sorted windows of
+    50 batches so padding (and so cross-attention cost) stays small."""
+    perm = torch.randperm(n, generator=gen)
+    if lengths is not None:
+        window = batch_size * 50
+        perm = torch.cat([
+            chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in perm.split(window)
+        ])
+    batches = list(perm.split(batch_size))
+    order = torch.randperm(len(batches), generator=gen)
+    return [batches[i] for i in order]
+
+
 def train_generator(
     generator: Generator,
     queries,
@@ -92,25 +106,19 @@ def train_generator(
     bar = tqdm(range(cfg.epochs), desc="train generator", disable=not progress)
     for _ in bar:
         generator.train()
-        perm = torch.randperm(len(targets), generator=gen)
         sums = np.zeros(3)
-        for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
+        for idx in _batches(len(targets), cfg.batch_size, gen, cache.mask.sum(1) if cache else None):
             states, mask = cache.batch(idx) if cache else generator.encode_queries(vectors[idx])
+            memory = generator.decoder.prepare_memory(states, mask)
             y = targets[idx]
-            if cfg.rdrop_weight > 0:  # two dropout passes in one batch
-                if cache is None:
-                    states2, mask2 = generator.encode_queries(vectors[idx])
-                    states, mask = torch.cat([states, states2]), torch.cat([mask, mask2])
-                else:
-                    states, mask = torch.cat([states, states]), torch.cat([mask, mask])
-                logp = generator.decoder.sequence_log_probs(generator.decoder.prepare_memory(states, mask), torch.cat([y, y]))
-                half = len(y)
-                a, b = [lp[:half] for lp in logp], [lp[half:] for lp in logp]
+            if cfg.rdrop_weight > 0:  # two dropout passes of the decoder over one shared memory
+                memory = {key: torch.cat([value, value]) for key, value in memory.items()}
+                logp = generator.decoder.sequence_log_probs(memory, torch.cat([y, y]))
+                a, b = [lp[: len(y)] for lp in logp], [lp[len(y):] for lp in logp]
                 nll = 0.5 * (identifier_nll(a, y) + identifier_nll(b, y))
                 kl = rdrop_kl(a, b)
             else:
-                logp = generator.decoder.sequence_log_probs(generator.decoder.prepare_memory(states, mask), y)
+                logp = generator.decoder.sequence_log_probs(memory, y)
                 nll, kl = identifier_nll(logp, y), torch.zeros(())
             loss = nll + cfg.rdrop_weight * kl
             opt.zero_grad()
@@ -118,7 +126,7 @@ def train_generator(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            sums += np.array([float(loss), float(nll), float(kl)]) * len(y)
+            sums += np.array([loss.item(), nll.item(), kl.item()]) * len(y)
         for key, value in zip(("loss", "nll", "kl"), sums / len(targets)):
             history[key].append(float(value))
         bar.set_postfix(nll=f"{history['nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.3f}")
