@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from cart_core.config import CartConfig
 from cart_core.corpus import Corpus, check_min_items, split_captions
@@ -18,6 +19,7 @@ from cart_core.identifiers import IdentifierTable
 from cart_core.indexing import build_index, identifier_inputs
 from cart_core.metrics import retrieval_metrics
 from cart_core.retrieval import GenerativeRetriever
+from cart_core.prototypes import fit_additive_prototypes
 from cart_core.text import TextEncoder
 from cart_core.training import train_generator
 
@@ -82,6 +84,13 @@ def _with_encode(search_qps: float, encode_qps: float | None) -> float:
     return 1.0 / (1.0 / search_qps + 1.0 / encode_qps)
 
 
+def init_prototypes(generator: Generator, table: IdentifierTable, centroids: np.ndarray) -> None:
+    """Start the prototype head from the items' caption centroids (items without captions skipped)."""
+    has_caption = np.linalg.norm(centroids, axis=1) > 0
+    protos = fit_additive_prototypes(table.tokens()[has_caption], sum(table.vocab_sizes), centroids[has_caption])
+    generator.decoder.prototypes.data.copy_(torch.from_numpy(protos))
+
+
 @dataclass
 class GenerativeRun:
     record: dict
@@ -101,6 +110,8 @@ def run_generative(prep: PreparedCorpus, cfg: CartConfig, method: str = "generat
     index_s = time.perf_counter() - t0
     gen_cfg = replace(cfg.generator, vocab_sizes=list(table.vocab_sizes))
     generator = Generator(gen_cfg, text_encoder=prep.encoder if gen_cfg.query == "text" else None)
+    if gen_cfg.output_head == "prototype":
+        init_prototypes(generator, table, prep.centroids)
     history = train_generator(generator, prep.train_text, table.codes[prep.train_item], cfg.train, progress=progress)
     retriever = GenerativeRetriever(generator, table)
     t0 = time.perf_counter()

@@ -37,6 +37,11 @@ class GeneratorConfig:
     dropout: float = 0.1
     coarse_fusion: bool = True
     fine_fusion: bool = True
+    # "linear": logits = W y. "prototype": logits also get scale * (pooled query + delta(y)) . E_tok,
+    # with E initialised so that summing token scores along an identifier approximates the
+    # cosine between the query and the item's caption centroid (see prototypes.py)
+    output_head: str = "linear"
+    prototype_scale: float = 20.0
 
 
 class VectorQueryEncoder(nn.Module):
@@ -127,12 +132,26 @@ class FusionDecoder(nn.Module):
         self.norm_out = nn.LayerNorm(d)
         # position-local output heads (a slice of one shared matrix)
         self.out = nn.Linear(d, total)
+        if cfg.output_head == "prototype":
+            self.prototypes = nn.Parameter(torch.randn(total, enc_hidden) * 0.01)
+            self.query_delta = nn.Linear(d, enc_hidden)
+            nn.init.zeros_(self.query_delta.weight)
+            nn.init.zeros_(self.query_delta.bias)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+            self.log_scale = nn.Parameter(torch.tensor(float(cfg.prototype_scale)).log())
+        elif cfg.output_head != "linear":
+            raise ValueError(f"generator.output_head must be linear | prototype, got {cfg.output_head!r}")
 
     def prepare_memory(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Project encoder states once per query; beams reuse the result."""
-        states = self.layer_norm_in(states)  # [B, S, T, H]
         b, s, t, h = states.shape
         memory = {"pad": ~mask}
+        if self.cfg.output_head == "prototype":  # mean-pooled last layer, the sentence vector
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states[:, -1] * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            memory["pooled"] = F.normalize(pooled, dim=-1)
+        states = self.layer_norm_in(states)  # [B, S, T, H]
         if self.cfg.coarse_fusion:
             memory["coarse"] = self.coarse_proj(states.permute(0, 2, 1, 3).reshape(b, t, s * h))
         if self.cfg.fine_fusion:
@@ -149,7 +168,12 @@ class FusionDecoder(nn.Module):
         alpha = torch.softmax(self.alpha_logits, 0) if self.cfg.fine_fusion else None
         for layer in self.layers:
             y = layer(y, memory, alpha, width)
-        return self.out(self.norm_out(y))
+        y = self.norm_out(y)
+        logits = self.out(y)
+        if self.cfg.output_head == "prototype":
+            query = memory["pooled"].repeat_interleave(width, 0).unsqueeze(1) + self.query_delta(y)
+            logits = logits + self.log_scale.exp() * (query @ self.prototypes.t())
+        return logits
 
     def position_log_probs(self, logits: torch.Tensor, level: int) -> torch.Tensor:
         start = int(self.offsets[level])

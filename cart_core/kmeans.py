@@ -39,9 +39,11 @@ class CoarseQuantizer:
         spherical: bool = True,
         sample_size: int = 65536,
         n_iter: int = 25,
+        n_redo: int = 1,
         seed: int = 0,
     ) -> "CoarseQuantizer":
-        """Fit on at most `sample_size` rows drawn with a fixed seed (same input -> same centroids)."""
+        """Fit on at most `sample_size` rows drawn with a fixed seed (same input -> same centroids);
+        `n_redo` restarts keep the best objective."""
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
         if len(x) < n_clusters:
@@ -52,7 +54,7 @@ class CoarseQuantizer:
         if len(x) > sample_size:
             x = x[np.sort(rng.choice(len(x), sample_size, replace=False))]
         km = faiss.Kmeans(
-            x.shape[1], n_clusters, niter=n_iter, seed=seed, spherical=spherical,
+            x.shape[1], n_clusters, niter=n_iter, nredo=n_redo, seed=seed, spherical=spherical,
             max_points_per_centroid=max(256, -(-len(x) // n_clusters)), min_points_per_centroid=1, verbose=False,
         )
         km.train(x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -85,8 +86,11 @@ def train_generator(
     cfg: TrainConfig,
     *,
     progress: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Fit the decoder (and vector projector) on queries[i] -> codes[i]; returns a loss history."""
+    """Fit the decoder (and vector projector) on queries[i] -> codes[i]; returns a loss history.
+
+    `on_epoch_end(epoch, history)` runs after every epoch (validation, checkpoints)."""
     if len(queries) != len(codes):
         raise ValueError(f"{len(queries)} queries but {len(codes)} target identifiers")
     if len(codes) == 0:
@@ -104,7 +108,7 @@ def train_generator(
     history = {"loss": [], "nll": [], "kl": []}
     start_time = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="train generator", disable=not progress)
-    for _ in bar:
+    for epoch in bar:
         generator.train()
         sums = np.zeros(3)
         for idx in _batches(len(targets), cfg.batch_size, gen, cache.mask.sum(1) if cache else None):
@@ -130,6 +134,9 @@ def train_generator(
         for key, value in zip(("loss", "nll", "kl"), sums / len(targets)):
             history[key].append(float(value))
         bar.set_postfix(nll=f"{history['nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history)
+            generator.train()
     generator.eval()
     history["train_s"] = time.perf_counter() - start_time
     history["pairs"] = int(len(targets))
