@@ -41,6 +41,7 @@ class GeneratorConfig:
     # with E initialised so that summing token scores along an identifier approximates the
     # cosine between the query and the item's caption centroid (see prototypes.py)
     output_head: str = "linear"
+    finetune_layers: int = 0            # top text-encoder layers trained with the decoder (0 = frozen)
     prototype_scale: float = 20.0
 
 
@@ -194,6 +195,8 @@ class Generator(nn.Module):
         if cfg.query == "text":
             self.text_encoder = text_encoder or TextEncoder(cfg.text_encoder, cfg.max_query_tokens)
             hidden, layers = self.text_encoder.hidden_size, self.text_encoder.num_layers
+            if not 0 <= cfg.finetune_layers < layers:
+                raise ValueError(f"generator.finetune_layers must be in [0, {layers - 1}], got {cfg.finetune_layers}")
             self.vector_encoder = None
         elif cfg.query == "vector":
             if cfg.query_dim <= 0:
@@ -212,8 +215,8 @@ class Generator(nn.Module):
         return self.vector_encoder(torch.as_tensor(queries, dtype=torch.float32))
 
     def save(self, folder: str | Path) -> None:
-        """Decoder (and vector encoder) weights as safetensors + config.json; the frozen text
-        encoder is referenced by name, not copied."""
+        """Decoder (+ vector encoder, + fine-tuned top encoder layers) as safetensors and
+        config.json; the frozen rest of the text encoder is referenced by name, not copied."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -221,6 +224,8 @@ class Generator(nn.Module):
         state = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
         if self.vector_encoder is not None:
             state.update({f"vector_encoder.{k}": v for k, v in self.vector_encoder.state_dict().items()})
+        for i, layer in enumerate(self.tuned_encoder_layers()):
+            state.update({f"encoder_top.{i}.{k}": v for k, v in layer.state_dict().items()})
         save_file({k: v.contiguous() for k, v in state.items()}, folder / "generator.safetensors")
         (folder / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
 
@@ -237,7 +242,25 @@ class Generator(nn.Module):
             model.vector_encoder.load_state_dict(
                 {k[15:]: v for k, v in state.items() if k.startswith("vector_encoder.")}
             )
+        for i, layer in enumerate(model.tuned_encoder_layers()):
+            prefix = f"encoder_top.{i}."
+            layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return model.eval()
+
+    def train(self, mode: bool = True) -> "Generator":
+        """The text encoder is not a submodule; of it only the tuned top blocks follow `mode`."""
+        super().train(mode)
+        if self.text_encoder is not None:
+            self.text_encoder.model.eval()
+            for layer in self.tuned_encoder_layers():
+                layer.train(mode)
+        return self
+
+    def tuned_encoder_layers(self) -> list[nn.Module]:
+        """Text-encoder blocks that training updates (saved with the decoder)."""
+        if self.text_encoder is None or self.cfg.finetune_layers <= 0:
+            return []
+        return self.text_encoder.top_layer_modules(self.cfg.finetune_layers)
 
 
 def rdrop_kl(logp_a: list[torch.Tensor], logp_b: list[torch.Tensor]) -> torch.Tensor:

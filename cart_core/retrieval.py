@@ -25,8 +25,14 @@ class GenerativeRetriever:
     @torch.no_grad()
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item rows int64 [B, k], -1 where fewer than k; scores = summed log-probs [B, k])."""
-        decoder = self.generator.decoder
         states, mask = self.generator.encode_queries(queries)
+        return self.search_batch_states(states, mask, k, beam_size)
+
+    @torch.no_grad()
+    def search_batch_states(self, states: torch.Tensor, mask: torch.Tensor, k: int = 10,
+                            beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Same as search_batch for already-encoded queries (states [B, S, T, H], mask [B, T])."""
+        decoder = self.generator.decoder
         memory = decoder.prepare_memory(states.to(self.device), mask.to(self.device))
 
         def step(prefix: torch.Tensor, level: int, width: int) -> torch.Tensor:

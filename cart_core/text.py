@@ -54,6 +54,26 @@ class TextEncoder:
         states = torch.stack(out.hidden_states[1:], dim=1)
         return states, batch["attention_mask"].bool()
 
+    def top_layer_modules(self, n: int) -> list[torch.nn.Module]:
+        """The last n transformer blocks (BERT-style encoders: model.encoder.layer)."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if layers is None or n > len(layers):
+            raise ValueError(f"{self.name}: cannot fine-tune {n} top layers of this encoder")
+        return list(layers)[len(layers) - n:] if n > 0 else []
+
+    def run_top_layers(self, below: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+        """Recompute the last n layers from the cached output of layer S-n: states [B, n, T, H].
+
+        Lets training update the top of the encoder while the frozen bottom stays cached."""
+        additive = torch.zeros(mask.shape, dtype=below.dtype, device=below.device)
+        additive = additive.masked_fill(~mask, torch.finfo(below.dtype).min)[:, None, None, :]
+        hidden, outs = below, []
+        for layer in self.top_layer_modules(n):
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+            outs.append(hidden)
+        return torch.stack(outs, dim=1)
+
     @torch.no_grad()
     def sentence_embeddings(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         """Mean-pooled, L2-normalised last-layer states (the sentence-transformers recipe)."""

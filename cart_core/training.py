@@ -26,6 +26,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_frac: float = 0.05
     rdrop_weight: float = 1.0   # omega; 0 switches R-Drop off
+    encoder_lr: float = 5e-5    # for generator.finetune_layers > 0
     seed: int = 0
 
 
@@ -101,7 +102,11 @@ def train_generator(
     cache = StateCache.build(generator, queries, progress=progress) if generator.text_encoder else None
     vectors = None if cache else torch.as_tensor(np.asarray(queries), dtype=torch.float32)
     params = [p for n, p in generator.named_parameters() if p.requires_grad and not n.startswith("text_encoder.")]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tuned = generator.tuned_encoder_layers()
+    tuned_params = [p for layer in tuned for p in layer.parameters()]
+    groups = [{"params": params}] + ([{"params": tuned_params, "lr": cfg.encoder_lr}] if tuned_params else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = params + tuned_params
     steps_per_epoch = math.ceil(len(targets) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.warmup_frac * total))))
@@ -113,6 +118,10 @@ def train_generator(
         sums = np.zeros(3)
         for idx in _batches(len(targets), cfg.batch_size, gen, cache.mask.sum(1) if cache else None):
             states, mask = cache.batch(idx) if cache else generator.encode_queries(vectors[idx])
+            if tuned:
+                n = len(tuned)
+                top = generator.text_encoder.run_top_layers(states[:, -n - 1], mask, n)
+                states = torch.cat([states[:, :-n], top], dim=1)
             memory = generator.decoder.prepare_memory(states, mask)
             y = targets[idx]
             if cfg.rdrop_weight > 0:  # two dropout passes of the decoder over one shared memory
@@ -136,7 +145,6 @@ def train_generator(
         bar.set_postfix(nll=f"{history['nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
-            generator.train()
     generator.eval()
     history["train_s"] = time.perf_counter() - start_time
     history["pairs"] = int(len(targets))
