@@ -33,6 +33,9 @@ ABLATIONS = {
     "kmeans_only": ["identifiers.fine=residual_kmeans"],
     "rqvae_only": ["identifiers.coarse=false"],
     "no_rdrop": ["train.rdrop_weight=0"],
+    # what identifiers are built from (the demo config uses "both")
+    "ids_from_features": ["identifiers.source=features"],
+    "ids_from_captions": ["identifiers.source=captions"],
 }
 
 

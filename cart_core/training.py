@@ -44,17 +44,17 @@ class StateCache:
         with torch.no_grad():
             for start in bar:
                 states, mask = generator.encode_queries(queries[start:start + batch_size])
-                chunks.append(states.to(torch.float16))
-                masks.append(mask)
+                chunks.append(states.to(torch.float16).cpu())  # host memory: the cache can be large
+                masks.append(mask.cpu())
         t = max(m.shape[1] for m in masks)
         states = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, t - c.shape[2])) for c in chunks])
         mask = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for m in masks])
         return cls(states, mask)
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         mask = self.mask[index]
         t = int(mask.sum(1).max())  # trim padding shared by the whole batch
-        return self.states[index, :, :t].float(), mask[:, :t]
+        return self.states[index, :, :t].to(device).float(), mask[:, :t].to(device)
 
 
 def _lr_lambda(total_steps: int, warmup: int):
@@ -98,6 +98,7 @@ def train_generator(
         raise ValueError("no training pairs")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(generator.decoder.parameters()).device
     targets = torch.as_tensor(np.asarray(codes), dtype=torch.long)
     cache = StateCache.build(generator, queries, progress=progress) if generator.text_encoder else None
     vectors = None if cache else torch.as_tensor(np.asarray(queries), dtype=torch.float32)
@@ -117,13 +118,13 @@ def train_generator(
         generator.train()
         sums = np.zeros(3)
         for idx in _batches(len(targets), cfg.batch_size, gen, cache.mask.sum(1) if cache else None):
-            states, mask = cache.batch(idx) if cache else generator.encode_queries(vectors[idx])
+            states, mask = cache.batch(idx, device) if cache else generator.encode_queries(vectors[idx].to(device))
             if tuned:
                 n = len(tuned)
                 top = generator.text_encoder.run_top_layers(states[:, -n - 1], mask, n)
                 states = torch.cat([states[:, :-n], top], dim=1)
             memory = generator.decoder.prepare_memory(states, mask)
-            y = targets[idx]
+            y = targets[idx].to(device)
             if cfg.rdrop_weight > 0:  # two dropout passes of the decoder over one shared memory
                 memory = {key: torch.cat([value, value]) for key, value in memory.items()}
                 logp = generator.decoder.sequence_log_probs(memory, torch.cat([y, y]))

@@ -67,7 +67,10 @@ def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | N
     t = run.index_report["timings"]
     print(f"\ntimings: identifiers {run.record['index_s']:.1f}s (k-means {t['kmeans_s']:.1f}s, fine {t['fine_s']:.1f}s), "
           f"generator training {run.record['train_s']:.1f}s, total {time.perf_counter() - started:.0f}s")
-    print(f"identifiers: vocab {run.table.vocab_sizes}, {run.index_report['collisions']['distinct_prefixes']} "
-          f"distinct prefixes, collision rate {run.index_report['collisions']['collision_rate']:.2f}")
+    rep = run.index_report
+    print(f"identifiers ({cfg.identifiers.source}): vocab {run.table.vocab_sizes}, "
+          f"{rep['collisions']['distinct_prefixes']} distinct prefixes, collision rate {rep['collisions']['collision_rate']:.2f}, "
+          f"k-means imbalance {rep.get('kmeans', {}).get('imbalance', float('nan')):.2f}, "
+          f"RQ-VAE perplexity per level {[round(p, 1) for p in rep.get('rqvae', {}).get('perplexity', [])]}")
     print(f"wrote {out_dir / 'metrics.json'}, {plot}, {out_dir / 'run.json'}")
     return records
