@@ -47,7 +47,7 @@ def run_dataset(name: str, config: Path, overrides: list[str], ablations: bool) 
     cfg = load_config(config, base)
     corpus = load_corpus(folder)
     prep = prepare(corpus, cfg)
-    records = [run_generative(prep, cfg, "generative").record, *dense_baselines(prep, k=cfg.eval.k)]
+    records = [run_generative(prep, cfg, "generative").record, *dense_baselines(prep)]
     if ablations:
         for label, extra in ABLATIONS.items():
             records.append(run_generative(prep, load_config(config, base + extra), f"generative:{label}").record)

@@ -52,8 +52,32 @@ def _build(cls, data: dict[str, Any], where: str):
         if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, known[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Give a value its field's type ('1e-3' -> 0.001: YAML reads floats without a dot as text)."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kind = type(default) if default is not None else None
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is float:
+            return float(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
+    return value
 
 
 def _parse_value(text: str) -> Any:

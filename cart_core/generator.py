@@ -194,6 +194,9 @@ class Generator(nn.Module):
         self.cfg = cfg
         if cfg.query == "text":
             self.text_encoder = text_encoder or TextEncoder(cfg.text_encoder, cfg.max_query_tokens)
+            if cfg.finetune_layers > 0 and text_encoder is not None:
+                # training changes the encoder: never write into one shared with other generators
+                self.text_encoder = text_encoder.copy()
             hidden, layers = self.text_encoder.hidden_size, self.text_encoder.num_layers
             if not 0 <= cfg.finetune_layers < layers:
                 raise ValueError(f"generator.finetune_layers must be in [0, {layers - 1}], got {cfg.finetune_layers}")
@@ -212,7 +215,17 @@ class Generator(nn.Module):
         """Texts (list[str]) or vectors ([B, D]) -> (states [B, S, T, H], mask [B, T])."""
         if self.text_encoder is not None:
             return self.text_encoder.layer_states(list(queries))
-        return self.vector_encoder(torch.as_tensor(queries, dtype=torch.float32))
+        device = next(self.vector_encoder.parameters()).device
+        return self.vector_encoder(torch.as_tensor(queries, dtype=torch.float32, device=device))
+
+    def to(self, *args, **kwargs) -> "Generator":
+        """Also moves the text encoder, which is held outside the module tree."""
+        super().to(*args, **kwargs)
+        if self.text_encoder is not None:
+            device = next(self.decoder.parameters()).device
+            self.text_encoder.model.to(device)
+            self.text_encoder.device = device
+        return self
 
     def save(self, folder: str | Path) -> None:
         """Decoder (+ vector encoder, + fine-tuned top encoder layers) as safetensors and

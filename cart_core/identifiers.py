@@ -1,8 +1,9 @@
 """Identifiers (k, v1 ... vM, u): coarse cluster, fine residual codes, uniqueness counter.
 
 Each position has its own vocabulary; the decoder sees token = offset[position] + code. The
-counter u numbers the candidates that share a prefix (k, v1 ... vM) in item_id order, so the same
-input always yields the same identifiers whatever the row order.
+counter u numbers the candidates that share a prefix (k, v1 ... vM) in item_id order, so given the
+same codes u does not depend on row order (and the fitted codebooks are seeded, so the same input
+file yields the same identifiers).
 """
 from __future__ import annotations
 

@@ -130,20 +130,26 @@ def _kmeans_init(model: RQVAE, x: torch.Tensor, seed: int) -> None:
             residual = residual - book[idx[:, 0]]
 
 
-def _reset_dead_codes(model: RQVAE, x: torch.Tensor, usage: torch.Tensor, gen: torch.Generator) -> int:
-    """Move codes unused during the last epoch onto random residuals at their level."""
+def _reset_dead_codes(model: RQVAE, x: torch.Tensor, usage: torch.Tensor, gen: torch.Generator,
+                      opt: torch.optim.Optimizer) -> int:
+    """Move codes unused during the last epoch onto random residuals at their level, and clear
+    their optimiser moments so the stale ones do not drag them back."""
     n_reset = 0
+    state = opt.state.get(model.codebooks, {})
     with torch.no_grad():
         residual = model.encoder(x / model.input_scale)
         for level in range(model.cfg.levels):
             book = model.codebooks.data[level]
-            idx = torch.cdist(residual, book).argmin(dim=1)
+            chosen = book[torch.cdist(residual, book).argmin(dim=1)]  # before the reset
             dead = torch.nonzero(usage[level] == 0).flatten()
             if len(dead):
                 pick = torch.randint(0, len(residual), (len(dead),), generator=gen)
                 book[dead] = residual[pick]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][level, dead] = 0
                 n_reset += len(dead)
-            residual = residual - book[idx]
+            residual = residual - chosen
     return n_reset
 
 
@@ -171,7 +177,7 @@ def fit_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, progress: bool = True) -> tupl
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history, resets = [], 0
     bar = tqdm(range(cfg.epochs), desc="rq-vae", disable=not progress, leave=False)
-    for _ in bar:
+    for epoch in bar:
         model.train()
         usage = torch.zeros(cfg.levels, cfg.codebook_size)
         perm = torch.randperm(len(xt), generator=gen)
@@ -189,7 +195,8 @@ def fit_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, progress: bool = True) -> tupl
             total += recon.item() * len(xb)
             n += len(xb)
         history.append(total / n)
-        resets += _reset_dead_codes(model, init_sample, usage, gen)
+        if epoch < cfg.epochs - 1:  # never leave freshly reset, untrained codes in the final model
+            resets += _reset_dead_codes(model, init_sample, usage, gen, opt)
         bar.set_postfix(recon=f"{history[-1]:.4f}")
     codes = model.encode(x)
     report = {

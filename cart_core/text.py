@@ -40,6 +40,14 @@ class TextEncoder:
         self.hidden_size = int(self.model.config.hidden_size)
         self.num_layers = int(self.model.config.num_hidden_layers)
 
+    def copy(self) -> "TextEncoder":
+        """Same tokenizer, independent copy of the weights (for fine-tuning)."""
+        import copy
+
+        clone = copy.copy(self)
+        clone.model = copy.deepcopy(self.model)
+        return clone
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"

@@ -53,7 +53,8 @@ class StateCache:
 
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         mask = self.mask[index]
-        t = int(mask.sum(1).max())  # trim padding shared by the whole batch
+        used = mask.any(0).nonzero()
+        t = int(used.max()) + 1 if len(used) else 1  # trim padding columns shared by the whole batch
         return self.states[index, :, :t].to(device).float(), mask[:, :t].to(device)
 
 

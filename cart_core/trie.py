@@ -52,10 +52,13 @@ class DecodingTrie:
     def set_live(self, live: np.ndarray) -> None:
         """Tombstones: items with live=False can never be decoded again."""
         live = np.asarray(live, dtype=bool)
-        live_sorted = live[self.sorted_items.numpy()]
-        self.live_sorted = torch.from_numpy(live_sorted)
+        if live.shape != (len(self._node_of_item[0]),):
+            raise ValueError(f"live mask has shape {live.shape}, expected ({len(self._node_of_item[0])},)")
+        device = self.leaf_start.device
+        live_sorted = live[self.sorted_items.cpu().numpy()]
+        self.live_sorted = torch.from_numpy(live_sorted).to(device)
         self.live_below = [
-            torch.from_numpy(np.bincount(nodes, weights=live_sorted, minlength=int(nodes.max()) + 1))
+            torch.from_numpy(np.bincount(nodes, weights=live_sorted, minlength=int(nodes.max()) + 1)).to(device)
             for nodes in self._node_of_item
         ]
 

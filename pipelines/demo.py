@@ -47,9 +47,7 @@ def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | N
     print(f"corpus: {label}: {len(corpus)} items, dim {corpus.dim}, {len(corpus.caption_text)} captions; "
           f"query = caption #{cfg.eval.query_caption_index}, the others train")
     prep = prepare(corpus, cfg)
-    encode_qps = len(prep.query_text) / max(prep.timings["sentence_embed_s"] * len(prep.query_text)
-                                            / (len(prep.query_text) + len(prep.train_text)), 1e-9)
-    baselines = dense_baselines(prep, k=cfg.eval.k, encode_qps=encode_qps)
+    baselines = dense_baselines(prep)
     run = run_generative(prep, cfg, progress=True)
     records = [run.record, *baselines]
     for rec in records:

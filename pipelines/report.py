@@ -40,7 +40,7 @@ def plot_recall(records: list[dict], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     ks = ("R@1", "R@5", "R@10")
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(len(records), 1)
     for i, rec in enumerate(records):
         xs = [j + i * width for j in range(len(ks))]
@@ -51,7 +51,7 @@ def plot_recall(records: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -23,3 +23,16 @@ def test_bad_overrides(override, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_values_take_their_field_type():
+    cfg = load_config(None, ["train.lr=1e-3", "train.epochs=3.0", "generator.fine_fusion=False"])
+    assert cfg.train.lr == pytest.approx(0.001) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.generator.fine_fusion is False
+
+
+@pytest.mark.parametrize("override", ["train.lr=fast", "train.epochs=2.5", "generator.fine_fusion=maybe"])
+def test_values_of_the_wrong_type_are_refused(override):
+    with pytest.raises(ValueError, match="is not a valid"):
+        load_config(None, [override])

@@ -117,3 +117,9 @@ def test_collision_stats():
     stats = table.collision_stats()
     assert stats["distinct_prefixes"] == 2 and stats["max_items_per_prefix"] == 3
     assert stats["items_with_collision"] == 3 and table.vocab_sizes[-1] == 3
+
+
+def test_live_mask_of_wrong_length_is_refused():
+    table = random_catalog(n=20)
+    with pytest.raises(ValueError, match="live mask"):
+        DecodingTrie(table.codes, table.vocab_sizes, live=np.ones(19, dtype=bool))

@@ -111,10 +111,13 @@ def test_finetuned_top_layer_changes_and_round_trips(tmp_path):
     model = Generator(cfg, text_encoder=encoder)
     top = model.tuned_encoder_layers()[0]
     before = {k: v.clone() for k, v in top.state_dict().items()}
+    shared_top = encoder.top_layer_modules(1)[0]
     bottom = encoder.model.encoder.layer[0].state_dict()["attention.self.query.weight"].clone()
     train_generator(model, texts, codes, TrainConfig(epochs=3, batch_size=8, encoder_lr=1e-3), progress=False)
     after = top.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the top block learned
+    # ... in the generator's own copy: the encoder passed in (maybe shared) is untouched
+    assert all(torch.equal(before[k], v) for k, v in shared_top.state_dict().items())
     assert torch.equal(encoder.model.encoder.layer[0].state_dict()["attention.self.query.weight"], bottom)
     model.save(tmp_path / "g")
     loaded = Generator.load(tmp_path / "g", text_encoder=TextEncoder())
