@@ -70,26 +70,29 @@ class RQVAE(nn.Module):
         return x_hat, codes, vq_loss
 
     @torch.no_grad()
+    def _map_batches(self, x: np.ndarray, fn, batch_size: int, empty: np.ndarray) -> np.ndarray:
+        """Apply fn to float32 tensor batches of x in eval mode; concatenate the numpy results."""
+        self.eval()
+        out = [
+            fn(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))).numpy()
+            for start in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(out) if out else empty
+
     def encode(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
         """Codes int64 [N, M] for residual vectors x, in batches."""
-        self.eval()
-        out = []
-        for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))
-            _, codes, _ = self.quantize(self.encoder(xb / self.input_scale))
-            out.append(codes.numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.levels), dtype=np.int64)
+        return self._map_batches(
+            x, lambda xb: self.quantize(self.encoder(xb / self.input_scale))[1], batch_size,
+            np.zeros((0, self.cfg.levels), dtype=np.int64),
+        )
 
-    @torch.no_grad()
     def reconstruction_error(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
         """Per-row relative squared reconstruction error (drift signal for incremental adds)."""
-        self.eval()
-        errs = []
-        for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))
-            x_hat, _, _ = self(xb)
-            errs.append((((x_hat - xb) ** 2).sum(1) / (xb ** 2).sum(1).clamp_min(1e-12)).numpy())
-        return np.concatenate(errs) if errs else np.zeros(0, dtype=np.float32)
+        def relative_error(xb: torch.Tensor) -> torch.Tensor:
+            x_hat = self(xb)[0]
+            return ((x_hat - xb) ** 2).sum(1) / (xb ** 2).sum(1).clamp_min(1e-12)
+
+        return self._map_batches(x, relative_error, batch_size, np.zeros(0, dtype=np.float32))
 
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
