@@ -27,5 +27,9 @@ demo-quick: install
 test: install
 	$(PY) -m pytest -q tests
 
+bench: install
+	$(PY) benchmarks/quality.py --out out/bench
+	$(PY) benchmarks/beam_speed.py --out out/bench
+
 clean:
 	rm -rf $(VENV) out

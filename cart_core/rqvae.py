@@ -87,12 +87,10 @@ class RQVAE(nn.Module):
         )
 
     def reconstruction_error(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-        """Per-row relative squared reconstruction error (drift signal for incremental adds)."""
-        def relative_error(xb: torch.Tensor) -> torch.Tensor:
-            x_hat = self(xb)[0]
-            return ((x_hat - xb) ** 2).sum(1) / (xb ** 2).sum(1).clamp_min(1e-12)
-
-        return self._map_batches(x, relative_error, batch_size, np.zeros(0, dtype=np.float32))
+        """Per-row squared reconstruction error (drift signal for incremental adds). Absolute, not
+        per-row relative: a residual can be ~0 (an item alone in its cluster)."""
+        return self._map_batches(x, lambda xb: ((self(xb)[0] - xb) ** 2).sum(1), batch_size,
+                                 np.zeros(0, dtype=np.float32))
 
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
@@ -206,6 +204,7 @@ def fit_rqvae(x: np.ndarray, cfg: RQVAEConfig, *, progress: bool = True) -> tupl
         "recon_mse_scaled": history,
         "dead_code_resets": resets,
         "perplexity": code_perplexity(codes, cfg.codebook_size),
-        "relative_recon_error": float(np.mean(model.reconstruction_error(x))),
+        # share of the residual energy the codes do not explain
+        "relative_recon_error": float(model.reconstruction_error(x).sum() / max(float((x ** 2).sum()), 1e-12)),
     }
     return model.eval(), report

@@ -87,3 +87,13 @@ def test_rqvae_second_level_refines_first():
 def test_code_perplexity_bounds():
     assert code_perplexity(np.zeros((10, 1), int), 4) == [pytest.approx(1.0)]
     assert code_perplexity(np.arange(8).reshape(-1, 1) % 4, 4) == [pytest.approx(4.0)]
+
+
+def test_rqvae_error_report_survives_zero_residuals():
+    """Items alone in their cluster have a zero residual; the report must stay meaningful."""
+    x, _ = blobs(n=600, d=16, k=8, seed=4)
+    x[:50] = 0.0
+    model, report = fit_rqvae(x, RQVAEConfig(levels=2, codebook_size=8, latent_dim=8, epochs=3), progress=False)
+    assert np.isfinite(report["relative_recon_error"]) and 0 <= report["relative_recon_error"] < 1
+    errors = model.reconstruction_error(x)
+    assert errors.shape == (600,) and np.isfinite(errors).all()
