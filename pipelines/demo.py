@@ -6,7 +6,6 @@ generator is trained on captions #0-3 and queried with caption #4 (transductive 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from cart_core.corpus import Corpus, load_corpus, synthetic_corpus
 from cart_core.experiment import dense_baselines, prepare, run_generative
 from pipelines.data_paths import REPO_ROOT, default_dataset
 from pipelines.report import format_table, plot_recall, write_metrics
-
-log = logging.getLogger("cart.demo")
 
 
 def resolve_corpus(data: str | None) -> tuple[Corpus, str]:

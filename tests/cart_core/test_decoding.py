@@ -1,5 +1,4 @@
 """Constrained beam search: only catalog ids, nothing valid pruned, deletions respected."""
-import itertools
 
 import numpy as np
 import pytest
