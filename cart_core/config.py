@@ -34,11 +34,61 @@ class EvalConfig:
 
 
 @dataclass
+class ExtractConfig:
+    """`cart extract`: decoding and the embedding models (loaded once per Ray actor)."""
+
+    image_model: str = "openai/clip-vit-base-patch32"   # CLIP by hub name or local path
+    audio_model: str = "laion/clap-htsat-unfused"       # CLAP by hub name or local path
+    frames: int = 8                 # frames sampled uniformly per video, embedded and mean-pooled
+    sample_rate: int = 48000        # audio is resampled to the CLAP feature extractor's rate
+    max_audio_s: float = 10.0
+    batch_size: int = 16
+    actors: int = 1                 # embedding actors (autoscaling pool 1..actors)
+    num_cpus: float = 1.0           # per actor
+    num_gpus: float = 0.0           # per actor; 1 on GPU workers
+
+
+@dataclass
+class CaptionConfig:
+    """`cart caption`: pseudo-queries from an image-to-text model (BLIP / GIT class)."""
+
+    model: str = "Salesforce/blip-image-captioning-base"
+    frames: int = 1                 # frames captioned per video (one caption each)
+    max_new_tokens: int = 20
+    batch_size: int = 8
+    actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class JobsConfig:
+    """How the Ray jobs use the cluster: workers, resources, checkpoints, batch sizes."""
+
+    train_workers: int = 1          # Ray Train workers (`cart train --workers` overrides)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    checkpoint_every: int = 1       # epochs between training checkpoints in the store
+    pseudo_query_weight: float = 0.5  # loss weight of `source = pseudo` training pairs
+    quantize_batch_size: int = 8192
+    retrieve_batch_size: int = 64
+    retrieve_actors: int = 1
+    retrieve_num_cpus: float = 1.0
+    retrieve_num_gpus: float = 0.0
+    serve_max_batch_size: int = 32
+    serve_batch_wait_s: float = 0.01
+    serve_replicas: int = 1
+
+
+@dataclass
 class CartConfig:
     identifiers: IdentifierConfig = field(default_factory=IdentifierConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
 
 def _build(cls, data: dict[str, Any], where: str):

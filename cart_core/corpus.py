@@ -331,15 +331,27 @@ def load_corpus(folder: str | Path, *, captions: bool = True, bad_captions: str 
     root = Path(folder)
     if not root.is_dir():
         raise CorpusError(root, None, "file not found")
-    ids, emb, modality = _load_items(root / ITEMS_FILE)
+    corpus = load_corpus_files(root / ITEMS_FILE, root / CAPTIONS_FILE if captions else None,
+                               bad_captions=bad_captions)
+    corpus.source = str(folder)
+    return corpus
+
+
+def load_corpus_files(items: str | Path, captions: str | Path | None = None, *,
+                      bad_captions: str = "error") -> Corpus:
+    """Same validation as load_corpus, for an items file and an optional captions file anywhere."""
+    if bad_captions not in BAD_CAPTION_MODES:
+        raise ValueError(f"bad_captions must be one of {BAD_CAPTION_MODES}, got {bad_captions!r}")
+    items = Path(items)
+    ids, emb, modality = _load_items(items)
     report = _empty_report()
     report["items"] = len(ids)
-    if captions:
-        cap_item, cap_index, cap_text = _load_captions(root / CAPTIONS_FILE, ids, bad_captions, report)
+    if captions is not None:
+        cap_item, cap_index, cap_text = _load_captions(Path(captions), ids, bad_captions, report)
     else:
         cap_item, cap_index, cap_text = np.zeros(0, np.int64), np.zeros(0, np.int64), []
     report["captions"] = len(cap_text)
-    return Corpus(ids, emb, modality, cap_item, cap_index, cap_text, str(folder), report)
+    return Corpus(ids, emb, modality, cap_item, cap_index, cap_text, str(items.parent), report)
 
 
 def check_min_items(corpus: Corpus, n: int, what: str) -> None:
