@@ -163,3 +163,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_dict(cfg: CartConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> CartConfig:
+    """Inverse of config_dict (how a config travels to Ray workers: as plain JSON-able data)."""
+    return _build(CartConfig, data, where)

@@ -287,6 +287,10 @@ def rdrop_kl(logp_a: list[torch.Tensor], logp_b: list[torch.Tensor]) -> torch.Te
     return total / len(logp_a)
 
 
-def identifier_nll(logp: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the target identifier, averaged over positions."""
-    return sum(F.nll_loss(lp, codes[:, level]) for level, lp in enumerate(logp)) / len(logp)
+def identifier_nll(logp: list[torch.Tensor], codes: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the target identifier, averaged over positions (and over pairs, weighted
+    by `weights` when given)."""
+    if weights is None:
+        return sum(F.nll_loss(lp, codes[:, level]) for level, lp in enumerate(logp)) / len(logp)
+    per_pair = sum(F.nll_loss(lp, codes[:, level], reduction="none") for level, lp in enumerate(logp)) / len(logp)
+    return (per_pair * weights).sum() / weights.sum().clamp_min(1e-8)

@@ -200,9 +200,12 @@ class Store:
         local = Path(local)
         for f in sorted(local.rglob("*")):
             if f.is_file():
-                dest = self.path(relpath, str(f.relative_to(local)))
-                self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(f), dest)
+                self.put_file(f, f"{relpath}/{f.relative_to(local)}")
+
+    def put_file(self, local: str | Path, relpath: str) -> None:
+        dest = self.path(relpath)
+        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(local), dest)
 
     @contextmanager
     def local_dir(self, relpath: str) -> Iterator[Path]:

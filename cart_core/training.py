@@ -81,6 +81,26 @@ def _batches(n: int, batch_size: int, gen: torch.Generator, lengths: torch.Tenso
     return [batches[i] for i in order]
 
 
+@dataclass
+class DataParallel:
+    """This process's part in data-parallel training over its own shard of pairs: every process
+    runs the same `steps_per_epoch` (the smallest shard's), and `sync_grads(params)` averages
+    gradients across processes after each backward (an all-reduce under Ray Train)."""
+
+    steps_per_epoch: int | None = None
+    sync_grads: Callable[[list[torch.Tensor]], None] | None = None
+
+
+@dataclass
+class TrainState:
+    """Where a resumed run starts: epochs done, optimizer and scheduler state, history so far."""
+
+    epoch: int
+    optimizer: dict
+    scheduler: dict
+    history: dict
+
+
 def train_generator(
     generator: Generator,
     queries,
@@ -89,18 +109,25 @@ def train_generator(
     *,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    weights: np.ndarray | None = None,
+    parallel: DataParallel | None = None,
+    resume: TrainState | None = None,
+    checkpoint: Callable[[int, dict, torch.optim.Optimizer, object], None] | None = None,
 ) -> dict:
     """Fit the decoder (and vector projector) on queries[i] -> codes[i]; returns a loss history.
 
-    `on_epoch_end(epoch, history)` runs after every epoch (validation, checkpoints)."""
+    `weights[i]` scales pair i's loss (pseudo-queries count less than human captions).
+    `on_epoch_end(epoch, history)` runs after every epoch (validation); `checkpoint(epoch,
+    history, optimizer, scheduler)` too, for saving a resumable state. Batch order and dropout
+    are seeded per epoch, so a run resumed from a checkpoint continues as the original would."""
     if len(queries) != len(codes):
         raise ValueError(f"{len(queries)} queries but {len(codes)} target identifiers")
     if len(codes) == 0:
         raise ValueError("no training pairs")
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    parallel = parallel or DataParallel()
     device = next(generator.decoder.parameters()).device
     targets = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+    pair_weight = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
     cache = StateCache.build(generator, queries, progress=progress) if generator.text_encoder else None
     vectors = None if cache else torch.as_tensor(np.asarray(queries), dtype=torch.float32)
     params = [p for n, p in generator.named_parameters() if p.requires_grad and not n.startswith("text_encoder.")]
@@ -109,16 +136,26 @@ def train_generator(
     groups = [{"params": params}] + ([{"params": tuned_params, "lr": cfg.encoder_lr}] if tuned_params else [])
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = params + tuned_params
-    steps_per_epoch = math.ceil(len(targets) / cfg.batch_size)
+    steps_per_epoch = parallel.steps_per_epoch or math.ceil(len(targets) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.warmup_frac * total))))
     history = {"loss": [], "nll": [], "kl": []}
+    first = 0
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
+        history = {k: list(v) for k, v in resume.history.items()}
+        first = resume.epoch
     start_time = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc="train generator", disable=not progress)
+    bar = tqdm(range(first, cfg.epochs), desc="train generator", disable=not progress,
+               initial=first, total=cfg.epochs)
     for epoch in bar:
         generator.train()
-        sums = np.zeros(3)
-        for idx in _batches(len(targets), cfg.batch_size, gen, cache.mask.sum(1) if cache else None):
+        torch.manual_seed(cfg.seed + 7919 * epoch)
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        sums, seen = np.zeros(3), 0
+        batches = _batches(len(targets), cfg.batch_size, gen, cache.mask.sum(1) if cache else None)
+        for idx in batches[:steps_per_epoch]:
             states, mask = cache.batch(idx, device) if cache else generator.encode_queries(vectors[idx].to(device))
             if tuned:
                 n = len(tuned)
@@ -130,23 +167,30 @@ def train_generator(
                 memory = {key: torch.cat([value, value]) for key, value in memory.items()}
                 logp = generator.decoder.sequence_log_probs(memory, torch.cat([y, y]))
                 a, b = [lp[: len(y)] for lp in logp], [lp[len(y):] for lp in logp]
-                nll = 0.5 * (identifier_nll(a, y) + identifier_nll(b, y))
+                w = None if pair_weight is None else pair_weight[idx].to(device)
+                nll = 0.5 * (identifier_nll(a, y, w) + identifier_nll(b, y, w))
                 kl = rdrop_kl(a, b)
             else:
                 logp = generator.decoder.sequence_log_probs(memory, y)
-                nll, kl = identifier_nll(logp, y), torch.zeros(())
+                w = None if pair_weight is None else pair_weight[idx].to(device)
+                nll, kl = identifier_nll(logp, y, w), torch.zeros(())
             loss = nll + cfg.rdrop_weight * kl
             opt.zero_grad()
             loss.backward()
+            if parallel.sync_grads is not None:
+                parallel.sync_grads(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             sums += np.array([loss.item(), nll.item(), kl.item()]) * len(y)
-        for key, value in zip(("loss", "nll", "kl"), sums / len(targets)):
+            seen += len(y)
+        for key, value in zip(("loss", "nll", "kl"), sums / max(seen, 1)):
             history[key].append(float(value))
         bar.set_postfix(nll=f"{history['nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
+        if checkpoint is not None:
+            checkpoint(epoch, history, opt, sched)
     generator.eval()
     history["train_s"] = time.perf_counter() - start_time
     history["pairs"] = int(len(targets))

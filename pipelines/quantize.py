@@ -1,0 +1,219 @@
+"""`cart quantize`: identifiers for every committed item, as a Ray job.
+
+1. Ray Data reads the committed feature tables (local or S3).
+2. A seeded sample is pulled to the driver; K-Means (faiss) and the RQ-VAE are fitted on it.
+3. The codebooks are written to `codebooks/<run>/` and shipped to an actor pool that assigns
+   every item (nearest centroid, residual, RQ-VAE codes) with `map_batches`.
+4. The driver adds the global uniqueness counter (needs all prefixes: a sort of small ints),
+   writes `ids/<run>/ids.parquet`, and commits a manifest naming both.
+
+The driver holds the sample and the integer codes, never the full feature matrix, so it stays
+small at millions of items. Identifiers built from captions ("captions" / "both") also need
+each item's mean MiniLM caption embedding, computed by a second actor pool over the queries.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from cart_core.config import CartConfig, config_dict
+from cart_core.indexing import encode, fit_codebooks, identifier_inputs, identifiers_from_codes, load_codebooks, \
+    save_codebooks
+from cart_core.kmeans import cluster_imbalance
+from cart_core.store import Manifest, Store, StoreError
+from pipelines.runtime import JobSummary, init_ray, log
+
+
+def stack_column(values) -> np.ndarray:
+    """Fixed-size-list columns reach numpy batches as object arrays of rows: stack them."""
+    arr = np.asarray(values)
+    if arr.dtype == object:
+        arr = np.stack(list(arr)) if len(arr) else np.zeros((0, 0), np.float32)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_features(store: Store, manifest: Manifest, columns=("item_id", "embedding")):
+    import ray
+
+    files = store.parquet_files(store.require(manifest, "features", "cart import` or `cart extract"))
+    return ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem(), columns=list(columns))
+
+
+class CaptionEmbedder:
+    """MiniLM sentence embeddings of training queries (model loaded once per actor)."""
+
+    def __init__(self, text_encoder: str, max_tokens: int):
+        from cart_core.text import TextEncoder
+
+        self.encoder = TextEncoder(text_encoder, max_tokens)
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch["text"]]
+        return {"item_id": batch["item_id"], "vector": list(self.encoder.sentence_embeddings(texts))}
+
+
+def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(item_ids, mean caption embedding per item) over human + pseudo training queries."""
+    import ray
+
+    files = store.parquet_files(store.require(manifest, "queries", "cart import --captions` or `cart caption"))
+    ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem(), columns=["item_id", "text"])
+    ds = ds.map_batches(CaptionEmbedder, fn_constructor_args=(cfg.generator.text_encoder, cfg.generator.max_query_tokens),
+                        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.jobs.retrieve_actors),
+                        num_cpus=cfg.jobs.retrieve_num_cpus)
+    ids, vecs = [], []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
+        ids.append(np.asarray(batch["item_id"], dtype=object))
+        vecs.append(stack_column(batch["vector"]))
+    ids, vecs = np.concatenate(ids), np.concatenate(vecs)
+    uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
+    sums = np.zeros((len(uniq), vecs.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, vecs)
+    counts = np.bincount(inverse, minlength=len(uniq))[:, None]
+    return uniq.astype(object), (sums / counts).astype(np.float32)
+
+
+class CentroidLookup:
+    """item_id -> caption centroid (zeros for items without any training query)."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray):
+        self.index = {str(i): r for r, i in enumerate(ids)}
+        self.vectors = vectors
+
+    def __call__(self, item_ids) -> np.ndarray:
+        out = np.zeros((len(item_ids), self.vectors.shape[1]), dtype=np.float32)
+        for r, i in enumerate(item_ids):
+            row = self.index.get(str(i))
+            if row is not None:
+                out[r] = self.vectors[row]
+        return out
+
+
+def batch_vectors(batch: dict, source: str, lookup: CentroidLookup | None) -> np.ndarray:
+    features = stack_column(batch["embedding"])
+    captions = lookup(batch["item_id"]) if lookup is not None else None
+    return identifier_inputs(source, features, captions)
+
+
+class AssignCodes:
+    """Encodes a batch with the fitted codebooks (loaded once per actor from the store)."""
+
+    def __init__(self, store_url: str, codebooks: str, source: str, centroids=None):
+        import ray
+
+        store = Store(store_url)
+        with store.local_dir(codebooks) as folder:
+            self.codebooks, _ = load_codebooks(folder)
+        self.source = source
+        if isinstance(centroids, ray.ObjectRef):
+            centroids = ray.get(centroids)
+        self.lookup = CentroidLookup(*centroids) if centroids is not None else None
+
+    def __call__(self, batch: dict) -> dict:
+        codes = encode(self.codebooks, batch_vectors(batch, self.source, self.lookup))
+        return {"item_id": batch["item_id"], "coarse": codes["coarse"], "fine": list(codes["fine"]),
+                "assign_sq_distance": codes["assign_sq_distance"], "recon_error": codes["recon_error"]}
+
+
+def fit_sample(ds, n_items: int, cfg: CartConfig, lookup: CentroidLookup | None) -> np.ndarray:
+    """The identifier vectors of a seeded random sample of at most kmeans_sample items."""
+    fraction = min(1.0, cfg.identifiers.kmeans_sample / max(n_items, 1))
+    sample = ds if fraction >= 1.0 else ds.random_sample(fraction, seed=cfg.identifiers.seed)
+    parts = [batch_vectors(b, cfg.identifiers.source, lookup)
+             for b in sample.iter_batches(batch_format="numpy", batch_size=8192)]
+    return np.concatenate(parts)
+
+
+def save_ids(store: Store, table, folder: str, meta: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="cart-ids-") as tmp:
+        table.save(Path(tmp) / "ids.parquet")
+        (Path(tmp) / "meta.json").write_text(__import__("json").dumps(meta, indent=2, default=str))
+        store.put_dir(tmp, folder)
+
+
+def run_quantize(store: Store, cfg: CartConfig, address: str | None = None) -> dict:
+    import ray
+
+    init_ray(address)
+    summary = JobSummary("quantize", store.url)
+    run = summary.run
+    manifest = store.manifest()
+    ds = read_features(store, manifest)
+    t0 = time.perf_counter()
+    n_items = ds.count()
+    if n_items < cfg.identifiers.n_clusters:
+        raise StoreError(f"{store.url}: {n_items} items, fewer than identifiers.n_clusters="
+                         f"{cfg.identifiers.n_clusters}")
+    lookup, centroids_ref = None, None
+    if cfg.identifiers.source != "features":
+        ids, vecs = caption_centroids(store, manifest, cfg)
+        lookup, centroids_ref = CentroidLookup(ids, vecs), ray.put((ids, vecs))
+        summary.counts["items_with_captions"] = int(len(ids))
+    summary.time("read_s", t0)
+    t0 = time.perf_counter()
+    sample = fit_sample(ds, n_items, cfg, lookup)
+    codebooks, report = fit_codebooks(sample, cfg.identifiers, progress=True)
+    summary.counts["fit_sample"] = int(len(sample))
+    del sample
+    with tempfile.TemporaryDirectory(prefix="cart-codebooks-") as tmp:
+        save_codebooks(codebooks, cfg.identifiers, tmp)
+        store.put_dir(tmp, f"codebooks/{run}")
+    summary.time("fit_s", t0)
+    log("quantize", f"codebooks fitted on {summary.counts['fit_sample']} of {n_items} items; encoding all")
+    t0 = time.perf_counter()
+    coded = ds.map_batches(
+        AssignCodes, fn_constructor_args=(store.url, f"codebooks/{run}", cfg.identifiers.source, centroids_ref),
+        batch_size=cfg.jobs.quantize_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.retrieve_actors)),
+        num_cpus=cfg.jobs.retrieve_num_cpus,
+    )
+    cols = {"item_id": [], "coarse": [], "fine": [], "assign_sq_distance": [], "recon_error": []}
+    for batch in coded.iter_batches(batch_format="numpy", batch_size=65536):
+        for key in cols:
+            cols[key].append(batch[key] if key != "fine" else np.asarray(stack_column(batch["fine"]), np.int64))
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    summary.time("encode_s", t0)
+    t0 = time.perf_counter()
+    table = identifiers_from_codes(cols["item_id"].astype(object), cols["coarse"], cols["fine"], cfg.identifiers)
+    drift = fitted_state(cols, cfg)
+    report.update(collisions=table.collision_stats(), vocab_sizes=table.vocab_sizes, fitted_state=drift)
+    save_ids(store, table, f"ids/{run}", {"codebooks": f"codebooks/{run}", "report": report,
+                                          "config": config_dict(cfg)["identifiers"]})
+    summary.time("ids_s", t0)
+    new = store.commit(replace(manifest, codebooks=f"codebooks/{run}", ids=f"ids/{run}", generator=None,
+                               extra={**manifest.extra, "identifier_source": cfg.identifiers.source,
+                                      "vocab_sizes": table.vocab_sizes}),
+                       f"quantize {run}: {len(table.item_ids)} identifiers")
+    summary.counts.update(items=int(n_items), identifiers=int(len(table.item_ids)))
+    summary.extra.update(version=new.version, report=report, items_per_s=n_items / max(sum(
+        summary.timings.get(k, 0) for k in ("read_s", "fit_s", "encode_s", "ids_s")), 1e-9))
+    log("quantize", f"committed version {new.version}: vocab {table.vocab_sizes}, "
+                    f"{report['collisions']['collision_rate']:.1%} of items need u > 0")
+    return summary.write(store)
+
+
+def fitted_state(cols: dict, cfg: CartConfig) -> dict:
+    """Reference statistics of the fitted codebooks; reindex compares new items against them."""
+    k = cfg.identifiers.n_clusters if cfg.identifiers.coarse else 1
+    return {**cluster_imbalance(cols["coarse"], k),
+            "mean_assign_sq_distance": float(cols["assign_sq_distance"].mean()),
+            "p95_assign_sq_distance": float(np.percentile(cols["assign_sq_distance"], 95)),
+            "mean_recon_error": float(cols["recon_error"].mean()),
+            "p95_recon_error": float(np.percentile(cols["recon_error"], 95))}
+
+
+def load_ids(store: Store, manifest: Manifest):
+    """The committed identifier table (IdentifierTable) and its meta."""
+    import json
+
+    from cart_core.identifiers import IdentifierTable
+
+    folder = store.require(manifest, "ids", "cart quantize")
+    with store.local_dir(folder) as local:
+        return IdentifierTable.load(local / "ids.parquet"), json.loads((local / "meta.json").read_text())
+
+

@@ -1,0 +1,181 @@
+"""`cart train`: fit the generator on (query -> identifier) pairs with Ray Train.
+
+A `TorchTrainer` runs one training process per worker (CPU here, GPUs by config). Each worker
+takes its shard of the pairs from Ray Data, caches its frozen-encoder states once, and runs the
+same number of steps per epoch; gradients are averaged with an all-reduce after every backward.
+Rank 0 writes a resumable checkpoint (safetensors + JSON) to `generator/<run>/checkpoints/` in
+the store every `jobs.checkpoint_every` epochs; `--resume` continues the unfinished run from its
+last checkpoint. Only a finished run is committed to the manifest.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from cart_core.config import CartConfig, config_dict, config_from_dict
+from cart_core.store import Store, StoreError
+from pipelines.quantize import load_ids
+from pipelines.runtime import JobSummary, init_ray, log
+
+PENDING = "jobs/train-pending.json"
+
+
+def training_pairs(store: Store, cfg: CartConfig) -> tuple[pa.Table, dict]:
+    """text, codes, weight for every training query whose item has a live identifier."""
+    manifest = store.manifest()
+    table, _ = load_ids(store, manifest)
+    queries = store.read_table(store.require(manifest, "queries", "cart import --captions` or `cart caption"),
+                               columns=["item_id", "text", "source"]).to_pandas()
+    ids = pd.DataFrame({"item_id": table.item_ids.astype(str), "row": np.arange(len(table.item_ids))})
+    ids = ids[table.live]
+    pairs = queries.merge(ids, on="item_id", how="inner")
+    counts = {"queries": int(len(queries)), "pairs": int(len(pairs)),
+              "queries_without_identifier": int(len(queries) - len(pairs)),
+              "pseudo_pairs": int((pairs["source"] == "pseudo").sum())}
+    if pairs.empty:
+        raise StoreError(f"{store.url}: no training query names an item with an identifier")
+    weight = np.where(pairs["source"].to_numpy() == "pseudo", cfg.jobs.pseudo_query_weight, 1.0)
+    codes = table.codes[pairs["row"].to_numpy()].astype(np.int32)
+    out = pa.table({"text": pa.array(pairs["text"].astype(str).tolist()),
+                    "codes": pa.array(list(codes), pa.list_(pa.int32())),
+                    "weight": pa.array(weight.astype(np.float32))})
+    return out, {"counts": counts, "vocab_sizes": table.vocab_sizes, "ids": manifest.ids}
+
+
+def latest_checkpoint(store: Store, run: str) -> str | None:
+    epochs = [d for d in store.listdir(f"generator/{run}/checkpoints") if d.startswith("epoch-")]
+    complete = [d for d in epochs if store.exists(f"generator/{run}/checkpoints/{d}/state.json")]
+    return f"generator/{run}/checkpoints/{max(complete)}" if complete else None
+
+
+def _collect_shard(shard) -> tuple[list[str], np.ndarray, np.ndarray]:
+    texts, codes, weights = [], [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        texts += [str(t) for t in batch["text"]]
+        codes.append(np.stack(list(batch["codes"])).astype(np.int64))
+        weights.append(np.asarray(batch["weight"], dtype=np.float32))
+    return texts, np.concatenate(codes), np.concatenate(weights)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs in every Ray Train worker process."""
+    import math
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from cart_core.checkpoint import load_checkpoint, save_checkpoint
+    from cart_core.generator import Generator
+    from cart_core.training import DataParallel, train_generator
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = config_from_dict(config["cfg"])
+    store = Store(config["store"])
+    texts, codes, weights = _collect_shard(ray.train.get_dataset_shard("train"))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+    resume = None
+    if config["resume_from"]:
+        with store.local_dir(config["resume_from"]) as folder:
+            generator, resume = load_checkpoint(folder)
+    else:
+        generator = Generator(replace(cfg.generator, vocab_sizes=config["vocab_sizes"]))
+    generator.to(device)
+    steps = math.ceil(len(codes) / cfg.train.batch_size)
+    sync = None
+    if world > 1:
+        t = torch.tensor([steps], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        steps = int(t.item())
+
+        def sync(params: list[torch.Tensor]) -> None:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+
+    run, every, epochs = config["run"], max(1, cfg.jobs.checkpoint_every), cfg.train.epochs
+
+    def checkpoint(epoch: int, history: dict, optimizer, scheduler) -> None:
+        if rank == 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+            with tempfile.TemporaryDirectory(prefix="cart-ckpt-") as tmp:
+                save_checkpoint(tmp, generator, epoch, history, optimizer, scheduler)
+                dest = f"generator/{run}/checkpoints/epoch-{epoch + 1:04d}"
+                store.put_dir(Path(tmp) / "model", f"{dest}/model")
+                store.put_file(Path(tmp) / "state.safetensors", f"{dest}/state.safetensors")
+                store.put_file(Path(tmp) / "state.json", f"{dest}/state.json")  # last: marks it complete
+        ray.train.report({"epoch": epoch + 1, "loss": history["loss"][-1], "nll": history["nll"][-1],
+                          "kl": history["kl"][-1], "rank_pairs": len(codes)})
+
+    train_generator(generator, texts, codes, cfg.train, progress=rank == 0, weights=weights,
+                    parallel=DataParallel(steps_per_epoch=steps, sync_grads=sync), resume=resume,
+                    checkpoint=checkpoint)
+
+
+def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
+              address: str | None = None) -> dict:
+    import ray.data
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(address)
+    summary = JobSummary("train", store.url)
+    t0 = time.perf_counter()
+    pairs, info = training_pairs(store, cfg)
+    summary.counts.update(info["counts"])
+    run, resume_from = summary.run, None
+    if resume and store.exists(PENDING):
+        pending = store.read_json(PENDING)
+        if pending.get("ids") == info["ids"]:
+            run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
+            log("train", f"resuming {run} from {resume_from or 'the start (no checkpoint yet)'}")
+        else:
+            log("train", "the unfinished run was for other identifiers; starting afresh")
+    elif resume:
+        log("train", "nothing to resume; starting afresh")
+    store.write_json(PENDING, {"run": run, "ids": info["ids"]})
+    summary.run = run
+    workers = workers or cfg.jobs.train_workers
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": config_dict(cfg), "store": store.url, "run": run, "resume_from": resume_from,
+                           "vocab_sizes": info["vocab_sizes"]},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
+                                     resources_per_worker={"CPU": cfg.jobs.cpus_per_worker}),
+        datasets={"train": ray.data.from_arrow(pairs)},
+        run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=0)),
+    )
+    summary.time("prepare_s", t0)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    summary.time("train_s", t0)
+    final = latest_checkpoint(store, run)
+    if final is None:
+        raise StoreError(f"{store.uri('generator', run)}: training finished without a checkpoint")
+    with store.local_dir(f"{final}/model") as folder:
+        store.put_dir(folder, f"generator/{run}/model")
+    manifest = store.manifest()
+    if manifest.ids != info["ids"]:
+        raise StoreError(f"{store.url}: identifiers changed while training ({info['ids']} -> {manifest.ids}); "
+                         "rerun `cart train`")
+    new = store.commit(replace(manifest, generator=f"generator/{run}",
+                               extra={**manifest.extra, "generator_ids": info["ids"]}),
+                       f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
+    store.remove(PENDING)
+    history = store.read_json(f"{final}/state.json")["history"]
+    metrics = {key: history[key][-1] for key in ("loss", "nll", "kl")} | {"epochs": len(history["loss"])}
+    summary.extra.update(version=new.version, workers=workers, final_metrics=metrics,
+                         pairs_per_s=len(pairs) * cfg.train.epochs / max(summary.timings["train_s"], 1e-9))
+    log("train", f"committed version {new.version}: generator/{run} (loss {metrics.get('loss', float('nan')):.3f})")
+    return summary.write(store)
