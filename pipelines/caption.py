@@ -1,0 +1,166 @@
+"""`cart caption`: pseudo-queries (captions of the items' own frames) for training, as a Ray job.
+
+Candidates are the committed feature rows with an image or video file behind them (their `uri`).
+An actor pool loads the image-to-text model once per actor and captions each image once and
+each video on `caption.frames` uniformly sampled frames (one caption each, exact repeats
+dropped). The captions go to `queries/<run>/` with source = "pseudo" and a new manifest names
+them; items that already have pseudo-queries are skipped, so a rerun only captions new items.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cart_core.config import CartConfig
+from cart_core.media import MediaError, decode_image, decode_video_frames, read_bytes, shrink
+from cart_core.store import Store, errors_table, queries_table
+from pipelines.extract import MAX_ERROR_EXAMPLES, PartWriter, block_rows, known_errors, storage_env, unseen
+from pipelines.runtime import JobSummary, init_ray, log
+
+RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("uri", pa.string()), ("text", pa.string()),
+                           ("status", pa.string()), ("reason", pa.string())])
+MAX_SIDE = 768   # frames are shrunk to this shorter side before the processor (memory, not quality)
+
+
+class CaptionWorker:
+    """Loads the captioner once; turns a block of (item_id, modality, uri) rows into captions."""
+
+    def __init__(self, model: str, max_new_tokens: int, frames: int, batch_size: int, use_gpu: bool):
+        from cart_core.captioner import Captioner
+
+        self.captioner = Captioner(model, max_new_tokens, "cuda" if use_gpu else "cpu", batch_size=batch_size)
+        self.frames = frames
+
+    def _frames(self, modality: str, data: bytes) -> list:
+        if modality == "video":
+            return [shrink(f, MAX_SIDE) for f in decode_video_frames(data, self.frames)]
+        return [shrink(decode_image(data), MAX_SIDE)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out, owners, images = [], [], []
+        for r in batch.to_pylist():
+            try:
+                frames = self._frames(r["modality"], read_bytes(r["uri"]))
+            except MediaError as exc:
+                out.append({**_row(r), "status": "error", "reason": str(exc)})
+                continue
+            except Exception as exc:  # one odd file must not stop the job
+                out.append({**_row(r), "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            owners += [r] * len(frames)
+            images += frames
+        texts: dict[str, list[str]] = {}
+        for r, text in zip(owners, self.captioner.caption(images) if images else []):
+            bucket = texts.setdefault(r["item_id"], [])
+            if text and text not in bucket:
+                bucket.append(text)
+        for r in {r["item_id"]: r for r in owners}.values():
+            got = texts.get(r["item_id"], [])
+            if not got:
+                out.append({**_row(r), "status": "error", "reason": "the captioner produced only empty captions"})
+            out += [{**_row(r), "text": t, "status": "ok"} for t in got]
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+def _row(r: dict) -> dict:
+    return {"item_id": r["item_id"], "uri": r["uri"], "text": None, "reason": None}
+
+
+def candidates(store: Store, manifest) -> tuple[pa.Table, dict[str, int]]:
+    """Committed image / video items with a media file, not yet captioned; plus skip counts."""
+    feats = store.read_table(store.require(manifest, "features", "cart extract"),
+                             columns=["item_id", "modality", "uri"])
+    rows = list({r["item_id"]: r for r in feats.to_pylist()}.values())
+    done: set[str] = set()
+    if manifest.queries:
+        q = store.read_table(manifest.queries, columns=["item_id", "source"])
+        done = set(q.filter(pc.equal(q.column("source"), "pseudo")).column("item_id").to_pylist())
+    counts = {"items": len(rows), "skipped_audio": 0, "skipped_no_media": 0, "skipped_captioned": 0}
+    keep = []
+    for r in rows:
+        if r["modality"] not in ("image", "video"):
+            counts["skipped_audio" if r["modality"] == "audio" else "skipped_no_media"] += 1
+        elif not r["uri"] or r["uri"].lower().endswith(".parquet"):  # imported features: no file to look at
+            counts["skipped_no_media"] += 1
+        elif r["item_id"] in done:
+            counts["skipped_captioned"] += 1
+        else:
+            keep.append(r)
+    schema = pa.schema([("item_id", pa.string()), ("modality", pa.string()), ("uri", pa.string())])
+    return pa.Table.from_pylist(keep, schema=schema), counts
+
+
+def _caption_stream(table: pa.Table, cfg: CartConfig, address: str | None):
+    import ray
+    from tqdm import tqdm
+
+    init_ray(address)
+    cap = cfg.caption
+    step = block_rows(table.num_rows, cap.batch_size, cap.actors)
+    env = storage_env()
+    ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)]).map_batches(
+        CaptionWorker, batch_size=cap.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cap.actors)),
+        num_cpus=cap.num_cpus, num_gpus=cap.num_gpus,
+        fn_constructor_kwargs=dict(model=cap.model, max_new_tokens=cap.max_new_tokens, frames=cap.frames,
+                                   batch_size=cap.batch_size, use_gpu=cap.num_gpus > 0),
+        **({"runtime_env": {"env_vars": env}} if env else {}))
+    with tqdm(total=table.num_rows, desc="caption", unit="item", disable=None) as bar:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            bar.update(len(set(batch.column("item_id").to_pylist())))
+            yield batch
+
+
+def run_caption(store: Store, cfg: CartConfig, address: str | None = None) -> dict:
+    """Caption every committed image / video item that has no pseudo-queries yet; returns the summary."""
+    summary = JobSummary("caption", store.url)
+    run, t0 = summary.run, time.perf_counter()
+    manifest = store.manifest()
+    table, counts = candidates(store, manifest)
+    summary.time("prepare_s", t0)
+    log("caption", f"{table.num_rows} items to caption with {cfg.caption.model} ({counts['skipped_audio']} audio, "
+                   f"{counts['skipped_no_media']} without a media file, {counts['skipped_captioned']} already done)")
+    queries, errors = PartWriter(store, f"queries/{run}"), PartWriter(store, f"errors/{run}")
+    captioned: set[str] = set()
+    seen = known_errors(store, manifest, "caption")
+    n_errors = 0
+    examples: list[dict] = []
+    t0 = time.perf_counter()
+    if table.num_rows:
+        for batch in _caption_stream(table, cfg, address):
+            ok = batch.filter(pc.equal(batch.column("status"), "ok"))
+            bad = batch.filter(pc.equal(batch.column("status"), "error"))
+            if ok.num_rows:
+                queries.add(queries_table(ok.column("item_id").to_pylist(), ok.column("text").to_pylist(), "pseudo"))
+                captioned.update(ok.column("item_id").to_pylist())
+            if bad.num_rows:
+                errors.add(unseen(errors_table(bad.column("item_id").to_pylist(), bad.column("uri").to_pylist(),
+                                               "caption", bad.column("reason").to_pylist()), seen))
+                n_errors += bad.num_rows
+                examples += bad.select(["item_id", "uri", "reason"]).to_pylist()[:MAX_ERROR_EXAMPLES - len(examples)]
+    queries.flush()
+    errors.flush()
+    caption_s = summary.time("caption_s", t0)
+    counts.update(captioned=len(captioned), queries=queries.total, errors=n_errors, new_errors=errors.total)
+    summary.counts.update(counts)
+    summary.errors = {"count": n_errors, "examples": examples,
+                      "table": store.uri("errors", run) if errors.total else None}
+    summary.extra.update(items_per_s=round(len(captioned) / max(caption_s, 1e-9), 2), model=cfg.caption.model)
+    current = store.manifest()   # commit on top of whatever was committed meanwhile
+    update = {}
+    if queries.total:
+        update["queries"] = current.queries + [f"queries/{run}"]
+    if errors.total:
+        update["errors"] = current.errors + [f"errors/{run}"]
+    if update:
+        new = store.commit(replace(current, **update), f"caption {run}: {queries.total} pseudo-queries")
+        summary.extra["version"] = new.version
+        log("caption", f"committed version {new.version}: {queries.total} pseudo-queries for {len(captioned)} items, "
+                       f"{n_errors} errors")
+    else:
+        summary.extra["version"] = manifest.version
+        log("caption", f"nothing new to caption; version {manifest.version} stays")
+    return summary.write(store)

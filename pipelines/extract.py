@@ -1,0 +1,365 @@
+"""`cart extract`: media files (video, image, audio; local or s3://) -> feature table, as a Ray job.
+
+1. The driver reads and validates the media table (item_id, uri[, modality]), resolves each
+   row's modality, and joins the committed content hashes so unchanged files can be skipped.
+2. Ray Data sends row blocks to an autoscaling pool of actors; each loads CLIP's image tower
+   and/or CLAP's audio tower once, then reads, hashes, decodes and embeds its rows. A file that
+   cannot be used becomes an error row: the job goes on.
+3. The driver streams the results into `features/<run>/` and `errors/<run>/` Parquet parts and
+   commits a manifest naming them. Nothing is committed before every part is written, so a
+   killed run leaves the previous version as it was.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cart_core.config import CartConfig
+from cart_core.media import MODALITIES, MediaError, content_hash, decode_audio, decode_image, \
+    decode_video_frames, infer_modality, read_bytes, resolve_uri, shrink
+from cart_core.store import Store, StoreError, errors_table, features_table
+from pipelines.runtime import JobSummary, init_ray, log
+
+PART_ROWS = 20_000        # rows per Parquet part (about 40 MB at 512 dims)
+MAX_ERROR_EXAMPLES = 20   # error reasons repeated in the job summary (all are in errors/<run>/)
+VISUAL = ("image", "video")
+CHANGED = "item_id is already in the store with other content; use `cart reindex --update` to replace it"
+
+RESULT_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("modality", pa.string()), ("uri", pa.string()), ("content_hash", pa.string()),
+    ("embedding", pa.list_(pa.float32())), ("status", pa.string()), ("reason", pa.string()),
+])
+
+
+# ---- the media table -------------------------------------------------------------------------
+def read_media_table(media: str) -> pa.Table:
+    """item_id (unique), uri, modality (image | video | audio | null) as strings; relative URIs
+    resolved against the table's folder. Raises ValueError naming file, row and reason."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    try:
+        with fsspec.open(media, "rb") as f:
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        raise ValueError(f"{media}: media table not found") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{media}: not a readable Parquet table ({exc})") from None
+    missing = [c for c in ("item_id", "uri") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{media}: missing required column(s) {missing}; have {table.column_names}")
+    if table.num_rows == 0:
+        raise ValueError(f"{media}: the media table is empty")
+    ids, uris = table.column("item_id").to_pylist(), table.column("uri").to_pylist()
+    modality = table.column("modality").to_pylist() if "modality" in table.column_names else [None] * len(ids)
+    seen: dict[str, int] = {}
+    for row, (item, uri) in enumerate(zip(ids, uris)):
+        if item is None or str(item).strip() == "":
+            raise ValueError(f"{media}: row {row}: item_id is empty")
+        if uri is None or str(uri).strip() == "":
+            raise ValueError(f"{media}: row {row}: uri is empty (item_id {item!r})")
+        if str(item) in seen:
+            raise ValueError(f"{media}: row {row}: duplicate item_id {item!r} (first at row {seen[str(item)]})")
+        seen[str(item)] = row
+    base = posixpath.dirname(media) if "://" in media else os.path.dirname(os.path.abspath(media))
+    return pa.table({
+        "item_id": pa.array([str(i) for i in ids], pa.string()),
+        "uri": pa.array([resolve_uri(str(u).strip(), base) for u in uris], pa.string()),
+        "modality": pa.array([None if m is None or str(m).strip() == "" else str(m).strip().lower()
+                              for m in modality], pa.string()),
+    })
+
+
+def resolve_modalities(table: pa.Table) -> tuple[pa.Table, list[tuple[str, str, str]]]:
+    """Fill in modality from the extension; rows with no usable modality come back as
+    (item_id, uri, reason) errors instead of going to the actors."""
+    keep, out_mod, bad = [], [], []
+    for i, (item, uri, mod) in enumerate(zip(*(table.column(c).to_pylist() for c in ("item_id", "uri", "modality")))):
+        if mod is None:
+            mod = infer_modality(uri)
+            if mod is None:
+                ext = posixpath.splitext(uri)[1] or "(no extension)"
+                bad.append((item, uri, f"unsupported file type {ext!r}; give a modality column or use one of "
+                                       f"the known extensions"))
+                continue
+        elif mod not in MODALITIES:
+            bad.append((item, uri, f"unknown modality {mod!r}; expected one of {list(MODALITIES)}"))
+            continue
+        keep.append(i)
+        out_mod.append(mod)
+    kept = table.take(pa.array(keep, pa.int64())) if keep else table.slice(0, 0)
+    return kept.set_column(kept.schema.get_field_index("modality"), "modality", pa.array(out_mod, pa.string())), bad
+
+
+def storage_env() -> dict[str, str]:
+    """The driver's S3 settings (endpoint, region, credentials from AWS_* variables) for the
+    actors, so they open s3:// media exactly as the driver does. Empty when none are set: the
+    workers then use their own credentials (e.g. an instance role)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+# ---- the actor -------------------------------------------------------------------------------
+class ExtractWorker:
+    """Loads the embedding models once; turns a block of media rows into result rows."""
+
+    def __init__(self, image_model: str | None, audio_model: str | None, frames: int, sample_rate: int,
+                 max_audio_s: float, batch_size: int, use_gpu: bool):
+        from cart_core.embedders import AudioEmbedder, ImageEmbedder
+
+        device = "cuda" if use_gpu else "cpu"
+        self.image = ImageEmbedder(image_model, device, batch_size=max(batch_size, 1) * 4) if image_model else None
+        self.audio = AudioEmbedder(audio_model, sample_rate, device, batch_size=batch_size) if audio_model else None
+        self.max_side = 2 * int(self.image.model.config.image_size) if self.image else None
+        self.frames, self.sample_rate, self.max_audio_s = frames, sample_rate, max_audio_s
+
+    def _decode(self, modality: str, data: bytes):
+        if modality == "image":
+            return [shrink(decode_image(data), self.max_side)]
+        if modality == "video":
+            return [shrink(f, self.max_side) for f in decode_video_frames(data, self.frames)]
+        return decode_audio(data, self.sample_rate, self.max_audio_s)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out = [{"item_id": r["item_id"], "modality": r["modality"], "uri": r["uri"], "content_hash": None,
+                "embedding": None, "status": "ok", "reason": None} for r in rows]
+        decoded: dict[int, object] = {}
+        for i, r in enumerate(rows):
+            try:
+                data = read_bytes(r["uri"])
+                out[i]["content_hash"] = h = content_hash(data)
+                if r["known_hash"] is not None:
+                    same = h == r["known_hash"]
+                    out[i]["status"], out[i]["reason"] = ("skipped", None) if same else ("error", CHANGED)
+                    continue
+                decoded[i] = self._decode(r["modality"], data)
+            except MediaError as exc:
+                out[i]["status"], out[i]["reason"] = "error", str(exc)
+            except Exception as exc:  # a decoder bug on one odd file must not stop the job
+                out[i]["status"], out[i]["reason"] = "error", f"{type(exc).__name__}: {exc}"
+        visual = [i for i in decoded if rows[i]["modality"] in VISUAL]
+        audio = [i for i in decoded if rows[i]["modality"] == "audio"]
+        self._embed(visual, lambda idx: self.image.embed_groups([decoded[i] for i in idx]), out)
+        self._embed(audio, lambda idx: self.audio.embed([decoded[i] for i in idx]), out)
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+    @staticmethod
+    def _embed(index: list[int], embed, out: list[dict]) -> None:
+        """Embed rows together; if the batch fails, item by item, so one bad input costs one row."""
+        if not index:
+            return
+        try:
+            vectors = list(embed(index))
+        except Exception:
+            vectors = []
+            for i in index:
+                try:
+                    vectors.append(embed([i])[0])
+                except Exception as exc:
+                    vectors.append(None)
+                    out[i]["status"], out[i]["reason"] = "error", f"embedding failed: {type(exc).__name__}: {exc}"
+        for i, v in zip(index, vectors):
+            if v is not None:
+                out[i]["embedding"] = np.asarray(v, np.float32).tolist()
+
+
+# ---- the driver ------------------------------------------------------------------------------
+def known_errors(store: Store, manifest, stage: str) -> set[tuple]:
+    """(item_id, uri, reason) of the committed errors of one stage: a rerun that fails the same
+    way records nothing new, so it commits nothing and the version stays."""
+    if not manifest.errors:
+        return set()
+    t = store.read_table(manifest.errors, columns=["item_id", "uri", "stage", "reason"])
+    return {(r["item_id"], r["uri"], r["reason"]) for r in t.to_pylist() if r["stage"] == stage}
+
+
+def unseen(table: pa.Table, seen: set[tuple]) -> pa.Table:
+    """The rows of an errors table that are not already in `seen`."""
+    cols = (table.column(c).to_pylist() for c in ("item_id", "uri", "reason"))
+    keep = [(i, u, r) not in seen for i, u, r in zip(*cols)]
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+class PartWriter:
+    """Buffers rows and writes `<folder>/part-NNNNN.parquet` files of at most PART_ROWS rows."""
+
+    def __init__(self, store: Store, folder: str, rows: int = PART_ROWS):
+        self.store, self.folder, self.rows = store, folder, rows
+        self.pending: list[pa.Table] = []
+        self.parts = self.total = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.total += table.num_rows
+            if sum(t.num_rows for t in self.pending) >= self.rows:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        self.pending = []
+        for start in range(0, table.num_rows, self.rows):
+            self.store.write_table(table.slice(start, self.rows), f"{self.folder}/part-{self.parts:05d}.parquet")
+            self.parts += 1
+
+
+def model_dims(cfg: CartConfig, modalities: set[str]) -> dict[str, int]:
+    """Embedding size per modality group present, read from the model configs (no weights)."""
+    from cart_core.embedders import projection_dim
+
+    dims = {}
+    if modalities & set(VISUAL):
+        dims["image/video"] = projection_dim(cfg.extract.image_model, "vision")
+    if "audio" in modalities:
+        dims["audio"] = projection_dim(cfg.extract.audio_model, "audio")
+    return dims
+
+
+def check_dims(dims: dict[str, int], store_dim: int | None, cfg: CartConfig) -> int | None:
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"image/video features from {cfg.extract.image_model} have {dims['image/video']} dims but "
+                         f"audio features from {cfg.extract.audio_model} have {dims['audio']}; one store holds one "
+                         f"embedding size: pick models with equal projection dims or extract the modalities into "
+                         f"separate stores")
+    dim = next(iter(dims.values()), None)
+    if dim is not None and store_dim is not None and dim != store_dim:
+        raise StoreError(f"the store holds {store_dim}-dim features but {sorted(dims)} models give {dim}; "
+                         f"use the models the store was built with, or a new store")
+    return dim
+
+
+def block_rows(n: int, batch_size: int, actors: int) -> int:
+    """Rows per Ray block: several blocks per actor (so the pool scales and progress moves),
+    whole batches each, and small enough that a block's results stream back early."""
+    per = -(-n // max(1, actors * 4))
+    return int(min(max(batch_size, per), max(batch_size, 256)) // batch_size * batch_size)
+
+
+def _result_tables(batch: pa.Table) -> dict[str, pa.Table]:
+    status = batch.column("status")
+    return {s: batch.filter(pc.equal(status, s)) for s in ("ok", "error", "skipped")}
+
+
+def run_extract(store: Store, media: str, cfg: CartConfig, address: str | None = None) -> dict:
+    """Extract features for the media table `media` into `store`; returns the job summary."""
+    summary = JobSummary("extract", store.url)
+    run, t0 = summary.run, time.perf_counter()
+    table = read_media_table(media)
+    table, unusable = resolve_modalities(table)
+    manifest = store.manifest()
+    dim = check_dims(model_dims(cfg, set(table.column("modality").to_pylist())), manifest.dim, cfg)
+    known = _known_hashes(store, manifest)
+    table = table.append_column("known_hash", pa.array([known.get(i) for i in table.column("item_id").to_pylist()],
+                                                       pa.string()))
+    summary.time("prepare_s", t0)
+    n_items = table.num_rows + len(unusable)
+    log("extract", f"{n_items} items from {media} ({table.num_rows} decodable types, {len(unusable)} unsupported); "
+                   f"{sum(v is not None for v in table.column('known_hash').to_pylist())} already in the store")
+
+    features = PartWriter(store, f"features/{run}")
+    errors = PartWriter(store, f"errors/{run}")
+    seen = known_errors(store, manifest, "extract")
+    if unusable:
+        errors.add(unseen(errors_table(*zip(*[(i, u) for i, u, _ in unusable]), "extract",
+                                       [r for *_, r in unusable]), seen))
+    counts = {"items": n_items, "extracted": 0, "errors": len(unusable), "skipped": 0,
+              **{m: 0 for m in MODALITIES}}
+    examples = [{"item_id": i, "uri": u, "reason": r} for i, u, r in unusable[:MAX_ERROR_EXAMPLES]]
+    t0 = time.perf_counter()
+    if table.num_rows:
+        for batch in _extract_stream(table, cfg, address):
+            parts = _result_tables(batch)
+            ok = parts["ok"]
+            if ok.num_rows:
+                emb = np.stack([np.asarray(v, np.float32) for v in ok.column("embedding").to_pylist()])
+                if dim is not None and emb.shape[1] != dim:
+                    raise StoreError(f"{ok.column('uri')[0]}: the model gave {emb.shape[1]}-dim features, "
+                                     f"expected {dim}; nothing was committed")
+                features.add(features_table(ok.column("item_id").to_pylist(), emb, ok.column("modality").to_pylist(),
+                                            ok.column("uri").to_pylist(), ok.column("content_hash").to_pylist()))
+                for m in ok.column("modality").to_pylist():
+                    counts[m] += 1
+            bad = parts["error"]
+            if bad.num_rows:
+                errors.add(unseen(errors_table(bad.column("item_id").to_pylist(), bad.column("uri").to_pylist(),
+                                               "extract", bad.column("reason").to_pylist()), seen))
+                examples += bad.select(["item_id", "uri", "reason"]).to_pylist()[:MAX_ERROR_EXAMPLES - len(examples)]
+            counts["extracted"] += ok.num_rows
+            counts["errors"] += bad.num_rows
+            counts["skipped"] += parts["skipped"].num_rows
+    features.flush()
+    errors.flush()
+    extract_s = summary.time("extract_s", t0)
+    summary.counts.update(counts)
+    summary.counts["new_errors"] = errors.total
+    summary.errors = {"count": counts["errors"], "examples": examples,
+                      "table": store.uri("errors", run) if errors.total else None}
+    summary.extra.update(items_per_s=round((counts["extracted"] + counts["skipped"]) / max(extract_s, 1e-9), 2),
+                         dim=dim, media=media)
+    t0 = time.perf_counter()
+    _commit(store, summary, features.total, errors.total, dim)
+    summary.time("commit_s", t0)
+    return summary.write(store)
+
+
+def _known_hashes(store: Store, manifest) -> dict[str, str]:
+    if not manifest.features:
+        return {}
+    t = store.read_table(manifest.features, columns=["item_id", "content_hash"])
+    return dict(zip(t.column("item_id").to_pylist(), t.column("content_hash").to_pylist()))
+
+
+def _extract_stream(table: pa.Table, cfg: CartConfig, address: str | None):
+    """The Ray Data pipeline; yields result blocks (pyarrow) as actors finish them."""
+    import ray
+    from tqdm import tqdm
+
+    init_ray(address)
+    ex = cfg.extract
+    mods = set(table.column("modality").to_pylist())
+    step = block_rows(table.num_rows, ex.batch_size, ex.actors)
+    blocks = [table.slice(s, step) for s in range(0, table.num_rows, step)]
+    env = storage_env()
+    ds = ray.data.from_arrow(blocks).map_batches(
+        ExtractWorker, batch_size=ex.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ex.actors)),
+        num_cpus=ex.num_cpus, num_gpus=ex.num_gpus,
+        fn_constructor_kwargs=dict(image_model=ex.image_model if mods & set(VISUAL) else None,
+                                   audio_model=ex.audio_model if "audio" in mods else None,
+                                   frames=ex.frames, sample_rate=ex.sample_rate, max_audio_s=ex.max_audio_s,
+                                   batch_size=ex.batch_size, use_gpu=ex.num_gpus > 0),
+        **({"runtime_env": {"env_vars": env}} if env else {}))
+    with tqdm(total=table.num_rows, desc="extract", unit="item", disable=None) as bar:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            bar.update(batch.num_rows)
+            yield batch
+
+
+def _commit(store: Store, summary: JobSummary, n_features: int, n_errors: int, dim: int | None) -> None:
+    manifest = store.manifest()
+    run = summary.run
+    if not n_features and not n_errors:
+        summary.extra["version"] = manifest.version
+        log("extract", f"nothing new: {summary.counts['skipped']} items unchanged, {summary.counts['errors']} "
+                       f"errors already recorded; version {manifest.version} stays")
+        return
+    if n_features and manifest.dim is not None and manifest.dim != dim:
+        raise StoreError(f"{store.url}: the store now holds {manifest.dim}-dim features, this run made {dim}; "
+                         f"nothing was committed")
+    update = {}
+    if n_features:
+        update.update(features=manifest.features + [f"features/{run}"], dim=dim)
+    if n_errors:
+        update["errors"] = manifest.errors + [f"errors/{run}"]
+    new = store.commit(replace(manifest, **update), f"extract {run}: {n_features} items, {n_errors} errors")
+    summary.extra["version"] = new.version
+    log("extract", f"committed version {new.version}: {n_features} items extracted, {n_errors} errors, "
+                   f"{summary.counts['skipped']} unchanged")
