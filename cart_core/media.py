@@ -42,7 +42,9 @@ def resolve_uri(uri: str, base: str | None) -> str:
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """The whole file; a missing or unreadable one raises MediaError with a one-line reason."""
+    """The whole file. A missing or forbidden file raises MediaError (that file is bad); any
+    other failure (no credentials, network down) propagates: it is not the file's fault, and
+    recording every file as bad would hide it."""
     import fsspec
 
     try:
@@ -50,7 +52,7 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise MediaError("file not found") from None
-    except (OSError, ValueError) as exc:
+    except (IsADirectoryError, PermissionError) as exc:
         raise MediaError(f"cannot read: {type(exc).__name__}: {exc}") from None
 
 

@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 from cart_core.config import CartConfig
 from cart_core.media import MediaError, decode_image, decode_video_frames, read_bytes, shrink
 from cart_core.store import Store, errors_table, queries_table
-from pipelines.extract import MAX_ERROR_EXAMPLES, PartWriter, block_rows, known_errors, storage_env, unseen
+from pipelines.extract import MAX_ERROR_EXAMPLES, PartWriter, apply_env, block_rows, known_errors, progress, \
+    storage_env, unseen
 from pipelines.runtime import JobSummary, init_ray, log
 
 RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("uri", pa.string()), ("text", pa.string()),
@@ -28,9 +29,11 @@ MAX_SIDE = 768   # frames are shrunk to this shorter side before the processor (
 class CaptionWorker:
     """Loads the captioner once; turns a block of (item_id, modality, uri) rows into captions."""
 
-    def __init__(self, model: str, max_new_tokens: int, frames: int, batch_size: int, use_gpu: bool):
+    def __init__(self, model: str, max_new_tokens: int, frames: int, batch_size: int, use_gpu: bool,
+                 env: dict[str, str] | None = None):
         from cart_core.captioner import Captioner
 
+        apply_env(env)
         self.captioner = Captioner(model, max_new_tokens, "cuda" if use_gpu else "cpu", batch_size=batch_size)
         self.frames = frames
 
@@ -43,7 +46,12 @@ class CaptionWorker:
         out, owners, images = [], [], []
         for r in batch.to_pylist():
             try:
-                frames = self._frames(r["modality"], read_bytes(r["uri"]))
+                data = read_bytes(r["uri"])   # other storage errors (credentials, network) stop the job
+            except MediaError as exc:
+                out.append({**_row(r), "status": "error", "reason": str(exc)})
+                continue
+            try:
+                frames = self._frames(r["modality"], data)
             except MediaError as exc:
                 out.append({**_row(r), "status": "error", "reason": str(exc)})
                 continue
@@ -95,20 +103,17 @@ def candidates(store: Store, manifest) -> tuple[pa.Table, dict[str, int]]:
 
 def _caption_stream(table: pa.Table, cfg: CartConfig, address: str | None):
     import ray
-    from tqdm import tqdm
 
     init_ray(address)
     cap = cfg.caption
     step = block_rows(table.num_rows, cap.batch_size, cap.actors)
-    env = storage_env()
     ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)]).map_batches(
         CaptionWorker, batch_size=cap.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cap.actors)),
         num_cpus=cap.num_cpus, num_gpus=cap.num_gpus,
         fn_constructor_kwargs=dict(model=cap.model, max_new_tokens=cap.max_new_tokens, frames=cap.frames,
-                                   batch_size=cap.batch_size, use_gpu=cap.num_gpus > 0),
-        **({"runtime_env": {"env_vars": env}} if env else {}))
-    with tqdm(total=table.num_rows, desc="caption", unit="item", disable=None) as bar:
+                                   batch_size=cap.batch_size, use_gpu=cap.num_gpus > 0, env=storage_env()))
+    with progress(table.num_rows, "caption") as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(len(set(batch.column("item_id").to_pylist())))
             yield batch

@@ -98,10 +98,16 @@ def resolve_modalities(table: pa.Table) -> tuple[pa.Table, list[tuple[str, str, 
 
 
 def storage_env() -> dict[str, str]:
-    """The driver's S3 settings (endpoint, region, credentials from AWS_* variables) for the
-    actors, so they open s3:// media exactly as the driver does. Empty when none are set: the
-    workers then use their own credentials (e.g. an instance role)."""
+    """The driver's S3 settings (endpoint, region, credentials from AWS_* variables), handed to
+    the actors as a constructor argument (not a runtime_env, which the dashboard displays) so
+    they open s3:// media exactly as the driver does. Empty when none are set: the workers then
+    use their own credentials (e.g. an instance role)."""
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+def apply_env(env: dict[str, str] | None) -> None:
+    """In an actor: take the driver's storage settings (see storage_env) before opening files."""
+    os.environ.update(env or {})
 
 
 # ---- the actor -------------------------------------------------------------------------------
@@ -109,9 +115,10 @@ class ExtractWorker:
     """Loads the embedding models once; turns a block of media rows into result rows."""
 
     def __init__(self, image_model: str | None, audio_model: str | None, frames: int, sample_rate: int,
-                 max_audio_s: float, batch_size: int, use_gpu: bool):
+                 max_audio_s: float, batch_size: int, use_gpu: bool, env: dict[str, str] | None = None):
         from cart_core.embedders import AudioEmbedder, ImageEmbedder
 
+        apply_env(env)
         device = "cuda" if use_gpu else "cpu"
         self.image = ImageEmbedder(image_model, device, batch_size=max(batch_size, 1) * 4) if image_model else None
         self.audio = AudioEmbedder(audio_model, sample_rate, device, batch_size=batch_size) if audio_model else None
@@ -132,12 +139,16 @@ class ExtractWorker:
         decoded: dict[int, object] = {}
         for i, r in enumerate(rows):
             try:
-                data = read_bytes(r["uri"])
-                out[i]["content_hash"] = h = content_hash(data)
-                if r["known_hash"] is not None:
-                    same = h == r["known_hash"]
-                    out[i]["status"], out[i]["reason"] = ("skipped", None) if same else ("error", CHANGED)
-                    continue
+                data = read_bytes(r["uri"])   # other storage errors (credentials, network) stop the job
+            except MediaError as exc:
+                out[i]["status"], out[i]["reason"] = "error", str(exc)
+                continue
+            out[i]["content_hash"] = h = content_hash(data)
+            if r["known_hash"] is not None:
+                same = h == r["known_hash"]
+                out[i]["status"], out[i]["reason"] = ("skipped", None) if same else ("error", CHANGED)
+                continue
+            try:
                 decoded[i] = self._decode(r["modality"], data)
             except MediaError as exc:
                 out[i]["status"], out[i]["reason"] = "error", str(exc)
@@ -236,6 +247,16 @@ def check_dims(dims: dict[str, int], store_dim: int | None, cfg: CartConfig) -> 
     return dim
 
 
+def progress(total: int, desc: str):
+    """An items progress bar on a terminal (or with CART_PROGRESS=1, like Ray Data's own bars)."""
+    import sys
+
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() or os.environ.get("CART_PROGRESS") == "1"
+    return tqdm(total=total, desc=desc, unit="item", disable=not show)
+
+
 def block_rows(n: int, batch_size: int, actors: int) -> int:
     """Rows per Ray block: several blocks per actor (so the pool scales and progress moves),
     whole batches each, and small enough that a block's results stream back early."""
@@ -320,14 +341,12 @@ def _known_hashes(store: Store, manifest) -> dict[str, str]:
 def _extract_stream(table: pa.Table, cfg: CartConfig, address: str | None):
     """The Ray Data pipeline; yields result blocks (pyarrow) as actors finish them."""
     import ray
-    from tqdm import tqdm
 
     init_ray(address)
     ex = cfg.extract
     mods = set(table.column("modality").to_pylist())
     step = block_rows(table.num_rows, ex.batch_size, ex.actors)
     blocks = [table.slice(s, step) for s in range(0, table.num_rows, step)]
-    env = storage_env()
     ds = ray.data.from_arrow(blocks).map_batches(
         ExtractWorker, batch_size=ex.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ex.actors)),
@@ -335,9 +354,8 @@ def _extract_stream(table: pa.Table, cfg: CartConfig, address: str | None):
         fn_constructor_kwargs=dict(image_model=ex.image_model if mods & set(VISUAL) else None,
                                    audio_model=ex.audio_model if "audio" in mods else None,
                                    frames=ex.frames, sample_rate=ex.sample_rate, max_audio_s=ex.max_audio_s,
-                                   batch_size=ex.batch_size, use_gpu=ex.num_gpus > 0),
-        **({"runtime_env": {"env_vars": env}} if env else {}))
-    with tqdm(total=table.num_rows, desc="extract", unit="item", disable=None) as bar:
+                                   batch_size=ex.batch_size, use_gpu=ex.num_gpus > 0, env=storage_env()))
+    with progress(table.num_rows, "extract") as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(batch.num_rows)
             yield batch

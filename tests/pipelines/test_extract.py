@@ -136,3 +136,19 @@ def test_extract_from_and_into_s3(s3_server, ray_local, tmp_path, models):
     assert fs.exists(f"cart-test/store/jobs/{summary['run']}.json")
     assert {r["reason"] for r in store.read_table(m.errors).to_pylist() if r["item_id"] == "bad-missing"} \
         == {"file not found"}
+
+    # incremental: one new image, one image whose bytes changed (refused: that is `cart reindex --update`)
+    folder = tmp_path / "media2"
+    folder.mkdir()
+    mf.write_image(folder / "new.png", seed=7)
+    mf.write_image(folder / "image0.png", seed=5)
+    table = pq.read_table(tmp_path / "media" / "media.parquet").to_pylist() + [
+        {"item_id": "img-new", "uri": "new.png", "modality": None}]
+    pq.write_table(pa.Table.from_pylist(table), folder / "media.parquet")
+    mf.upload_folder(folder, "s3://cart-test/media")
+    again = run_extract(store, "s3://cart-test/media/media.parquet", mf.tiny_config(models["clip"], models["clap"]))
+    assert again["counts"].items() >= {"items": 8, "extracted": 1, "skipped": 2, "errors": 5, "new_errors": 1}.items()
+    m2 = store.manifest()
+    assert m2.version == 2 and m2.features == m.features + [f"features/{again['run']}"]
+    changed = store.read_table(m2.errors[-1]).to_pylist()
+    assert [(r["item_id"], "cart reindex --update" in r["reason"]) for r in changed] == [("img-0", True)]
