@@ -1,14 +1,34 @@
-"""The `cart` command line."""
+"""The `cart` command line: one verb per Ray job, plus `demo`.
+
+Every job verb takes --store (local path or s3://bucket/prefix), --config, --set key=value and
+--address (default: a local Ray started in-process; `auto` inside a cluster or `ray job submit`).
+Bad input exits 2 with one line naming the file, row and reason; a failed job exits 1.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cart_core.corpus import CorpusError
+from cart_core.store import StoreError
+
+JOB_VERBS = ("import", "extract", "caption", "quantize", "train", "retrieve", "serve", "evaluate", "versions")
+
+
+def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--store", required=True, help="index store: a local folder or s3://bucket/prefix")
+    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--address", help="Ray cluster: auto, ray://host:10001, host:6379 (default: local Ray)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cart", description="CART generative cross-modal retrieval")
+    parser = argparse.ArgumentParser(prog="cart", description="CART generative cross-modal retrieval on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole method on real data on this machine")
     demo.add_argument("--data", help="folder with items.parquet + captions.parquet (default: Flickr8k from ../shared/data)")
@@ -17,19 +37,115 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="YAML config (default: configs/demo.yaml or demo-quick.yaml)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. --set train.epochs=5")
+    demo.add_argument("--debug", action="store_true")
+
+    p = _job_parser(sub, "import", "bring your own features (+ captions) into the store")
+    p.add_argument("--items", required=True, help="items.parquet: item_id, embedding [, modality]")
+    p.add_argument("--captions", help="captions.parquet: item_id, caption [, caption_index]")
+    p.add_argument("--holdout-caption-index", type=int,
+                   help="hold captions with this index out as evaluation queries (eval/ in the store)")
+    p = _job_parser(sub, "extract", "decode media and embed it (Ray Data; CLIP for images/video, CLAP for audio)")
+    p.add_argument("--media", required=True, help="media.parquet: item_id, uri [, modality]")
+    _job_parser(sub, "caption", "pseudo-queries for candidates from an image-to-text model")
+    _job_parser(sub, "quantize", "K-Means + RQ-VAE identifiers for every item (Ray Data)")
+    p = _job_parser(sub, "train", "train the generator (Ray Train)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: jobs.train_workers)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run from its last checkpoint")
+    p = _job_parser(sub, "retrieve", "batch offline retrieval (Ray Data)")
+    p.add_argument("--queries", required=True, help="queries.parquet: query_id, text")
+    p.add_argument("--out", required=True, help="results.parquet: query_id, rank, item_id, score")
+    p.add_argument("--k", type=int, default=10)
+    p = _job_parser(sub, "serve", "online retrieval over HTTP (Ray Serve)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p = _job_parser(sub, "evaluate", "R@K / MdR / MRR beside the faiss baseline")
+    p.add_argument("--queries", help="queries.parquet: query_id, text, item_id (default: the store's held-out captions)")
+    p.add_argument("--out", required=True, help="output folder for metrics.json and recall.png")
+    p.add_argument("--k", type=int, default=10)
+    _job_parser(sub, "versions", "list the committed versions of the store")
     return parser
+
+
+def _config(args):
+    from cart_core.config import load_config
+    from pipelines.data_paths import REPO_ROOT
+
+    path = args.config or REPO_ROOT / "configs" / "default.yaml"
+    return load_config(path, args.overrides)
+
+
+def run_command(args) -> None:
+    from cart_core.store import Store
+
+    if args.command == "demo":
+        from pipelines.demo import run_demo
+
+        run_demo(args.data, args.out, quick=args.quick, config=args.config, overrides=args.overrides)
+        return
+    store, cfg = Store(args.store), _config(args)
+    if args.command == "import":
+        from pipelines.importer import run_import
+
+        run_import(store, args.items, args.captions, holdout_caption_index=args.holdout_caption_index)
+    elif args.command == "extract":
+        from pipelines.extract import run_extract
+
+        run_extract(store, args.media, cfg, args.address)
+    elif args.command == "caption":
+        from pipelines.caption import run_caption
+
+        run_caption(store, cfg, args.address)
+    elif args.command == "quantize":
+        from pipelines.quantize import run_quantize
+
+        run_quantize(store, cfg, args.address)
+    elif args.command == "train":
+        from pipelines.train import run_train
+
+        run_train(store, cfg, workers=args.workers, resume=args.resume, address=args.address)
+    elif args.command == "retrieve":
+        from pipelines.retrieve import run_retrieve
+
+        run_retrieve(store, args.queries, args.out, cfg, k=args.k, address=args.address)
+    elif args.command == "serve":
+        from pipelines.serve import run_serve
+
+        run_serve(store, cfg, host=args.host, port=args.port, address=args.address)
+    elif args.command == "evaluate":
+        from pipelines.evaluate import run_evaluate
+
+        run_evaluate(store, args.queries, args.out, cfg, k=args.k, address=args.address)
+    elif args.command == "versions":
+        current = store.manifest().version
+        for m in store.versions():
+            mark = "*" if m.version == current else " "
+            print(f"{mark} v{m.version:<4d} {m.message}  ids={m.ids} generator={m.generator}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The innermost message of a (possibly Ray-wrapped) exception, on one line."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    text = str(cause if isinstance(cause, Exception) and str(cause) else exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from pipelines.demo import run_demo
-
-            run_demo(args.data, args.out, quick=args.quick, config=args.config, overrides=args.overrides)
-    except (CorpusError, ValueError, FileNotFoundError) as exc:
-        print(f"cart {args.command}: error: {exc}", file=sys.stderr)
+        run_command(args)
+    except KeyboardInterrupt:
+        return 130
+    except (CorpusError, ValueError, FileNotFoundError, StoreError) as exc:
+        if args.debug:
+            raise
+        print(f"cart {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a job failed: one line, full trace with --debug
+        if args.debug:
+            raise
+        print(f"cart {args.command}: failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

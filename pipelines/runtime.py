@@ -19,11 +19,12 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    # "local" always starts a fresh in-process Ray: a bare ray.init() would join whatever cluster
+    # a stale /tmp/ray/ray_current_cluster names
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"log_to_driver": True}
-    if address is None:
+    if address == "local":
         kwargs.update(include_dashboard=False)
-    # workers must import this project: ship the code when the cluster has no copy of it
     ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() or os.environ.get("CART_PROGRESS") == "1"

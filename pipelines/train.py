@@ -9,6 +9,7 @@ last checkpoint. Only a finished run is committed to the manifest.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -115,6 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
                 store.put_file(Path(tmp) / "state.json", f"{dest}/state.json")  # last: marks it complete
         ray.train.report({"epoch": epoch + 1, "loss": history["loss"][-1], "nll": history["nll"][-1],
                           "kl": history["kl"][-1], "rank_pairs": len(codes)})
+        if config.get("crash_after_epoch") == epoch + 1:  # fault injection for the resume tests
+            raise RuntimeError(f"injected crash after epoch {epoch + 1}")
 
     train_generator(generator, texts, codes, cfg.train, progress=rank == 0, weights=weights,
                     parallel=DataParallel(steps_per_epoch=steps, sync_grads=sync), resume=resume,
@@ -148,7 +151,8 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": config_dict(cfg), "store": store.url, "run": run, "resume_from": resume_from,
-                           "vocab_sizes": info["vocab_sizes"]},
+                           "vocab_sizes": info["vocab_sizes"],
+                           "crash_after_epoch": int(os.environ.get("CART_CRASH_AFTER_EPOCH", "0")) or None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
                                      resources_per_worker={"CPU": cfg.jobs.cpus_per_worker}),
         datasets={"train": ray.data.from_arrow(pairs)},

@@ -16,13 +16,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The S3 endpoint and credentials are fixed before any Ray worker starts, so workers inherit
+# them exactly as cluster nodes get theirs from the environment.
+S3_PORT = free_port()
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{S3_PORT}"}
+os.environ.update(S3_ENV)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One in-process Ray for the session (jobs call init_ray(), which reuses it)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
 
@@ -31,14 +39,10 @@ def ray_local():
 def s3_server():
     """moto's S3 server in its own process, on a free loopback port: a real HTTP endpoint that
     s3fs / pyarrow talk to exactly as to AWS. Yields the endpoint URL; sets the AWS_* env vars."""
-    port = free_port()
+    port = S3_PORT
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
         deadline = time.time() + 30
         while True:
@@ -56,8 +60,3 @@ def s3_server():
     finally:
         proc.kill()
         proc.wait()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -1,0 +1,136 @@
+"""`cart evaluate`: R@1/5/10, MdR, MRR@10 of the committed index beside dense baselines.
+
+The generative rows come from the same Ray Data path as `cart retrieve`. Beside them, on the same
+queries and the same committed features: MiniLM -> feature-space ridge + faiss flat search (the
+"faiss + encoder" a user would otherwise deploy) and, where the store has training queries, the
+caption-centroid baseline. Written as DIR/metrics.json in the `cart demo` record format.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from cart_core.config import CartConfig, config_dict
+from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
+from cart_core.metrics import retrieval_metrics
+from cart_core.store import Manifest, Store, StoreError
+from cart_core.text import TextEncoder
+from pipelines.quantize import stack_column
+from pipelines.report import format_table, plot_recall, write_metrics
+from pipelines.retrieve import retrieve_dataset, servable_manifest
+from pipelines.runtime import JobSummary, init_ray, log
+
+PROTOCOL = "store"  # queries come from the user or the store's held-out captions
+
+
+def load_eval_queries(store: Store, manifest: Manifest, queries: str | None) -> pa.Table:
+    """query_id, text, item_id from a file, or the store's held-out captions."""
+    if queries is None:
+        folders = store.require(manifest, "eval_queries", "cart import --holdout-caption-index N")
+        return store.read_table(folders, columns=["query_id", "text", "item_id"])
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(queries)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{queries}: file not found")
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    missing = [c for c in ("query_id", "text", "item_id") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{queries}: missing required column(s) {', '.join(missing)} "
+                         f"(found: {', '.join(table.column_names)})")
+    return table.select(["query_id", "text", "item_id"])
+
+
+def gold_rows(item_ids: np.ndarray, catalog: dict[str, int], where: str) -> np.ndarray:
+    rows = np.array([catalog.get(str(i), -1) for i in item_ids], dtype=np.int64)
+    bad = np.flatnonzero(rows < 0)
+    if bad.size:
+        raise ValueError(f"{where}: row {int(bad[0])}: item_id {item_ids[bad[0]]!r} is not in the index")
+    return rows
+
+
+def generative_record(store: Store, queries: pa.Table, manifest: Manifest, cfg: CartConfig, k: int,
+                      catalog: dict[str, int], gold: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    results = retrieve_dataset(store, ray.data.from_arrow(queries.select(["query_id", "text"])), cfg, k, manifest)
+    ranked = np.full((queries.num_rows, k), -1, dtype=np.int64)
+    position = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())}
+    for batch in results.iter_batches(batch_format="numpy", batch_size=65536):
+        for q, r, item in zip(batch["query_id"], batch["rank"], batch["item_id"]):
+            ranked[position[q], int(r) - 1] = catalog[str(item)]
+    qps = queries.num_rows / (time.perf_counter() - t0)
+    return {"method": "generative", "protocol": PROTOCOL, **retrieval_metrics(ranked, gold), "queries_per_s": qps,
+            "beam_size": cfg.eval.beam_size, "version": manifest.version}
+
+
+def dense_records(store: Store, manifest: Manifest, queries: pa.Table, cfg: CartConfig, k: int,
+                  catalog: dict[str, int], gold: np.ndarray) -> list[dict]:
+    """faiss flat over the committed features (+ caption centroid when training queries exist)."""
+    feats = store.read_table(manifest.features, columns=["item_id", "embedding"])
+    rows = gold_rows(np.asarray(feats.column("item_id").to_pylist(), dtype=object), catalog, "features")
+    emb = np.zeros((len(catalog), manifest.dim), dtype=np.float32)
+    emb[rows] = stack_column(feats.column("embedding").to_numpy(zero_copy_only=False))
+    encoder = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens)
+    t0 = time.perf_counter()
+    qvec = encoder.sentence_embeddings([str(t) for t in queries.column("text").to_pylist()])
+    encode_s = time.perf_counter() - t0
+    out = []
+    if not manifest.queries:
+        log("evaluate", "no training queries in the store: no ridge map or caption centroid baseline")
+        return out
+    train = store.read_table(manifest.queries, columns=["item_id", "text"])
+    train_ids = np.asarray(train.column("item_id").to_pylist(), dtype=object)
+    keep = np.array([str(i) in catalog for i in train_ids])
+    train_rows = gold_rows(train_ids[keep], catalog, "queries")
+    tvec = encoder.sentence_embeddings([t for t, ok in zip(train.column("text").to_pylist(), keep) if ok])
+    for method, index, q in (
+        ("caption_centroid", FlatIndex(caption_centroids(train_rows, tvec, len(catalog))), qvec),
+        ("faiss_flat_ridge", FlatIndex(emb), apply_ridge(qvec, fit_ridge(tvec, emb[train_rows], alpha=0.01))),
+    ):
+        t0 = time.perf_counter()
+        ranked, _ = index.search(q, min(len(catalog), max(k, 10)))
+        qps = len(q) / (time.perf_counter() - t0 + encode_s)
+        out.append({"method": method, "protocol": PROTOCOL, **retrieval_metrics(ranked, gold), "queries_per_s": qps})
+    return out
+
+
+def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k: int = 10,
+                 address: str | None = None) -> list[dict]:
+    from pipelines.quantize import load_ids
+
+    init_ray(address)
+    summary = JobSummary("evaluate", store.url)
+    manifest = servable_manifest(store)
+    table, _ = load_ids(store, manifest)
+    catalog = {str(i): r for r, i in enumerate(table.item_ids)}
+    q = load_eval_queries(store, manifest, queries)
+    if q.num_rows == 0:
+        raise StoreError(f"{queries or store.url}: no evaluation queries")
+    gold = gold_rows(np.asarray(q.column("item_id").to_pylist(), dtype=object), catalog, queries or "eval queries")
+    t0 = time.perf_counter()
+    records = [generative_record(store, q, manifest, cfg, k, catalog, gold)]
+    summary.time("generative_s", t0)
+    t0 = time.perf_counter()
+    records += dense_records(store, manifest, q, cfg, k, catalog, gold)
+    summary.time("baselines_s", t0)
+    for rec in records:
+        rec["dataset"] = store.url
+    out_dir = Path(out)
+    write_metrics(records, out_dir)
+    plot_recall(records, out_dir / "recall.png", f"{store.url} (version {manifest.version}), {q.num_rows} queries")
+    (out_dir / "run.json").write_text(json.dumps({"config": config_dict(cfg), "manifest": json.loads(manifest.to_json())},
+                                                 indent=2, default=str))
+    print(format_table(records, f"{store.url}: version {manifest.version}, {q.num_rows} queries"))
+    summary.counts.update(queries=q.num_rows, items=len(catalog))
+    summary.extra.update(version=manifest.version, records=records, out=str(out_dir))
+    summary.write(store)
+    return records
+
+

@@ -1,0 +1,151 @@
+"""`cart retrieve`: batch offline retrieval as a streaming Ray Data job.
+
+Queries (query_id, text[, item_id]) are read from Parquet (local or S3) and flow through an
+actor pool; each actor loads the committed generator + identifier table once and runs
+constrained beam search per batch. Results (query_id, rank, item_id, score) stream back to the
+driver, which appends them to one Parquet file, so memory stays flat for millions of queries.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cart_core.config import CartConfig
+from cart_core.store import Manifest, Store, StoreError
+from pipelines.runtime import JobSummary, init_ray, log
+
+RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
+                           ("score", pa.float32())])
+
+
+def is_servable(manifest: Manifest) -> bool:
+    """A version can answer queries when its generator was trained for its identifiers."""
+    return bool(manifest.generator and manifest.ids and manifest.extra.get("generator_ids") == manifest.ids)
+
+
+def servable_manifest(store: Store) -> Manifest:
+    """The newest committed version that can answer queries (a fresh `cart quantize` commits
+    identifiers before `cart train` has a generator for them; the previous version serves)."""
+    current = store.manifest()
+    if is_servable(current):
+        return current
+    for old in reversed(store.versions()):
+        if is_servable(old):
+            return old
+    raise StoreError(f"{store.url}: no committed version has a trained generator; run `cart train` first")
+
+
+def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
+    """(GenerativeRetriever, IdentifierTable) for one committed version."""
+    from cart_core.generator import Generator
+    from cart_core.retrieval import GenerativeRetriever
+    from pipelines.quantize import load_ids
+
+    table, _ = load_ids(store, manifest)
+    with store.local_dir(f"{manifest.generator}/model") as folder:
+        generator = Generator.load(folder)
+    return GenerativeRetriever(generator, table, device=device), table
+
+
+def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.ndarray) -> dict:
+    """Flatten [B, k] results into one row per (query, rank), skipping empty slots (-1)."""
+    b, k = rows.shape
+    valid = rows >= 0
+    qi, rank = np.nonzero(valid)
+    return {"query_id": np.asarray([str(q) for q in query_ids], dtype=object)[qi],
+            "rank": (rank + 1).astype(np.int32),
+            "item_id": item_ids[rows[valid]].astype(object),
+            "score": scores[valid].astype(np.float32)}
+
+
+class RetrieveBatch:
+    """Actor: the committed model, loaded once; a batch of queries in, ranked rows out."""
+
+    def __init__(self, store_url: str, version: int, k: int, beam_size: int, device: str = "cpu"):
+        store = Store(store_url)
+        manifest = next(m for m in store.versions() if m.version == version)
+        self.retriever, self.table = load_retriever(store, manifest, device)
+        self.k, self.beam = k, beam_size
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch["text"]]
+        rows, scores = self.retriever.search_batch(texts, k=self.k, beam_size=self.beam)
+        return ranked_rows(batch["query_id"], rows, scores, self.table.item_ids)
+
+
+def read_queries(path: str, need_item: bool = False):
+    """Ray dataset over a queries table; checks the columns up front with a clear message."""
+    import fsspec
+    import ray
+
+    fs, fpath = fsspec.core.url_to_fs(path)
+    if not fs.exists(fpath):
+        raise FileNotFoundError(f"{path}: file not found")
+    with fs.open(fpath, "rb") as f:
+        names = pq.read_schema(f).names
+    required = ["query_id", "text"] + (["item_id"] if need_item else [])
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {', '.join(missing)} (found: {', '.join(names)})")
+    return ray.data.read_parquet(fpath, columns=required, filesystem=arrow_filesystem(fs))
+
+
+def arrow_filesystem(fs):
+    """pyarrow view of an fsspec filesystem (so S3 settings come from one place: fsspec/s3fs)."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    return LocalFileSystem() if "file" in fs.protocol else PyFileSystem(FSSpecHandler(fs))
+
+
+def retrieve_dataset(store: Store, queries_ds, cfg: CartConfig, k: int, manifest: Manifest):
+    import ray
+
+    device = "cuda" if cfg.jobs.retrieve_num_gpus > 0 else "cpu"
+    return queries_ds.map_batches(
+        RetrieveBatch, fn_constructor_args=(store.url, manifest.version, k, cfg.eval.beam_size, device),
+        batch_size=cfg.jobs.retrieve_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.retrieve_actors)),
+        num_cpus=cfg.jobs.retrieve_num_cpus, num_gpus=cfg.jobs.retrieve_num_gpus,
+    )
+
+
+def write_results(results_ds, out: str) -> int:
+    """Stream result batches into one Parquet file (written beside, then renamed when local)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    local = "file" in fs.protocol
+    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+    if local:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows = 0
+    with fs.open(target, "wb") as f, pq.ParquetWriter(f, RESULT_SCHEMA) as writer:
+        for batch in results_ds.iter_batches(batch_format="pyarrow", batch_size=65536):
+            writer.write_table(batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
+            rows += batch.num_rows
+    if local:
+        os.replace(target, path)
+    return rows
+
+
+def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int = 10,
+                 address: str | None = None) -> dict:
+    init_ray(address)
+    summary = JobSummary("retrieve", store.url)
+    manifest = servable_manifest(store)
+    ds = read_queries(queries)
+    n = ds.count()
+    t0 = time.perf_counter()
+    rows = write_results(retrieve_dataset(store, ds, cfg, k, manifest), out)
+    elapsed = summary.time("retrieve_s", t0)
+    summary.counts.update(queries=int(n), result_rows=int(rows))
+    summary.extra.update(version=manifest.version, out=out, k=k, beam_size=cfg.eval.beam_size,
+                         queries_per_s=n / max(elapsed, 1e-9))
+    log("retrieve", f"{n} queries -> {rows} rows in {out} ({n / max(elapsed, 1e-9):.0f} queries/s, "
+                    f"version {manifest.version})")
+    return summary.write(store)
