@@ -40,7 +40,7 @@ def read_features(store: Store, manifest: Manifest, columns=("item_id", "embeddi
     import ray
 
     files = store.parquet_files(store.require(manifest, "features", "cart import` or `cart extract"))
-    return ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem(), columns=list(columns))
+    return ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem()).select_columns(list(columns))
 
 
 class CaptionEmbedder:
@@ -61,7 +61,7 @@ def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tupl
     import ray
 
     files = store.parquet_files(store.require(manifest, "queries", "cart import --captions` or `cart caption"))
-    ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem(), columns=["item_id", "text"])
+    ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem()).select_columns(["item_id", "text"])
     ds = ds.map_batches(CaptionEmbedder, fn_constructor_args=(cfg.generator.text_encoder, cfg.generator.max_query_tokens),
                         batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.jobs.retrieve_actors),
                         num_cpus=cfg.jobs.retrieve_num_cpus)

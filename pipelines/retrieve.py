@@ -92,7 +92,7 @@ def read_queries(path: str, need_item: bool = False):
     missing = [c for c in required if c not in names]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {', '.join(missing)} (found: {', '.join(names)})")
-    return ray.data.read_parquet(fpath, columns=required, filesystem=arrow_filesystem(fs))
+    return ray.data.read_parquet(fpath, filesystem=arrow_filesystem(fs)).select_columns(required)
 
 
 def arrow_filesystem(fs):
