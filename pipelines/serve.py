@@ -9,7 +9,6 @@ requests share one beam search. A watcher thread polls the store's manifest; whe
 servable version is committed it loads it beside the old one and swaps a single reference, so
 requests in flight finish on the version they started with and none is dropped.
 """
-from __future__ import annotations
 
 import asyncio
 import logging
