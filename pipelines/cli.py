@@ -7,7 +7,6 @@ Bad input exits 2 with one line naming the file, row and reason; a failed job ex
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from cart_core.corpus import CorpusError
@@ -38,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. --set train.epochs=5")
     demo.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("scan", help="list a folder of media files (local or s3://) as a media table for extract")
+    p.add_argument("--media-dir", required=True, help="folder of images / videos / audio files")
+    p.add_argument("--out", required=True, help="media.parquet to write: item_id, uri, modality")
+    p.add_argument("--debug", action="store_true")
 
     p = _job_parser(sub, "import", "bring your own features (+ captions) into the store")
     p.add_argument("--items", required=True, help="items.parquet: item_id, embedding [, modality]")
@@ -81,6 +85,11 @@ def run_command(args) -> None:
         from pipelines.demo import run_demo
 
         run_demo(args.data, args.out, quick=args.quick, config=args.config, overrides=args.overrides)
+        return
+    if args.command == "scan":
+        from pipelines.scan import scan_media
+
+        scan_media(args.media_dir, args.out)
         return
     store, cfg = Store(args.store), _config(args)
     if args.command == "import":

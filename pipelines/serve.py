@@ -119,8 +119,10 @@ def app_builder(args: dict):
     """Import path for `serve run` / KubeRay RayService: args {"store": URL, "config": YAML path,
     "overrides": ["key=value", ...]}."""
     from cart_core.config import load_config
+    from pipelines.data_paths import REPO_ROOT
 
-    return build_app(args["store"], load_config(args.get("config"), args.get("overrides") or []))
+    config = args.get("config") or REPO_ROOT / "configs" / "default.yaml"  # as the CLI
+    return build_app(args["store"], load_config(config, args.get("overrides") or []))
 
 
 def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int = 8000,

@@ -293,7 +293,7 @@ def test_entrypoints_parse_with_the_real_cli():
 
 
 def test_cli_verbs_are_known():
-    verbs = set(cli_verbs()) - {"demo"}
+    verbs = set(cli_verbs()) - {"demo", "scan"}  # not Ray jobs: they run where you type them
     if not verbs:
         pytest.skip("the cart CLI is not importable")
     assert verbs == VERBS, "keep VERBS here and in cluster/submit.sh in step with pipelines/cli.py"
