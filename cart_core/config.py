@@ -81,6 +81,17 @@ class JobsConfig:
 
 
 @dataclass
+class ReindexConfig:
+    """`cart reindex`: the fine-tune that teaches the generator new items, and drift alarms."""
+
+    finetune: bool = True
+    finetune_epochs: int = 5
+    rehearsal: float = 1.0          # old pairs replayed per new pair (old items must not regress)
+    drift_factor: float = 1.5       # refit due when new items sit this much farther than the fitted ones
+    keep_versions: int = 10         # `cart compact` keeps the last N versions
+
+
+@dataclass
 class CartConfig:
     identifiers: IdentifierConfig = field(default_factory=IdentifierConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -89,6 +100,7 @@ class CartConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    reindex: ReindexConfig = field(default_factory=ReindexConfig)
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -260,6 +260,34 @@ class Generator(nn.Module):
             layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return model.eval()
 
+    def grow_last_vocab(self, size: int) -> None:
+        """Widen the counter position's vocabulary (an incremental add put more items under one
+        prefix than the generator was built for). Existing tokens keep their weights; new counter
+        tokens start as the mean of the existing ones, so they score like an average counter."""
+        old = list(self.cfg.vocab_sizes)
+        extra = size - old[-1]
+        if extra < 0:
+            raise ValueError(f"cannot shrink the counter vocabulary from {old[-1]} to {size}")
+        if extra == 0:
+            return
+        dec, total = self.decoder, sum(old)
+        start = total - old[-1]
+        with torch.no_grad():
+            emb = dec.token_emb.weight
+            new_rows = emb[start:total].mean(0, keepdim=True).expand(extra, -1)
+            dec.token_emb = nn.Embedding.from_pretrained(
+                torch.cat([emb[:total], new_rows, emb[total:]]), freeze=False).to(emb.device)
+            out = nn.Linear(dec.out.in_features, total + extra).to(emb.device)
+            out.weight.copy_(torch.cat([dec.out.weight, dec.out.weight[start:].mean(0, keepdim=True).expand(extra, -1)]))
+            out.bias.copy_(torch.cat([dec.out.bias, dec.out.bias[start:].mean().expand(extra)]))
+            dec.out = out
+            if self.cfg.output_head == "prototype":
+                protos = dec.prototypes
+                dec.prototypes = nn.Parameter(torch.cat([protos, protos[start:].mean(0, keepdim=True).expand(extra, -1)]))
+        self.cfg.vocab_sizes = old[:-1] + [size]
+        dec.vocab_sizes = list(self.cfg.vocab_sizes)
+        dec.bos = total + extra
+
     def train(self, mode: bool = True) -> "Generator":
         """The text encoder is not a submodule; of it only the tuned top blocks follow `mode`."""
         super().train(mode)

@@ -111,3 +111,31 @@ def build_identifiers(
     vocab = [n_clusters] + [codebook_size] * (prefix.shape[1] - 1) + [suffix_vocab or needed]
     codes = np.concatenate([prefix, suffix[:, None]], 1)
     return IdentifierTable(item_ids, codes, vocab, np.ones(len(item_ids), dtype=bool))
+
+
+def extend_identifiers(table: IdentifierTable, item_ids: np.ndarray, prefix: np.ndarray) -> IdentifierTable:
+    """Append items under frozen codebooks: existing rows (and their identifiers) never change.
+
+    A new item's counter continues after every row already under its prefix, tombstoned ones
+    included, so u stays 0..n-1 within each prefix (what the decoding tables rely on) and a
+    deleted identifier is never handed to another item. The counter's vocabulary grows when a
+    prefix outgrows it."""
+    item_ids = np.asarray(item_ids, dtype=object)
+    prefix = np.asarray(prefix, dtype=np.int64).reshape(len(item_ids), table.length - 1)
+    if len(item_ids) == 0:
+        return table
+    old_prefix = table.codes[:, :-1]
+    keys_old = [tuple(r) for r in old_prefix.tolist()]
+    used: dict[tuple, int] = {}
+    for key in keys_old:
+        used[key] = used.get(key, 0) + 1
+    order = np.lexsort([item_ids.astype(str)] + [prefix[:, j] for j in range(prefix.shape[1] - 1, -1, -1)])
+    suffix = np.empty(len(item_ids), dtype=np.int64)
+    for row in order:  # prefix-major, item_id order within a prefix: deterministic
+        key = tuple(prefix[row].tolist())
+        suffix[row] = used.get(key, 0)
+        used[key] = suffix[row] + 1
+    codes = np.concatenate([table.codes, np.concatenate([prefix, suffix[:, None]], 1)])
+    vocab = list(table.vocab_sizes[:-1]) + [max(table.vocab_sizes[-1], int(codes[:, -1].max()) + 1)]
+    return IdentifierTable(np.concatenate([table.item_ids, item_ids]), codes, vocab,
+                           np.concatenate([table.live, np.ones(len(item_ids), dtype=bool)]))

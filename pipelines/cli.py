@@ -12,7 +12,7 @@ import sys
 from cart_core.corpus import CorpusError
 from cart_core.store import StoreError
 
-JOB_VERBS = ("import", "extract", "caption", "quantize", "train", "retrieve", "serve", "evaluate", "versions")
+JOB_VERBS = ("reindex", "rollback", "compact", "import", "extract", "caption", "quantize", "train", "retrieve", "serve", "evaluate", "versions")
 
 
 def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -51,7 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = _job_parser(sub, "extract", "decode media and embed it (Ray Data; CLIP for images/video, CLAP for audio)")
     p.add_argument("--media", required=True, help="media.parquet: item_id, uri [, modality]")
     _job_parser(sub, "caption", "pseudo-queries for candidates from an image-to-text model")
-    _job_parser(sub, "quantize", "K-Means + RQ-VAE identifiers for every item (Ray Data)")
+    p = _job_parser(sub, "quantize", "K-Means + RQ-VAE identifiers for every item (Ray Data)")
+    p.add_argument("--refit", action="store_true",
+                   help="fit new codebooks and identifiers as a new version beside the old (what quantize "
+                        "always does; the old version serves until `cart train` commits a generator for the new)")
+    p = _job_parser(sub, "reindex", "add / update / delete items in a live index (frozen codebooks)")
+    p.add_argument("--add", help="items.parquet of new items")
+    p.add_argument("--update", help="items.parquet with new features for existing item_ids")
+    p.add_argument("--captions", help="captions.parquet for added / updated / existing items")
+    p.add_argument("--delete", help="item_ids to delete: a text file (one per line) or a Parquet item_id column")
+    p.add_argument("--no-finetune", action="store_true", help="commit identifiers only; fine-tune later")
+    p = _job_parser(sub, "rollback", "make an earlier committed version the current one")
+    p.add_argument("version", type=int)
+    p = _job_parser(sub, "compact", "reclaim storage of deleted items and of versions older than the last N")
+    p.add_argument("--keep", type=int, help="versions to keep (default: reindex.keep_versions)")
     p = _job_parser(sub, "train", "train the generator (Ray Train)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default: jobs.train_workers)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run from its last checkpoint")
@@ -108,6 +121,21 @@ def run_command(args) -> None:
         from pipelines.quantize import run_quantize
 
         run_quantize(store, cfg, args.address)
+    elif args.command == "reindex":
+        from pipelines.reindex import run_reindex
+
+        if not (args.add or args.update or args.delete or args.captions):
+            raise ValueError("nothing to do: give --add, --update, --delete and/or --captions")
+        run_reindex(store, cfg, add=args.add, captions=args.captions, delete=args.delete, update=args.update,
+                    finetune=False if args.no_finetune else None, address=args.address)
+    elif args.command == "rollback":
+        from pipelines.reindex import run_rollback
+
+        run_rollback(store, args.version)
+    elif args.command == "compact":
+        from pipelines.reindex import run_compact
+
+        run_compact(store, args.keep or cfg.reindex.keep_versions)
     elif args.command == "train":
         from pipelines.train import run_train
 

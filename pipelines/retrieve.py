@@ -49,7 +49,27 @@ def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
     table, _ = load_ids(store, manifest)
     with store.local_dir(f"{manifest.generator}/model") as folder:
         generator = Generator.load(folder)
-    return GenerativeRetriever(generator, table, device=device), table
+    generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
+    retriever = GenerativeRetriever(generator, table, device=device)
+    pending = manifest.extra.get("pending")
+    if pending and generator.text_encoder is not None:
+        retriever = with_fallback(store, pending, retriever, table, generator)
+    return retriever, table
+
+
+def with_fallback(store: Store, pending: str, retriever, table, generator):
+    """Items added since the generator was trained are also searched densely (cart_core/fallback.py)."""
+    from cart_core.fallback import DenseFallback, HybridRetriever
+    from pipelines.quantize import stack_column
+
+    with store.fs.open(store.path(pending), "rb") as f:
+        t = pq.read_table(f)
+    live_row = {str(i): r for r, i in enumerate(table.item_ids) if table.live[r]}
+    items = t.column("item_id").to_pylist()
+    keep = [j for j, i in enumerate(items) if i in live_row]
+    vectors = stack_column(t.column("vector").to_numpy(zero_copy_only=False))[keep] if keep else np.zeros((0, 1))
+    fallback = DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors)
+    return HybridRetriever(retriever, fallback, generator.text_encoder.sentence_embeddings)
 
 
 def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.ndarray) -> dict:
@@ -70,7 +90,7 @@ class RetrieveBatch:
         store = Store(store_url)
         manifest = next(m for m in store.versions() if m.version == version)
         self.retriever, self.table = load_retriever(store, manifest, device)
-        self.k, self.beam = k, beam_size
+        self.k, self.beam = k, max(beam_size, k)  # the beam must hold k distinct identifiers
 
     def __call__(self, batch: dict) -> dict:
         texts = [str(t) for t in batch["text"]]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,19 @@ from pipelines.runtime import JobSummary, init_ray, log
 PENDING = "jobs/train-pending.json"
 
 
-def training_pairs(store: Store, cfg: CartConfig) -> tuple[pa.Table, dict]:
+@dataclass
+class Finetune:
+    """Teach an existing generator new items: start from `init_from` (a generator folder in the
+    store), train on the pairs of `items` plus a seeded sample of `rehearsal` old pairs per new
+    pair (so old items do not regress), for `epochs` epochs."""
+
+    items: list[str]
+    init_from: str
+    rehearsal: float = 1.0
+    epochs: int = 5
+
+
+def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = None) -> tuple[pa.Table, dict]:
     """text, codes, weight for every training query whose item has a live identifier."""
     manifest = store.manifest()
     table, _ = load_ids(store, manifest)
@@ -39,6 +51,13 @@ def training_pairs(store: Store, cfg: CartConfig) -> tuple[pa.Table, dict]:
     counts = {"queries": int(len(queries)), "pairs": int(len(pairs)),
               "queries_without_identifier": int(len(queries) - len(pairs)),
               "pseudo_pairs": int((pairs["source"] == "pseudo").sum())}
+    if finetune is not None:
+        is_new = pairs["item_id"].isin(set(finetune.items)).to_numpy()
+        old_rows = np.flatnonzero(~is_new)
+        n_old = min(len(old_rows), int(round(finetune.rehearsal * is_new.sum())))
+        keep = np.random.default_rng(cfg.train.seed).choice(old_rows, n_old, replace=False)
+        pairs = pairs.iloc[np.sort(np.concatenate([np.flatnonzero(is_new), keep]))]
+        counts.update(new_item_pairs=int(is_new.sum()), rehearsal_pairs=int(n_old), pairs=int(len(pairs)))
     if pairs.empty:
         raise StoreError(f"{store.url}: no training query names an item with an identifier")
     weight = np.where(pairs["source"].to_numpy() == "pseudo", cfg.jobs.pseudo_query_weight, 1.0)
@@ -88,6 +107,10 @@ def train_loop_per_worker(config: dict) -> None:
     if config["resume_from"]:
         with store.local_dir(config["resume_from"]) as folder:
             generator, resume = load_checkpoint(folder)
+    elif config.get("init_from"):
+        with store.local_dir(config["init_from"]) as folder:
+            generator = Generator.load(folder)
+        generator.grow_last_vocab(config["vocab_sizes"][-1])
     else:
         generator = Generator(replace(cfg.generator, vocab_sizes=config["vocab_sizes"]))
     generator.to(device)
@@ -125,7 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
-              address: str | None = None) -> dict:
+              address: str | None = None, finetune: Finetune | None = None,
+              commit_extra: dict | None = None, before_commit=None) -> dict:
     import ray.data
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -133,7 +157,9 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     init_ray(address)
     summary = JobSummary("train", store.url)
     t0 = time.perf_counter()
-    pairs, info = training_pairs(store, cfg)
+    if finetune is not None:
+        cfg = replace(cfg, train=replace(cfg.train, epochs=finetune.epochs))
+    pairs, info = training_pairs(store, cfg, finetune)
     summary.counts.update(info["counts"])
     run, resume_from = summary.run, None
     if resume and store.exists(PENDING):
@@ -152,6 +178,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         train_loop_per_worker,
         train_loop_config={"cfg": config_dict(cfg), "store": store.url, "run": run, "resume_from": resume_from,
                            "vocab_sizes": info["vocab_sizes"],
+                           "init_from": f"{finetune.init_from}/model" if finetune else None,
                            "crash_after_epoch": int(os.environ.get("CART_CRASH_AFTER_EPOCH", "0")) or None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
                                      resources_per_worker={"CPU": cfg.jobs.cpus_per_worker}),
@@ -169,12 +196,14 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         raise StoreError(f"{store.uri('generator', run)}: training finished without a checkpoint")
     with store.local_dir(f"{final}/model") as folder:
         store.put_dir(folder, f"generator/{run}/model")
+    if before_commit is not None:
+        before_commit()
     manifest = store.manifest()
     if manifest.ids != info["ids"]:
         raise StoreError(f"{store.url}: identifiers changed while training ({info['ids']} -> {manifest.ids}); "
                          "rerun `cart train`")
     new = store.commit(replace(manifest, generator=f"generator/{run}",
-                               extra={**manifest.extra, "generator_ids": info["ids"]}),
+                               extra={**manifest.extra, "generator_ids": info["ids"], **(commit_extra or {})}),
                        f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]

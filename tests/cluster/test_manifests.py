@@ -26,7 +26,8 @@ KUBERAY = CLUSTER / "kuberay"
 SUBMIT = CLUSTER / "submit.sh"
 
 RAY_VERSION = "2.60.0"
-VERBS = {"import", "extract", "caption", "quantize", "train", "retrieve", "serve", "evaluate", "versions"}
+VERBS = {"import", "extract", "caption", "quantize", "reindex", "train", "retrieve", "serve", "evaluate",
+         "versions", "rollback", "compact"}
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 EXPECTED_KINDS = {
     "raycluster.yaml": "RayCluster",

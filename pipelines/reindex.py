@@ -1,0 +1,396 @@
+"""`cart reindex`: add, update and delete items in a live index without rebuilding it.
+
+Two commits, each a complete, servable version:
+
+1. **Identifiers** (seconds): the codebooks stay frozen; new items get `(k, v1..vM)` from the
+   fitted K-Means and RQ-VAE and a counter after every row already under their prefix, so no
+   existing identifier changes and no deleted one is reused. Deleted items are tombstoned in the
+   id table (the decoding tables mask them) and their feature rows are listed in `tombstones/`.
+   The generator is unchanged; the added items are findable at once through a dense fallback
+   over their caption embeddings, merged into the generative ranking (cart_core/fallback.py).
+2. **Generator** (a short Ray Train fine-tune): the new items' queries plus a replayed sample of
+   old ones, starting from the committed generator; committing it retires the fallback.
+
+Each commit is a manifest swap; a run killed anywhere leaves the previous version intact, and
+rerunning the same command finishes the work (everything already applied is skipped, and a
+version still waiting for its fine-tune gets it). Every run reports drift: how far the new items
+sit from the codebooks compared with the fitted state, and whether a refit is due.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cart_core.config import CartConfig, config_from_dict
+from cart_core.corpus import Corpus, CorpusError, load_corpus_files
+from cart_core.identifiers import IdentifierTable, extend_identifiers
+from cart_core.indexing import encode, identifier_inputs, load_codebooks
+from cart_core.kmeans import cluster_imbalance
+from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
+from pipelines.importer import embedding_hashes, local_copy, write_parts
+from pipelines.quantize import load_ids, save_ids
+from pipelines.retrieve import is_servable
+from pipelines.runtime import JobSummary, init_ray, log
+
+CRASH_POINTS = ("after_features", "after_ids", "before_commit", "after_training")
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the tests: CART_CRASH_AT=<name> kills the run at that step."""
+    if os.environ.get("CART_CRASH_AT") == name:
+        raise RuntimeError(f"injected crash at {name}")
+
+
+def read_delete_list(path: str) -> list[str]:
+    """item_ids to delete: a text file (one per line) or a Parquet table with an item_id column."""
+    with local_copy(path) as local:
+        if not local.is_file():
+            raise CorpusError(path, None, "file not found")
+        if local.suffix == ".parquet":
+            table = pq.read_table(local)
+            if "item_id" not in table.column_names:
+                raise CorpusError(path, None, "missing required column item_id")
+            return [str(i) for i in table.column("item_id").to_pylist() if i is not None]
+        return [line.strip() for line in local.read_text().splitlines() if line.strip()]
+
+
+def read_captions(path: str, items: set[str]) -> tuple[list[str], list[str]]:
+    """(item_id, caption) rows, each naming an item of this reindex or of the index."""
+    with local_copy(path) as local:
+        if not local.is_file():
+            raise CorpusError(path, None, "file not found")
+        table = pq.read_table(local)
+    missing = [c for c in ("item_id", "caption") if c not in table.column_names]
+    if missing:
+        raise CorpusError(path, None, f"missing required column(s) {', '.join(missing)}")
+    ids, texts = table.column("item_id").to_pylist(), table.column("caption").to_pylist()
+    for row, (item, text) in enumerate(zip(ids, texts)):
+        if item is None or str(item) not in items:
+            raise CorpusError(path, row, f"unknown item_id {item!r}")
+        if text is None or not str(text).strip():
+            raise CorpusError(path, row, "caption is empty")
+    return [str(i) for i in ids], [str(t) for t in texts]
+
+
+def feature_owners(store: Store, manifest: Manifest) -> dict[str, tuple[str, str]]:
+    """item_id -> (feature run, content hash) of its newest committed, not tombstoned row."""
+    dead = tombstoned(store, manifest)
+    owners: dict[str, tuple[str, str]] = {}
+    for run in manifest.features:
+        t = store.read_table(run, columns=["item_id", "content_hash"])
+        for item, h in zip(t.column("item_id").to_pylist(), t.column("content_hash").to_pylist()):
+            if (item, run) not in dead:
+                owners[item] = (run, h)
+    return owners
+
+
+def tombstoned(store: Store, manifest: Manifest) -> set[tuple[str, str]]:
+    runs = manifest.extra.get("tombstones") or []
+    if not runs:
+        return set()
+    t = store.read_table(runs, columns=["item_id", "feature_run"])
+    return set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
+
+
+def caption_vectors(cfg: CartConfig, item_ids: list[str], cap_ids: list[str], cap_texts: list[str]) -> np.ndarray:
+    """Mean MiniLM embedding of each item's captions (zeros for items without any)."""
+    from cart_core.text import TextEncoder
+
+    out = np.zeros((len(item_ids), 384), dtype=np.float32)
+    if not cap_texts:
+        return out
+    vecs = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens).sentence_embeddings(cap_texts)
+    out = np.zeros((len(item_ids), vecs.shape[1]), dtype=np.float32)
+    index = {item: r for r, item in enumerate(item_ids)}
+    counts = np.zeros(len(item_ids))
+    for item, v in zip(cap_ids, vecs):
+        if item in index:
+            out[index[item]] += v
+            counts[index[item]] += 1
+    return out / np.maximum(counts, 1)[:, None]
+
+
+def drift_report(codes: dict, fitted: dict, coarse_after: np.ndarray, n_clusters: int, factor: float) -> dict:
+    """New items vs the fitted state: assignment distance, reconstruction error, imbalance."""
+    if len(codes["coarse"]) == 0:
+        return {"items": 0, "refit_due": False, "reasons": []}
+    report = {"items": int(len(codes["coarse"])),
+              "mean_assign_sq_distance": float(codes["assign_sq_distance"].mean()),
+              "mean_recon_error": float(codes["recon_error"].mean()),
+              "imbalance_after": cluster_imbalance(coarse_after, n_clusters)["imbalance"],
+              "fitted": {k: fitted.get(k) for k in ("mean_assign_sq_distance", "mean_recon_error", "imbalance")}}
+    reasons = []
+    for key in ("mean_assign_sq_distance", "mean_recon_error"):
+        ref = fitted.get(key)
+        if ref and report[key] > factor * ref:
+            reasons.append(f"{key} {report[key]:.4f} > {factor} x fitted {ref:.4f}")
+    if fitted.get("imbalance") and report["imbalance_after"] > factor * fitted["imbalance"]:
+        reasons.append(f"cluster imbalance {report['imbalance_after']:.2f} > {factor} x fitted {fitted['imbalance']:.2f}")
+    report.update(refit_due=bool(reasons), reasons=reasons)
+    return report
+
+
+def _load_items(path: str | None, dim: int | None) -> Corpus | None:
+    if path is None:
+        return None
+    with local_copy(path) as local:
+        corpus = load_corpus_files(local)
+    if dim is not None and corpus.dim != dim:
+        raise CorpusError(path, None, f"embeddings have dimension {corpus.dim}, the index holds {dim}")
+    return corpus
+
+
+def plan_changes(store: Store, manifest: Manifest, table: IdentifierTable, add: str | None, update: str | None,
+                 delete: str | None) -> dict:
+    """What this reindex changes, after skipping everything already applied."""
+    live_row = {str(i): r for r, i in enumerate(table.item_ids) if table.live[r]}
+    owners = feature_owners(store, manifest)
+    adds, ups = _load_items(add, manifest.dim), _load_items(update, manifest.dim)
+    deletes = read_delete_list(delete) if delete else []
+    plan = {"encode_ids": [], "encode_emb": [], "encode_modality": [], "encode_hash": [], "encode_kind": [],
+            "delete_rows": [], "tombstones": [], "counts": dict.fromkeys(
+                ("added", "updated", "deleted", "duplicate_adds", "unchanged_updates", "already_deleted"), 0)}
+    counts = plan["counts"]
+    touched: dict[str, str] = {}
+    for kind, corpus, path in (("add", adds, add), ("update", ups, update)):
+        if corpus is None:
+            continue
+        hashes = embedding_hashes(corpus.embeddings)
+        for r, (item, h) in enumerate(zip(corpus.item_ids, hashes)):
+            item = str(item)
+            if item in touched:
+                raise CorpusError(path, r, f"item_id {item!r} is also in the {touched[item]} list")
+            touched[item] = kind
+            present = item in live_row
+            if kind == "add" and present:
+                if owners.get(item, (None, None))[1] == h:
+                    counts["duplicate_adds"] += 1
+                    continue
+                raise CorpusError(path, r, f"item_id {item!r} is already in the index with other features; "
+                                           "use --update")
+            if kind == "update" and not present:
+                raise CorpusError(path, r, f"item_id {item!r} is not in the index; use --add")
+            if kind == "update" and owners.get(item, (None, None))[1] == h:
+                counts["unchanged_updates"] += 1
+                continue
+            for key, value in (("encode_ids", item), ("encode_emb", corpus.embeddings[r]),
+                               ("encode_modality", corpus.modality[r]), ("encode_hash", h), ("encode_kind", kind)):
+                plan[key].append(value)
+            if kind == "update" and item in owners:
+                plan["tombstones"].append((item, owners[item][0]))
+    for item in deletes:
+        if item in touched:
+            raise CorpusError(delete, None, f"item_id {item!r} is both deleted and {touched[item]}ed")
+        if item not in live_row:
+            counts["already_deleted"] += 1
+            continue
+        plan["delete_rows"].append(live_row[item])
+        if item in owners:
+            plan["tombstones"].append((item, owners[item][0]))
+        counts["deleted"] += 1
+    plan["live_row"] = live_row
+    plan["items"] = (adds, ups)
+    return plan
+
+
+def apply_identifiers(table: IdentifierTable, plan: dict, prefix: np.ndarray) -> tuple[IdentifierTable, list[str]]:
+    """Tombstones + appended rows; returns the new table and the items the generator must learn."""
+    live = table.live.copy()
+    live[plan["delete_rows"]] = False
+    append_ids, append_prefix = [], []
+    for item, kind, p in zip(plan["encode_ids"], plan["encode_kind"], prefix):
+        if kind == "update":
+            row = plan["live_row"][item]
+            if np.array_equal(table.codes[row, :-1], p):
+                plan["counts"]["updated"] += 1
+                continue  # same prefix: the identifier stays, only the features change
+            live[row] = False
+        plan["counts"]["added" if kind == "add" else "updated"] += 1
+        append_ids.append(item)
+        append_prefix.append(p)
+    table = IdentifierTable(table.item_ids, table.codes, table.vocab_sizes, live)
+    if append_ids:
+        table = extend_identifiers(table, np.array(append_ids, dtype=object), np.array(append_prefix))
+    return table, append_ids
+
+
+def write_pending(store: Store, folder: str, item_ids: list[str], vectors: np.ndarray, previous: str | None) -> str | None:
+    """The dense-fallback table for items the generator has not learned yet (carried over from a
+    version still waiting for its fine-tune)."""
+    ids, vecs = list(item_ids), [v for v in vectors]
+    if previous:
+        with store.fs.open(store.path(previous), "rb") as f:
+            old = pq.read_table(f)
+        keep = [i for i, item in enumerate(old.column("item_id").to_pylist()) if item not in set(ids)]
+        ids = [old.column("item_id")[i].as_py() for i in keep] + ids
+        old_vecs = np.stack(old.column("vector").to_numpy(zero_copy_only=False)) if old.num_rows else None
+        vecs = [old_vecs[i] for i in keep] + vecs
+    if not ids:
+        return None
+    dim = len(vecs[0])
+    flat = np.asarray(np.stack(vecs), dtype=np.float32).reshape(-1)
+    store.write_table(pa.table({"item_id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)}),
+                      f"{folder}/pending.parquet")
+    return f"{folder}/pending.parquet"
+
+
+def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions: str | None = None,
+                delete: str | None = None, update: str | None = None, finetune: bool | None = None,
+                address: str | None = None) -> dict:
+    from pipelines.train import Finetune, run_train
+
+    init_ray(address)
+    summary = JobSummary("reindex", store.url)
+    run = summary.run
+    manifest = store.manifest()
+    if not is_servable(manifest):
+        raise StoreError(f"{store.url}: reindex needs a trained index (run `cart quantize` and `cart train` first)")
+    table, ids_meta = load_ids(store, manifest)
+    with store.local_dir(manifest.codebooks) as folder:
+        codebooks, cb_meta = load_codebooks(folder)
+    id_cfg = config_from_dict({"identifiers": cb_meta["identifiers"]}).identifiers
+    plan = plan_changes(store, manifest, table, add, update, delete)
+    known = {str(i) for i in table.item_ids} | set(plan["encode_ids"])
+    cap_ids, cap_texts = read_captions(captions, known) if captions else ([], [])
+    new_caps = list(zip(cap_ids, cap_texts))
+    owners_caps = set(plan["encode_ids"])
+    if id_cfg.source != "features" and plan["encode_ids"]:  # captions already in the store count too
+        stored = store.read_table(manifest.queries, columns=["item_id", "text"]) if manifest.queries else None
+        if stored is not None:
+            for item, text in zip(stored.column("item_id").to_pylist(), stored.column("text").to_pylist()):
+                if item in owners_caps:
+                    cap_ids.append(item)
+                    cap_texts.append(text)
+    emb = np.asarray(plan["encode_emb"], dtype=np.float32).reshape(len(plan["encode_ids"]), manifest.dim or 1)
+    cap_vec = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
+    codes = encode(codebooks, identifier_inputs(id_cfg.source, emb, cap_vec if id_cfg.source != "features" else None)) \
+        if len(emb) else {"coarse": np.zeros(0, np.int64), "fine": np.zeros((0, 0), np.int64),
+                          "assign_sq_distance": np.zeros(0), "recon_error": np.zeros(0)}
+    prefix = np.concatenate([codes["coarse"][:, None], codes["fine"]], 1) if id_cfg.coarse else codes["fine"]
+    new_table, learn = apply_identifiers(table, plan, prefix)
+    n_clusters = id_cfg.n_clusters if id_cfg.coarse else 1
+    summary.extra["drift"] = drift = drift_report(codes, ids_meta["report"].get("fitted_state", {}),
+                                                  new_table.codes[new_table.live, 0], n_clusters,
+                                                  cfg.reindex.drift_factor)
+    if drift["refit_due"]:
+        log("reindex", "REFIT DUE: " + "; ".join(drift["reasons"]) + " — run `cart quantize --refit` then `cart train`")
+    changed = bool(learn or plan["delete_rows"] or plan["tombstones"] or new_caps
+                   or plan["counts"]["updated"])
+    summary.counts.update(plan["counts"], identifiers_added=len(learn), captions=len(new_caps))
+    if changed:
+        commit_identifiers(store, manifest, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift)
+        manifest = store.manifest()
+    else:
+        log("reindex", "nothing to change: every add, update and delete is already applied")
+    summary.extra["version"] = manifest.version
+    finetune = cfg.reindex.finetune if finetune is None else finetune
+    pending = manifest.extra.get("pending")
+    if finetune and pending:
+        with store.fs.open(store.path(pending), "rb") as f:
+            items = pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist()
+        result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
+                                                         cfg.reindex.finetune_epochs),
+                           commit_extra={"pending": None}, before_commit=lambda: crash_point("after_training"),
+                           address=address)
+        summary.extra.update(finetune={k: result[k] for k in ("run", "counts", "timings")},
+                             version=result["version"])
+    return summary.write(store)
+
+
+def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, table: IdentifierTable,
+                       learn: list[str], cap_vec: np.ndarray, new_caps: list, ids_meta: dict, drift: dict) -> None:
+    update = {}
+    if plan["encode_ids"]:
+        feats = features_table(plan["encode_ids"], np.asarray(plan["encode_emb"], dtype=np.float32),
+                               plan["encode_modality"], uris=["reindex"] * len(plan["encode_ids"]),
+                               content_hashes=plan["encode_hash"])
+        write_parts(store, feats, f"features/{run}")
+        update["features"] = manifest.features + [f"features/{run}"]
+    if new_caps:
+        write_parts(store, queries_table([i for i, _ in new_caps], [t for _, t in new_caps], "human"), f"queries/{run}")
+        update["queries"] = manifest.queries + [f"queries/{run}"]
+    extra = dict(manifest.extra)
+    if plan["tombstones"]:
+        store.write_table(pa.table({"item_id": [i for i, _ in plan["tombstones"]],
+                                    "feature_run": [r for _, r in plan["tombstones"]]}),
+                          f"tombstones/{run}/tombstones.parquet")
+        extra["tombstones"] = (extra.get("tombstones") or []) + [f"tombstones/{run}"]
+    crash_point("after_features")
+    learn_rows = [plan["encode_ids"].index(i) for i in learn]
+    has_caption = [r for r in learn_rows if np.linalg.norm(cap_vec[r]) > 0]
+    meta = {**ids_meta, "reindex": {"run": run, "counts": plan["counts"], "drift": drift}}
+    save_ids(store, table, f"ids/{run}", meta)
+    pending = write_pending(store, f"ids/{run}", [plan["encode_ids"][r] for r in has_caption],
+                            cap_vec[has_caption], extra.get("pending"))
+    crash_point("after_ids")
+    # the generator stays valid: no existing identifier changed (new counter tokens are grown at load)
+    extra.update(generator_ids=f"ids/{run}", pending=pending, vocab_sizes=table.vocab_sizes)
+    crash_point("before_commit")
+    new = store.commit(replace(manifest, ids=f"ids/{run}", extra=extra, **update),
+                       f"reindex {run}: +{len(learn)} identifiers, -{len(plan['delete_rows'])} items")
+    log("reindex", f"committed version {new.version}: {plan['counts']}; "
+                   f"{len(has_caption)} new items findable through the dense fallback until the fine-tune")
+
+
+def run_rollback(store: Store, version: int) -> dict:
+    """Commit the content of an earlier version as the newest one (history is never rewritten)."""
+    old = next((m for m in store.versions() if m.version == version), None)
+    if old is None:
+        raise StoreError(f"{store.url}: no version {version} (see `cart versions`)")
+    for path in [old.ids, old.codebooks, old.generator, *old.features, *old.queries]:
+        if path and not store.exists(path):
+            raise StoreError(f"{store.uri(path)}: needed by version {version} but compacted away")
+    new = store.commit(old, f"rollback to v{version}")
+    log("rollback", f"version {new.version} = version {version}")
+    return {"version": new.version, "restored": version}
+
+
+def referenced(manifest: Manifest) -> set[str]:
+    paths = {manifest.ids, manifest.codebooks, manifest.generator, *manifest.features, *manifest.queries,
+             *manifest.eval_queries, *manifest.errors, *(manifest.extra.get("tombstones") or [])}
+    return {p for p in paths if p}
+
+
+def run_compact(store: Store, keep: int) -> dict:
+    """Reclaim storage: feature rows of deleted or replaced items are rewritten away (a new
+    version), then run folders named by none of the last `keep` versions are removed."""
+    manifest = store.manifest()
+    dead = tombstoned(store, manifest)
+    counts = {"rows_dropped": 0, "folders_removed": 0}
+    if dead:
+        summary_run = JobSummary("compact", store.url).run
+        runs = sorted({r for _, r in dead})
+        parts = []
+        for r in runs:
+            t = store.read_table(r)
+            keep_mask = [(i, r) not in dead for i in t.column("item_id").to_pylist()]
+            counts["rows_dropped"] += len(keep_mask) - sum(keep_mask)
+            parts.append(t.filter(pa.array(keep_mask)))
+        write_parts(store, pa.concat_tables(parts), f"features/{summary_run}")
+        features = [f for f in manifest.features if f not in runs] + [f"features/{summary_run}"]
+        manifest = store.commit(replace(manifest, features=features, extra={**manifest.extra, "tombstones": []}),
+                                f"compact {summary_run}: {counts['rows_dropped']} dead feature rows dropped")
+    versions = store.versions()
+    kept = versions[-keep:] if keep > 0 else versions[-1:]
+    live_paths = set().union(*(referenced(m) for m in kept))
+    for kind in ("features", "queries", "ids", "codebooks", "generator", "tombstones", "errors", "eval"):
+        for name in store.listdir(kind):
+            path = f"{kind}/{name}"
+            if path not in live_paths and not any(p.startswith(path + "/") for p in live_paths):
+                if kind == "generator" and store.exists("jobs/train-pending.json") and \
+                        store.read_json("jobs/train-pending.json").get("run") == name:
+                    continue  # an unfinished training run can still be resumed
+                store.remove(path)
+                counts["folders_removed"] += 1
+    for m in versions[: len(versions) - len(kept)]:
+        store.remove(f"manifests/v{m.version:06d}.json")
+    counts["versions_kept"] = len(kept)
+    log("compact", json.dumps(counts))
+    return counts
+
+

@@ -1,0 +1,158 @@
+"""Incremental re-indexing on a real local Ray: add, delete, update, idempotence, crash + rerun."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cart_core.corpus import synthetic_corpus, write_corpus
+from cart_core.store import Store
+from tests.pipelines.test_jobs import small_config
+
+N_OLD, N_NEW = 130, 30
+
+
+def subset(src, dest, item_ids, caption_indices=None):
+    dest.mkdir(parents=True, exist_ok=True)
+    items = pq.read_table(src / "items.parquet")
+    items = items.filter(pc.is_in(items["item_id"], pa.array(item_ids)))
+    caps = pq.read_table(src / "captions.parquet")
+    caps = caps.filter(pc.is_in(caps["item_id"], pa.array(item_ids)))
+    if caption_indices is not None:
+        caps = caps.filter(pc.is_in(caps["caption_index"], pa.array(caption_indices, pa.int16())))
+    pq.write_table(items, dest / "items.parquet")
+    pq.write_table(caps, dest / "captions.parquet")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, ray_local):
+    """A trained index over the first N_OLD items; the other N_NEW wait to be added."""
+    from pipelines.importer import run_import
+    from pipelines.quantize import run_quantize
+    from pipelines.train import run_train
+
+    root = tmp_path_factory.mktemp("reindex")
+    write_corpus(synthetic_corpus(n_items=N_OLD + N_NEW, dim=32, n_captions=5, seed=7), root / "all")
+    ids = pq.read_table(root / "all" / "items.parquet").column("item_id").to_pylist()
+    old, new = subset(root / "all", root / "old", ids[:N_OLD]), subset(root / "all", root / "new", ids[N_OLD:],
+                                                                       [0, 1, 2, 3])
+    store = Store(root / "store")
+    run_import(store, str(old / "items.parquet"), str(old / "captions.parquet"), holdout_caption_index=4)
+    run_quantize(store, small_config())
+    run_train(store, small_config())
+    caps = pq.read_table(root / "all" / "captions.parquet")
+    caps = caps.filter(pc.equal(caps["caption_index"], 4))
+    pq.write_table(pa.table({"query_id": caps["item_id"], "text": caps["caption"]}), root / "queries.parquet")
+    return {"root": root, "store": store, "old_ids": ids[:N_OLD], "new_ids": ids[N_OLD:], "new": new}
+
+
+def fresh(base, tmp_path) -> Store:
+    shutil.copytree(base["store"].url, tmp_path / "store")
+    return Store(tmp_path / "store")
+
+
+def results(store, base, tmp_path, k=10) -> dict[str, list[str]]:
+    from pipelines.retrieve import run_retrieve
+
+    out = tmp_path / f"res-{store.manifest().version}.parquet"
+    run_retrieve(store, str(base["root"] / "queries.parquet"), str(out), small_config(), k=k)
+    df = pq.read_table(out).to_pandas()
+    return df.groupby("query_id")["item_id"].apply(list).to_dict()
+
+
+def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
+    from pipelines.quantize import load_ids
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    before, _ = load_ids(store, store.manifest())
+    v0 = store.manifest().version
+    summary = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
+                          captions=str(base["new"] / "captions.parquet"), finetune=False)
+    assert summary["counts"]["added"] == N_NEW and summary["drift"]["items"] == N_NEW
+    manifest = store.manifest()
+    assert manifest.version == v0 + 1 and manifest.extra["pending"]
+    after, _ = load_ids(store, manifest)
+    np.testing.assert_array_equal(after.codes[:N_OLD], before.codes)  # old identifiers never change
+    assert list(after.item_ids[N_OLD:]) == sorted(base["new_ids"]) or set(after.item_ids[N_OLD:]) == set(base["new_ids"])
+    assert len({tuple(c) for c in after.codes}) == len(after.codes)
+    found = results(store, base, tmp_path)
+    hit_fallback = np.mean([q in found[q] for q in base["new_ids"]])
+    assert hit_fallback >= 0.5, hit_fallback  # findable before any fine-tune (dense fallback)
+
+    again = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))  # duplicate add
+    assert again["counts"]["duplicate_adds"] == N_NEW and again["counts"]["added"] == 0
+    tuned = store.manifest()  # ... but the pending fine-tune is finished by this run
+    assert tuned.version == v0 + 2 and tuned.extra["pending"] is None and tuned.generator != manifest.generator
+    found = results(store, base, tmp_path)
+    assert np.mean([q in found[q] for q in base["new_ids"]]) >= 0.3
+    untouched = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))
+    assert store.manifest().version == tuned.version and untouched["counts"]["added"] == 0
+
+
+def test_deleted_items_are_never_returned(base, tmp_path):
+    from pipelines.reindex import run_compact, run_reindex
+
+    store = fresh(base, tmp_path)
+    gone = base["old_ids"][:15]
+    (tmp_path / "delete.txt").write_text("\n".join(gone) + "\nnot-an-item\n")
+    summary = run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))
+    assert summary["counts"]["deleted"] == 15 and summary["counts"]["already_deleted"] == 1
+    version = store.manifest().version
+    found = results(store, base, tmp_path, k=20)
+    returned = {item for items in found.values() for item in items}
+    assert not returned & set(gone)
+    run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))
+    assert store.manifest().version == version  # the same delete twice changes nothing
+    counts = run_compact(store, keep=2)
+    assert counts["rows_dropped"] == 15
+    feats = store.read_table(store.manifest().features)
+    assert not set(feats.column("item_id").to_pylist()) & set(gone)
+    assert {item for items in results(store, base, tmp_path, k=20).values() for item in items}.isdisjoint(gone)
+
+
+def test_update_replaces_an_item_under_the_same_key(base, tmp_path):
+    from pipelines.quantize import load_ids
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    items = pq.read_table(base["root"] / "all" / "items.parquet").slice(0, 5).to_pandas()
+    rng = np.random.default_rng(0)
+    items["embedding"] = [np.asarray(-e + 0.01 * rng.normal(size=len(e)), dtype=np.float32) for e in items["embedding"]]
+    pq.write_table(pa.Table.from_pandas(items, preserve_index=False), tmp_path / "update.parquet")
+    summary = run_reindex(store, small_config(), update=str(tmp_path / "update.parquet"), finetune=False)
+    assert summary["counts"]["updated"] == 5
+    table, _ = load_ids(store, store.manifest())
+    for item in items["item_id"]:
+        assert int(table.live[table.item_ids == item].sum()) == 1  # one live identifier per key
+
+
+@pytest.mark.parametrize("point", ["after_features", "after_ids", "before_commit", "after_training"])
+def test_crash_at_any_step_keeps_the_old_version_and_rerun_completes(base, tmp_path, monkeypatch, point):
+    from pipelines.quantize import load_ids
+    from pipelines.reindex import run_reindex
+    from pipelines.retrieve import is_servable
+
+    store = fresh(base, tmp_path)
+    before = store.manifest()
+    args = dict(add=str(base["new"] / "items.parquet"), captions=str(base["new"] / "captions.parquet"))
+    monkeypatch.setenv("CART_CRASH_AT", point)
+    with pytest.raises(Exception, match=f"injected crash at {point}"):
+        run_reindex(store, small_config("reindex.finetune_epochs=1"), **args)
+    after_crash = store.manifest()
+    if point == "after_training":  # the identifiers commit had landed; the fine-tune had not
+        assert after_crash.version == before.version + 1 and after_crash.extra["pending"]
+    else:
+        assert after_crash == before
+    assert is_servable(after_crash)
+    monkeypatch.delenv("CART_CRASH_AT")
+    run_reindex(store, small_config("reindex.finetune_epochs=1"), **args)
+    done = store.manifest()
+    assert done.extra["pending"] is None and done.generator != before.generator
+    table, _ = load_ids(store, done)
+    assert sorted(str(i) for i in table.item_ids) == sorted(base["old_ids"] + base["new_ids"])
