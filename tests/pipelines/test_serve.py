@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import requests
 
@@ -20,19 +21,24 @@ def served(tmp_path_factory, ray_local):
     from pipelines.serve import run_serve
     from pipelines.train import run_train
 
+    from tests.pipelines.test_reindex import subset
+
     folder = tmp_path_factory.mktemp("serve")
-    write_corpus(synthetic_corpus(n_items=120, dim=32, n_captions=5, seed=5), folder / "corpus")
+    write_corpus(synthetic_corpus(n_items=150, dim=32, n_captions=5, seed=5), folder / "all")
+    ids = pq.read_table(folder / "all" / "items.parquet").column("item_id").to_pylist()
+    subset(folder / "all", folder / "corpus", ids[:120])
+    subset(folder / "all", folder / "later", ids[120:], [0, 1, 2, 3])
     store = Store(folder / "store")
     import_and_quantize(store, folder / "corpus")
     run_train(store, small_config("train.epochs=1"))
     port = free_port()
     run_serve(store, small_config(), host="127.0.0.1", port=port, block=False)
-    yield store, f"http://127.0.0.1:{port}"
+    yield store, f"http://127.0.0.1:{port}", folder
     serve.shutdown()
 
 
 def test_search_and_health(served):
-    store, url = served
+    store, url, _ = served
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert health == {"status": "ok", "version": store.manifest().version, "items": 120}
     body = requests.post(f"{url}/search", json={"queries": ["a red dog on the beach", "a cat"], "k": 4},
@@ -49,7 +55,7 @@ def test_search_and_health(served):
     ({"queries": ["ok"], "k": 0}, "k must be in"),
 ])
 def test_bad_requests_get_400_with_reason(served, payload, message):
-    _, url = served
+    _, url, _ = served
     response = requests.post(f"{url}/search", json=payload, timeout=30)
     assert response.status_code == 400 and message in response.json()["detail"]
 
@@ -57,7 +63,7 @@ def test_bad_requests_get_400_with_reason(served, payload, message):
 def test_switches_version_without_dropping_requests(served):
     from pipelines.train import run_train
 
-    store, url = served
+    store, url, _ = served
     old = requests.get(f"{url}/healthz", timeout=30).json()["version"]
     seen, failures, stop = set(), [], threading.Event()
 
@@ -87,3 +93,40 @@ def test_switches_version_without_dropping_requests(served):
         t.join()
     assert not failures
     assert old in seen and new in seen and new > old
+
+
+def test_reindex_under_live_traffic(served):
+    """Items added by a reindex are served (through the dense fallback) with no failed request."""
+    from pipelines.reindex import run_reindex
+
+    store, url, folder = served
+    failures, versions, stop = [], set(), threading.Event()
+    later = pq.read_table(folder / "later" / "captions.parquet")
+    probe = later.column("caption").to_pylist()[0]
+    target = later.column("item_id").to_pylist()[0]
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                r = requests.post(f"{url}/search", json={"queries": [probe], "k": 10}, timeout=60)
+                if r.status_code != 200:
+                    failures.append(r.status_code)
+                else:
+                    versions.add(r.json()["version"])
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    run_reindex(store, small_config(), add=str(folder / "later" / "items.parquet"),
+                captions=str(folder / "later" / "captions.parquet"), finetune=False)
+    new = store.manifest().version
+    deadline = time.time() + 60
+    while time.time() < deadline and new not in versions:
+        time.sleep(0.5)
+    stop.set()
+    thread.join()
+    assert not failures and new in versions
+    assert requests.get(f"{url}/healthz", timeout=30).json()["items"] == 150
+    body = requests.post(f"{url}/search", json={"queries": [probe], "k": 10}, timeout=60).json()
+    assert target in [item["item_id"] for item in body["results"][0]["items"]]
