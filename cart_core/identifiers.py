@@ -54,9 +54,9 @@ class IdentifierTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.table({
             "item_id": pa.array(self.item_ids.tolist(), pa.string()),
-            "tokens": pa.array(self.codes.astype(np.int32).tolist(), pa.list_(pa.int32())),
+            "tokens": _int_lists(self.codes),
             "coarse": pa.array(self.codes[:, 0].astype(np.int32)),
-            "fine": pa.array(self.codes[:, 1:-1].astype(np.int32).tolist(), pa.list_(pa.int32())),
+            "fine": _int_lists(self.codes[:, 1:-1]),
             "suffix": pa.array(self.codes[:, -1].astype(np.int32)),
             "live": pa.array(self.live),
         })
@@ -67,12 +67,21 @@ class IdentifierTable:
     def load(cls, path: str | Path) -> "IdentifierTable":
         path = Path(path)
         table = pq.read_table(path)
-        codes = np.array(table.column("tokens").to_pylist(), dtype=np.int64)
+        tokens = table.column("tokens").combine_chunks()
+        width = len(tokens[0]) if len(tokens) else 0
+        codes = tokens.flatten().to_numpy().astype(np.int64).reshape(len(tokens), width)
         vocab = json.loads(path.with_suffix(".json").read_text())["vocab_sizes"]
         return cls(
             np.array(table.column("item_id").to_pylist(), dtype=object), codes, vocab,
             table.column("live").to_numpy(zero_copy_only=False).astype(bool),
         )
+
+
+def _int_lists(codes: np.ndarray) -> pa.Array:
+    """[N, W] ints as list<int32> without a Python list per row (fast at millions of rows)."""
+    n, w = codes.shape
+    offsets = pa.array(np.arange(0, (n + 1) * w, w, dtype=np.int32) if n else np.zeros(1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(codes.astype(np.int32).reshape(-1)))
 
 
 def assign_suffix(item_ids: np.ndarray, prefix: np.ndarray) -> np.ndarray:
@@ -124,17 +133,12 @@ def extend_identifiers(table: IdentifierTable, item_ids: np.ndarray, prefix: np.
     prefix = np.asarray(prefix, dtype=np.int64).reshape(len(item_ids), table.length - 1)
     if len(item_ids) == 0:
         return table
-    old_prefix = table.codes[:, :-1]
-    keys_old = [tuple(r) for r in old_prefix.tolist()]
-    used: dict[tuple, int] = {}
-    for key in keys_old:
-        used[key] = used.get(key, 0) + 1
-    order = np.lexsort([item_ids.astype(str)] + [prefix[:, j] for j in range(prefix.shape[1] - 1, -1, -1)])
-    suffix = np.empty(len(item_ids), dtype=np.int64)
-    for row in order:  # prefix-major, item_id order within a prefix: deterministic
-        key = tuple(prefix[row].tolist())
-        suffix[row] = used.get(key, 0)
-        used[key] = suffix[row] + 1
+    # rows already under each new item's prefix (tombstoned ones included)
+    both, inverse = np.unique(np.concatenate([table.codes[:, :-1], prefix]), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    used = np.bincount(inverse[: len(table.codes)], minlength=len(both))[inverse[len(table.codes):]]
+    # plus the new items' own counter within their prefix, in item_id order (deterministic)
+    suffix = used + assign_suffix(item_ids, prefix)
     codes = np.concatenate([table.codes, np.concatenate([prefix, suffix[:, None]], 1)])
     vocab = list(table.vocab_sizes[:-1]) + [max(table.vocab_sizes[-1], int(codes[:, -1].max()) + 1)]
     return IdentifierTable(np.concatenate([table.item_ids, item_ids]), codes, vocab,
