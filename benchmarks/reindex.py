@@ -1,0 +1,220 @@
+"""Incremental re-indexing against a full rebuild: quality on Flickr8k and cost at 1M items.
+
+    python benchmarks/reindex.py --out DIR --part flickr   [--set train.epochs=20]
+    python benchmarks/reindex.py --out DIR --part scale    [--n 1000000 --add 10000]
+
+flickr: build on 876 Flickr8k images (captions #0-3 train, #4 held out), `cart reindex --add` the
+other 100 with their captions #0-3, and compare R@1 on caption #4 queries — of the 100 added
+items and of the 876 old ones — after the reindex (dense fallback, then fine-tune) against a full
+rebuild on all 976 and against the old index before the add.
+scale: N synthetic items (512-d, clustered on the sphere) indexed by `cart quantize`; then
+`cart reindex --add` of `--add` more vs a full `cart quantize` of the N + add items; the generator
+fine-tune of the added items is timed separately. Writes DIR/reindex-<part>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cart_core.config import load_config
+from cart_core.metrics import retrieval_metrics
+from cart_core.store import Store
+from pipelines.data_paths import REPO_ROOT, default_dataset
+
+
+def subset(src: Path, dest: Path, ids: list[str], caption_indices: list[int] | None = None) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    items = pq.read_table(src / "items.parquet")
+    pq.write_table(items.filter(pc.is_in(items["item_id"], pa.array(ids))), dest / "items.parquet")
+    caps = pq.read_table(src / "captions.parquet")
+    caps = caps.filter(pc.is_in(caps["item_id"], pa.array(ids)))
+    if caption_indices is not None:
+        caps = caps.filter(pc.is_in(caps["caption_index"], pa.array(caption_indices, caps["caption_index"].type)))
+    pq.write_table(caps, dest / "captions.parquet")
+    return dest
+
+
+def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str, set[str]], cfg) -> dict:
+    """R@1/5/10 per group of gold items, with the committed (servable) version, in one process."""
+    from pipelines.retrieve import load_retriever, servable_manifest
+
+    retriever, table = load_retriever(store, servable_manifest(store))
+    rows = []
+    for start in range(0, len(queries), 64):
+        r, _ = retriever.search_batch(queries[start:start + 64], 10, max(cfg.eval.beam_size, 10))
+        rows.append(r)
+    rows = np.concatenate(rows)
+    row_of = {str(i): r for r, i in enumerate(table.item_ids) if table.live[r]}
+    gold_rows = np.array([row_of[g] for g in gold])
+    out = {}
+    for name, members in groups.items():
+        mask = np.array([g in members for g in gold])
+        m = retrieval_metrics(rows[mask], gold_rows[mask])
+        out[name] = {k: m[k] for k in ("R@1", "R@5", "R@10", "queries")}
+    return out
+
+
+def part_flickr(out: Path, overrides: list[str]) -> dict:
+    from pipelines.importer import run_import
+    from pipelines.quantize import run_quantize
+    from pipelines.reindex import run_reindex
+    from pipelines.train import run_train
+
+    data = default_dataset()
+    if data is None:
+        sys.exit("error: ../shared/data/flickr8k-clip-vitb32 is missing (set CART_SHARED_DATA)")
+    cfg = load_config(REPO_ROOT / "configs" / "default.yaml", ["jobs.retrieve_num_cpus=0.5",
+                                                               "jobs.cpus_per_worker=0.5", *overrides])
+    ids = pq.read_table(data / "items.parquet").column("item_id").to_pylist()
+    rng = np.random.default_rng(0)
+    new_ids = set(rng.choice(ids, 100, replace=False).tolist())
+    old_ids = [i for i in ids if i not in new_ids]
+    caps = pq.read_table(data / "captions.parquet")
+    q = caps.filter(pc.equal(caps["caption_index"], 4))
+    queries, gold = q.column("caption").to_pylist(), q.column("item_id").to_pylist()
+    groups = {"added_100": new_ids, "old_876": set(old_ids)}
+    tmp = Path(tempfile.mkdtemp(prefix="cart-reindex-bench-"))
+    old = subset(data, tmp / "old", old_ids)
+    new = subset(data, tmp / "new", sorted(new_ids), [0, 1, 2, 3])
+    timings, results = {}, {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"[bench] {name}: {timings[name]} s", flush=True)
+        return value
+
+    inc = Store(tmp / "incremental")
+    timed("base_import", lambda: run_import(inc, str(old / "items.parquet"), str(old / "captions.parquet"),
+                                            holdout_caption_index=4))
+    timed("base_quantize", lambda: run_quantize(inc, cfg))
+    timed("base_train", lambda: run_train(inc, cfg))
+    old_q = [i for i, g in enumerate(gold) if g in groups["old_876"]]
+    results["before_add"] = group_r1(inc, [queries[i] for i in old_q], [gold[i] for i in old_q],
+                                     {"old_876": groups["old_876"]}, cfg)
+    summary = timed("reindex_ids", lambda: run_reindex(inc, cfg, add=str(new / "items.parquet"),
+                                                       captions=str(new / "captions.parquet"), finetune=False))
+    results["reindex_fallback"] = group_r1(inc, queries, gold, groups, cfg)
+    timed("reindex_finetune", lambda: run_reindex(inc, cfg, add=str(new / "items.parquet")))
+    results["reindex_finetuned"] = group_r1(inc, queries, gold, groups, cfg)
+    full = Store(tmp / "full")
+    timed("full_import", lambda: run_import(full, str(data / "items.parquet"), str(data / "captions.parquet"),
+                                            holdout_caption_index=4))
+    timed("full_quantize", lambda: run_quantize(full, cfg))
+    timed("full_train", lambda: run_train(full, cfg))
+    results["full_rebuild"] = group_r1(full, queries, gold, groups, cfg)
+    added = {k: results[k]["added_100"]["R@1"] for k in ("reindex_fallback", "reindex_finetuned", "full_rebuild")}
+    best_added = max(added["reindex_fallback"], added["reindex_finetuned"])
+    after_old = results["reindex_finetuned"]["old_876"]["R@1"]
+    verdict = {
+        "added_within_5_of_full": bool(added["full_rebuild"] - best_added <= 5.0),
+        "old_within_2_of_before": bool(results["before_add"]["old_876"]["R@1"] - after_old <= 2.0),
+    }
+    return {"results": results, "timings": timings, "drift": summary["drift"], "verdict": verdict,
+            "config_overrides": overrides}
+
+
+def synthetic_items(n: int, dim: int, seed: int, prefix: str, centers: np.ndarray) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    x = centers[rng.integers(0, len(centers), n)] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    flat = pa.array(x.astype(np.float32).reshape(-1))
+    return pa.table({"item_id": [f"{prefix}{i:08d}" for i in range(n)],
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+
+
+def part_scale(out: Path, n: int, n_add: int, overrides: list[str]) -> dict:
+    from pipelines.importer import run_import
+    from pipelines.quantize import run_quantize
+    from pipelines.reindex import run_reindex
+    from pipelines.train import run_train
+
+    dim = 512
+    cfg = load_config(REPO_ROOT / "configs" / "default.yaml", [
+        "identifiers.source=features", "identifiers.n_clusters=256", "identifiers.rqvae.codebook_size=64",
+        "identifiers.rqvae.epochs=10", "train.epochs=1", "reindex.finetune_epochs=1",
+        "jobs.retrieve_num_cpus=0.5", "jobs.cpus_per_worker=0.5", *overrides])
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(1024, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    tmp = Path(tempfile.mkdtemp(prefix="cart-reindex-scale-"))
+    base, extra = synthetic_items(n, dim, 1, "b", centers), synthetic_items(n_add, dim, 2, "n", centers)
+    pq.write_table(base, tmp / "items.parquet")
+    pq.write_table(extra, tmp / "add.parquet")
+    pq.write_table(pa.concat_tables([base, extra]), tmp / "all.parquet")
+    words = ["red", "blue", "dog", "car", "tree", "river", "city", "beach", "child", "horse"]
+
+    def captions(items: pa.Table, path: Path, count: int) -> None:
+        ids = items.column("item_id").to_pylist()[:count]
+        texts = [" ".join(words[(hash(i) >> s) % 10] for s in (0, 4, 8, 12)) for i in ids]
+        pq.write_table(pa.table({"item_id": ids, "caption": texts}), path)
+
+    captions(base, tmp / "captions.parquet", 2000)
+    captions(extra, tmp / "add_captions.parquet", n_add)
+    timings = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        print(f"[bench] {name}: {timings[name]} s", flush=True)
+        return value
+
+    store = Store(tmp / "store")
+    timed("import_base", lambda: run_import(store, str(tmp / "items.parquet"), str(tmp / "captions.parquet")))
+    quantize_base = timed("quantize_base", lambda: run_quantize(store, cfg))
+    timed("train_base", lambda: run_train(store, cfg))
+    add = timed("reindex_add_ids", lambda: run_reindex(store, cfg, add=str(tmp / "add.parquet"),
+                                                        captions=str(tmp / "add_captions.parquet"), finetune=False))
+    timed("reindex_finetune", lambda: run_reindex(store, cfg, add=str(tmp / "add.parquet")))
+    full = Store(tmp / "full")
+    timed("import_full", lambda: run_import(full, str(tmp / "all.parquet")))
+    rebuild = timed("quantize_full_rebuild", lambda: run_quantize(full, cfg))
+    ratio = timings["reindex_add_ids"] / timings["quantize_full_rebuild"]
+    return {"n": n, "added": n_add, "timings": timings, "add_vs_rebuild": ratio,
+            "verdict": {"add_within_5pct_of_rebuild": bool(ratio <= 0.05)},
+            "reindex_counts": add["counts"], "drift": add["drift"],
+            "driver_peak_rss_mib": {"quantize_base": quantize_base["driver_peak_rss_mib"],
+                                    "reindex": add["driver_peak_rss_mib"],
+                                    "rebuild": rebuild["driver_peak_rss_mib"]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--part", choices=["flickr", "scale"], required=True)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--add", type=int, default=10_000)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    if args.n < 1000 or args.add < 1:
+        sys.exit("error: --n must be >= 1000 and --add >= 1")
+    import torch
+
+    from pipelines.runtime import init_ray
+
+    init_ray(None)
+    record = part_flickr(Path(args.out), args.overrides) if args.part == "flickr" else \
+        part_scale(Path(args.out), args.n, args.add, args.overrides)
+    record["meta"] = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                      "command": " ".join(sys.argv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"reindex-{args.part}.json").write_text(json.dumps(record, indent=2, default=str))
+    print(json.dumps({k: record[k] for k in record if k in ("results", "timings", "verdict", "add_vs_rebuild")},
+                     indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
