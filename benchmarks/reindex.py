@@ -32,6 +32,20 @@ from cart_core.store import Store
 from pipelines.data_paths import REPO_ROOT, default_dataset
 
 
+def stopwatch():
+    """(timings dict, timed(name, fn)): runs fn, records and prints its wall time."""
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        print(f"[bench] {name}: {timings[name]} s", flush=True)
+        return value
+
+    return timings, timed
+
+
 def subset(src: Path, dest: Path, ids: list[str], caption_indices: list[int] | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     items = pq.read_table(src / "items.parquet")
@@ -86,14 +100,8 @@ def part_flickr(out: Path, overrides: list[str]) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="cart-reindex-bench-"))
     old = subset(data, tmp / "old", old_ids)
     new = subset(data, tmp / "new", sorted(new_ids), [0, 1, 2, 3])
-    timings, results = {}, {}
-
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        value = fn()
-        timings[name] = round(time.perf_counter() - t0, 1)
-        print(f"[bench] {name}: {timings[name]} s", flush=True)
-        return value
+    results = {}
+    timings, timed = stopwatch()
 
     inc = Store(tmp / "incremental")
     timed("base_import", lambda: run_import(inc, str(old / "items.parquet"), str(old / "captions.parquet"),
@@ -162,14 +170,7 @@ def part_scale(out: Path, n: int, n_add: int, overrides: list[str]) -> dict:
 
     captions(base, tmp / "captions.parquet", 2000)
     captions(extra, tmp / "add_captions.parquet", n_add)
-    timings = {}
-
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        value = fn()
-        timings[name] = round(time.perf_counter() - t0, 2)
-        print(f"[bench] {name}: {timings[name]} s", flush=True)
-        return value
+    timings, timed = stopwatch()
 
     store = Store(tmp / "store")
     timed("import_base", lambda: run_import(store, str(tmp / "items.parquet"), str(tmp / "captions.parquet")))

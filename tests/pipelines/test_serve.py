@@ -37,6 +37,19 @@ def served(tmp_path_factory, ray_local):
     serve.shutdown()
 
 
+def traffic(url: str, queries: list[str], versions: set, failures: list, stop: threading.Event) -> None:
+    """Search until stopped; record the version of every answer and every failed request."""
+    while not stop.is_set():
+        try:
+            r = requests.post(f"{url}/search", json={"queries": queries, "k": 10}, timeout=60)
+            if r.status_code != 200:
+                failures.append(r.status_code)
+            else:
+                versions.add(r.json()["version"])
+        except requests.RequestException as exc:
+            failures.append(repr(exc))
+
+
 def test_search_and_health(served):
     store, url, _ = served
     health = requests.get(f"{url}/healthz", timeout=30).json()
@@ -66,20 +79,8 @@ def test_switches_version_without_dropping_requests(served):
     store, url, _ = served
     old = requests.get(f"{url}/healthz", timeout=30).json()["version"]
     seen, failures, stop = set(), [], threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            try:
-                r = requests.post(f"{url}/search", json={"queries": ["a dog", "a boat in the river"], "k": 3},
-                                  timeout=60)
-                if r.status_code != 200:
-                    failures.append(r.status_code)
-                else:
-                    seen.add(r.json()["version"])
-            except requests.RequestException as exc:
-                failures.append(repr(exc))
-
-    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    threads = [threading.Thread(target=traffic, args=(url, ["a dog", "a boat in the river"], seen, failures, stop))
+               for _ in range(2)]
     for t in threads:
         t.start()
     run_train(store, small_config("train.epochs=1", "train.seed=1"))  # commits a new version
@@ -104,19 +105,7 @@ def test_reindex_under_live_traffic(served):
     later = pq.read_table(folder / "later" / "captions.parquet")
     probe = later.column("caption").to_pylist()[0]
     target = later.column("item_id").to_pylist()[0]
-
-    def traffic():
-        while not stop.is_set():
-            try:
-                r = requests.post(f"{url}/search", json={"queries": [probe], "k": 10}, timeout=60)
-                if r.status_code != 200:
-                    failures.append(r.status_code)
-                else:
-                    versions.add(r.json()["version"])
-            except requests.RequestException as exc:
-                failures.append(repr(exc))
-
-    thread = threading.Thread(target=traffic)
+    thread = threading.Thread(target=traffic, args=(url, [probe], versions, failures, stop))
     thread.start()
     run_reindex(store, small_config(), add=str(folder / "later" / "items.parquet"),
                 captions=str(folder / "later" / "captions.parquet"), finetune=False)
