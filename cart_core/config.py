@@ -85,8 +85,9 @@ class ReindexConfig:
     """`cart reindex`: the fine-tune that teaches the generator new items, and drift alarms."""
 
     finetune: bool = True
-    finetune_epochs: int = 5
-    rehearsal: float = 1.0          # old pairs replayed per new pair (old items must not regress)
+    finetune_epochs: int = 8
+    finetune_lr: float = 5e-4       # below train.lr: the generator already knows the old items
+    rehearsal: float = 8.0          # old pairs replayed per new pair (old items must not regress)
     drift_factor: float = 1.5       # refit due when new items sit this much farther than the fitted ones
     keep_versions: int = 10         # `cart compact` keeps the last N versions
 

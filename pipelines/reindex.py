@@ -293,6 +293,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     if finetune and pending:
         with store.fs.open(store.path(pending), "rb") as f:
             items = pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist()
+        cfg = replace(cfg, train=replace(cfg.train, lr=cfg.reindex.finetune_lr))
         result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
                                                          cfg.reindex.finetune_epochs),
                            commit_extra={"pending": None}, before_commit=lambda: crash_point("after_training"),
