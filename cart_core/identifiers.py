@@ -133,10 +133,13 @@ def extend_identifiers(table: IdentifierTable, item_ids: np.ndarray, prefix: np.
     prefix = np.asarray(prefix, dtype=np.int64).reshape(len(item_ids), table.length - 1)
     if len(item_ids) == 0:
         return table
-    # rows already under each new item's prefix (tombstoned ones included)
-    both, inverse = np.unique(np.concatenate([table.codes[:, :-1], prefix]), axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    used = np.bincount(inverse[: len(table.codes)], minlength=len(both))[inverse[len(table.codes):]]
+    # rows already under each new item's prefix (tombstoned ones included); prefixes as one
+    # mixed-radix int64 key each, so this is a sort of N ints, not of N tuples
+    radix = np.asarray(table.vocab_sizes[:-1], dtype=np.int64)
+    weights = np.concatenate([np.cumprod(radix[::-1])[::-1][1:], [1]]).astype(np.int64)
+    old_keys = np.sort(table.codes[:, :-1] @ weights)
+    new_keys = prefix @ weights
+    used = np.searchsorted(old_keys, new_keys, side="right") - np.searchsorted(old_keys, new_keys, side="left")
     # plus the new items' own counter within their prefix, in item_id order (deterministic)
     suffix = used + assign_suffix(item_ids, prefix)
     codes = np.concatenate([table.codes, np.concatenate([prefix, suffix[:, None]], 1)])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -250,11 +251,15 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     manifest = store.manifest()
     if not is_servable(manifest):
         raise StoreError(f"{store.url}: reindex needs a trained index (run `cart quantize` and `cart train` first)")
+    t0 = time.perf_counter()
     table, ids_meta = load_ids(store, manifest)
     with store.local_dir(manifest.codebooks) as folder:
         codebooks, cb_meta = load_codebooks(folder)
     id_cfg = config_from_dict({"identifiers": cb_meta["identifiers"]}).identifiers
+    summary.time("load_index_s", t0)
+    t0 = time.perf_counter()
     plan = plan_changes(store, manifest, table, add, update, delete)
+    summary.time("plan_s", t0)
     known = {str(i) for i in table.item_ids} | set(plan["encode_ids"])
     cap_ids, cap_texts = read_captions(captions, known) if captions else ([], [])
     new_caps = list(zip(cap_ids, cap_texts))
@@ -267,12 +272,16 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
                     cap_ids.append(item)
                     cap_texts.append(text)
     emb = np.asarray(plan["encode_emb"], dtype=np.float32).reshape(len(plan["encode_ids"]), manifest.dim or 1)
+    t0 = time.perf_counter()
     cap_vec = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
+    summary.time("caption_embed_s", t0)  # for ids from captions and for the dense fallback
+    t0 = time.perf_counter()
     codes = encode(codebooks, identifier_inputs(id_cfg.source, emb, cap_vec if id_cfg.source != "features" else None)) \
         if len(emb) else {"coarse": np.zeros(0, np.int64), "fine": np.zeros((0, 0), np.int64),
                           "assign_sq_distance": np.zeros(0), "recon_error": np.zeros(0)}
     prefix = np.concatenate([codes["coarse"][:, None], codes["fine"]], 1) if id_cfg.coarse else codes["fine"]
     new_table, learn = apply_identifiers(table, plan, prefix)
+    summary.time("encode_s", t0)
     n_clusters = id_cfg.n_clusters if id_cfg.coarse else 1
     summary.extra["drift"] = drift = drift_report(codes, ids_meta["report"].get("fitted_state", {}),
                                                   new_table.codes[new_table.live, 0], n_clusters,
@@ -283,8 +292,10 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
                    or plan["counts"]["updated"])
     summary.counts.update(plan["counts"], identifiers_added=len(learn), captions=len(new_caps))
     if changed:
+        t0 = time.perf_counter()
         commit_identifiers(store, manifest, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift)
         manifest = store.manifest()
+        summary.time("write_commit_s", t0)
     else:
         log("reindex", "nothing to change: every add, update and delete is already applied")
     summary.extra["version"] = manifest.version
