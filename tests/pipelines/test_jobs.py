@@ -152,7 +152,7 @@ def test_s3_chain(s3_server, tmp_path, corpus_dir, ray_local):
     for name in ("items.parquet", "captions.parquet"):
         fs.put_file(str(corpus_dir / name), f"cart-test/input/{name}")
     fs.put_file(queries_file(corpus_dir, tmp_path / "q.parquet"), "cart-test/input/q.parquet")
-    store = Store("s3://cart-test/store")
+    store = Store("s3://cart-test/jobs-chain")  # the bucket is shared by the session's S3 tests
     run_import(store, "s3://cart-test/input/items.parquet", "s3://cart-test/input/captions.parquet")
     run_quantize(store, small_config("identifiers.source=features"))
     run_train(store, small_config("train.epochs=1"))
@@ -160,5 +160,5 @@ def test_s3_chain(s3_server, tmp_path, corpus_dir, ray_local):
     with fs.open("cart-test/out/results.parquet", "rb") as f:
         assert pq.read_table(f).num_rows == 160 * 3
     manifest = store.manifest()
-    assert manifest.version == 3 and fs.exists(f"cart-test/store/{manifest.generator}/model/generator.safetensors")
+    assert manifest.version == 3 and fs.exists(f"cart-test/jobs-chain/{manifest.generator}/model/generator.safetensors")
     assert [m.version for m in store.versions()] == [1, 2, 3]
