@@ -25,7 +25,13 @@ and RssAnon (RSS also counts pages of Ray's shared-memory object store, RssAnon 
 seconds per process class, and the share of the machine's CPU used by processes outside the tree
 (other work on the box while timing).
 
-    python benchmarks/pipeline_speed.py --out DIR [--n 1000000] [--queries 2000]
+    python benchmarks/pipeline_speed.py --out DIR [--n 1000000] [--queries 2000] \
+        [--wait-quiet 600 --retries 2 --max-others 0.10]
+
+On a shared box the timings are only as good as the quiet: every arm records `others_cpu_share`;
+--wait-quiet waits for the CPUs to be idle before an arm, --retries reruns an arm that others
+disturbed (> --max-others) and keeps the least disturbed attempt (all attempts are listed).
+docs/results/pipeline_speed.json was made with `--out DIR --wait-quiet 600 --retries 2`.
 
 writes DIR/pipeline_speed.json ({"meta", "records", "comparisons", "targets"}) and
 DIR/pipeline_speed.png. Exits non-zero on bad arguments or when any arm fails (nothing written
@@ -205,6 +211,7 @@ class TreeSampler(threading.Thread):
                 "cpu_s": round(sum(p["cpu_s"] for p in procs), 2),
             }
         top = sorted(self.procs.values(), key=lambda p: -p["hwm_kib"])[:6]
+        busiest = sorted(self.procs.values(), key=lambda p: -p["cpu_s"])[:10]
         return {
             "workers": by_class["worker"], "ray_system": by_class["system"],
             "tree_peak_sum_rss_mib": mib(self.peak_sum_rss["all"]),
@@ -212,6 +219,7 @@ class TreeSampler(threading.Thread):
             "peak_shmem_mib": mib(self.peak_shmem_kib),
             "largest_processes": [{"name": p["name"], "peak_rss_mib": mib(p["hwm_kib"]),
                                    "peak_anon_mib": mib(p["anon_kib"]), "cpu_s": round(p["cpu_s"], 2)} for p in top],
+            "busiest_processes": [{"name": p["name"], "cpu_s": round(p["cpu_s"], 2)} for p in busiest if p["cpu_s"] >= 0.5],
             "driver_cpu_s": round(self._own_cpu() - self._self_cpu0, 2),
             "tree_cpu_s": round(tree_cpu, 2),
             "tree_cores_used": round(tree_cpu / max(wall, 1e-9), 2),
@@ -336,16 +344,18 @@ def stage_quantize_single(p: dict) -> dict:
     t_import = time.perf_counter()
     store = Store(p["quantize_store"])
     manifest = store.manifest()
-    ids, embs = [], []
-    for f in store.parquet_files(manifest.features):
+    files = store.parquet_files(manifest.features)
+    n = sum(pq.read_metadata(f).num_rows for f in files)
+    item_ids, feats, row = np.empty(n, dtype=object), None, 0
+    for f in files:  # one part at a time into preallocated arrays: peak = features + one part
         t = pq.read_table(f, columns=["item_id", "embedding"])
-        ids.append(np.asarray(t.column("item_id").to_pylist(), dtype=object))
         col = t.column("embedding").combine_chunks()
-        embs.append(col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size))
+        if feats is None:
+            feats = np.empty((n, col.type.list_size), dtype=np.float32)
+        feats[row:row + len(col)] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        item_ids[row:row + len(col)] = t.column("item_id").to_pylist()
+        row += len(col)
         del t, col
-    item_ids, feats = np.concatenate(ids), np.concatenate(embs) if len(embs) > 1 else embs[0]
-    del ids, embs
-    n = len(item_ids)
     t_read = time.perf_counter()
     rng = np.random.default_rng(icfg.seed)
     rows = np.sort(rng.choice(n, icfg.kmeans_sample, replace=False)) if n > icfg.kmeans_sample else np.arange(n)
@@ -523,7 +533,7 @@ def machine_busy_share(seconds: float = 3.0) -> float:
     return (machine_busy_s() - b0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
 
 
-QUIET = {"max_wait_s": 0.0, "threshold": 0.15}
+QUIET = {"max_wait_s": 0.0, "threshold": 0.15, "retries": 0, "max_others": 0.10}
 
 
 def wait_quiet() -> dict:
@@ -541,10 +551,32 @@ def wait_quiet() -> dict:
 
 
 def run_stage(name: str, params: dict, work: Path, timeout: float, extra: dict | None = None) -> dict:
-    """Run one stage in a fresh interpreter; its stdout/stderr go to work/logs/<name>.log."""
+    """Run one stage in a fresh interpreter (stdout/stderr to work/logs/<tag>.log). A timed arm is
+    rerun (up to QUIET["retries"] times) when other processes took more than QUIET["max_others"]
+    of the CPUs while it ran; the attempt least disturbed is kept and every attempt is listed."""
     p = {**params, **(extra or {})}
     tag = p.get("tag", name)
-    quiet = wait_quiet() if not name.startswith("prepare") else {}
+    timed = not name.startswith("prepare")
+    attempts = []
+    for attempt in range(1 + (QUIET["retries"] if timed else 0)):
+        quiet = wait_quiet() if timed else {}
+        result = _run_once(name, p, f"{tag}-{attempt}" if attempt else tag, work, timeout)
+        if not timed:
+            return result
+        result["quiet_wait"] = quiet
+        share = result["processes"]["others_cpu_share"]
+        attempts.append(result)
+        if share <= QUIET["max_others"]:
+            break
+        log(f"{tag}: other processes took {share:.0%} of the CPUs while it ran; "
+            + ("running it again" if attempt < QUIET["retries"] else "keeping the least disturbed attempt"))
+    best = min(attempts, key=lambda r: r["processes"]["others_cpu_share"])
+    best["attempts"] = [{"others_cpu_share": r["processes"]["others_cpu_share"],
+                         "wall_s": r.get("wall_s", r.get("calls", {}).get("full", {}).get("wall_s"))} for r in attempts]
+    return best
+
+
+def _run_once(name: str, p: dict, tag: str, work: Path, timeout: float) -> dict:
     (work / "logs").mkdir(exist_ok=True)
     pfile, rfile, lfile = work / f"{tag}.params.json", work / f"{tag}.result.json", work / "logs" / f"{tag}.log"
     pfile.write_text(json.dumps(p))
@@ -553,8 +585,8 @@ def run_stage(name: str, params: dict, work: Path, timeout: float, extra: dict |
     with open(lfile, "w") as lf:
         try:
             proc = subprocess.run([sys.executable, __file__, "--stage", name, "--params", str(pfile),
-                                   "--result", str(rfile)], check=False, stdout=lf, stderr=subprocess.STDOUT, env=stage_env(),
-                                  cwd=str(REPO), timeout=timeout)
+                                   "--result", str(rfile)], check=False, stdout=lf, stderr=subprocess.STDOUT,
+                                  env=stage_env(), cwd=str(REPO), timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -562,10 +594,7 @@ def run_stage(name: str, params: dict, work: Path, timeout: float, extra: dict |
         tail = lfile.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"arm {tag} failed (exit {rc}); last lines of {lfile}:\n{tail}")
     log(f"{tag} done in {time.perf_counter() - t0:.1f}s")
-    result = json.loads(rfile.read_text())
-    if quiet:
-        result["quiet_wait"] = quiet
-    return result
+    return json.loads(rfile.read_text())
 
 
 def positive(value: str) -> int:
@@ -601,6 +630,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work", help="working folder (default: a temporary one, removed after)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each timed arm wait up to S seconds for other processes to use < 15%% of the CPUs")
+    ap.add_argument("--retries", type=int, default=0, metavar="R",
+                    help="rerun a timed arm up to R times when other processes took > --max-others of the CPUs")
+    ap.add_argument("--max-others", type=float, default=0.10, metavar="SHARE")
     ap.add_argument("--strict", action="store_true", help="exit non-zero when a target is missed")
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
@@ -610,6 +642,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if not args.out:
         ap.error("--out is required")
+    if args.retries < 0 or args.wait_quiet < 0 or not 0 < args.max_others <= 1:
+        ap.error("--retries and --wait-quiet must be >= 0 and --max-others in (0, 1]")
     if args.queries <= args.tiny_queries:
         ap.error(f"--queries ({args.queries}) must exceed --tiny-queries ({args.tiny_queries})")
     if set(args.skip) == {"quantize", "retrieve"}:
@@ -793,8 +827,8 @@ def plot(records: list[dict], comp: dict, path: Path, title: str) -> None:
         ax.set_ylabel("wall seconds")
         ratio = comp.get("quantize", {}).get("ray_overhead_ratio")
         ax.set_title(f"quantize, N={quant[0]['n']:,} (Ray/single = {ratio}x)", fontsize=9)
-        ax.margins(y=0.2)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, max(r["wall_s"] for r in quant) * 1.45)
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
         ax = axes.pop(0)
         labels = ["driver peak", "Ray workers\n(max process)", "Ray workers\n(peak sum, anon)", "Ray system\n(peak sum, anon)"]
         for j, r in enumerate(quant):
@@ -837,7 +871,7 @@ def main(argv=None) -> int:
         result = STAGES[args.stage](json.loads(Path(args.params).read_text()))
         Path(args.result).write_text(json.dumps(result, default=str))
         return 0
-    QUIET["max_wait_s"] = args.wait_quiet
+    QUIET.update(max_wait_s=args.wait_quiet, retries=args.retries, max_others=args.max_others)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pipeline-speed-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -881,10 +915,12 @@ def main(argv=None) -> int:
             pr = r["processes"]
             log(f"quantize {r['arm']:>6}: {r['wall_s']:.1f}s, {r['items_per_s']:.0f} items/s, driver peak "
                 f"{r['driver_peak_rss_mib']:.0f} MiB, workers max {pr['workers']['max_process_peak_rss_mib']:.0f} MiB "
-                f"(peak sum anon {pr['workers']['peak_sum_anon_mib']:.0f} MiB), phases {r['phases_s']}")
+                f"(peak sum anon {pr['workers']['peak_sum_anon_mib']:.0f} MiB), phases {r['phases_s']}, "
+                f"others' CPU share {pr['others_cpu_share']:.0%}")
         else:
             log(f"retrieve {r['arm']:>6}: {r['queries_per_s']:.1f} q/s (steady {r['steady_queries_per_s']:.1f}), "
-                f"fixed {r['per_call_fixed_s']:.2f}s/call, process start-up {r['process_startup_s']:.1f}s")
+                f"fixed {r['per_call_fixed_s']:.2f}s/call, process start-up {r['process_startup_s']:.1f}s, "
+                f"others' CPU share {r['processes']['others_cpu_share']:.0%}")
     log(f"comparisons: {json.dumps(comp)}")
     for t in targets:
         log(f"target {'met' if t['met'] else 'MISSED'}: {t['name']} (value {t['value']})")

@@ -78,6 +78,8 @@ def test_tiny_run_writes_records_and_plot(tmp_path):
     ["--set", "identifiers.nonsense=1"],            # unknown key
     ["--retrieve-set", "eval.beam_size=5"],         # beam < k
     ["--direct-threads", "0"],
+    ["--retries", "-1"],
+    ["--max-others", "0"],
     ["--skip", "quantize", "--skip", "retrieve"],
 ])
 def test_invalid_arguments_exit_non_zero(tmp_path, args):
