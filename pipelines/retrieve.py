@@ -126,6 +126,8 @@ def retrieve_dataset(store: Store, queries_ds, cfg: CartConfig, k: int, manifest
     import ray
 
     device = "cuda" if cfg.jobs.retrieve_num_gpus > 0 else "cpu"
+    # a small query file is one block, and one block feeds one actor: cut it into several
+    queries_ds = queries_ds.repartition(target_num_rows_per_block=4 * cfg.jobs.retrieve_batch_size)
     return queries_ds.map_batches(
         RetrieveBatch, fn_constructor_args=(store.url, manifest.version, k, cfg.eval.beam_size, device),
         batch_size=cfg.jobs.retrieve_batch_size, batch_format="numpy",
