@@ -138,10 +138,11 @@ def save_ids(store: Store, table, folder: str, meta: dict) -> None:
 def run_quantize(store: Store, cfg: CartConfig, address: str | None = None) -> dict:
     import ray
 
+    manifest = store.manifest()
+    store.require(manifest, "features", "cart import` or `cart extract")  # fail before starting Ray
     init_ray(address)
     summary = JobSummary("quantize", store.url)
     run = summary.run
-    manifest = store.manifest()
     ds = read_features(store, manifest)
     t0 = time.perf_counter()
     n_items = ds.count()
