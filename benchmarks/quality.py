@@ -4,9 +4,23 @@ Transductive protocol (DESIGN.md §5): caption #q of every candidate is the quer
 VATEX: #9), the others train. Rows: generative (config as given), its ablations (Flickr8k), the
 caption centroid and MiniLM -> feature-space ridge + faiss flat search.
 
+Inductive protocol (DESIGN.md §5, `--protocols inductive`, Flickr8k by default): a seeded block of
+items (`--holdout`, 10 %) is never trained on -- none of their captions is a training query or
+enters any centroid -- and every item is indexed from its features alone (identifiers.source =
+features). Queries are all captions of the held-out items, searched over the whole catalog and
+over the held-out items alone; caption #q of the other items is searched in the same run as the
+seen-item reference. Dense baseline: the MiniLM -> feature ridge fitted on seen items only (the
+caption centroid cannot serve items without captions).
+
+The paper's reported CART rows are appended to quality.json marked `"reported": true,
+"data": "other"` (other data, features and encoders: never compare them as measured here).
+
     python benchmarks/quality.py --out out/bench [--datasets flickr8k-clip-vitb32,vatex-videomae-base]
                                  [--config configs/demo.yaml] [--no-ablations] [--set key=value ...]
+                                 [--protocols transductive,inductive] [--holdout 0.1] [--append]
 
+`--append` merges the rows of this run into an existing DIR/quality.json (same dataset, method,
+protocol and catalog replaced), e.g. to add the inductive rows without rerunning the rest.
 Exits non-zero when a dataset is missing instead of reporting zeros.
 """
 from __future__ import annotations
@@ -16,14 +30,30 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cart_core.config import load_config  # noqa: E402
-from cart_core.corpus import load_corpus  # noqa: E402
-from cart_core.experiment import dense_baselines, prepare, run_generative  # noqa: E402
+from cart_core.config import CartConfig, load_config  # noqa: E402
+from cart_core.corpus import Corpus, load_corpus  # noqa: E402
+from cart_core.dense import FlatIndex, apply_ridge, fit_ridge  # noqa: E402
+from cart_core.experiment import (  # noqa: E402
+    dense_baselines,
+    init_prototypes,
+    prepare,
+    run_generative,
+)
+from cart_core.generator import Generator  # noqa: E402
+from cart_core.identifiers import IdentifierTable  # noqa: E402
+from cart_core.indexing import build_index, identifier_inputs  # noqa: E402
+from cart_core.metrics import retrieval_metrics  # noqa: E402
+from cart_core.retrieval import GenerativeRetriever  # noqa: E402
+from cart_core.text import TextEncoder  # noqa: E402
+from cart_core.training import train_generator  # noqa: E402
 from pipelines.data_paths import shared_data_dir  # noqa: E402
 from pipelines.report import format_table, plot_recall  # noqa: E402
 
@@ -38,11 +68,29 @@ ABLATIONS = {
     "ids_from_captions": ["identifiers.source=captions"],
 }
 
+# CART as reported by Fang et al. (ACL 2025): other data (full Flickr30K / MSR-VTT test sets),
+# other features (ImageBind) and another encoder-decoder (T5), with generated pseudo-queries.
+PAPER_ROWS = [
+    {"method": "CART (paper)", "dataset": "msr-vtt", "R@1": 52.6, "R@5": 75.4, "R@10": 84.2},
+    {"method": "CART (paper)", "dataset": "flickr30k", "R@1": 81.8, "R@5": 96.1, "R@10": 98.4},
+]
 
-def run_dataset(name: str, config: Path, overrides: list[str], ablations: bool) -> list[dict]:
+
+def paper_rows() -> list[dict]:
+    return [{**row, "protocol": "reported", "reported": True, "data": "other",
+             "note": "as reported in the paper: other data, features (ImageBind) and encoder (T5); not measured here"}
+            for row in PAPER_ROWS]
+
+
+def dataset_folder(name: str) -> Path:
     folder = shared_data_dir() / name
     if not (folder / "items.parquet").exists():
         raise SystemExit(f"quality: dataset {folder} is missing (set CART_SHARED_DATA); refusing to report zeros")
+    return folder
+
+
+def run_dataset(name: str, config: Path, overrides: list[str], ablations: bool) -> list[dict]:
+    folder = dataset_folder(name)
     base = [f"eval.query_caption_index={QUERY_CAPTION.get(name, 4)}", *overrides]
     cfg = load_config(config, base)
     corpus = load_corpus(folder)
@@ -56,6 +104,103 @@ def run_dataset(name: str, config: Path, overrides: list[str], ablations: bool) 
     return records
 
 
+def holdout_items(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean [n]: the seeded block of items whose captions are never trained on."""
+    if not 0.0 < fraction < 1.0:
+        raise SystemExit(f"quality: --holdout must be in (0, 1), got {fraction}")
+    unseen = np.zeros(n, dtype=bool)
+    unseen[np.random.default_rng(seed).choice(n, max(1, round(fraction * n)), replace=False)] = True
+    return unseen
+
+
+def _timed(fn, count: int) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    rows = fn()
+    return rows, count / max(time.perf_counter() - t0, 1e-9)
+
+
+def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress: bool = True) -> list[dict]:
+    """Generative and ridge + faiss rows for the inductive protocol (see the module docstring)."""
+    q = cfg.eval.query_caption_index
+    item_unseen = unseen[corpus.caption_item]
+    train_rows = np.flatnonzero(~item_unseen & (corpus.caption_index != q))
+    query_sets = {  # name -> (caption rows, catalog rows or None for every item, protocol)
+        "unseen items, whole catalog": (np.flatnonzero(item_unseen), None, "inductive"),
+        "unseen items, unseen-only catalog": (np.flatnonzero(item_unseen), np.flatnonzero(unseen), "inductive"),
+        f"seen items (caption #{q}), whole catalog": (np.flatnonzero(~item_unseen & (corpus.caption_index == q)),
+                                                     None, "transductive"),
+    }
+    texts = corpus.caption_text
+    train_item = corpus.caption_item[train_rows]
+    train_text = [texts[i] for i in train_rows.tolist()]
+    encoder = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens)
+    train_vec = encoder.sentence_embeddings(train_text)
+
+    # identifiers from the features of every item: the held-out ones have no captions to build from
+    id_cfg = replace(cfg.identifiers, source="features")
+    t0 = time.perf_counter()
+    table, _, _ = build_index(corpus.item_ids, identifier_inputs("features", corpus.embeddings, None), id_cfg,
+                              progress=progress)
+    index_s = time.perf_counter() - t0
+    gen_cfg = replace(cfg.generator, vocab_sizes=list(table.vocab_sizes))
+    generator = Generator(gen_cfg, text_encoder=encoder if gen_cfg.query == "text" else None)
+    if gen_cfg.output_head == "prototype":  # seen items' centroids only; unseen rows stay zero
+        sums = np.zeros((len(corpus), train_vec.shape[1]))
+        np.add.at(sums, train_item, train_vec)
+        init_prototypes(generator, table, (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12))
+                        .astype(np.float32))
+    history = train_generator(generator, train_text, table.codes[train_item], cfg.train, progress=progress)
+    ridge = fit_ridge(train_vec, corpus.embeddings[train_item], alpha=0.01)
+
+    common = {"identifiers_source": "features", "holdout": float(unseen.mean()), "unseen_items": int(unseen.sum()),
+              "train_captions": len(train_rows)}
+    records = []
+    for label, (rows, catalog, protocol) in query_sets.items():
+        query_text = [texts[i] for i in rows.tolist()]
+        gold = corpus.caption_item[rows]
+        live = np.ones(len(corpus), dtype=bool) if catalog is None else np.isin(np.arange(len(corpus)), catalog)
+        scope = IdentifierTable(table.item_ids, table.codes, table.vocab_sizes, live)
+        retriever = GenerativeRetriever(generator, scope)
+        found, qps = _timed(lambda: retriever.search(query_text, k=cfg.eval.k, beam_size=cfg.eval.beam_size,
+                                                     batch_size=cfg.eval.batch_size)[0], len(rows))
+        extra = {**common, "catalog": label, "catalog_items": int(live.sum())}
+        records.append({"method": "generative", "protocol": protocol, **retrieval_metrics(found, gold),
+                        "queries_per_s": qps, "index_s": index_s, "train_s": history["train_s"],
+                        "beam_size": cfg.eval.beam_size, **extra})
+        # dense: encode + ridge + exact search over the same catalog (every catalog item ranked)
+        cat_rows = np.arange(len(corpus)) if catalog is None else catalog
+        index = FlatIndex(corpus.embeddings[cat_rows])
+
+        def dense(query_text=query_text, index=index, cat_rows=cat_rows):
+            vec = apply_ridge(encoder.sentence_embeddings(query_text), ridge)
+            return cat_rows[index.search(vec, len(cat_rows))[0]]
+
+        found, qps = _timed(dense, len(rows))
+        records.append({"method": "faiss_flat_ridge", "protocol": protocol, **retrieval_metrics(found, gold),
+                        "queries_per_s": qps, **extra})
+    return records
+
+
+def run_inductive(name: str, config: Path, overrides: list[str], holdout: float, seed: int) -> list[dict]:
+    folder = dataset_folder(name)
+    cfg = load_config(config, [f"eval.query_caption_index={QUERY_CAPTION.get(name, 4)}", *overrides])
+    corpus = load_corpus(folder)
+    records = inductive_rows(corpus, cfg, holdout_items(len(corpus), holdout, seed))
+    for rec in records:
+        rec["dataset"] = name
+    return records
+
+
+def row_key(rec: dict) -> tuple:
+    return rec.get("dataset"), rec.get("method"), rec.get("protocol"), rec.get("catalog")
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Rows of `old` not replaced by a row of `new` with the same key, then `new`."""
+    keys = {row_key(r) for r in new}
+    return [r for r in old if row_key(r) not in keys] + new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -63,21 +208,52 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablation rows")
     parser.add_argument("--ablation-datasets", default="flickr8k-clip-vitb32")
+    parser.add_argument("--protocols", default="transductive,inductive",
+                        help="transductive and/or inductive (comma-separated)")
+    parser.add_argument("--inductive-datasets", default="flickr8k-clip-vitb32")
+    parser.add_argument("--holdout", type=float, default=0.1, help="inductive: share of items never trained on")
+    parser.add_argument("--holdout-seed", type=int, default=0)
+    parser.add_argument("--append", action="store_true", help="merge into an existing DIR/quality.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not protocols or set(protocols) - {"transductive", "inductive"}:
+        parser.error(f"--protocols must list transductive and/or inductive, got {args.protocols!r}")
+    if not 0.0 < args.holdout < 1.0:
+        parser.error(f"--holdout must be in (0, 1), got {args.holdout}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "quality.json").read_text()) if args.append and (out / "quality.json").exists() else []
     started, records = time.perf_counter(), []
+
+    def save() -> None:
+        (out / "quality.json").write_text(json.dumps(merge(previous, records + paper_rows()), indent=2))
+
     for name in args.datasets.split(","):
-        with_ablations = not args.no_ablations and name in args.ablation_datasets.split(",")
-        rows = run_dataset(name, Path(args.config), args.overrides, with_ablations)
-        records += rows
-        print(format_table(rows, f"\n{name} (transductive)"), flush=True)
-        plot_recall(rows, out / f"quality-{name}.png", f"{name}, transductive")
-        (out / "quality.json").write_text(json.dumps(records, indent=2))
+        if "transductive" in protocols:
+            with_ablations = not args.no_ablations and name in args.ablation_datasets.split(",")
+            rows = run_dataset(name, Path(args.config), args.overrides, with_ablations)
+            records += rows
+            print(format_table(rows, f"\n{name} (transductive)"), flush=True)
+            plot_recall(rows, out / f"quality-{name}.png", f"{name}, transductive")
+            save()
+        if "inductive" in protocols and name in args.inductive_datasets.split(","):
+            rows = run_inductive(name, Path(args.config), args.overrides, args.holdout, args.holdout_seed)
+            records += rows
+            for catalog in dict.fromkeys(r["catalog"] for r in rows):
+                print(format_table([r for r in rows if r["catalog"] == catalog], f"\n{name}: {catalog}"), flush=True)
+            plot_recall([dict(r, method=f"{r['method']} | {r['catalog']}") for r in rows],
+                        out / f"quality-{name}-inductive.png",
+                        f"{name}, inductive ({100 * args.holdout:.0f} % of items never trained on)")
+            save()
+    save()
     meta = {"machine": f"{platform.machine()} {platform.processor()}", "config": args.config,
-            "overrides": args.overrides, "wall_s": time.perf_counter() - started}
-    (out / "quality.meta.json").write_text(json.dumps(meta, indent=2))
+            "overrides": args.overrides, "protocols": protocols, "holdout": args.holdout,
+            "datasets": args.datasets, "wall_s": time.perf_counter() - started}
+    meta_path = out / "quality.meta.json"
+    if args.append and meta_path.exists():  # keep the record of the run the other rows came from
+        meta = {**json.loads(meta_path.read_text()), "appended": meta}
+    meta_path.write_text(json.dumps(meta, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""benchmarks/quality.py: inductive protocol rows, paper rows, merging into an existing quality.json."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cart_core.config import load_config
+from cart_core.corpus import synthetic_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "quality.py"
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_holdout_is_seeded_and_sized():
+    quality = load_quality()
+    a = quality.holdout_items(976, 0.1, seed=0)
+    assert a.sum() == 98
+    assert np.array_equal(a, quality.holdout_items(976, 0.1, seed=0))
+    assert not np.array_equal(a, quality.holdout_items(976, 0.1, seed=1))
+
+
+def test_paper_rows_are_marked_and_merge_replaces_by_key():
+    quality = load_quality()
+    rows = quality.paper_rows()
+    assert {(r["dataset"], r["R@1"], r["R@5"], r["R@10"]) for r in rows} == {
+        ("msr-vtt", 52.6, 75.4, 84.2), ("flickr30k", 81.8, 96.1, 98.4)}
+    assert all(r["reported"] is True and r["data"] == "other" for r in rows)
+    old = [{"dataset": "d", "method": "generative", "protocol": "transductive", "R@1": 1.0}, *rows]
+    new = [{"dataset": "d", "method": "generative", "protocol": "inductive", "catalog": "x", "R@1": 2.0}, *rows]
+    merged = quality.merge(old, new)
+    assert len(merged) == 4  # transductive kept, inductive added, paper rows not duplicated
+
+
+def test_inductive_rows_never_train_on_held_out_items(monkeypatch):
+    quality = load_quality()
+    corpus = synthetic_corpus(n_items=150, dim=16, n_captions=4, n_topics=6, seed=2)
+    cfg = load_config(None, [
+        "identifiers.n_clusters=8", "identifiers.rqvae.codebook_size=8", "identifiers.rqvae.epochs=2",
+        "generator.d_model=32", "generator.n_layers=1", "generator.ff_dim=64", "train.epochs=1",
+        "eval.query_caption_index=3", "eval.beam_size=10",
+    ])
+    unseen = quality.holdout_items(len(corpus), 0.2, seed=0)
+    seen_training = []
+    real_train = quality.train_generator
+
+    def spy(generator, queries, codes, train_cfg, **kwargs):
+        seen_training.extend(queries)
+        return real_train(generator, queries, codes, train_cfg, **kwargs)
+
+    monkeypatch.setattr(quality, "train_generator", spy)
+    records = quality.inductive_rows(corpus, cfg, unseen, progress=False)
+    # exactly the non-query captions of seen items (texts repeat across items here, so compare rows)
+    expected = np.flatnonzero(~unseen[corpus.caption_item] & (corpus.caption_index != 3))
+    assert seen_training == [corpus.caption_text[i] for i in expected]
+    assert not unseen[corpus.caption_item[expected]].any()
+    assert {(r["method"], r["protocol"]) for r in records} == {
+        ("generative", "inductive"), ("faiss_flat_ridge", "inductive"),
+        ("generative", "transductive"), ("faiss_flat_ridge", "transductive")}
+    assert len(records) == 6
+    unseen_only = [r for r in records if r["catalog"] == "unseen items, unseen-only catalog"]
+    assert all(r["catalog_items"] == unseen.sum() and r["queries"] == 4 * unseen.sum() for r in unseen_only)
+    for r in records:
+        assert 0.0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100.0 and r["queries_per_s"] > 0
+        assert r["identifiers_source"] == "features"
+
+
+def test_invalid_protocol_exits_non_zero(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--protocols", "sideways"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0 and "--protocols" in result.stderr
