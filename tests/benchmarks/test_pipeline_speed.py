@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "pipeline_speed.py"
-TINY = ["--n", "3000", "--dim", "64", "--components", "32", "--queries", "64", "--tiny-queries", "8",
+TINY = ["--n", "3000", "--dim", "64", "--components", "32", "--queries", "512", "--tiny-queries", "8",
         "--retrieve-items", "200", "--direct-threads", "none",
         "--set", "identifiers.n_clusters=16", "--set", "identifiers.rqvae.codebook_size=8",
         "--set", "identifiers.rqvae.epochs=1", "--set", "identifiers.rqvae.hidden_dim=32",
@@ -56,7 +56,7 @@ def test_tiny_run_writes_records_and_plot(tmp_path):
     assert by["quantize", "single"]["processes"]["workers"]["processes"] == 0
     for arm in ("ray", "direct"):
         r = by["retrieve", arm]
-        assert r["queries"] == 64 and r["calls"]["full"]["result_rows"] == 64 * 10
+        assert r["queries"] == 512 and r["calls"]["full"]["result_rows"] == 512 * 10
         assert r["calls"]["tiny"]["queries"] == 8
         assert r["queries_per_s"] > 0 and r["steady_queries_per_s"] > 0
         assert math.isfinite(r["per_call_fixed_s"]) and r["process_startup_s"] > 0
