@@ -90,6 +90,10 @@ class ReindexConfig:
     rehearsal: float = 8.0          # old pairs replayed per new pair (old items must not regress)
     drift_factor: float = 1.5       # refit due when new items sit this much farther than the fitted ones
     keep_versions: int = 10         # `cart compact` keeps the last N versions
+    fallback_fpr: float = 0.02      # share of other items' queries a pending item may displace from rank 1
+    fallback_impostors: int = 1000  # old training captions that calibrate the fallback's threshold
+    keep_fallback: bool = True      # keep the dense fallback after the fine-tune, until a full `cart train`
+    id_deltas: int = 16             # reindexes stored as id-table deltas before one rewrites it whole
 
 
 @dataclass

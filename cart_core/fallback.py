@@ -7,6 +7,12 @@ generator has never been trained to produce them. Until its fine-tune finishes, 
 the caption-centroid retriever — and the two ranked lists are merged with reciprocal-rank fusion
 (score = sum over lists of 1 / (c + rank)), which needs no calibration between log-probabilities
 and cosines.
+
+Reciprocal-rank fusion alone puts a pending item at rank 2 at best whenever the generator returns
+anything (R@5 high, R@1 near zero). So the fallback also carries a calibrated acceptance
+threshold: a pending item whose cosine to the query beats what queries of *other* (old) items
+reach against the pending items -- the (1 - fpr) quantile of their best cosine -- goes first.
+Old queries are then displaced at a rate of about `fpr`, measured, not guessed.
 """
 from __future__ import annotations
 
@@ -55,18 +61,47 @@ def reciprocal_rank_fusion(lists: list[np.ndarray], k: int, c: float = RRF_C) ->
     return out_rows, out_scores
 
 
-class HybridRetriever:
-    """A GenerativeRetriever plus a DenseFallback over pending items (same search_batch API)."""
+def acceptance_threshold(impostor_queries: np.ndarray, pending_vectors: np.ndarray, fpr: float) -> float:
+    """Cosine above which a pending item is put first: the (1 - fpr) quantile of the best cosine
+    that queries of other items (impostors) reach against the pending items."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    if len(impostor_queries) == 0 or len(pending_vectors) == 0:
+        return float("inf")  # nothing to calibrate on: never accept on the cosine alone
+    best = (l2_normalize(impostor_queries) @ l2_normalize(pending_vectors).T).max(axis=1)
+    return float(np.quantile(best, 1.0 - fpr))
 
-    def __init__(self, retriever, fallback: DenseFallback, encode_text):
+
+def accept_first(fused: np.ndarray, dense_rows: np.ndarray, dense_scores: np.ndarray, threshold: float,
+                 k: int) -> np.ndarray:
+    """Rows [B, k]: dense hits scoring >= threshold first (best first), then the fused ranking."""
+    out = np.full((len(fused), k), -1, dtype=np.int64)
+    for q in range(len(fused)):
+        first = [int(r) for r, s in zip(dense_rows[q], dense_scores[q]) if r >= 0 and s >= threshold]
+        rest = [int(r) for r in fused[q] if r >= 0 and int(r) not in first]
+        ranked = (first + rest)[:k]
+        out[q, :len(ranked)] = ranked
+    return out
+
+
+class HybridRetriever:
+    """A GenerativeRetriever plus a DenseFallback over pending items (same search_batch API);
+    with a threshold (acceptance_threshold), confident dense hits go first."""
+
+    def __init__(self, retriever, fallback: DenseFallback, encode_text, threshold: float | None = None):
         self.retriever, self.fallback, self.encode_text = retriever, fallback, encode_text
+        self.threshold = threshold
         self.table = retriever.table
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = self.retriever.search_batch(queries, k, beam_size)
         if len(self.fallback) == 0:
             return rows, scores
-        dense_rows, _ = self.fallback.search(self.encode_text(list(queries)), k)
+        dense_rows, dense_scores = self.fallback.search(self.encode_text(list(queries)), k)
         live = self.table.live
         dense_rows = np.where(dense_rows >= 0, np.where(live[dense_rows.clip(0)], dense_rows, -1), -1)
-        return reciprocal_rank_fusion([rows, dense_rows], k)
+        fused, fused_scores = reciprocal_rank_fusion([rows, dense_rows], k)
+        if self.threshold is None:
+            return fused, fused_scores
+        ranked = accept_first(fused, dense_rows, dense_scores, self.threshold, k)
+        return ranked, np.where(ranked >= 0, 1.0 / (RRF_C + 1 + np.arange(k)[None, :]), 0.0).astype(np.float32)

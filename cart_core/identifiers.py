@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -146,3 +147,32 @@ def extend_identifiers(table: IdentifierTable, item_ids: np.ndarray, prefix: np.
     vocab = list(table.vocab_sizes[:-1]) + [max(table.vocab_sizes[-1], int(codes[:, -1].max()) + 1)]
     return IdentifierTable(np.concatenate([table.item_ids, item_ids]), codes, vocab,
                            np.concatenate([table.live, np.ones(len(item_ids), dtype=bool)]))
+
+
+def appended_rows(table: IdentifierTable, start: int) -> IdentifierTable:
+    """Rows start.. of a table (what a reindex appended), with the whole table's vocabulary."""
+    return IdentifierTable(table.item_ids[start:], table.codes[start:], list(table.vocab_sizes), table.live[start:])
+
+
+def apply_delta(table: IdentifierTable, appended: IdentifierTable, dead_rows: np.ndarray) -> IdentifierTable:
+    """The table a delta describes: rows dead_rows of `table` tombstoned, then `appended` added.
+
+    Together with appended_rows this lets an index of millions take a small change without
+    rewriting every row (the id table of a reindex holds only what it changed)."""
+    live = table.live.copy()
+    live[np.asarray(dead_rows, dtype=np.int64)] = False
+    codes = appended.codes.reshape(len(appended.item_ids), table.length) if len(appended.item_ids) else \
+        np.zeros((0, table.length), dtype=np.int64)
+    return IdentifierTable(np.concatenate([table.item_ids, appended.item_ids]), np.concatenate([table.codes, codes]),
+                           list(appended.vocab_sizes), np.concatenate([live, appended.live]))
+
+
+def live_rows(table: IdentifierTable, items: list[str]) -> dict[str, int]:
+    """item_id -> its live row in the id table, for `items` only (vectorised hash look-up)."""
+    if not items:
+        return {}
+    rows = np.flatnonzero(table.live)
+    wanted = pa.array(items, pa.string())
+    where = pc.index_in(wanted, value_set=pa.array(table.item_ids[rows].tolist(), pa.string()))
+    found = where.fill_null(-1).to_numpy()
+    return {item: int(rows[w]) for item, w in zip(items, found) if w >= 0}

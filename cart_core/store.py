@@ -9,6 +9,8 @@ Layout (DESIGN.md §3, with the versioning made explicit):
     eval/<run>/queries.parquet      query_id, text, item_id (held-out captions)
     codebooks/<run>/             kmeans/ (npy + json), rqvae/ (safetensors + json), meta.json
     ids/<run>/ids.parquet        item_id, tokens, coarse, fine, suffix, codebook_version, live
+    ids/<run>/append.parquet     (a reindex) only the rows it added, + dead.npy (rows it tombstoned);
+                                 manifest extra.ids_chain lists the folders it builds on
     generator/<run>/             model/ (safetensors + config.json), checkpoints/epoch-NNNN/
     errors/<run>/part-*.parquet     item_id, uri, stage, reason
     jobs/<run>.json              the summary each job writes (counts, timings, errors)

@@ -128,10 +128,21 @@ def fit_sample(ds, n_items: int, cfg: CartConfig, lookup: CentroidLookup | None)
     return np.concatenate(parts)
 
 
-def save_ids(store: Store, table, folder: str, meta: dict) -> None:
+def save_ids(store: Store, table, folder: str, meta: dict, *, base_rows: int | None = None) -> None:
+    """The identifier table under `folder`: whole (ids.parquet), or, given base_rows, as a delta over
+    the committed table of base_rows rows -- the rows appended after it (append.parquet) and its rows
+    tombstoned since (dead.npy) -- so adding 10k items to 1M writes 10k rows, not 1.01M."""
+    import json
+
+    from cart_core.identifiers import appended_rows
+
     with tempfile.TemporaryDirectory(prefix="cart-ids-") as tmp:
-        table.save(Path(tmp) / "ids.parquet")
-        (Path(tmp) / "meta.json").write_text(__import__("json").dumps(meta, indent=2, default=str))
+        if base_rows is None:
+            table.save(Path(tmp) / "ids.parquet")
+        else:
+            appended_rows(table, base_rows).save(Path(tmp) / "append.parquet")
+            np.save(Path(tmp) / "dead.npy", np.flatnonzero(~table.live[:base_rows]).astype(np.int64))
+        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         store.put_dir(tmp, folder)
 
 
@@ -186,7 +197,7 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None) -> d
                                           "config": config_dict(cfg)["identifiers"]})
     summary.time("ids_s", t0)
     new = store.commit(replace(manifest, codebooks=f"codebooks/{run}", ids=f"ids/{run}", generator=None,
-                               extra={**manifest.extra, "identifier_source": cfg.identifiers.source,
+                               extra={**manifest.extra, "identifier_source": cfg.identifiers.source, "ids_chain": [],
                                       "vocab_sizes": table.vocab_sizes}),
                        f"quantize {run}: {len(table.item_ids)} identifiers")
     summary.counts.update(items=int(n_items), identifiers=int(len(table.item_ids)))
@@ -208,13 +219,24 @@ def fitted_state(cols: dict, cfg: CartConfig) -> dict:
 
 
 def load_ids(store: Store, manifest: Manifest):
-    """The committed identifier table (IdentifierTable) and its meta."""
+    """The committed identifier table (IdentifierTable) and its meta: the last full table
+    (`cart quantize`, `cart compact`) with the deltas of the reindexes since applied in order."""
     import json
 
-    from cart_core.identifiers import IdentifierTable
+    from cart_core.identifiers import IdentifierTable, apply_delta
 
     folder = store.require(manifest, "ids", "cart quantize")
-    with store.local_dir(folder) as local:
-        return IdentifierTable.load(local / "ids.parquet"), json.loads((local / "meta.json").read_text())
+    table, meta = None, {}
+    for part in [*(manifest.extra.get("ids_chain") or []), folder]:
+        with store.local_dir(part) as local:
+            meta = json.loads((local / "meta.json").read_text())
+            if (local / "ids.parquet").exists():
+                table = IdentifierTable.load(local / "ids.parquet")
+            elif table is None:
+                raise StoreError(f"{store.uri(part)}: an identifier delta without the table it extends "
+                                 "(manifest extra.ids_chain is incomplete)")
+            else:
+                table = apply_delta(table, IdentifierTable.load(local / "append.parquet"), np.load(local / "dead.npy"))
+    return table, meta
 
 

@@ -22,14 +22,17 @@ import json
 import os
 import time
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig, config_from_dict
 from cart_core.corpus import Corpus, CorpusError, load_corpus_files
-from cart_core.identifiers import IdentifierTable, extend_identifiers
+from cart_core.fallback import acceptance_threshold
+from cart_core.identifiers import IdentifierTable, extend_identifiers, live_rows
 from cart_core.indexing import encode, identifier_inputs, load_codebooks
 from cart_core.kmeans import cluster_imbalance
 from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
@@ -60,8 +63,9 @@ def read_delete_list(path: str) -> list[str]:
         return [line.strip() for line in local.read_text().splitlines() if line.strip()]
 
 
-def read_captions(path: str, items: set[str]) -> tuple[list[str], list[str]]:
-    """(item_id, caption) rows, each naming an item of this reindex or of the index."""
+def read_captions(path: str, known: Callable[[list[str]], set[str]]) -> tuple[list[str], list[str]]:
+    """(item_id, caption) rows, each naming an item of this reindex or a live one of the index
+    (`known` returns which of the given ids are)."""
     with local_copy(path) as local:
         if not local.is_file():
             raise CorpusError(path, None, "file not found")
@@ -70,6 +74,7 @@ def read_captions(path: str, items: set[str]) -> tuple[list[str], list[str]]:
     if missing:
         raise CorpusError(path, None, f"missing required column(s) {', '.join(missing)}")
     ids, texts = table.column("item_id").to_pylist(), table.column("caption").to_pylist()
+    items = known(sorted({str(i) for i in ids if i is not None}))
     for row, (item, text) in enumerate(zip(ids, texts)):
         if item is None or str(item) not in items:
             raise CorpusError(path, row, f"unknown item_id {item!r}")
@@ -78,12 +83,18 @@ def read_captions(path: str, items: set[str]) -> tuple[list[str], list[str]]:
     return [str(i) for i in ids], [str(t) for t in texts]
 
 
-def feature_owners(store: Store, manifest: Manifest) -> dict[str, tuple[str, str]]:
-    """item_id -> (feature run, content hash) of its newest committed, not tombstoned row."""
+def feature_owners(store: Store, manifest: Manifest, items: list[str]) -> dict[str, tuple[str, str]]:
+    """item_id -> (feature run, content hash) of its newest committed, not tombstoned row, for
+    `items` only: the item_id column is filtered in Arrow, so a reindex of 10k into 1M builds
+    no 1M-entry Python dict."""
+    if not items:
+        return {}
     dead = tombstoned(store, manifest)
+    wanted = pa.array(sorted(set(items)), pa.string())
     owners: dict[str, tuple[str, str]] = {}
     for run in manifest.features:
         t = store.read_table(run, columns=["item_id", "content_hash"])
+        t = t.filter(pc.is_in(t.column("item_id"), value_set=wanted))
         for item, h in zip(t.column("item_id").to_pylist(), t.column("content_hash").to_pylist()):
             if (item, run) not in dead:
                 owners[item] = (run, h)
@@ -149,10 +160,11 @@ def _load_items(path: str | None, dim: int | None) -> Corpus | None:
 def plan_changes(store: Store, manifest: Manifest, table: IdentifierTable, add: str | None, update: str | None,
                  delete: str | None) -> dict:
     """What this reindex changes, after skipping everything already applied."""
-    live_row = {str(i): r for r, i in enumerate(table.item_ids) if table.live[r]}
-    owners = feature_owners(store, manifest)
     adds, ups = _load_items(add, manifest.dim), _load_items(update, manifest.dim)
     deletes = read_delete_list(delete) if delete else []
+    touched_ids = [str(i) for c in (adds, ups) if c is not None for i in c.item_ids] + deletes
+    live_row = live_rows(table, touched_ids)
+    owners = feature_owners(store, manifest, touched_ids)
     plan = {"encode_ids": [], "encode_emb": [], "encode_modality": [], "encode_hash": [], "encode_kind": [],
             "delete_rows": [], "tombstones": [], "counts": dict.fromkeys(
                 ("added", "updated", "deleted", "duplicate_adds", "unchanged_updates", "already_deleted"), 0)}
@@ -220,9 +232,10 @@ def apply_identifiers(table: IdentifierTable, plan: dict, prefix: np.ndarray) ->
     return table, append_ids
 
 
-def write_pending(store: Store, folder: str, item_ids: list[str], vectors: np.ndarray, previous: str | None) -> str | None:
-    """The dense-fallback table for items the generator has not learned yet (carried over from a
-    version still waiting for its fine-tune)."""
+def write_pending(store: Store, folder: str, item_ids: list[str], vectors: np.ndarray,
+                  previous: str | None) -> tuple[str | None, np.ndarray]:
+    """The dense-fallback table for items the generator has not learned yet (carried over from
+    earlier reindexes since the last full training); returns its path and all its vectors."""
     ids, vecs = list(item_ids), [v for v in vectors]
     if previous:
         with store.fs.open(store.path(previous), "rb") as f:
@@ -232,12 +245,31 @@ def write_pending(store: Store, folder: str, item_ids: list[str], vectors: np.nd
         old_vecs = np.stack(old.column("vector").to_numpy(zero_copy_only=False)) if old.num_rows else None
         vecs = [old_vecs[i] for i in keep] + vecs
     if not ids:
-        return None
-    dim = len(vecs[0])
-    flat = np.asarray(np.stack(vecs), dtype=np.float32).reshape(-1)
-    store.write_table(pa.table({"item_id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)}),
+        return None, np.zeros((0, 1), np.float32)
+    stacked = np.asarray(np.stack(vecs), dtype=np.float32)
+    flat = stacked.reshape(-1)
+    store.write_table(pa.table({"item_id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat),
+                                                                                           stacked.shape[1])}),
                       f"{folder}/pending.parquet")
-    return f"{folder}/pending.parquet"
+    return f"{folder}/pending.parquet", stacked
+
+
+def impostor_queries(store: Store, manifest: Manifest, cfg: CartConfig, exclude: set[str]) -> np.ndarray:
+    """MiniLM embeddings of a seeded sample of training captions of items outside `exclude` (the
+    items the fallback serves): what the fallback's acceptance threshold must not let through."""
+    from cart_core.text import TextEncoder
+
+    if not manifest.queries or cfg.reindex.fallback_impostors <= 0:
+        return np.zeros((0, 384), np.float32)
+    t = store.read_table(manifest.queries, columns=["item_id", "text"])
+    if exclude:
+        t = t.filter(pc.invert(pc.is_in(t.column("item_id"), value_set=pa.array(sorted(exclude), pa.string()))))
+    if t.num_rows == 0:
+        return np.zeros((0, 384), np.float32)
+    rows = np.sort(np.random.default_rng(0).choice(t.num_rows, min(t.num_rows, cfg.reindex.fallback_impostors),
+                                                   replace=False))
+    texts = [str(x) for x in t.column("text").take(pa.array(rows)).to_pylist()]
+    return TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens).sentence_embeddings(texts)
 
 
 def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions: str | None = None,
@@ -260,13 +292,14 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     t0 = time.perf_counter()
     plan = plan_changes(store, manifest, table, add, update, delete)
     summary.time("plan_s", t0)
-    known = {str(i) for i in table.item_ids} | set(plan["encode_ids"])
-    cap_ids, cap_texts = read_captions(captions, known) if captions else ([], [])
+    cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"])) \
+        if captions else ([], [])
     new_caps = list(zip(cap_ids, cap_texts))
     owners_caps = set(plan["encode_ids"])
     if id_cfg.source != "features" and plan["encode_ids"]:  # captions already in the store count too
         stored = store.read_table(manifest.queries, columns=["item_id", "text"]) if manifest.queries else None
         if stored is not None:
+            stored = stored.filter(pc.is_in(stored.column("item_id"), value_set=pa.array(sorted(owners_caps))))
             for item, text in zip(stored.column("item_id").to_pylist(), stored.column("text").to_pylist()):
                 if item in owners_caps:
                     cap_ids.append(item)
@@ -275,6 +308,14 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     t0 = time.perf_counter()
     cap_vec = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
     summary.time("caption_embed_s", t0)  # for ids from captions and for the dense fallback
+    t0 = time.perf_counter()
+    pending_before = set()
+    if manifest.extra.get("pending"):
+        with store.fs.open(store.path(manifest.extra["pending"]), "rb") as f:
+            pending_before = set(pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist())
+    impostors = impostor_queries(store, manifest, cfg, set(plan["encode_ids"]) | pending_before) \
+        if len(cap_ids) else np.zeros((0, 384), np.float32)
+    summary.time("fallback_calibration_s", t0)
     t0 = time.perf_counter()
     codes = encode(codebooks, identifier_inputs(id_cfg.source, emb, cap_vec if id_cfg.source != "features" else None)) \
         if len(emb) else {"coarse": np.zeros(0, np.int64), "fine": np.zeros((0, 0), np.int64),
@@ -293,21 +334,25 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.counts.update(plan["counts"], identifiers_added=len(learn), captions=len(new_caps))
     if changed:
         t0 = time.perf_counter()
-        commit_identifiers(store, manifest, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift)
+        commit_identifiers(store, manifest, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift,
+                           base_rows=len(table.item_ids), id_deltas=cfg.reindex.id_deltas,
+                           impostors=impostors, fallback_fpr=cfg.reindex.fallback_fpr)
         manifest = store.manifest()
         summary.time("write_commit_s", t0)
     else:
         log("reindex", "nothing to change: every add, update and delete is already applied")
-    summary.extra["version"] = manifest.version
+    summary.extra.update(version=manifest.version, pending_threshold=manifest.extra.get("pending_threshold"))
     finetune = cfg.reindex.finetune if finetune is None else finetune
     pending = manifest.extra.get("pending")
-    if finetune and pending:
+    if finetune and pending and manifest.extra.get("finetune_due", True):
         with store.fs.open(store.path(pending), "rb") as f:
             items = pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist()
         cfg = replace(cfg, train=replace(cfg.train, lr=cfg.reindex.finetune_lr))
         result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
                                                          cfg.reindex.finetune_epochs),
-                           commit_extra={"pending": None}, before_commit=lambda: crash_point("after_training"),
+                           commit_extra={"finetune_due": False, **({} if cfg.reindex.keep_fallback else
+                                                                   {"pending": None, "pending_threshold": None})},
+                           before_commit=lambda: crash_point("after_training"),
                            address=address)
         summary.extra.update(finetune={k: result[k] for k in ("run", "counts", "timings")},
                              version=result["version"])
@@ -315,7 +360,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
 
 
 def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, table: IdentifierTable,
-                       learn: list[str], cap_vec: np.ndarray, new_caps: list, ids_meta: dict, drift: dict) -> None:
+                       learn: list[str], cap_vec: np.ndarray, new_caps: list, ids_meta: dict, drift: dict,
+                       base_rows: int, id_deltas: int, impostors: np.ndarray, fallback_fpr: float) -> None:
     update = {}
     if plan["encode_ids"]:
         feats = features_table(plan["encode_ids"], np.asarray(plan["encode_emb"], dtype=np.float32),
@@ -333,15 +379,26 @@ def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, t
                           f"tombstones/{run}/tombstones.parquet")
         extra["tombstones"] = (extra.get("tombstones") or []) + [f"tombstones/{run}"]
     crash_point("after_features")
-    learn_rows = [plan["encode_ids"].index(i) for i in learn]
+    position = {item: r for r, item in enumerate(plan["encode_ids"])}
+    learn_rows = [position[i] for i in learn]
     has_caption = [r for r in learn_rows if np.linalg.norm(cap_vec[r]) > 0]
     meta = {**ids_meta, "reindex": {"run": run, "counts": plan["counts"], "drift": drift}}
-    save_ids(store, table, f"ids/{run}", meta)
-    pending = write_pending(store, f"ids/{run}", [plan["encode_ids"][r] for r in has_caption],
-                            cap_vec[has_caption], extra.get("pending"))
+    chain = list(extra.get("ids_chain") or [])
+    if len(chain) < id_deltas:  # a delta over the committed table: only what this run changed
+        save_ids(store, table, f"ids/{run}", meta, base_rows=base_rows)
+        extra["ids_chain"] = chain + [manifest.ids]
+    else:  # the chain is long enough: write the whole table again
+        save_ids(store, table, f"ids/{run}", meta)
+        extra["ids_chain"] = []
+    pending, pending_vecs = write_pending(store, f"ids/{run}", [plan["encode_ids"][r] for r in has_caption],
+                                          cap_vec[has_caption], extra.get("pending"))
+    threshold = acceptance_threshold(impostors, pending_vecs, fallback_fpr) \
+        if pending and len(impostors) else None
     crash_point("after_ids")
     # the generator stays valid: no existing identifier changed (new counter tokens are grown at load)
-    extra.update(generator_ids=f"ids/{run}", pending=pending, vocab_sizes=table.vocab_sizes)
+    extra.update(generator_ids=f"ids/{run}", pending=pending, pending_threshold=threshold,
+                 finetune_due=bool(pending) and (bool(has_caption) or bool(extra.get("finetune_due"))),
+                 vocab_sizes=table.vocab_sizes)
     crash_point("before_commit")
     new = store.commit(replace(manifest, ids=f"ids/{run}", extra=extra, **update),
                        f"reindex {run}: +{len(learn)} identifiers, -{len(plan['delete_rows'])} items")
@@ -354,7 +411,8 @@ def run_rollback(store: Store, version: int) -> dict:
     old = next((m for m in store.versions() if m.version == version), None)
     if old is None:
         raise StoreError(f"{store.url}: no version {version} (see `cart versions`)")
-    for path in [old.ids, old.codebooks, old.generator, *old.features, *old.queries]:
+    for path in [old.ids, *(old.extra.get("ids_chain") or []), old.codebooks, old.generator, *old.features,
+                 *old.queries]:
         if path and not store.exists(path):
             raise StoreError(f"{store.uri(path)}: needed by version {version} but compacted away")
     new = store.commit(old, f"rollback to v{version}")
@@ -363,8 +421,10 @@ def run_rollback(store: Store, version: int) -> dict:
 
 
 def referenced(manifest: Manifest) -> set[str]:
-    paths = {manifest.ids, manifest.codebooks, manifest.generator, *manifest.features, *manifest.queries,
-             *manifest.eval_queries, *manifest.errors, *(manifest.extra.get("tombstones") or [])}
+    paths = {manifest.ids, *(manifest.extra.get("ids_chain") or []), manifest.codebooks, manifest.generator,
+             *manifest.features, *manifest.queries,
+             *manifest.eval_queries, *manifest.errors, *(manifest.extra.get("tombstones") or []),
+             manifest.extra.get("pending")}
     return {p for p in paths if p}
 
 
@@ -387,6 +447,16 @@ def run_compact(store: Store, keep: int) -> dict:
         features = [f for f in manifest.features if f not in runs] + [f"features/{summary_run}"]
         manifest = store.commit(replace(manifest, features=features, extra={**manifest.extra, "tombstones": []}),
                                 f"compact {summary_run}: {counts['rows_dropped']} dead feature rows dropped")
+    if manifest.extra.get("ids_chain"):  # fold the id-table deltas into one table
+        summary_run = JobSummary("compact", store.url).run
+        counts["id_deltas_folded"] = len(manifest.extra["ids_chain"])
+        table, meta = load_ids(store, manifest)
+        save_ids(store, table, f"ids/{summary_run}", meta)
+        manifest = store.commit(replace(manifest, ids=f"ids/{summary_run}",
+                                        extra={**manifest.extra, "ids_chain": [], "generator_ids": (
+                                            f"ids/{summary_run}" if manifest.extra.get("generator_ids") == manifest.ids
+                                            else manifest.extra.get("generator_ids"))}),
+                                f"compact {summary_run}: identifier deltas folded into one table")
     versions = store.versions()
     kept = versions[-keep:] if keep > 0 else versions[-1:]
     live_paths = set().union(*(referenced(m) for m in kept))

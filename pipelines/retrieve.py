@@ -53,23 +53,26 @@ def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
     retriever = GenerativeRetriever(generator, table, device=device)
     pending = manifest.extra.get("pending")
     if pending and generator.text_encoder is not None:
-        retriever = with_fallback(store, pending, retriever, table, generator)
+        retriever = with_fallback(store, pending, retriever, table, generator,
+                                  manifest.extra.get("pending_threshold"))
     return retriever, table
 
 
-def with_fallback(store: Store, pending: str, retriever, table, generator):
+def with_fallback(store: Store, pending: str, retriever, table, generator, threshold: float | None = None):
     """Items added since the generator was trained are also searched densely (cart_core/fallback.py)."""
     from cart_core.fallback import DenseFallback, HybridRetriever
     from pipelines.quantize import stack_column
 
     with store.fs.open(store.path(pending), "rb") as f:
         t = pq.read_table(f)
-    live_row = {str(i): r for r, i in enumerate(table.item_ids) if table.live[r]}
+    from cart_core.identifiers import live_rows
+
     items = t.column("item_id").to_pylist()
+    live_row = live_rows(table, items)
     keep = [j for j, i in enumerate(items) if i in live_row]
     vectors = stack_column(t.column("vector").to_numpy(zero_copy_only=False))[keep] if keep else np.zeros((0, 1))
     fallback = DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors)
-    return HybridRetriever(retriever, fallback, generator.text_encoder.sentence_embeddings)
+    return HybridRetriever(retriever, fallback, generator.text_encoder.sentence_embeddings, threshold)
 
 
 def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.ndarray) -> dict:

@@ -203,7 +203,10 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         raise StoreError(f"{store.url}: identifiers changed while training ({info['ids']} -> {manifest.ids}); "
                          "rerun `cart train`")
     new = store.commit(replace(manifest, generator=f"generator/{run}",
-                               extra={**manifest.extra, "generator_ids": info["ids"], **(commit_extra or {})}),
+                               extra={**manifest.extra, "generator_ids": info["ids"],
+                                      # a full training has learned every item: no dense fallback left
+                                      **({} if finetune else {"pending": None, "pending_threshold": None}),
+                                      **(commit_extra or {})}),
                        f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]

@@ -1,11 +1,12 @@
 """Building blocks of incremental re-indexing: appended identifiers, a widened counter vocabulary,
 and the dense fallback merged by reciprocal-rank fusion."""
 import numpy as np
+import pytest
 import torch
 
-from cart_core.fallback import DenseFallback, reciprocal_rank_fusion
+from cart_core.fallback import DenseFallback, accept_first, acceptance_threshold, reciprocal_rank_fusion
 from cart_core.generator import Generator, GeneratorConfig
-from cart_core.identifiers import build_identifiers, extend_identifiers
+from cart_core.identifiers import IdentifierTable, appended_rows, apply_delta, build_identifiers, extend_identifiers
 from cart_core.trie import DecodingTrie
 
 
@@ -27,6 +28,21 @@ def test_extend_orders_counters_by_item_id_and_is_independent_of_input_order():
     two = extend_identifiers(table, np.array(["m", "z"], dtype=object), np.array([[0, 0], [0, 0]]))
     assert dict(zip(one.item_ids, one.codes[:, -1])) == dict(zip(two.item_ids, two.codes[:, -1])) == \
         {"a": 0, "m": 1, "z": 2}
+
+
+@pytest.mark.parametrize("added", [0, 2])
+def test_a_saved_delta_rebuilds_the_grown_table(tmp_path, added):
+    base = build_identifiers(np.array(["a", "b", "c"], dtype=object), np.array([0, 0, 1]),
+                             np.array([[1], [1], [0]]), n_clusters=2, codebook_size=2)
+    grown = extend_identifiers(base, np.array(["e", "d"][:added], dtype=object), np.array([[0, 1], [0, 1]][:added]))
+    grown = IdentifierTable(grown.item_ids, grown.codes, grown.vocab_sizes, grown.live.copy())
+    grown.live[1] = False  # "b" tombstoned by the same reindex
+    appended_rows(grown, 3).save(tmp_path / "append.parquet")  # the delta: appended rows + dead rows
+    rebuilt = apply_delta(base, IdentifierTable.load(tmp_path / "append.parquet"), np.flatnonzero(~grown.live[:3]))
+    assert rebuilt.item_ids.tolist() == grown.item_ids.tolist() and rebuilt.vocab_sizes == grown.vocab_sizes
+    np.testing.assert_array_equal(rebuilt.codes, grown.codes)
+    np.testing.assert_array_equal(rebuilt.live, grown.live)
+    assert base.live.all()  # applying a delta leaves the table it extends untouched
 
 
 def test_growing_the_counter_vocabulary_keeps_every_existing_logit():
@@ -57,3 +73,24 @@ def test_dense_fallback_returns_catalog_rows():
     assert rows[0, 0] == 20
     empty = DenseFallback(np.zeros(0, np.int64), np.zeros((0, 4), np.float32))
     assert empty.search(np.ones((2, 4), np.float32), 3)[0].shape == (2, 0)
+
+
+def test_acceptance_threshold_lets_through_the_calibrated_share_of_impostors():
+    rng = np.random.default_rng(0)
+    pending = rng.normal(size=(20, 16))
+    impostors = rng.normal(size=(1000, 16))
+    tau = acceptance_threshold(impostors, pending, fpr=0.05)
+    best = (impostors / np.linalg.norm(impostors, axis=1, keepdims=True)) @ \
+        (pending / np.linalg.norm(pending, axis=1, keepdims=True)).T
+    assert abs(np.mean(best.max(axis=1) >= tau) - 0.05) < 0.01
+    assert acceptance_threshold(impostors[:0], pending, 0.05) == float("inf")
+    with pytest.raises(ValueError, match="fpr"):
+        acceptance_threshold(impostors, pending, 0.0)
+
+
+def test_accept_first_puts_confident_dense_hits_ahead_of_the_fused_ranking():
+    fused = np.array([[5, 6, 7, -1], [5, 6, 7, -1]])
+    dense_rows = np.array([[9, 6], [9, 6]])
+    dense_scores = np.array([[0.9, 0.8], [0.4, 0.3]])
+    ranked = accept_first(fused, dense_rows, dense_scores, threshold=0.5, k=4)
+    assert ranked.tolist() == [[9, 6, 5, 7], [5, 6, 7, -1]]

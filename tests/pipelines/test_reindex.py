@@ -76,7 +76,8 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
                           captions=str(base["new"] / "captions.parquet"), finetune=False)
     assert summary["counts"]["added"] == N_NEW and summary["drift"]["items"] == N_NEW
     manifest = store.manifest()
-    assert manifest.version == v0 + 1 and manifest.extra["pending"]
+    assert manifest.version == v0 + 1 and manifest.extra["pending"] and manifest.extra["finetune_due"]
+    assert -1.0 <= manifest.extra["pending_threshold"] <= 1.0  # calibrated on old training captions
     after, _ = load_ids(store, manifest)
     np.testing.assert_array_equal(after.codes[:N_OLD], before.codes)  # old identifiers never change
     assert list(after.item_ids[N_OLD:]) == sorted(base["new_ids"]) or set(after.item_ids[N_OLD:]) == set(base["new_ids"])
@@ -88,11 +89,16 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     again = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))  # duplicate add
     assert again["counts"]["duplicate_adds"] == N_NEW and again["counts"]["added"] == 0
     tuned = store.manifest()  # ... but the pending fine-tune is finished by this run
-    assert tuned.version == v0 + 2 and tuned.extra["pending"] is None and tuned.generator != manifest.generator
+    assert tuned.version == v0 + 2 and not tuned.extra["finetune_due"] and tuned.generator != manifest.generator
+    assert tuned.extra["pending"] == manifest.extra["pending"]  # reindex.keep_fallback: the fallback stays
     found = results(store, base, tmp_path)
     assert np.mean([q in found[q] for q in base["new_ids"]]) >= 0.3
     untouched = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))
     assert store.manifest().version == tuned.version and untouched["counts"]["added"] == 0
+    from pipelines.train import run_train
+
+    run_train(store, small_config())  # a full training learns every item: the fallback is retired
+    assert store.manifest().extra["pending"] is None
 
 
 def test_deleted_items_are_never_returned(base, tmp_path):
@@ -153,6 +159,46 @@ def test_crash_at_any_step_keeps_the_old_version_and_rerun_completes(base, tmp_p
     monkeypatch.delenv("CART_CRASH_AT")
     run_reindex(store, small_config("reindex.finetune_epochs=1"), **args)
     done = store.manifest()
-    assert done.extra["pending"] is None and done.generator != before.generator
+    assert done.extra["pending"] and not done.extra["finetune_due"] and done.generator != before.generator
     table, _ = load_ids(store, done)
     assert sorted(str(i) for i in table.item_ids) == sorted(base["old_ids"] + base["new_ids"])
+
+
+def test_identifier_deltas_load_as_the_whole_table_and_compaction_folds_them(base, tmp_path):
+    """A reindex writes only what it changed (append.parquet + dead.npy over the committed table);
+    loading the chain gives exactly the table a whole rewrite gives, at every version, and
+    `compact` folds the chain into one table that serves the same answers."""
+    from pipelines.quantize import load_ids
+    from pipelines.reindex import run_compact, run_reindex
+
+    new = pq.read_table(base["new"] / "items.parquet")
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    pq.write_table(new.slice(0, 15), first)
+    pq.write_table(new.slice(15), second)
+    (tmp_path / "delete.txt").write_text("\n".join(base["old_ids"][:5]))
+    steps = [dict(add=str(first)), dict(delete=str(tmp_path / "delete.txt")), dict(add=str(second))]
+    chained, whole = fresh(base, tmp_path / "chained"), fresh(base, tmp_path / "whole")
+    for step in steps:
+        run_reindex(chained, small_config("reindex.id_deltas=2"), finetune=False, **step)
+        run_reindex(whole, small_config("reindex.id_deltas=0"), finetune=False, **step)
+        a, b = load_ids(chained, chained.manifest())[0], load_ids(whole, whole.manifest())[0]
+        assert a.item_ids.tolist() == b.item_ids.tolist() and a.vocab_sizes == b.vocab_sizes
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.live, b.live)
+        assert not whole.manifest().extra["ids_chain"]
+    # two deltas, then the chain is long enough and the third reindex rewrites the table whole
+    versions = chained.versions()
+    assert [len(m.extra.get("ids_chain") or []) for m in versions[-3:]] == [1, 2, 0]
+    assert chained.exists(f"{versions[-3].ids}/append.parquet")
+    assert not chained.exists(f"{versions[-3].ids}/ids.parquet")
+    # compaction folds a chain into one table with the same identifiers and answers
+    (tmp_path / "delete2.txt").write_text("\n".join(base["old_ids"][5:8]))
+    run_reindex(chained, small_config(), finetune=False, delete=str(tmp_path / "delete2.txt"))
+    assert chained.manifest().extra["ids_chain"]
+    before, answers = load_ids(chained, chained.manifest())[0], results(chained, base, tmp_path)
+    counts = run_compact(chained, keep=1)
+    assert counts["id_deltas_folded"] == 1 and not chained.manifest().extra["ids_chain"]
+    after = load_ids(chained, chained.manifest())[0]
+    np.testing.assert_array_equal(after.codes, before.codes)
+    np.testing.assert_array_equal(after.live, before.live)
+    assert results(chained, base, tmp_path) == answers
