@@ -161,20 +161,38 @@ class FusionDecoder(nn.Module):
             memory["last"] = self.fine_proj(states[:, -1])
         return memory
 
-    def forward(self, memory: dict[str, torch.Tensor], prefix: torch.Tensor, width: int = 1) -> torch.Tensor:
-        """Logits given raw codes prefix [B*width, l] -> [B*width, l+1, V_total] (position l+1 is next)."""
+    def hidden(self, memory: dict[str, torch.Tensor], prefix: torch.Tensor, width: int = 1) -> torch.Tensor:
+        """Decoder states for raw codes prefix [B*width, l] -> [B*width, l+1, d]."""
         b, l = prefix.shape
         tokens = torch.cat([prefix.new_full((b, 1), self.bos), prefix + self.offsets[:l]], 1)
         y = self.token_emb(tokens) + self.pos_emb.weight[: l + 1]
         alpha = torch.softmax(self.alpha_logits, 0) if self.cfg.fine_fusion else None
         for layer in self.layers:
             y = layer(y, memory, alpha, width)
-        y = self.norm_out(y)
-        logits = self.out(y)
+        return self.norm_out(y)
+
+    def head(self, memory: dict[str, torch.Tensor], y: torch.Tensor, width: int, start: int = 0,
+             size: int | None = None) -> torch.Tensor:
+        """Logits of tokens start..start+size (default: all) for decoder states y [..., d]."""
+        end = self.out.out_features if size is None else start + size
+        logits = F.linear(y, self.out.weight[start:end], self.out.bias[start:end])
         if self.cfg.output_head == "prototype":
-            query = memory["pooled"].repeat_interleave(width, 0).unsqueeze(1) + self.query_delta(y)
-            logits = logits + self.log_scale.exp() * (query @ self.prototypes.t())
+            pooled = memory["pooled"].repeat_interleave(width, 0)
+            query = (pooled.unsqueeze(1) if y.dim() == 3 else pooled) + self.query_delta(y)
+            logits = logits + self.log_scale.exp() * (query @ self.prototypes[start:end].t())
         return logits
+
+    def forward(self, memory: dict[str, torch.Tensor], prefix: torch.Tensor, width: int = 1) -> torch.Tensor:
+        """Logits given raw codes prefix [B*width, l] -> [B*width, l+1, V_total] (position l+1 is next)."""
+        return self.head(memory, self.hidden(memory, prefix, width), width)
+
+    def next_log_probs(self, memory: dict[str, torch.Tensor], prefix: torch.Tensor, level: int,
+                       width: int = 1) -> torch.Tensor:
+        """Log-probs over position `level`'s vocabulary only [B*width, V_level]: the last state through
+        that position's slice of the output head. Beam search needs nothing else, and its cost then
+        stays flat when the counter vocabulary grows with the corpus."""
+        y = self.hidden(memory, prefix, width)[:, -1]
+        return self.head(memory, y, width, int(self.offsets[level]), self.vocab_sizes[level]).log_softmax(-1)
 
     def position_log_probs(self, logits: torch.Tensor, level: int) -> torch.Tensor:
         start = int(self.offsets[level])

@@ -36,8 +36,7 @@ class GenerativeRetriever:
         memory = decoder.prepare_memory(states.to(self.device), mask.to(self.device))
 
         def step(prefix: torch.Tensor, level: int, width: int) -> torch.Tensor:
-            logits = decoder(memory, prefix, width)[:, -1]
-            return decoder.position_log_probs(logits, level)
+            return decoder.next_log_probs(memory, prefix, level, width)
 
         items, scores = constrained_beam_search(step, self.trie, len(mask), beam_size, k)
         return items.cpu().numpy(), scores.cpu().numpy()

@@ -48,6 +48,22 @@ def test_vector_queries_memorise_and_retrieve():
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
+@pytest.mark.parametrize("head", ["linear", "prototype"])
+def test_next_log_probs_equal_the_full_forward_at_every_level(head):
+    """Beam search scores only the next position's slice of the output head; it must be exactly
+    what the full forward gives for that position."""
+    queries, table, cfg = vector_setup(output_head=head)
+    model = Generator(cfg).eval()
+    dec = model.decoder
+    with torch.no_grad():
+        torch.nn.init.normal_(dec.out.weight)
+        memory = dec.prepare_memory(*model.encode_queries(queries[:6]))
+        codes = torch.as_tensor(table.codes[:6])
+        for level in range(table.length):
+            full = dec.position_log_probs(dec(memory, codes[:, :level])[:, -1], level)
+            torch.testing.assert_close(dec.next_log_probs(memory, codes[:, :level], level), full)
+
+
 def test_save_load_gives_identical_scores(tmp_path):
     queries, table, cfg = vector_setup()
     model = Generator(cfg).eval()
