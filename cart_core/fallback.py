@@ -88,10 +88,11 @@ class HybridRetriever:
     """A GenerativeRetriever plus a DenseFallback over pending items (same search_batch API);
     with a threshold (acceptance_threshold), confident dense hits go first."""
 
-    def __init__(self, retriever, fallback: DenseFallback, encode_text, threshold: float | None = None):
+    def __init__(self, retriever, fallback: DenseFallback, encode_text, threshold: float | None = None,
+                 table=None):
         self.retriever, self.fallback, self.encode_text = retriever, fallback, encode_text
         self.threshold = threshold
-        self.table = retriever.table
+        self.table = retriever.table if table is None else table  # the generator may decode fewer rows
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = self.retriever.search_batch(queries, k, beam_size)

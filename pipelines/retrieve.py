@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ def servable_manifest(store: Store) -> Manifest:
 
 def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
     """(GenerativeRetriever, IdentifierTable) for one committed version."""
+    from cart_core.fallback import HybridRetriever
     from cart_core.generator import Generator
     from cart_core.retrieval import GenerativeRetriever
     from pipelines.quantize import load_ids
@@ -50,29 +52,36 @@ def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
     with store.local_dir(f"{manifest.generator}/model") as folder:
         generator = Generator.load(folder)
     generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
-    retriever = GenerativeRetriever(generator, table, device=device)
     pending = manifest.extra.get("pending")
-    if pending and generator.text_encoder is not None:
-        retriever = with_fallback(store, pending, retriever, table, generator,
-                                  manifest.extra.get("pending_threshold"))
+    if not (pending and generator.text_encoder is not None):
+        return GenerativeRetriever(generator, table, device=device), table
+    fallback = pending_fallback(store, pending, table)
+    decodable = table
+    if manifest.extra.get("finetune_due"):
+        # the generator has never been trained on the pending items: until their fine-tune, only
+        # the dense fallback returns them, so they draw no probability from old items' prefixes
+        live = table.live.copy()
+        live[fallback.item_rows] = False
+        decodable = replace(table, live=live)
+    retriever = HybridRetriever(GenerativeRetriever(generator, decodable, device=device), fallback,
+                                generator.text_encoder.sentence_embeddings,
+                                manifest.extra.get("pending_threshold"), table=table)
     return retriever, table
 
 
-def with_fallback(store: Store, pending: str, retriever, table, generator, threshold: float | None = None):
-    """Items added since the generator was trained are also searched densely (cart_core/fallback.py)."""
-    from cart_core.fallback import DenseFallback, HybridRetriever
+def pending_fallback(store: Store, pending: str, table):
+    """The dense fallback over the live pending items (cart_core/fallback.py)."""
+    from cart_core.fallback import DenseFallback
+    from cart_core.identifiers import live_rows
     from pipelines.quantize import stack_column
 
     with store.fs.open(store.path(pending), "rb") as f:
         t = pq.read_table(f)
-    from cart_core.identifiers import live_rows
-
     items = t.column("item_id").to_pylist()
     live_row = live_rows(table, items)
     keep = [j for j, i in enumerate(items) if i in live_row]
     vectors = stack_column(t.column("vector").to_numpy(zero_copy_only=False))[keep] if keep else np.zeros((0, 1))
-    fallback = DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors)
-    return HybridRetriever(retriever, fallback, generator.text_encoder.sentence_embeddings, threshold)
+    return DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors)
 
 
 def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.ndarray) -> dict:
