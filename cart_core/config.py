@@ -88,6 +88,7 @@ class ReindexConfig:
     finetune_epochs: int = 8
     finetune_lr: float = 5e-4       # below train.lr: the generator already knows the old items
     rehearsal: float = 8.0          # old pairs replayed per new pair (old items must not regress)
+    distill: float = 0.0            # weight of KL(old generator || fine-tuned) on the replayed pairs
     drift_factor: float = 1.5       # refit due when new items sit this much farther than the fitted ones
     keep_versions: int = 10         # `cart compact` keeps the last N versions
     fallback_fpr: float = 0.02      # share of other items' queries a pending item may displace from rank 1

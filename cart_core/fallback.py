@@ -5,7 +5,7 @@ After an incremental add the new identifiers are in the decoding tables at once,
 generator has never been trained to produce them. Until its fine-tune finishes, the added
 ("pending") items are also searched densely — by the mean MiniLM embedding of their captions,
 the caption-centroid retriever — and the two ranked lists are merged with reciprocal-rank fusion
-(score = sum over lists of 1 / (c + rank)), which needs no calibration between log-probabilities
+(score = best over lists of 1 / (c + rank)), which needs no calibration between log-probabilities
 and cosines.
 
 Reciprocal-rank fusion alone puts a pending item at rank 2 at best whenever the generator returns
@@ -44,8 +44,16 @@ class DenseFallback:
         return self.item_rows[rows], scores
 
 
-def reciprocal_rank_fusion(lists: list[np.ndarray], k: int, c: float = RRF_C) -> tuple[np.ndarray, np.ndarray]:
-    """Merge ranked row lists (each [B, k_i], -1 = empty) into the top k rows per query."""
+def reciprocal_rank_fusion(lists: list[np.ndarray], k: int, c: float = RRF_C,
+                           combine: str = "sum") -> tuple[np.ndarray, np.ndarray]:
+    """Merge ranked row lists (each [B, k_i], -1 = empty) into the top k rows per query.
+
+    combine="sum" is classic RRF; "max" scores a row by its best rank in any list, which
+    interleaves the lists (ties go to the earlier list) and never lets a row outrank another just
+    because it appears in more lists."""
+    if combine not in ("sum", "max"):
+        raise ValueError(f"combine must be 'sum' or 'max', got {combine!r}")
+    merge = (lambda a, b: a + b) if combine == "sum" else max
     b = len(lists[0])
     out_rows = np.full((b, k), -1, dtype=np.int64)
     out_scores = np.zeros((b, k), dtype=np.float32)
@@ -54,8 +62,8 @@ def reciprocal_rank_fusion(lists: list[np.ndarray], k: int, c: float = RRF_C) ->
         for ranked in lists:
             for rank, row in enumerate(ranked[q].tolist()):
                 if row >= 0:
-                    score[row] = score.get(row, 0.0) + 1.0 / (c + rank + 1)
-        best = sorted(score.items(), key=lambda kv: -kv[1])[:k]
+                    score[row] = merge(score.get(row, 0.0), 1.0 / (c + rank + 1))
+        best = sorted(score.items(), key=lambda kv: -kv[1])[:k]  # stable: ties keep first-seen order
         for j, (row, s) in enumerate(best):
             out_rows[q, j], out_scores[q, j] = row, s
     return out_rows, out_scores
@@ -101,7 +109,9 @@ class HybridRetriever:
         dense_rows, dense_scores = self.fallback.search(self.encode_text(list(queries)), k)
         live = self.table.live
         dense_rows = np.where(dense_rows >= 0, np.where(live[dense_rows.clip(0)], dense_rows, -1), -1)
-        fused, fused_scores = reciprocal_rank_fusion([rows, dense_rows], k)
+        # max, not sum: once the generator has learned the pending items they sit in both lists,
+        # and summing would rank them above the generator's own first answer for old queries
+        fused, fused_scores = reciprocal_rank_fusion([rows, dense_rows], k, combine="max")
         if self.threshold is None:
             return fused, fused_scores
         ranked = accept_first(fused, dense_rows, dense_scores, self.threshold, k)

@@ -113,13 +113,19 @@ def train_generator(
     parallel: DataParallel | None = None,
     resume: TrainState | None = None,
     checkpoint: Callable[[int, dict, torch.optim.Optimizer, object], None] | None = None,
+    teacher: Generator | None = None,
+    distill: np.ndarray | None = None,
+    distill_weight: float = 0.0,
 ) -> dict:
     """Fit the decoder (and vector projector) on queries[i] -> codes[i]; returns a loss history.
 
     `weights[i]` scales pair i's loss (pseudo-queries count less than human captions).
     `on_epoch_end(epoch, history)` runs after every epoch (validation); `checkpoint(epoch,
     history, optimizer, scheduler)` too, for saving a resumable state. Batch order and dropout
-    are seeded per epoch, so a run resumed from a checkpoint continues as the original would."""
+    are seeded per epoch, so a run resumed from a checkpoint continues as the original would.
+    With a `teacher` (the generator before a fine-tune), pairs with `distill[i] > 0` also pay
+    `distill_weight` x KL(teacher || student) at every identifier position, teacher-forced on their
+    own identifier: the fine-tune keeps old queries' predictions instead of only replaying them."""
     if len(queries) != len(codes):
         raise ValueError(f"{len(queries)} queries but {len(codes)} target identifiers")
     if len(codes) == 0:
@@ -128,6 +134,11 @@ def train_generator(
     device = next(generator.decoder.parameters()).device
     targets = torch.as_tensor(np.asarray(codes), dtype=torch.long)
     pair_weight = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    distill_mask = None
+    if teacher is not None and distill_weight > 0:
+        distill_mask = torch.as_tensor(np.ones(len(codes)) if distill is None else np.asarray(distill),
+                                       dtype=torch.float32)
+        teacher.eval()
     cache = StateCache.build(generator, queries, progress=progress) if generator.text_encoder else None
     vectors = None if cache else torch.as_tensor(np.asarray(queries), dtype=torch.float32)
     params = [p for n, p in generator.named_parameters() if p.requires_grad and not n.startswith("text_encoder.")]
@@ -175,6 +186,11 @@ def train_generator(
                 w = None if pair_weight is None else pair_weight[idx].to(device)
                 nll, kl = identifier_nll(logp, y, w), torch.zeros(())
             loss = nll + cfg.rdrop_weight * kl
+            if distill_mask is not None:
+                student = logp if cfg.rdrop_weight <= 0 else [lp[: len(y)] for lp in logp]
+                t_states, t_mask = (states, mask) if cache else teacher.encode_queries(vectors[idx].to(device))
+                loss = loss + distill_weight * teacher_kl(teacher, t_states, t_mask, y, student,
+                                                          distill_mask[idx].to(device))
             opt.zero_grad()
             loss.backward()
             if parallel.sync_grads is not None:
@@ -195,3 +211,16 @@ def train_generator(
     history["train_s"] = time.perf_counter() - start_time
     history["pairs"] = int(len(targets))
     return history
+
+
+def teacher_kl(teacher: Generator, states: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor,
+               student: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of weight x sum over positions of KL(teacher || student), teacher-forced.
+    A position whose vocabulary the student has widened is compared on the teacher's tokens: mass
+    the student moves to tokens the teacher never had counts against it."""
+    with torch.no_grad():
+        target = teacher.decoder.sequence_log_probs(teacher.decoder.prepare_memory(states, mask), codes)
+    total = torch.zeros(len(codes), device=codes.device)
+    for t, s in zip(target, student):
+        total = total + (t.exp() * (t - s[:, : t.shape[1]])).sum(-1)
+    return (weight * total).sum() / max(len(codes), 1)

@@ -62,9 +62,12 @@ def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = No
         raise StoreError(f"{store.url}: no training query names an item with an identifier")
     weight = np.where(pairs["source"].to_numpy() == "pseudo", cfg.jobs.pseudo_query_weight, 1.0)
     codes = table.codes[pairs["row"].to_numpy()].astype(np.int32)
+    # a fine-tune distils the old generator on the replayed pairs only (new items are to be learned)
+    distill = (~pairs["item_id"].isin(set(finetune.items))).to_numpy() if finetune else np.zeros(len(pairs), bool)
     out = pa.table({"text": pa.array(pairs["text"].astype(str).tolist()),
                     "codes": pa.array(list(codes), pa.list_(pa.int32())),
-                    "weight": pa.array(weight.astype(np.float32))})
+                    "weight": pa.array(weight.astype(np.float32)),
+                    "distill": pa.array(distill.astype(np.float32))})
     return out, {"counts": counts, "vocab_sizes": table.vocab_sizes, "ids": manifest.ids}
 
 
@@ -74,13 +77,14 @@ def latest_checkpoint(store: Store, run: str) -> str | None:
     return f"generator/{run}/checkpoints/{max(complete)}" if complete else None
 
 
-def _collect_shard(shard) -> tuple[list[str], np.ndarray, np.ndarray]:
-    texts, codes, weights = [], [], []
+def _collect_shard(shard) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    texts, codes, weights, distill = [], [], [], []
     for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
         texts += [str(t) for t in batch["text"]]
         codes.append(np.stack(list(batch["codes"])).astype(np.int64))
         weights.append(np.asarray(batch["weight"], dtype=np.float32))
-    return texts, np.concatenate(codes), np.concatenate(weights)
+        distill.append(np.asarray(batch["distill"], dtype=np.float32))
+    return texts, np.concatenate(codes), np.concatenate(weights), np.concatenate(distill)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -100,7 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = config_from_dict(config["cfg"])
     store = Store(config["store"])
-    texts, codes, weights = _collect_shard(ray.train.get_dataset_shard("train"))
+    texts, codes, weights, distill = _collect_shard(ray.train.get_dataset_shard("train"))
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
     resume = None
@@ -114,6 +118,10 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         generator = Generator(replace(cfg.generator, vocab_sizes=config["vocab_sizes"]))
     generator.to(device)
+    teacher = None
+    if config.get("init_from") and cfg.reindex.distill > 0:  # the generator before this fine-tune
+        with store.local_dir(config["init_from"]) as folder:
+            teacher = Generator.load(folder, text_encoder=generator.text_encoder).to(device)
     steps = math.ceil(len(codes) / cfg.train.batch_size)
     sync = None
     if world > 1:
@@ -144,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_generator(generator, texts, codes, cfg.train, progress=rank == 0, weights=weights,
                     parallel=DataParallel(steps_per_epoch=steps, sync_grads=sync), resume=resume,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint, teacher=teacher, distill=distill, distill_weight=cfg.reindex.distill)
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,

@@ -141,3 +141,25 @@ def test_finetuned_top_layer_changes_and_round_trips(tmp_path):
     b = GenerativeRetriever(loaded, table).search(texts[:4], k=2, beam_size=4)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-5)
+
+
+def test_distillation_keeps_old_pairs_that_are_no_longer_trained_on():
+    """Old pairs with loss weight 0 are only held by KL to the teacher: with it the fine-tuned
+    model still retrieves them, without it it forgets them for the new targets."""
+    queries, table, cfg = vector_setup(n=40)
+    cfg = dataclasses.replace(cfg, dropout=0.0)
+    train_cfg = TrainConfig(epochs=60, batch_size=20, lr=3e-3, rdrop_weight=0)
+    teacher = Generator(cfg)
+    train_generator(teacher, queries, table.codes, train_cfg, progress=False)
+    new_codes = table.codes.copy()
+    new_codes[:20] = table.codes[20:]  # the first 20 queries are taught other items' identifiers ...
+    weights = np.r_[np.ones(20), np.zeros(20)].astype(np.float32)  # ... the last 20 get no loss of their own
+    old = {}
+    for weight in (0.0, 1.0):
+        student = Generator(cfg)
+        student.load_state_dict(teacher.state_dict())
+        train_generator(student, queries, new_codes, dataclasses.replace(train_cfg, epochs=30), progress=False,
+                        weights=weights, teacher=teacher, distill=1 - weights, distill_weight=weight)
+        rows, _ = GenerativeRetriever(student, table).search(queries[20:], k=1, beam_size=5)
+        old[weight] = retrieval_metrics(rows, np.arange(20, 40))["R@1"]
+    assert old[1.0] >= 90 and old[1.0] > old[0.0] + 20, old

@@ -94,3 +94,12 @@ def test_accept_first_puts_confident_dense_hits_ahead_of_the_fused_ranking():
     dense_scores = np.array([[0.9, 0.8], [0.4, 0.3]])
     ranked = accept_first(fused, dense_rows, dense_scores, threshold=0.5, k=4)
     assert ranked.tolist() == [[9, 6, 5, 7], [5, 6, 7, -1]]
+
+
+def test_max_fusion_interleaves_without_rewarding_rows_found_twice():
+    generative = np.array([[1, 2, 7]])
+    dense = np.array([[7, 8, -1]])
+    summed, _ = reciprocal_rank_fusion([generative, dense], 4)
+    best, _ = reciprocal_rank_fusion([generative, dense], 4, combine="max")
+    assert summed[0, 0] == 7  # in both lists: ahead of the generator's own first answer
+    assert best[0].tolist() == [1, 7, 2, 8]
