@@ -278,7 +278,9 @@ def main() -> None:
             "datasets": args.datasets, "wall_s": time.perf_counter() - started}
     meta_path = out / "quality.meta.json"
     if args.append and meta_path.exists():  # keep the record of the run the other rows came from
-        meta = {**json.loads(meta_path.read_text()), "appended": meta}
+        first = json.loads(meta_path.read_text())
+        appended = first.get("appended", [])
+        meta = {**first, "appended": (appended if isinstance(appended, list) else [appended]) + [meta]}
     meta_path.write_text(json.dumps(meta, indent=2))
 
 

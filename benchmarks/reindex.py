@@ -59,7 +59,7 @@ def subset(src: Path, dest: Path, ids: list[str], caption_indices: list[int] | N
 
 
 def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str, set[str]], cfg,
-             fallback: bool = True) -> dict:
+             fallback: bool = True, threshold: float | None = None) -> dict:
     """R@1/5/10 per group of gold items, with the committed (servable) version, in one process
     (fallback=False: the generator alone, without the dense fallback over pending items)."""
     from dataclasses import replace
@@ -70,6 +70,8 @@ def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str
     if not fallback:
         manifest = replace(manifest, extra={**manifest.extra, "pending": None})
     retriever, table = load_retriever(store, manifest)
+    if threshold is not None and hasattr(retriever, "threshold"):  # a gate other than the committed one
+        retriever.threshold = threshold
     rows = []
     for start in range(0, len(queries), 64):
         r, _ = retriever.search_batch(queries[start:start + 64], 10, max(cfg.eval.beam_size, 10))
@@ -83,6 +85,24 @@ def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str
         m = retrieval_metrics(rows[mask], gold_rows[mask])
         out[name] = {k: m[k] for k in ("R@1", "R@5", "R@10", "queries")}
     return out
+
+
+GATE_FPRS = (0.01, 0.05, 0.1)
+
+
+def gate_thresholds(store: Store, cfg) -> dict[float, float]:
+    """The fallback's acceptance threshold at other false-positive rates than the configured one
+    (same impostor captions and pending vectors as the committed threshold)."""
+    from cart_core.fallback import acceptance_threshold
+    from pipelines.quantize import stack_column
+    from pipelines.reindex import impostor_queries
+
+    manifest = store.manifest()
+    with store.fs.open(store.path(manifest.extra["pending"]), "rb") as f:
+        pending = pq.read_table(f)
+    vectors = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
+    impostors = impostor_queries(store, manifest, cfg, set(pending.column("item_id").to_pylist()))
+    return {fpr: acceptance_threshold(impostors, vectors, fpr) for fpr in GATE_FPRS}
 
 
 def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> dict:
@@ -125,8 +145,13 @@ def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> d
     summary = timed("reindex_ids", lambda: run_reindex(inc, cfg, add=str(new / "items.parquet"),
                                                        captions=str(new / "captions.parquet"), finetune=False))
     results["reindex_fallback"] = group_r1(inc, queries, gold, groups, cfg)
+    gates = gate_thresholds(inc, cfg)
+    for fpr, tau in gates.items():
+        results[f"reindex_fallback@fpr={fpr}"] = group_r1(inc, queries, gold, groups, cfg, threshold=tau)
     timed("reindex_finetune", lambda: run_reindex(inc, cfg, add=str(new / "items.parquet")))
     results["reindex_finetuned"] = group_r1(inc, queries, gold, groups, cfg)  # the state the index stays in
+    for fpr, tau in gates.items():
+        results[f"reindex_finetuned@fpr={fpr}"] = group_r1(inc, queries, gold, groups, cfg, threshold=tau)
     results["reindex_finetuned_generator_only"] = group_r1(inc, queries, gold, groups, cfg, fallback=False)
     full = Store(tmp / "full")
     if reuse is None:
