@@ -59,7 +59,7 @@ def subset(src: Path, dest: Path, ids: list[str], caption_indices: list[int] | N
 
 
 def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str, set[str]], cfg,
-             fallback: bool = True, threshold: float | None = None) -> dict:
+             fallback: bool = True, threshold: float | None = None, interleave: int | None = None) -> dict:
     """R@1/5/10 per group of gold items, with the committed (servable) version, in one process
     (fallback=False: the generator alone, without the dense fallback over pending items)."""
     from dataclasses import replace
@@ -72,6 +72,8 @@ def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str
     retriever, table = load_retriever(store, manifest)
     if threshold is not None and hasattr(retriever, "threshold"):  # a gate other than the committed one
         retriever.threshold = threshold
+    if interleave is not None and hasattr(retriever, "interleave"):
+        retriever.interleave = interleave
     rows = []
     for start in range(0, len(queries), 64):
         r, _ = retriever.search_batch(queries[start:start + 64], 10, max(cfg.eval.beam_size, 10))
@@ -148,7 +150,7 @@ def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> d
     gates = gate_thresholds(inc, cfg)
     for fpr, tau in gates.items():
         results[f"reindex_fallback@fpr={fpr}"] = group_r1(inc, queries, gold, groups, cfg, threshold=tau)
-    timed("reindex_finetune", lambda: run_reindex(inc, cfg, add=str(new / "items.parquet")))
+    timed("reindex_finetune", lambda: run_reindex(inc, cfg, add=str(new / "items.parquet"), finetune=True))
     results["reindex_finetuned"] = group_r1(inc, queries, gold, groups, cfg)  # the state the index stays in
     for fpr, tau in gates.items():
         results[f"reindex_finetuned@fpr={fpr}"] = group_r1(inc, queries, gold, groups, cfg, threshold=tau)
@@ -225,7 +227,7 @@ def part_scale(out: Path, n: int, n_add: int, overrides: list[str], reuse: Path 
     # the same add with the new items' captions: + caption embeddings and the calibrated fallback
     with_caps = timed("reindex_add_ids_and_fallback", lambda: run_reindex(
         store, cfg, add=str(tmp / "add.parquet"), captions=str(tmp / "add_captions.parquet"), finetune=False))
-    timed("reindex_finetune", lambda: run_reindex(store, cfg, add=str(tmp / "add.parquet")))
+    timed("reindex_finetune", lambda: run_reindex(store, cfg, add=str(tmp / "add.parquet"), finetune=True))
     full = Store(tmp / "full")
     if reuse is None:
         timed("import_full", lambda: run_import(full, str(tmp / "all.parquet")))

@@ -97,9 +97,10 @@ class HybridRetriever:
     with a threshold (acceptance_threshold), confident dense hits go first."""
 
     def __init__(self, retriever, fallback: DenseFallback, encode_text, threshold: float | None = None,
-                 table=None):
+                 table=None, interleave: int | None = None):
         self.retriever, self.fallback, self.encode_text = retriever, fallback, encode_text
         self.threshold = threshold
+        self.interleave = interleave  # at most this many dense hits below the threshold are merged in
         self.table = retriever.table if table is None else table  # the generator may decode fewer rows
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +110,11 @@ class HybridRetriever:
         dense_rows, dense_scores = self.fallback.search(self.encode_text(list(queries)), k)
         live = self.table.live
         dense_rows = np.where(dense_rows >= 0, np.where(live[dense_rows.clip(0)], dense_rows, -1), -1)
+        if self.interleave is not None and self.threshold is not None:
+            # below the threshold only the first `interleave` dense hits compete for a place, so old
+            # queries keep their generative ranks 2..k (hits are sorted by score: accepted ones first)
+            below = np.cumsum(dense_scores < self.threshold, axis=1)
+            dense_rows = np.where((dense_scores >= self.threshold) | (below <= self.interleave), dense_rows, -1)
         # max, not sum: once the generator has learned the pending items they sit in both lists,
         # and summing would rank them above the generator's own first answer for old queries
         fused, fused_scores = reciprocal_rank_fusion([rows, dense_rows], k, combine="max")

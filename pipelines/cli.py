@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", help="items.parquet with new features for existing item_ids")
     p.add_argument("--captions", help="captions.parquet for added / updated / existing items")
     p.add_argument("--delete", help="item_ids to delete: a text file (one per line) or a Parquet item_id column")
-    p.add_argument("--no-finetune", action="store_true", help="commit identifiers only; fine-tune later")
+    tune = p.add_mutually_exclusive_group()
+    tune.add_argument("--finetune", action="store_true",
+                      help="also fine-tune the generator on the pending items (default: reindex.finetune)")
+    tune.add_argument("--no-finetune", action="store_true", help="commit identifiers only; fine-tune later")
     p = _job_parser(sub, "rollback", "make an earlier committed version the current one")
     p.add_argument("version", type=int)
     p = _job_parser(sub, "compact", "reclaim storage of deleted items and of versions older than the last N")
@@ -127,7 +130,8 @@ def run_command(args) -> None:
         if not (args.add or args.update or args.delete or args.captions):
             raise ValueError("nothing to do: give --add, --update, --delete and/or --captions")
         run_reindex(store, cfg, add=args.add, captions=args.captions, delete=args.delete, update=args.update,
-                    finetune=False if args.no_finetune else None, address=args.address)
+                    finetune=False if args.no_finetune else (True if args.finetune else None),
+                    address=args.address)
     elif args.command == "rollback":
         from pipelines.reindex import run_rollback
 

@@ -1,15 +1,18 @@
 """`cart reindex`: add, update and delete items in a live index without rebuilding it.
 
-Two commits, each a complete, servable version:
+Up to two commits, each a complete, servable version:
 
 1. **Identifiers** (seconds): the codebooks stay frozen; new items get `(k, v1..vM)` from the
    fitted K-Means and RQ-VAE and a counter after every row already under their prefix, so no
-   existing identifier changes and no deleted one is reused. Deleted items are tombstoned in the
-   id table (the decoding tables mask them) and their feature rows are listed in `tombstones/`.
-   The generator is unchanged; the added items are findable at once through a dense fallback
-   over their caption embeddings, merged into the generative ranking (cart_core/fallback.py).
-2. **Generator** (a short Ray Train fine-tune): the new items' queries plus a replayed sample of
-   old ones, starting from the committed generator; committing it retires the fallback.
+   existing identifier changes and no deleted one is reused. The id table is written as a delta
+   (appended rows + tombstoned rows; docs/design.md §7). Deleted items are tombstoned (the
+   decoding tables mask them) and their feature rows are listed in `tombstones/`. The generator is
+   unchanged and does not decode the added ("pending") items yet; they are findable at once
+   through a dense fallback over their caption embeddings with a calibrated acceptance threshold
+   (cart_core/fallback.py).
+2. **Generator** (`--finetune` / `reindex.finetune`; a short Ray Train fine-tune): the pending
+   items' queries plus a replayed sample of old ones, optionally distilled from the committed
+   generator. The fallback stays (`reindex.keep_fallback`) until a full `cart train`.
 
 Each commit is a manifest swap; a run killed anywhere leaves the previous version intact, and
 rerunning the same command finishes the work (everything already applied is skipped, and a
@@ -336,7 +339,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
         t0 = time.perf_counter()
         commit_identifiers(store, manifest, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift,
                            base_rows=len(table.item_ids), id_deltas=cfg.reindex.id_deltas,
-                           impostors=impostors, fallback_fpr=cfg.reindex.fallback_fpr)
+                           impostors=impostors, fallback_fpr=cfg.reindex.fallback_fpr,
+                           fallback_interleave=cfg.reindex.fallback_interleave)
         manifest = store.manifest()
         summary.time("write_commit_s", t0)
     else:
@@ -351,7 +355,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
         result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
                                                          cfg.reindex.finetune_epochs),
                            commit_extra={"finetune_due": False, **({} if cfg.reindex.keep_fallback else
-                                                                   {"pending": None, "pending_threshold": None})},
+                                                                   {"pending": None, "pending_threshold": None,
+                                                                    "pending_interleave": None})},
                            before_commit=lambda: crash_point("after_training"),
                            address=address)
         summary.extra.update(finetune={k: result[k] for k in ("run", "counts", "timings")},
@@ -361,7 +366,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
 
 def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, table: IdentifierTable,
                        learn: list[str], cap_vec: np.ndarray, new_caps: list, ids_meta: dict, drift: dict,
-                       base_rows: int, id_deltas: int, impostors: np.ndarray, fallback_fpr: float) -> None:
+                       base_rows: int, id_deltas: int, impostors: np.ndarray, fallback_fpr: float,
+                       fallback_interleave: int) -> None:
     update = {}
     if plan["encode_ids"]:
         feats = features_table(plan["encode_ids"], np.asarray(plan["encode_emb"], dtype=np.float32),
@@ -397,6 +403,7 @@ def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, t
     crash_point("after_ids")
     # the generator stays valid: no existing identifier changed (new counter tokens are grown at load)
     extra.update(generator_ids=f"ids/{run}", pending=pending, pending_threshold=threshold,
+                 pending_interleave=fallback_interleave,
                  finetune_due=bool(pending) and (bool(has_caption) or bool(extra.get("finetune_due"))),
                  vocab_sizes=table.vocab_sizes)
     crash_point("before_commit")

@@ -65,7 +65,8 @@ def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
         decodable = replace(table, live=live)
     retriever = HybridRetriever(GenerativeRetriever(generator, decodable, device=device), fallback,
                                 generator.text_encoder.sentence_embeddings,
-                                manifest.extra.get("pending_threshold"), table=table)
+                                manifest.extra.get("pending_threshold"), table=table,
+                                interleave=manifest.extra.get("pending_interleave"))
     return retriever, table
 
 

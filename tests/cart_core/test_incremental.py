@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cart_core.fallback import DenseFallback, accept_first, acceptance_threshold, reciprocal_rank_fusion
+from cart_core.fallback import DenseFallback, HybridRetriever, accept_first, acceptance_threshold, reciprocal_rank_fusion
 from cart_core.generator import Generator, GeneratorConfig
 from cart_core.identifiers import IdentifierTable, appended_rows, apply_delta, build_identifiers, extend_identifiers
 from cart_core.trie import DecodingTrie
@@ -103,3 +103,25 @@ def test_max_fusion_interleaves_without_rewarding_rows_found_twice():
     best, _ = reciprocal_rank_fusion([generative, dense], 4, combine="max")
     assert summed[0, 0] == 7  # in both lists: ahead of the generator's own first answer
     assert best[0].tolist() == [1, 7, 2, 8]
+
+
+class FixedRanking:
+    """A retriever that always answers rows 0, 1, 2, 3 (the generative side of a hybrid)."""
+
+    def __init__(self, n: int):
+        self.table = IdentifierTable(np.array([str(i) for i in range(n)], dtype=object), np.zeros((n, 2), np.int64),
+                                     [1, n], np.ones(n, dtype=bool))
+
+    def search_batch(self, queries, k, beam_size):
+        return np.tile(np.arange(4), (len(queries), 1))[:, :k], np.zeros((len(queries), k), np.float32)
+
+
+@pytest.mark.parametrize("interleave, expected", [(None, [0, 8, 1, 9, 2, 3]), (1, [0, 8, 1, 2, 3, -1])])
+def test_hybrid_merges_at_most_interleave_dense_hits_below_the_threshold(interleave, expected):
+    pending = np.array([[1.0, 0.0], [0.8, 0.6]])
+    hybrid = HybridRetriever(FixedRanking(10), DenseFallback(np.array([8, 9]), pending),
+                             lambda texts: np.array([[1.0, 0.0]] * len(texts)), threshold=1.5, interleave=interleave)
+    rows, _ = hybrid.search_batch(["q"], k=6)
+    assert rows[0].tolist() == expected
+    hybrid.threshold = 0.9  # row 8 (cosine 1.0) now clears the threshold and goes first
+    assert hybrid.search_batch(["q"], k=3)[0][0].tolist() == [8, 0, 1]

@@ -86,14 +86,14 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     hit_fallback = np.mean([q in found[q] for q in base["new_ids"]])
     assert hit_fallback >= 0.5, hit_fallback  # findable before any fine-tune (dense fallback)
 
-    again = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))  # duplicate add
+    again = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=True)  # duplicate add
     assert again["counts"]["duplicate_adds"] == N_NEW and again["counts"]["added"] == 0
     tuned = store.manifest()  # ... but the pending fine-tune is finished by this run
     assert tuned.version == v0 + 2 and not tuned.extra["finetune_due"] and tuned.generator != manifest.generator
     assert tuned.extra["pending"] == manifest.extra["pending"]  # reindex.keep_fallback: the fallback stays
     found = results(store, base, tmp_path)
     assert np.mean([q in found[q] for q in base["new_ids"]]) >= 0.3
-    untouched = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))
+    untouched = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=True)
     assert store.manifest().version == tuned.version and untouched["counts"]["added"] == 0
     from pipelines.train import run_train
 
@@ -149,7 +149,7 @@ def test_crash_at_any_step_keeps_the_old_version_and_rerun_completes(base, tmp_p
     args = dict(add=str(base["new"] / "items.parquet"), captions=str(base["new"] / "captions.parquet"))
     monkeypatch.setenv("CART_CRASH_AT", point)
     with pytest.raises(Exception, match=f"injected crash at {point}"):
-        run_reindex(store, small_config("reindex.finetune_epochs=1"), **args)
+        run_reindex(store, small_config("reindex.finetune_epochs=1"), finetune=True, **args)
     after_crash = store.manifest()
     if point == "after_training":  # the identifiers commit had landed; the fine-tune had not
         assert after_crash.version == before.version + 1 and after_crash.extra["pending"]
@@ -157,7 +157,7 @@ def test_crash_at_any_step_keeps_the_old_version_and_rerun_completes(base, tmp_p
         assert after_crash == before
     assert is_servable(after_crash)
     monkeypatch.delenv("CART_CRASH_AT")
-    run_reindex(store, small_config("reindex.finetune_epochs=1"), **args)
+    run_reindex(store, small_config("reindex.finetune_epochs=1"), finetune=True, **args)
     done = store.manifest()
     assert done.extra["pending"] and not done.extra["finetune_due"] and done.generator != before.generator
     table, _ = load_ids(store, done)
