@@ -113,7 +113,7 @@ class HybridRetriever:
         if self.interleave is not None and self.threshold is not None:
             # below the threshold only the first `interleave` dense hits compete for a place, so old
             # queries keep their generative ranks 2..k (hits are sorted by score: accepted ones first)
-            below = np.cumsum(dense_scores < self.threshold, axis=1)
+            below = np.cumsum((dense_rows >= 0) & (dense_scores < self.threshold), axis=1)
             dense_rows = np.where((dense_scores >= self.threshold) | (below <= self.interleave), dense_rows, -1)
         # max, not sum: once the generator has learned the pending items they sit in both lists,
         # and summing would rank them above the generator's own first answer for old queries

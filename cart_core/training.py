@@ -168,6 +168,7 @@ def train_generator(
         batches = _batches(len(targets), cfg.batch_size, gen, cache.mask.sum(1) if cache else None)
         for idx in batches[:steps_per_epoch]:
             states, mask = cache.batch(idx, device) if cache else generator.encode_queries(vectors[idx].to(device))
+            frozen_states = states  # before the student's tuned top layers: the teacher runs its own
             if tuned:
                 n = len(tuned)
                 top = generator.text_encoder.run_top_layers(states[:, -n - 1], mask, n)
@@ -188,7 +189,8 @@ def train_generator(
             loss = nll + cfg.rdrop_weight * kl
             if distill_mask is not None:
                 student = logp if cfg.rdrop_weight <= 0 else [lp[: len(y)] for lp in logp]
-                t_states, t_mask = (states, mask) if cache else teacher.encode_queries(vectors[idx].to(device))
+                t_states, t_mask = teacher_states(teacher, frozen_states, mask, vectors[idx].to(device)
+                                                  if cache is None else None)
                 loss = loss + distill_weight * teacher_kl(teacher, t_states, t_mask, y, student,
                                                           distill_mask[idx].to(device))
             opt.zero_grad()
@@ -211,6 +213,21 @@ def train_generator(
     history["train_s"] = time.perf_counter() - start_time
     history["pairs"] = int(len(targets))
     return history
+
+
+@torch.no_grad()
+def teacher_states(teacher: Generator, frozen: torch.Tensor, mask: torch.Tensor,
+                   vectors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's encoder states: its own vector encoder for vector queries; for text, the frozen
+    layers' cached states with the teacher's own tuned top layers (if any) run on top."""
+    if vectors is not None:
+        return teacher.encode_queries(vectors)
+    tuned = teacher.tuned_encoder_layers()
+    if not tuned:
+        return frozen, mask
+    n = len(tuned)
+    top = teacher.text_encoder.run_top_layers(frozen[:, -n - 1], mask, n)
+    return torch.cat([frozen[:, :-n], top], dim=1), mask
 
 
 def teacher_kl(teacher: Generator, states: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor,

@@ -235,26 +235,54 @@ def apply_identifiers(table: IdentifierTable, plan: dict, prefix: np.ndarray) ->
     return table, append_ids
 
 
-def write_pending(store: Store, folder: str, item_ids: list[str], vectors: np.ndarray,
-                  previous: str | None) -> tuple[str | None, np.ndarray]:
-    """The dense-fallback table for items the generator has not learned yet (carried over from
-    earlier reindexes since the last full training); returns its path and all its vectors."""
-    ids, vecs = list(item_ids), [v for v in vectors]
+def write_pending(store: Store, folder: str, run: str, item_ids: list[str], vectors: np.ndarray,
+                  previous: str | None, table: IdentifierTable) -> tuple[str | None, pa.Table | None]:
+    """The dense-fallback table: every item added since the last full training (carried over from
+    earlier reindexes) that is still live, with the reindex run that added it (`run`: a fine-tune
+    records which runs it has taught the generator, extra.pending_trained)."""
+    ids, vecs, runs = list(item_ids), [v for v in vectors], [run] * len(item_ids)
     if previous:
         with store.fs.open(store.path(previous), "rb") as f:
             old = pq.read_table(f)
-        keep = [i for i, item in enumerate(old.column("item_id").to_pylist()) if item not in set(ids)]
-        ids = [old.column("item_id")[i].as_py() for i in keep] + ids
+        old_ids = old.column("item_id").to_pylist()
+        old_runs = pending_runs(old, previous)
+        live = live_rows(table, old_ids)
+        replaced = set(ids)
+        keep = [i for i, item in enumerate(old_ids) if item not in replaced and item in live]
         old_vecs = np.stack(old.column("vector").to_numpy(zero_copy_only=False)) if old.num_rows else None
+        ids = [old_ids[i] for i in keep] + ids
         vecs = [old_vecs[i] for i in keep] + vecs
+        runs = [old_runs[i] for i in keep] + runs
     if not ids:
-        return None, np.zeros((0, 1), np.float32)
+        return None, None
     stacked = np.asarray(np.stack(vecs), dtype=np.float32)
-    flat = stacked.reshape(-1)
-    store.write_table(pa.table({"item_id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat),
-                                                                                           stacked.shape[1])}),
-                      f"{folder}/pending.parquet")
-    return f"{folder}/pending.parquet", stacked
+    pending = pa.table({"item_id": ids, "run": runs,
+                        "vector": pa.FixedSizeListArray.from_arrays(pa.array(stacked.reshape(-1)), stacked.shape[1])})
+    store.write_table(pending, f"{folder}/pending.parquet")
+    return f"{folder}/pending.parquet", pending
+
+
+def pending_runs(pending: pa.Table, path: str | None) -> list[str]:
+    """The reindex run that added each pending row (a table written before runs were recorded
+    counts as one run named by its path)."""
+    if "run" in pending.column_names:
+        return [str(r) for r in pending.column("run").to_pylist()]
+    return [str(path)] * pending.num_rows
+
+
+def untrained_pending(pending: pa.Table, extra: dict) -> list[str]:
+    """Pending items no fine-tune has taught the generator yet."""
+    trained = set(extra.get("pending_trained") or [])
+    runs = pending_runs(pending, extra.get("pending"))
+    return [item for item, r in zip(pending.column("item_id").to_pylist(), runs) if r not in trained]
+
+
+def read_pending(store: Store, manifest: Manifest) -> pa.Table | None:
+    path = manifest.extra.get("pending")
+    if not path:
+        return None
+    with store.fs.open(store.path(path), "rb") as f:
+        return pq.read_table(f)
 
 
 def impostor_queries(store: Store, manifest: Manifest, cfg: CartConfig, exclude: set[str]) -> np.ndarray:
@@ -312,12 +340,11 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     cap_vec = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
     summary.time("caption_embed_s", t0)  # for ids from captions and for the dense fallback
     t0 = time.perf_counter()
-    pending_before = set()
-    if manifest.extra.get("pending"):
-        with store.fs.open(store.path(manifest.extra["pending"]), "rb") as f:
-            pending_before = set(pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist())
+    previous = read_pending(store, manifest)
+    pending_before = set(previous.column("item_id").to_pylist()) if previous is not None else set()
+    # the threshold is recalibrated whenever a fallback will exist (new captioned items or carried over)
     impostors = impostor_queries(store, manifest, cfg, set(plan["encode_ids"]) | pending_before) \
-        if len(cap_ids) else np.zeros((0, 384), np.float32)
+        if len(cap_ids) or pending_before else np.zeros((0, 384), np.float32)
     summary.time("fallback_calibration_s", t0)
     t0 = time.perf_counter()
     codes = encode(codebooks, identifier_inputs(id_cfg.source, emb, cap_vec if id_cfg.source != "features" else None)) \
@@ -347,16 +374,18 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
         log("reindex", "nothing to change: every add, update and delete is already applied")
     summary.extra.update(version=manifest.version, pending_threshold=manifest.extra.get("pending_threshold"))
     finetune = cfg.reindex.finetune if finetune is None else finetune
-    pending = manifest.extra.get("pending")
-    if finetune and pending and manifest.extra.get("finetune_due", True):
-        with store.fs.open(store.path(pending), "rb") as f:
-            items = pq.read_table(f, columns=["item_id"]).column("item_id").to_pylist()
+    pending = read_pending(store, manifest)
+    items = untrained_pending(pending, manifest.extra) if pending is not None else []
+    if finetune and items:
         cfg = replace(cfg, train=replace(cfg.train, lr=cfg.reindex.finetune_lr))
         result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
                                                          cfg.reindex.finetune_epochs),
-                           commit_extra={"finetune_due": False, **({} if cfg.reindex.keep_fallback else
-                                                                   {"pending": None, "pending_threshold": None,
-                                                                    "pending_interleave": None})},
+                           commit_extra={"finetune_due": False,
+                                         "pending_trained": sorted(set(pending_runs(pending,
+                                                                                    manifest.extra["pending"]))),
+                                         **({} if cfg.reindex.keep_fallback else
+                                             {"pending": None, "pending_threshold": None,
+                                              "pending_interleave": None})},
                            before_commit=lambda: crash_point("after_training"),
                            address=address)
         summary.extra.update(finetune={k: result[k] for k in ("run", "counts", "timings")},
@@ -396,15 +425,17 @@ def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, t
     else:  # the chain is long enough: write the whole table again
         save_ids(store, table, f"ids/{run}", meta)
         extra["ids_chain"] = []
-    pending, pending_vecs = write_pending(store, f"ids/{run}", [plan["encode_ids"][r] for r in has_caption],
-                                          cap_vec[has_caption], extra.get("pending"))
-    threshold = acceptance_threshold(impostors, pending_vecs, fallback_fpr) \
-        if pending and len(impostors) else None
+    pending, pending_table = write_pending(store, f"ids/{run}", run, [plan["encode_ids"][r] for r in has_caption],
+                                           cap_vec[has_caption], extra.get("pending"), table)
+    threshold = None
+    if pending and len(impostors):
+        vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))
+        threshold = acceptance_threshold(impostors, vectors, fallback_fpr)
     crash_point("after_ids")
     # the generator stays valid: no existing identifier changed (new counter tokens are grown at load)
     extra.update(generator_ids=f"ids/{run}", pending=pending, pending_threshold=threshold,
                  pending_interleave=fallback_interleave,
-                 finetune_due=bool(pending) and (bool(has_caption) or bool(extra.get("finetune_due"))),
+                 finetune_due=bool(pending) and bool(untrained_pending(pending_table, extra)),
                  vocab_sizes=table.vocab_sizes)
     crash_point("before_commit")
     new = store.commit(replace(manifest, ids=f"ids/{run}", extra=extra, **update),

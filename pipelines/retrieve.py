@@ -55,13 +55,13 @@ def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
     pending = manifest.extra.get("pending")
     if not (pending and generator.text_encoder is not None):
         return GenerativeRetriever(generator, table, device=device), table
-    fallback = pending_fallback(store, pending, table)
+    fallback, untrained_rows = pending_fallback(store, manifest, table)
     decodable = table
-    if manifest.extra.get("finetune_due"):
-        # the generator has never been trained on the pending items: until their fine-tune, only
+    if len(untrained_rows):
+        # the generator has never been trained on these pending items: until their fine-tune, only
         # the dense fallback returns them, so they draw no probability from old items' prefixes
         live = table.live.copy()
-        live[fallback.item_rows] = False
+        live[untrained_rows] = False
         decodable = replace(table, live=live)
     retriever = HybridRetriever(GenerativeRetriever(generator, decodable, device=device), fallback,
                                 generator.text_encoder.sentence_embeddings,
@@ -70,19 +70,22 @@ def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
     return retriever, table
 
 
-def pending_fallback(store: Store, pending: str, table):
-    """The dense fallback over the live pending items (cart_core/fallback.py)."""
+def pending_fallback(store: Store, manifest: Manifest, table):
+    """The dense fallback over the live pending items (cart_core/fallback.py), and the rows of
+    those the generator has not been fine-tuned on yet."""
     from cart_core.fallback import DenseFallback
     from cart_core.identifiers import live_rows
     from pipelines.quantize import stack_column
+    from pipelines.reindex import read_pending, untrained_pending
 
-    with store.fs.open(store.path(pending), "rb") as f:
-        t = pq.read_table(f)
+    t = read_pending(store, manifest)
     items = t.column("item_id").to_pylist()
     live_row = live_rows(table, items)
     keep = [j for j, i in enumerate(items) if i in live_row]
     vectors = stack_column(t.column("vector").to_numpy(zero_copy_only=False))[keep] if keep else np.zeros((0, 1))
-    return DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors)
+    untrained = [live_row[i] for i in untrained_pending(t, manifest.extra) if i in live_row]
+    return (DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors),
+            np.array(untrained, dtype=np.int64))
 
 
 def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.ndarray) -> dict:

@@ -95,6 +95,18 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     assert np.mean([q in found[q] for q in base["new_ids"]]) >= 0.3
     untouched = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=True)
     assert store.manifest().version == tuned.version and untouched["counts"]["added"] == 0
+    # a delete-only reindex keeps a calibrated fallback without the deleted item, and items the
+    # fine-tune has taught stay decodable by the generator
+    from pipelines.reindex import read_pending
+    from pipelines.retrieve import pending_fallback
+
+    (tmp_path / "gone.txt").write_text(base["new_ids"][0])
+    run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+    after_delete = store.manifest()
+    assert after_delete.extra["pending_threshold"] is not None and not after_delete.extra["finetune_due"]
+    assert base["new_ids"][0] not in read_pending(store, after_delete).column("item_id").to_pylist()
+    _, untrained = pending_fallback(store, after_delete, load_ids(store, after_delete)[0])
+    assert len(untrained) == 0
     from pipelines.train import run_train
 
     run_train(store, small_config())  # a full training learns every item: the fallback is retired
