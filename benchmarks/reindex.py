@@ -111,11 +111,10 @@ def gate_thresholds(store: Store, cfg) -> dict[float, float]:
     (same impostor captions and pending vectors as the committed threshold)."""
     from cart_core.fallback import acceptance_threshold
     from pipelines.quantize import stack_column
-    from pipelines.reindex import impostor_queries
+    from pipelines.reindex import impostor_queries, read_pending
 
     manifest = store.manifest()
-    with store.fs.open(store.path(manifest.extra["pending"]), "rb") as f:
-        pending = pq.read_table(f)
+    pending = read_pending(store, manifest)
     vectors = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
     impostors = impostor_queries(store, manifest, cfg, set(pending.column("item_id").to_pylist()))
     return {fpr: acceptance_threshold(impostors, vectors, fpr) for fpr in GATE_FPRS}

@@ -380,8 +380,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
         cfg = replace(cfg, train=replace(cfg.train, lr=cfg.reindex.finetune_lr))
         result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
                                                          cfg.reindex.finetune_epochs),
-                           commit_extra={"finetune_due": False,
-                                         "pending_trained": sorted(set(pending_runs(pending,
+                           commit_extra={"pending_trained": sorted(set(pending_runs(pending,
                                                                                     manifest.extra["pending"]))),
                                          **({} if cfg.reindex.keep_fallback else
                                              {"pending": None, "pending_threshold": None,
@@ -435,7 +434,6 @@ def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, t
     # the generator stays valid: no existing identifier changed (new counter tokens are grown at load)
     extra.update(generator_ids=f"ids/{run}", pending=pending, pending_threshold=threshold,
                  pending_interleave=fallback_interleave,
-                 finetune_due=bool(pending) and bool(untrained_pending(pending_table, extra)),
                  vocab_sizes=table.vocab_sizes)
     crash_point("before_commit")
     new = store.commit(replace(manifest, ids=f"ids/{run}", extra=extra, **update),

@@ -214,7 +214,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
                                extra={**manifest.extra, "generator_ids": info["ids"],
                                       # a full training has learned every item: no dense fallback left
                                       **({} if finetune else {"pending": None, "pending_threshold": None, "pending_interleave": None,
-                                                             "pending_trained": None, "finetune_due": False}),
+                                                             "pending_trained": None}),
                                       **(commit_extra or {})}),
                        f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
     store.remove(PENDING)

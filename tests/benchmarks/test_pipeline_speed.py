@@ -1,6 +1,5 @@
 """benchmarks/pipeline_speed.py end to end at a tiny size (real local Ray in the arms' subprocesses),
 and its refusals."""
-import importlib.util
 import json
 import math
 import os
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "pipeline_speed.py"
@@ -26,11 +27,7 @@ def run(*args, timeout=420):
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("pipeline_speed_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "pipeline_speed_bench")
 
 
 def test_tiny_run_writes_records_and_plot(tmp_path):

@@ -1,5 +1,4 @@
 """benchmarks/quality.py: inductive protocol rows, paper rows, merging into an existing quality.json."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,17 +7,14 @@ import numpy as np
 
 from cart_core.config import load_config
 from cart_core.corpus import synthetic_corpus
+from tests.benchmarks.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "quality.py"
 
 
 def load_quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "quality_bench")
 
 
 def test_holdout_is_seeded_and_sized():

@@ -1,11 +1,12 @@
 """benchmarks/scale.py end to end at tiny sizes, and its refusals."""
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "scale.py"
@@ -20,11 +21,7 @@ def run(*args, timeout=300):  # ~20 s on a quiet 2-core box; generous for a load
 
 
 def load_scale():
-    spec = importlib.util.spec_from_file_location("scale_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "scale_bench")
 
 
 def test_tiny_run_writes_records_and_plot(tmp_path):

@@ -56,6 +56,14 @@ def fresh(base, tmp_path) -> Store:
     return Store(tmp_path / "store")
 
 
+def untaught(store, manifest) -> set[str]:
+    """Pending items no fine-tune has taught the generator yet."""
+    from pipelines.reindex import read_pending, untrained_pending
+
+    pending = read_pending(store, manifest)
+    return set(untrained_pending(pending, manifest.extra)) if pending is not None else set()
+
+
 def results(store, base, tmp_path, k=10) -> dict[str, list[str]]:
     from pipelines.retrieve import run_retrieve
 
@@ -76,7 +84,7 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
                           captions=str(base["new"] / "captions.parquet"), finetune=False)
     assert summary["counts"]["added"] == N_NEW and summary["drift"]["items"] == N_NEW
     manifest = store.manifest()
-    assert manifest.version == v0 + 1 and manifest.extra["pending"] and manifest.extra["finetune_due"]
+    assert manifest.version == v0 + 1 and untaught(store, manifest) == set(base["new_ids"])
     assert -1.0 <= manifest.extra["pending_threshold"] <= 1.0  # calibrated on old training captions
     after, _ = load_ids(store, manifest)
     np.testing.assert_array_equal(after.codes[:N_OLD], before.codes)  # old identifiers never change
@@ -89,7 +97,7 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     again = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=True)  # duplicate add
     assert again["counts"]["duplicate_adds"] == N_NEW and again["counts"]["added"] == 0
     tuned = store.manifest()  # ... but the pending fine-tune is finished by this run
-    assert tuned.version == v0 + 2 and not tuned.extra["finetune_due"] and tuned.generator != manifest.generator
+    assert tuned.version == v0 + 2 and not untaught(store, tuned) and tuned.generator != manifest.generator
     assert tuned.extra["pending"] == manifest.extra["pending"]  # reindex.keep_fallback: the fallback stays
     found = results(store, base, tmp_path)
     assert np.mean([q in found[q] for q in base["new_ids"]]) >= 0.3
@@ -103,7 +111,7 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     (tmp_path / "gone.txt").write_text(base["new_ids"][0])
     run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
     after_delete = store.manifest()
-    assert after_delete.extra["pending_threshold"] is not None and not after_delete.extra["finetune_due"]
+    assert after_delete.extra["pending_threshold"] is not None and not untaught(store, after_delete)
     assert base["new_ids"][0] not in read_pending(store, after_delete).column("item_id").to_pylist()
     _, untrained = pending_fallback(store, after_delete, load_ids(store, after_delete)[0])
     assert len(untrained) == 0
@@ -171,7 +179,7 @@ def test_crash_at_any_step_keeps_the_old_version_and_rerun_completes(base, tmp_p
     monkeypatch.delenv("CART_CRASH_AT")
     run_reindex(store, small_config("reindex.finetune_epochs=1"), finetune=True, **args)
     done = store.manifest()
-    assert done.extra["pending"] and not done.extra["finetune_due"] and done.generator != before.generator
+    assert done.extra["pending"] and not untaught(store, done) and done.generator != before.generator
     table, _ = load_ids(store, done)
     assert sorted(str(i) for i in table.item_ids) == sorted(base["old_ids"] + base["new_ids"])
 
