@@ -296,7 +296,8 @@ def stage_quantize_ray(p: dict) -> dict:
     import ray
 
     from cart_core.store import Store
-    from pipelines.quantize import load_ids, run_quantize
+    from cart_core.index_version import load_ids
+    from pipelines.quantize import run_quantize
     from pipelines.runtime import init_ray
 
     cfg = cfg_from(p, "quantize")
@@ -474,20 +475,16 @@ def stage_retrieve_direct(p: dict) -> dict:
     import pyarrow.parquet as pq
     import torch
 
+    from cart_core.index_version import IndexVersion
     from cart_core.store import Store
-    from pipelines.retrieve import (
-        RESULT_SCHEMA,
-        load_retriever,
-        ranked_rows,
-        servable_manifest,
-    )
+    from pipelines.retrieve import RESULT_SCHEMA, load_retriever, ranked_rows
 
     if p.get("threads"):
         torch.set_num_threads(p["threads"])
     cfg = cfg_from(p, "retrieve")
     t_import = time.perf_counter()
     store = Store(p["retrieve_store"])
-    retriever, table = load_retriever(store, servable_manifest(store))
+    retriever, table = load_retriever(IndexVersion.newest_servable(store))
     t_load = time.perf_counter()
     calls = {}
     for name in ("warm", "tiny", "full"):

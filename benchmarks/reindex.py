@@ -64,12 +64,13 @@ def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str
     (fallback=False: the generator alone, without the dense fallback over pending items)."""
     from dataclasses import replace
 
-    from pipelines.retrieve import load_retriever, servable_manifest
+    from cart_core.index_version import IndexVersion
+    from pipelines.retrieve import load_retriever
 
-    manifest = servable_manifest(store)
+    manifest = IndexVersion.newest_servable(store).manifest
     if not fallback:
         manifest = replace(manifest, extra={**manifest.extra, "pending": None})
-    retriever, table = load_retriever(store, manifest)
+    retriever, table = load_retriever(IndexVersion(store, manifest))
     if threshold is not None and hasattr(retriever, "threshold"):  # a gate other than the committed one
         retriever.threshold = threshold
     if interleave is not None and hasattr(retriever, "interleave"):
@@ -111,10 +112,11 @@ def gate_thresholds(store: Store, cfg) -> dict[float, float]:
     (same impostor captions and pending vectors as the committed threshold)."""
     from cart_core.fallback import acceptance_threshold
     from pipelines.quantize import stack_column
-    from pipelines.reindex import impostor_queries, read_pending
+    from cart_core.index_version import IndexVersion
+    from pipelines.reindex import impostor_queries
 
     manifest = store.manifest()
-    pending = read_pending(store, manifest)
+    pending = IndexVersion(store, manifest).pending()
     vectors = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
     impostors = impostor_queries(store, manifest, cfg, set(pending.column("item_id").to_pylist()))
     return {fpr: acceptance_threshold(impostors, vectors, fpr) for fpr in GATE_FPRS}

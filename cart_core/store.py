@@ -29,7 +29,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -39,8 +39,16 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
+COMMIT_ATTEMPTS = 20
+FALLBACK_KEYS = ("pending", "pending_threshold", "pending_interleave", "pending_trained")
+
+
 class StoreError(RuntimeError):
     """The store is missing something a job needs; the message says what and which command makes it."""
+
+
+class CommitConflict(StoreError):
+    """Another job committed, while this one ran, a change this job's result depends on."""
 
 
 @dataclass
@@ -64,6 +72,19 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    # ---- state changes of `extra` (each written in one place) --------------------------------
+    def with_generator(self, generator: str, trained_for: str) -> "Manifest":
+        """A generator trained for the identifier table `trained_for` (what makes a version servable)."""
+        return replace(self, generator=generator, extra={**self.extra, "generator_ids": trained_for})
+
+    def without_fallback(self) -> "Manifest":
+        """The dense fallback over pending items retired (a full training has learned every item)."""
+        return replace(self, extra={**self.extra, **dict.fromkeys(FALLBACK_KEYS)})
+
+    def with_fallback_taught(self, runs: list[str]) -> "Manifest":
+        """A fine-tune has taught the generator the pending items of these reindex runs."""
+        return replace(self, extra={**self.extra, "pending_trained": sorted(set(runs))})
+
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
         try:
@@ -74,6 +95,50 @@ class Manifest:
             raise StoreError(f"{where}: unsupported store format {data.get('format')!r}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+UNVERSIONED = ("version", "committed_at", "message", "format", "extra")
+
+
+def manifest_keys(manifest: Manifest) -> dict:
+    """The manifest as flat keys: each field, and each `extra` entry as "extra.<name>"."""
+    keys = {k: v for k, v in asdict(manifest).items() if k not in UNVERSIONED}
+    keys.update({f"extra.{k}": v for k, v in manifest.extra.items()})
+    return keys
+
+
+def rebase(base: Manifest, mine: Manifest, current: Manifest, reads: set[str], where: str) -> Manifest:
+    """`mine` (built on `base`) replayed on `current`, or CommitConflict (see Store.commit)."""
+    if current.version == base.version:
+        return mine
+    before, after, ours = manifest_keys(base), manifest_keys(current), manifest_keys(mine)
+    theirs_changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    merged = dict(after)
+    conflicts = []
+    for key in sorted(before.keys() | ours.keys()):
+        if before.get(key) == ours.get(key):
+            continue  # not ours to change: keep what current has
+        if key not in theirs_changed:
+            merged[key] = ours.get(key)
+        elif _appended(before.get(key), after.get(key)) and _appended(before.get(key), ours.get(key)):
+            merged[key] = after[key] + ours[key][len(before[key] or []):]
+        else:
+            conflicts.append(f"{key} (changed by both)")
+    conflicts += [f"{k} (read by this job)" for k in sorted(theirs_changed)
+                  if ("*" in reads or k in reads) and k not in {c.split(" ")[0] for c in conflicts}]
+    if conflicts:
+        raise CommitConflict(f"{where}: version {current.version} ({current.message!r}) was committed while this "
+                             f"job worked on version {base.version}, and it conflicts: {', '.join(conflicts)}; "
+                             "nothing was committed, rerun the job")
+    extra = {k[len("extra."):]: v for k, v in merged.items() if k.startswith("extra.")}
+    fields = {k: v for k, v in merged.items() if not k.startswith("extra.")}
+    return replace(mine, **fields, extra=extra)
+
+
+def _appended(old, new) -> bool:
+    """`new` is the list `old` with items appended (or equal)."""
+    old = old or []
+    return isinstance(new, list) and isinstance(old, list) and new[:len(old)] == old
 
 
 def new_run_id(kind: str) -> str:
@@ -115,12 +180,36 @@ class Store:
         return PyFileSystem(FSSpecHandler(self.fs))
 
     # ---- manifest --------------------------------------------------------------------------
+    # The committed version is the newest of an unbroken run of history files manifests/v<N>.json;
+    # manifest.json is a pointer to it that readers follow forward (a committer killed between
+    # its history write and its pointer write has still committed). Creating v<N+1> exclusively is
+    # the commit point: an atomic link() locally, a PUT with If-None-Match: * on S3. See
+    # docs/design.md "Commit protocol".
     def manifest(self) -> Manifest:
         """The committed manifest, or an empty version-0 one for a new store."""
-        p = self.path(MANIFEST)
-        if not self.fs.exists(p):
-            return Manifest()
-        return Manifest.from_json(self.fs.cat_file(p).decode(), self.uri(MANIFEST))
+        text = self._read_bytes(self.path(MANIFEST))
+        if text is None:
+            current = Manifest()
+        else:
+            try:
+                current = Manifest.from_json(text.decode(), self.uri(MANIFEST))
+            except StoreError as exc:
+                raise StoreError(f"{exc}; `cart check --store {self.url} --repair` restores it from the newest "
+                                 f"intact {self.uri('manifests')}/v*.json") from None
+        return self._follow(current)
+
+    def _follow(self, current: Manifest) -> Manifest:
+        """Newer history files than `current` are commits whose pointer update has not landed."""
+        while True:
+            where = self.history_path(current.version + 1)
+            text = self._read_bytes(self.path(where))
+            if text is None:
+                return current
+            current = Manifest.from_json(text.decode(), self.uri(where))
+
+    @staticmethod
+    def history_path(version: int) -> str:
+        return f"manifests/v{version:06d}.json"
 
     def require(self, manifest: Manifest, what: str, hint: str) -> str | list[str]:
         value = getattr(manifest, what)
@@ -128,28 +217,135 @@ class Store:
             raise StoreError(f"{self.url}: the committed index has no {what} yet; run `{hint}` first")
         return value
 
-    def commit(self, manifest: Manifest, message: str) -> Manifest:
-        """Write `manifest` as the next version and make it the committed one, atomically.
+    def commit(self, manifest: Manifest, message: str, *, base: Manifest | None = None,
+               reads: Iterable[str] = ()) -> Manifest:
+        """Commit `manifest` as the next version, guarded against concurrent commits.
 
-        The history copy goes first, then the live manifest is replaced with a single rename
-        (local) or a single PUT (object stores, where a PUT is atomic). Readers see the old
-        manifest or the new one, never a partial file."""
-        current = self.manifest()
-        new = replace(manifest, version=current.version + 1, committed_at=time.time(), message=message)
-        text = new.to_json().encode()
-        self._write_bytes(self.path("manifests", f"v{new.version:06d}.json"), text)
-        self._write_bytes(self.path(MANIFEST), text)
-        return new
+        `base` is the version the job read when it started: if another job committed since, the
+        job's changes (its manifest against `base`) are replayed on the newer version when they do
+        not touch what that version changed, and refused with `CommitConflict` (nothing written)
+        when they do, or when the newer version changed a key named in `reads` (keys as in
+        `manifest_keys`: "features", "extra.tombstones", or "*" for every key). Lists that both
+        sides only appended to are merged. Without `base` the manifest is committed as given
+        (tests and benchmarks building stores by hand)."""
+        for _ in range(COMMIT_ATTEMPTS):
+            current = self.manifest()
+            merged = manifest if base is None else rebase(base, manifest, current, set(reads), self.url)
+            new = replace(merged, version=current.version + 1, committed_at=time.time(), message=message)
+            text = new.to_json().encode()
+            if self._create_exclusive(self.path(self.history_path(new.version)), text):
+                self._advance_pointer(new.version, text)
+                return new
+            # another job took that version number between our read and our write: read again
+        raise CommitConflict(f"{self.url}: could not commit after {COMMIT_ATTEMPTS} attempts: "
+                             "other jobs keep committing; nothing was committed, rerun this job")
 
     def versions(self) -> list[Manifest]:
+        """Every readable committed manifest, oldest first (unreadable ones: `cart check`)."""
+        out = []
+        for p in self.history_files():
+            try:
+                out.append(Manifest.from_json(self.fs.cat_file(p).decode(), p))
+            except (StoreError, OSError):
+                continue
+        return out
+
+    def history_files(self) -> list[str]:
         folder = self.path("manifests")
+        self._invalidate(folder)
         if not self.fs.exists(folder):
             return []
-        out = []
-        for p in sorted(self.fs.ls(folder, detail=False)):
-            if p.endswith(".json"):
-                out.append(Manifest.from_json(self.fs.cat_file(p).decode(), p))
-        return out
+        return sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json"))
+
+    def version(self, number: int) -> Manifest:
+        where = self.history_path(number)
+        text = self._read_bytes(self.path(where))
+        if text is None:
+            raise StoreError(f"{self.url}: no version {number} (see `cart versions`)")
+        return Manifest.from_json(text.decode(), self.uri(where))
+
+    def repair_pointer(self, manifest: Manifest) -> None:
+        """Rewrite manifest.json as `manifest` (`cart check --repair`; the history is the truth)."""
+        self._write_bytes(self.path(MANIFEST), manifest.to_json().encode())
+
+    # ---- atomic primitives -----------------------------------------------------------------
+    def _invalidate(self, path: str) -> None:
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
+
+    def _read_bytes(self, path: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist (one GET, no listing cache)."""
+        self._invalidate(path)
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write `path` only if it does not exist yet, atomically; False when it already did."""
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if self.is_local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if path exists: the compare-and-swap
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        return self._s3_put(path, data, IfNoneMatch="*")
+
+    def _s3_put(self, path: str, data: bytes, **condition) -> bool:
+        """A conditional PUT; False when the condition failed (412 / 409)."""
+        from botocore.exceptions import ClientError
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        finally:
+            self._invalidate(path)
+        return True
+
+    def _advance_pointer(self, version: int, data: bytes) -> None:
+        """Point manifest.json at `version` unless it already points at a newer one."""
+        path = self.path(MANIFEST)
+        if self.is_local:
+            import fcntl
+
+            with open(self.path(".manifest.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self._pointer_version(self._read_bytes(path)) < version:
+                    self._write_bytes(path, data)
+            return
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(path)
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                head = sync(self.fs.loop, self.fs._call_s3, "get_object", Bucket=bucket, Key=key)
+                current, condition = sync(self.fs.loop, head["Body"].read), {"IfMatch": head["ETag"]}
+            except FileNotFoundError:
+                current, condition = None, {"IfNoneMatch": "*"}
+            if self._pointer_version(current) >= version or self._s3_put(path, data, **condition):
+                return
+
+    @staticmethod
+    def _pointer_version(text: bytes | None) -> int:
+        try:
+            return int(json.loads(text)["version"]) if text else -1
+        except (ValueError, KeyError, TypeError):
+            return -1  # a corrupted pointer is overwritten by the next commit
 
     def _write_bytes(self, path: str, data: bytes) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from cart_core.config import CartConfig
 from cart_core.media import MediaError, decode_image, decode_video_frames, read_bytes, shrink
+from cart_core.index_version import IndexVersion
 from cart_core.store import Store, errors_table, queries_table
 from pipelines.extract import MAX_ERROR_EXAMPLES, PartWriter, apply_env, block_rows, known_errors, progress, \
     storage_env, unseen
@@ -77,14 +78,14 @@ def _row(r: dict) -> dict:
     return {"item_id": r["item_id"], "uri": r["uri"], "text": None, "reason": None}
 
 
-def candidates(store: Store, manifest) -> tuple[pa.Table, dict[str, int]]:
-    """Committed image / video items with a media file, not yet captioned; plus skip counts."""
-    feats = store.read_table(store.require(manifest, "features", "cart extract"),
-                             columns=["item_id", "modality", "uri"])
-    rows = list({r["item_id"]: r for r in feats.to_pylist()}.values())
+def candidates(version: IndexVersion) -> tuple[pa.Table, dict[str, int]]:
+    """Live image / video items with a media file, not yet captioned; plus skip counts."""
+    manifest = version.manifest
+    version.store.require(manifest, "features", "cart extract")
+    rows = version.live_features(["item_id", "modality", "uri"]).to_pylist()
     done: set[str] = set()
     if manifest.queries:
-        q = store.read_table(manifest.queries, columns=["item_id", "source"])
+        q = version.queries(["item_id", "source"])
         done = set(q.filter(pc.equal(q.column("source"), "pseudo")).column("item_id").to_pylist())
     counts = {"items": len(rows), "skipped_audio": 0, "skipped_no_media": 0, "skipped_captioned": 0}
     keep = []
@@ -123,8 +124,9 @@ def run_caption(store: Store, cfg: CartConfig, address: str | None = None) -> di
     """Caption every committed image / video item that has no pseudo-queries yet; returns the summary."""
     summary = JobSummary("caption", store.url)
     run, t0 = summary.run, time.perf_counter()
-    manifest = store.manifest()
-    table, counts = candidates(store, manifest)
+    version = IndexVersion.current(store)
+    manifest = version.manifest
+    table, counts = candidates(version)
     summary.time("prepare_s", t0)
     log("caption", f"{table.num_rows} items to caption with {cfg.caption.model} ({counts['skipped_audio']} audio, "
                    f"{counts['skipped_no_media']} without a media file, {counts['skipped_captioned']} already done)")
@@ -154,14 +156,14 @@ def run_caption(store: Store, cfg: CartConfig, address: str | None = None) -> di
     summary.errors = {"count": n_errors, "examples": examples,
                       "table": store.uri("errors", run) if errors.total else None}
     summary.extra.update(items_per_s=round(len(captioned) / max(caption_s, 1e-9), 2), model=cfg.caption.model)
-    current = store.manifest()   # commit on top of whatever was committed meanwhile
     update = {}
     if queries.total:
-        update["queries"] = current.queries + [f"queries/{run}"]
+        update["queries"] = manifest.queries + [f"queries/{run}"]
     if errors.total:
-        update["errors"] = current.errors + [f"errors/{run}"]
-    if update:
-        new = store.commit(replace(current, **update), f"caption {run}: {queries.total} pseudo-queries")
+        update["errors"] = manifest.errors + [f"errors/{run}"]
+    if update:  # replayed on whatever was committed meanwhile, unless that captioned the same items
+        new = store.commit(replace(manifest, **update), f"caption {run}: {queries.total} pseudo-queries",
+                           base=manifest, reads={"extra.tombstones"})
         summary.extra["version"] = new.version
         log("caption", f"committed version {new.version}: {queries.total} pseudo-queries for {len(captioned)} items, "
                        f"{n_errors} errors")

@@ -2,7 +2,8 @@
 
 Every job verb takes --store (local path or s3://bucket/prefix), --config, --set key=value and
 --address (default: a local Ray started in-process; `auto` inside a cluster or `ray job submit`).
-Bad input exits 2 with one line naming the file, row and reason; a failed job exits 1.
+Bad input exits 2 with one line naming the file, row and reason; a failed job exits 1; a commit
+refused because another job committed a conflicting change meanwhile exits 3 (rerun the job).
 """
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import argparse
 import sys
 
 from cart_core.corpus import CorpusError
-from cart_core.store import StoreError
+from cart_core.store import CommitConflict, StoreError
 
-JOB_VERBS = ("reindex", "rollback", "compact", "import", "extract", "caption", "quantize", "train", "retrieve", "serve", "evaluate", "versions")
+class StoreDamaged(RuntimeError):
+    """`cart check` found problems (exit 1 after printing them all)."""
+
+
+JOB_VERBS = ("reindex", "rollback", "compact", "import", "extract", "caption", "quantize", "train", "retrieve", "serve", "evaluate", "versions", "check")
 
 
 def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -53,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     _job_parser(sub, "caption", "pseudo-queries for candidates from an image-to-text model")
     p = _job_parser(sub, "quantize", "K-Means + RQ-VAE identifiers for every item (Ray Data)")
     p.add_argument("--refit", action="store_true",
-                   help="fit new codebooks and identifiers as a new version beside the old (what quantize "
-                        "always does; the old version serves until `cart train` commits a generator for the new)")
+                   help="fit new codebooks even when the identifiers already cover every live item (after a "
+                        "REFIT DUE drift report); the old version serves until `cart train` commits a generator")
     p = _job_parser(sub, "reindex", "add / update / delete items in a live index (frozen codebooks)")
     p.add_argument("--add", help="items.parquet of new items")
     p.add_argument("--update", help="items.parquet with new features for existing item_ids")
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for metrics.json and recall.png")
     p.add_argument("--k", type=int, default=10)
     _job_parser(sub, "versions", "list the committed versions of the store")
+    p = _job_parser(sub, "check", "verify the store: the current manifest and every file it names, orphans of killed jobs")
+    p.add_argument("--repair", action="store_true",
+                   help="restore manifest.json from the newest intact manifests/v*.json")
     return parser
 
 
@@ -123,7 +131,7 @@ def run_command(args) -> None:
     elif args.command == "quantize":
         from pipelines.quantize import run_quantize
 
-        run_quantize(store, cfg, args.address)
+        run_quantize(store, cfg, args.address, refit=args.refit)
     elif args.command == "reindex":
         from pipelines.reindex import run_reindex
 
@@ -156,6 +164,12 @@ def run_command(args) -> None:
         from pipelines.evaluate import run_evaluate
 
         run_evaluate(store, args.queries, args.out, cfg, k=args.k, address=args.address)
+    elif args.command == "check":
+        from pipelines.check import run_check
+
+        report = run_check(store, repair=args.repair)
+        if report["problems"]:
+            raise StoreDamaged(f"{store.url}: {len(report['problems'])} problem(s); first: {report['problems'][0]}")
     elif args.command == "versions":
         current = store.manifest().version
         for m in store.versions():
@@ -177,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         run_command(args)
     except KeyboardInterrupt:
         return 130
+    except CommitConflict as exc:
+        if args.debug:
+            raise
+        print(f"cart {args.command}: conflict: {_one_line(exc)}", file=sys.stderr)
+        return 3
     except (CorpusError, ValueError, FileNotFoundError, StoreError) as exc:
         if args.debug:
             raise

@@ -13,26 +13,27 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from cart_core.config import CartConfig, config_dict
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
+from cart_core.index_version import IndexVersion
 from cart_core.metrics import retrieval_metrics
 from cart_core.store import Manifest, Store, StoreError
 from cart_core.text import TextEncoder
 from pipelines.quantize import stack_column
 from pipelines.report import format_table, plot_recall, write_metrics
-from pipelines.retrieve import retrieve_dataset, servable_manifest
+from pipelines.retrieve import retrieve_dataset
 from pipelines.runtime import JobSummary, init_ray, log
 
 PROTOCOL = "store"  # queries come from the user or the store's held-out captions
 
 
-def load_eval_queries(store: Store, manifest: Manifest, queries: str | None) -> pa.Table:
+def load_eval_queries(version: IndexVersion, queries: str | None) -> pa.Table:
     """query_id, text, item_id from a file, or the store's held-out captions."""
     if queries is None:
-        folders = store.require(manifest, "eval_queries", "cart import --holdout-caption-index N")
-        return store.read_table(folders, columns=["query_id", "text", "item_id"])
+        return version.eval_queries()
     import fsspec
     import pyarrow.parquet as pq
 
@@ -70,10 +71,12 @@ def generative_record(store: Store, queries: pa.Table, manifest: Manifest, cfg: 
             "beam_size": cfg.eval.beam_size, "version": manifest.version}
 
 
-def dense_records(store: Store, manifest: Manifest, queries: pa.Table, cfg: CartConfig, k: int,
+def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: int,
                   catalog: dict[str, int], gold: np.ndarray) -> list[dict]:
-    """faiss flat over the committed features (+ caption centroid when training queries exist)."""
-    feats = store.read_table(manifest.features, columns=["item_id", "embedding"])
+    """faiss flat over the live features (+ caption centroid when training queries exist)."""
+    manifest = version.manifest
+    feats = version.live_features(["item_id", "embedding"])
+    feats = feats.filter(pc.is_in(feats.column("item_id"), value_set=pa.array(sorted(catalog), pa.string())))
     rows = gold_rows(np.asarray(feats.column("item_id").to_pylist(), dtype=object), catalog, "features")
     emb = np.zeros((len(catalog), manifest.dim), dtype=np.float32)
     emb[rows] = stack_column(feats.column("embedding").to_numpy(zero_copy_only=False))
@@ -85,7 +88,7 @@ def dense_records(store: Store, manifest: Manifest, queries: pa.Table, cfg: Cart
     if not manifest.queries:
         log("evaluate", "no training queries in the store: no ridge map or caption centroid baseline")
         return out
-    train = store.read_table(manifest.queries, columns=["item_id", "text"])
+    train = version.queries(["item_id", "text"])
     train_ids = np.asarray(train.column("item_id").to_pylist(), dtype=object)
     keep = np.array([str(i) in catalog for i in train_ids])
     train_rows = gold_rows(train_ids[keep], catalog, "queries")
@@ -103,14 +106,17 @@ def dense_records(store: Store, manifest: Manifest, queries: pa.Table, cfg: Cart
 
 def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> list[dict]:
-    from pipelines.quantize import load_ids
-
     init_ray(address)
     summary = JobSummary("evaluate", store.url)
-    manifest = servable_manifest(store)
-    table, _ = load_ids(store, manifest)
-    catalog = {str(i): r for r, i in enumerate(table.item_ids)}
-    q = load_eval_queries(store, manifest, queries)
+    version = IndexVersion.newest_servable(store)
+    manifest = version.manifest
+    table, _ = version.ids()
+    catalog = {str(i): r for r, i in enumerate(table.item_ids[table.live])}  # deleted items are not answers
+    q = load_eval_queries(version, queries)
+    if queries is None:  # the store's held-out captions of deleted items ask for nothing that exists
+        live = pc.is_in(q.column("item_id"), value_set=pa.array(sorted(catalog), pa.string()))
+        summary.counts["eval_queries_of_deleted_items"] = q.num_rows - int(pc.sum(live.cast(pa.int64())).as_py() or 0)
+        q = q.filter(live)
     if q.num_rows == 0:
         raise StoreError(f"{queries or store.url}: no evaluation queries")
     gold = gold_rows(np.asarray(q.column("item_id").to_pylist(), dtype=object), catalog, queries or "eval queries")
@@ -118,7 +124,7 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     records = [generative_record(store, q, manifest, cfg, k, catalog, gold)]
     summary.time("generative_s", t0)
     t0 = time.perf_counter()
-    records += dense_records(store, manifest, q, cfg, k, catalog, gold)
+    records += dense_records(version, q, cfg, k, catalog, gold)
     summary.time("baselines_s", t0)
     for rec in records:
         rec["dataset"] = store.url

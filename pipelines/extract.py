@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from cart_core.config import CartConfig
 from cart_core.media import MODALITIES, MediaError, content_hash, decode_audio, decode_image, \
     decode_video_frames, infer_modality, read_bytes, resolve_uri, shrink
+from cart_core.index_version import IndexVersion
 from cart_core.store import Store, StoreError, errors_table, features_table
 from pipelines.runtime import JobSummary, init_ray, log
 
@@ -275,9 +276,10 @@ def run_extract(store: Store, media: str, cfg: CartConfig, address: str | None =
     run, t0 = summary.run, time.perf_counter()
     table = read_media_table(media)
     table, unusable = resolve_modalities(table)
-    manifest = store.manifest()
+    version = IndexVersion.current(store)
+    manifest = version.manifest
     dim = check_dims(model_dims(cfg, set(table.column("modality").to_pylist())), manifest.dim, cfg)
-    known = _known_hashes(store, manifest)
+    known = {item: h for item, (_, h) in version.live_item_hashes(table.column("item_id").to_pylist()).items()}
     table = table.append_column("known_hash", pa.array([known.get(i) for i in table.column("item_id").to_pylist()],
                                                        pa.string()))
     summary.time("prepare_s", t0)
@@ -326,16 +328,9 @@ def run_extract(store: Store, media: str, cfg: CartConfig, address: str | None =
     summary.extra.update(items_per_s=round((counts["extracted"] + counts["skipped"]) / max(extract_s, 1e-9), 2),
                          dim=dim, media=media)
     t0 = time.perf_counter()
-    _commit(store, summary, features.total, errors.total, dim)
+    _commit(store, manifest, summary, features.total, errors.total, dim)
     summary.time("commit_s", t0)
     return summary.write(store)
-
-
-def _known_hashes(store: Store, manifest) -> dict[str, str]:
-    if not manifest.features:
-        return {}
-    t = store.read_table(manifest.features, columns=["item_id", "content_hash"])
-    return dict(zip(t.column("item_id").to_pylist(), t.column("content_hash").to_pylist()))
 
 
 def _extract_stream(table: pa.Table, cfg: CartConfig, address: str | None):
@@ -361,8 +356,8 @@ def _extract_stream(table: pa.Table, cfg: CartConfig, address: str | None):
             yield batch
 
 
-def _commit(store: Store, summary: JobSummary, n_features: int, n_errors: int, dim: int | None) -> None:
-    manifest = store.manifest()
+def _commit(store: Store, manifest, summary: JobSummary, n_features: int, n_errors: int, dim: int | None) -> None:
+    """Commit on top of `manifest`, the version whose content hashes this run skipped against."""
     run = summary.run
     if not n_features and not n_errors:
         summary.extra["version"] = manifest.version
@@ -377,7 +372,8 @@ def _commit(store: Store, summary: JobSummary, n_features: int, n_errors: int, d
         update.update(features=manifest.features + [f"features/{run}"], dim=dim)
     if n_errors:
         update["errors"] = manifest.errors + [f"errors/{run}"]
-    new = store.commit(replace(manifest, **update), f"extract {run}: {n_features} items, {n_errors} errors")
+    new = store.commit(replace(manifest, **update), f"extract {run}: {n_features} items, {n_errors} errors",
+                       base=manifest, reads={"features", "extra.tombstones", "dim"})
     summary.extra["version"] = new.version
     log("extract", f"committed version {new.version}: {n_features} items extracted, {n_errors} errors, "
                    f"{summary.counts['skipped']} unchanged")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from dataclasses import replace
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from cart_core.corpus import CorpusError, load_corpus_files
-from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
+from cart_core.index_version import IndexVersion
+from cart_core.store import Store, StoreError, features_table, queries_table
 from pipelines.runtime import JobSummary, log
 
 PART_ROWS = 200_000  # rows per Parquet part: parallel reads without tiny files
@@ -46,13 +48,6 @@ def embedding_hashes(embeddings: np.ndarray) -> list[str]:
     return [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in emb]
 
 
-def committed_hashes(store: Store, manifest: Manifest) -> dict[str, str]:
-    if not manifest.features:
-        return {}
-    t = store.read_table(manifest.features, columns=["item_id", "content_hash"])
-    return dict(zip(t.column("item_id").to_pylist(), t.column("content_hash").to_pylist()))
-
-
 def write_parts(store: Store, table: pa.Table, folder: str) -> None:
     for i, start in enumerate(range(0, max(table.num_rows, 1), PART_ROWS)):
         store.write_table(table.slice(start, PART_ROWS), f"{folder}/part-{i:05d}.parquet")
@@ -60,24 +55,27 @@ def write_parts(store: Store, table: pa.Table, folder: str) -> None:
 
 def run_import(store: Store, items: str, captions: str | None = None, *,
                holdout_caption_index: int | None = None) -> dict:
+    """Items new to the live index are added; an item already live with the same features is a
+    counted no-op and with other features an error pointing at `cart reindex --update`. Captions
+    are added for new and existing items alike, each (item, text) once, so a rerun commits nothing."""
     summary = JobSummary("import", store.url)
     t0 = time.perf_counter()
     with local_copy(items) as items_path, local_copy(captions) as captions_path:
         corpus = load_corpus_files(items_path, captions_path)
     summary.time("validate_s", t0)
-    manifest = store.manifest()
+    version = IndexVersion.current(store)
+    manifest = version.manifest
     if manifest.dim is not None and manifest.dim != corpus.dim:
         raise StoreError(f"{items}: embeddings have dimension {corpus.dim}, the store holds {manifest.dim}")
     hashes = embedding_hashes(corpus.embeddings)
-    known = committed_hashes(store, manifest)
-    changed = [i for i, (item, h) in enumerate(zip(corpus.item_ids, hashes)) if item in known and known[item] != h]
+    known = version.live_item_hashes([str(i) for i in corpus.item_ids])
+    changed = [i for i, (item, h) in enumerate(zip(corpus.item_ids, hashes)) if item in known and known[item][1] != h]
     if changed:
         r = changed[0]
         raise CorpusError(items, r, f"item_id {corpus.item_ids[r]!r} is already in the store with other "
                                     "features; use `cart reindex --update` to replace it")
     new_rows = np.array([i for i, item in enumerate(corpus.item_ids) if item not in known], dtype=np.int64)
-    summary.counts.update(items=len(corpus), new_items=int(len(new_rows)), already_present=len(corpus) - len(new_rows),
-                          captions=len(corpus.caption_text))
+    summary.counts.update(items=len(corpus), new_items=int(len(new_rows)), already_present=len(corpus) - len(new_rows))
     run = summary.run
     t0 = time.perf_counter()
     update = {}
@@ -86,38 +84,37 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
                                uris=[str(items)] * len(new_rows), content_hashes=[hashes[i] for i in new_rows])
         write_parts(store, feats, f"features/{run}")
         update["features"] = manifest.features + [f"features/{run}"]
-    new_item = np.zeros(len(corpus), dtype=bool)
-    new_item[new_rows] = True
-    caption_rows = np.flatnonzero(new_item[corpus.caption_item]) if len(corpus.caption_text) else np.zeros(0, int)
-    is_holdout = (corpus.caption_index[caption_rows] == holdout_caption_index) if holdout_caption_index is not None \
+    caption_rows = np.arange(len(corpus.caption_text))
+    is_holdout = (corpus.caption_index == holdout_caption_index) if holdout_caption_index is not None \
         else np.zeros(len(caption_rows), dtype=bool)
-    train_rows, eval_rows = caption_rows[~is_holdout], caption_rows[is_holdout]
+    owners = corpus.item_ids[corpus.caption_item] if len(caption_rows) else np.zeros(0, object)
     texts = corpus.caption_text
-    if len(train_rows):
-        q = queries_table(corpus.item_ids[corpus.caption_item[train_rows]], [texts[i] for i in train_rows], "human")
-        write_parts(store, q, f"queries/{run}")
+    train = version.new_captions([str(o) for o in owners[~is_holdout]], [texts[i] for i in caption_rows[~is_holdout]])
+    if train[0]:
+        write_parts(store, queries_table(train[0], train[1], "human"), f"queries/{run}")
         update["queries"] = manifest.queries + [f"queries/{run}"]
-    if len(eval_rows):
-        owners = corpus.item_ids[corpus.caption_item[eval_rows]]
-        qid = [f"{o}#{c}" for o, c in zip(owners, corpus.caption_index[eval_rows])]
-        ev = pa.table({"query_id": qid, "text": [texts[i] for i in eval_rows], "item_id": [str(o) for o in owners]})
+    eval_rows = caption_rows[is_holdout]
+    qid = [f"{owners[i]}#{corpus.caption_index[i]}" for i in eval_rows]
+    known_qid = set(version.eval_queries().column("query_id").to_pylist()) if manifest.eval_queries else set()
+    fresh = [j for j, q in enumerate(qid) if q not in known_qid]
+    if fresh:
+        ev = pa.table({"query_id": [qid[j] for j in fresh], "text": [texts[eval_rows[j]] for j in fresh],
+                       "item_id": [str(owners[eval_rows[j]]) for j in fresh]})
         store.write_table(ev, f"eval/{run}/queries.parquet")
         update["eval_queries"] = manifest.eval_queries + [f"eval/{run}"]
-    summary.counts.update(training_queries=int(len(train_rows)), eval_queries=int(len(eval_rows)))
+    summary.counts.update(captions=len(texts), training_queries=len(train[0]), eval_queries=len(fresh),
+                          captions_already_present=len(texts) - len(train[0]) - len(fresh))
     summary.time("write_s", t0)
     if update:
         update["dim"] = corpus.dim
-        new = store.commit(_with(manifest, update), f"import {run}: {len(new_rows)} items")
+        new = store.commit(replace(manifest, **update), f"import {run}: {len(new_rows)} items", base=manifest,
+                           reads={"features", "extra.tombstones", "queries", "eval_queries", "dim"})
         summary.extra["version"] = new.version
         log("import", f"committed version {new.version}: {len(new_rows)} new items, "
-                      f"{len(train_rows)} training queries, {len(eval_rows)} held-out queries")
+                      f"{len(train[0])} training queries, {len(fresh)} held-out queries "
+                      f"({summary.counts['already_present']} items and {summary.counts['captions_already_present']} "
+                      "captions already present)")
     else:
-        log("import", "nothing new: every item is already in the store")
+        log("import", "nothing new: every item and caption is already in the store")
         summary.extra["version"] = manifest.version
     return summary.write(store)
-
-
-def _with(manifest: Manifest, update: dict) -> Manifest:
-    from dataclasses import replace
-
-    return replace(manifest, **update)

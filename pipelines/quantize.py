@@ -16,7 +16,6 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +23,7 @@ from cart_core.config import CartConfig, config_dict
 from cart_core.indexing import encode, fit_codebooks, identifier_inputs, identifiers_from_codes, load_codebooks, \
     save_codebooks
 from cart_core.kmeans import cluster_imbalance
+from cart_core.index_version import IndexVersion, save_ids
 from cart_core.store import Manifest, Store, StoreError
 from pipelines.runtime import JobSummary, init_ray, log
 
@@ -36,11 +36,25 @@ def stack_column(values) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def read_features(store: Store, manifest: Manifest, columns=("item_id", "embedding")):
+def read_features(version: IndexVersion, columns=("item_id", "embedding")):
+    """Ray dataset of the version's live feature rows: rows that deletes and updates retired
+    (`IndexVersion.dead_feature_keys`) are dropped as they stream past."""
     import ray
 
-    files = store.parquet_files(store.require(manifest, "features", "cart import` or `cart extract"))
-    return ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem()).select_columns(list(columns))
+    store = version.store
+    store.require(version.manifest, "features", "cart import` or `cart extract")
+    dead = version.dead_feature_keys()
+    ds = ray.data.read_parquet(version.feature_files(), filesystem=store.pyarrow_filesystem(),
+                               include_paths=bool(dead))
+    if dead:
+        ds = ds.map_batches(drop_dead_rows, fn_args=(dead,), batch_format="numpy")
+    return ds.select_columns(list(columns))
+
+
+def drop_dead_rows(batch: dict, dead: set) -> dict:
+    """Keeps the rows whose (file, item_id) is not in `dead`."""
+    keep = np.array([(str(p), str(i)) not in dead for p, i in zip(batch["path"], batch["item_id"])], bool)
+    return {k: v[keep] for k, v in batch.items()}
 
 
 class CaptionEmbedder:
@@ -128,33 +142,36 @@ def fit_sample(ds, n_items: int, cfg: CartConfig, lookup: CentroidLookup | None)
     return np.concatenate(parts)
 
 
-def save_ids(store: Store, table, folder: str, meta: dict, *, base_rows: int | None = None) -> None:
-    """The identifier table under `folder`: whole (ids.parquet), or, given base_rows, as a delta over
-    the committed table of base_rows rows -- the rows appended after it (append.parquet) and its rows
-    tombstoned since (dead.npy) -- so adding 10k items to 1M writes 10k rows, not 1.01M."""
-    import json
-
-    from cart_core.identifiers import appended_rows
-
-    with tempfile.TemporaryDirectory(prefix="cart-ids-") as tmp:
-        if base_rows is None:
-            table.save(Path(tmp) / "ids.parquet")
-        else:
-            appended_rows(table, base_rows).save(Path(tmp) / "append.parquet")
-            np.save(Path(tmp) / "dead.npy", np.flatnonzero(~table.live[:base_rows]).astype(np.int64))
-        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        store.put_dir(tmp, folder)
+def up_to_date(version: IndexVersion, cfg: CartConfig) -> bool:
+    """The version's identifiers cover exactly its live items and were built with this config."""
+    if not version.manifest.ids:
+        return False
+    table, meta = version.ids()
+    if meta.get("config") != config_dict(cfg)["identifiers"]:
+        return False
+    rows = version.feature_rows()
+    live_items = set(rows.filter(rows.column("live")).column("item_id").to_pylist())
+    return live_items == {str(i) for i in table.item_ids[table.live]}
 
 
-def run_quantize(store: Store, cfg: CartConfig, address: str | None = None) -> dict:
+def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refit: bool = False) -> dict:
+    """Identifiers for every live item. Without `refit`, a version whose identifiers already cover
+    exactly its live items with this config is left as it is (a rerun commits nothing); `refit`
+    fits new codebooks anyway (what a drift report's REFIT DUE asks for)."""
     import ray
 
-    manifest = store.manifest()
+    version = IndexVersion.current(store)
+    manifest = version.manifest
     store.require(manifest, "features", "cart import` or `cart extract")  # fail before starting Ray
-    init_ray(address)
     summary = JobSummary("quantize", store.url)
+    if not refit and up_to_date(version, cfg):
+        log("quantize", f"identifiers of version {manifest.version} already cover every live item with this "
+                        "config; nothing to do (`cart quantize --refit` fits new codebooks anyway)")
+        summary.extra.update(version=manifest.version, up_to_date=True)
+        return summary.write(store)
+    init_ray(address)
     run = summary.run
-    ds = read_features(store, manifest)
+    ds = read_features(version)
     t0 = time.perf_counter()
     n_items = ds.count()
     if n_items < cfg.identifiers.n_clusters:
@@ -199,7 +216,8 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None) -> d
     new = store.commit(replace(manifest, codebooks=f"codebooks/{run}", ids=f"ids/{run}", generator=None,
                                extra={**manifest.extra, "identifier_source": cfg.identifiers.source, "ids_chain": [],
                                       "vocab_sizes": table.vocab_sizes}),
-                       f"quantize {run}: {len(table.item_ids)} identifiers")
+                       f"quantize {run}: {len(table.item_ids)} identifiers", base=manifest,
+                       reads={"extra.tombstones", "dim"} | ({"queries"} if cfg.identifiers.source != "features" else set()))
     summary.counts.update(items=int(n_items), identifiers=int(len(table.item_ids)))
     summary.extra.update(version=new.version, report=report, items_per_s=n_items / max(sum(
         summary.timings.get(k, 0) for k in ("read_s", "fit_s", "encode_s", "ids_s")), 1e-9))
@@ -216,27 +234,3 @@ def fitted_state(cols: dict, cfg: CartConfig) -> dict:
             "p95_assign_sq_distance": float(np.percentile(cols["assign_sq_distance"], 95)),
             "mean_recon_error": float(cols["recon_error"].mean()),
             "p95_recon_error": float(np.percentile(cols["recon_error"], 95))}
-
-
-def load_ids(store: Store, manifest: Manifest):
-    """The committed identifier table (IdentifierTable) and its meta: the last full table
-    (`cart quantize`, `cart compact`) with the deltas of the reindexes since applied in order."""
-    import json
-
-    from cart_core.identifiers import IdentifierTable, apply_delta
-
-    folder = store.require(manifest, "ids", "cart quantize")
-    table, meta = None, {}
-    for part in [*(manifest.extra.get("ids_chain") or []), folder]:
-        with store.local_dir(part) as local:
-            meta = json.loads((local / "meta.json").read_text())
-            if (local / "ids.parquet").exists():
-                table = IdentifierTable.load(local / "ids.parquet")
-            elif table is None:
-                raise StoreError(f"{store.uri(part)}: an identifier delta without the table it extends "
-                                 "(manifest extra.ids_chain is incomplete)")
-            else:
-                table = apply_delta(table, IdentifierTable.load(local / "append.parquet"), np.load(local / "dead.npy"))
-    return table, meta
-
-

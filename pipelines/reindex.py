@@ -38,10 +38,9 @@ from cart_core.fallback import acceptance_threshold
 from cart_core.identifiers import IdentifierTable, extend_identifiers, live_rows
 from cart_core.indexing import encode, identifier_inputs, load_codebooks
 from cart_core.kmeans import cluster_imbalance
+from cart_core.index_version import IndexVersion, is_servable, pending_runs, referenced_paths, save_ids
 from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
 from pipelines.importer import embedding_hashes, local_copy, write_parts
-from pipelines.quantize import load_ids, save_ids
-from pipelines.retrieve import is_servable
 from pipelines.runtime import JobSummary, init_ray, log
 
 CRASH_POINTS = ("after_features", "after_ids", "before_commit", "after_training")
@@ -84,32 +83,6 @@ def read_captions(path: str, known: Callable[[list[str]], set[str]]) -> tuple[li
         if text is None or not str(text).strip():
             raise CorpusError(path, row, "caption is empty")
     return [str(i) for i in ids], [str(t) for t in texts]
-
-
-def feature_owners(store: Store, manifest: Manifest, items: list[str]) -> dict[str, tuple[str, str]]:
-    """item_id -> (feature run, content hash) of its newest committed, not tombstoned row, for
-    `items` only: the item_id column is filtered in Arrow, so a reindex of 10k into 1M builds
-    no 1M-entry Python dict."""
-    if not items:
-        return {}
-    dead = tombstoned(store, manifest)
-    wanted = pa.array(sorted(set(items)), pa.string())
-    owners: dict[str, tuple[str, str]] = {}
-    for run in manifest.features:
-        t = store.read_table(run, columns=["item_id", "content_hash"])
-        t = t.filter(pc.is_in(t.column("item_id"), value_set=wanted))
-        for item, h in zip(t.column("item_id").to_pylist(), t.column("content_hash").to_pylist()):
-            if (item, run) not in dead:
-                owners[item] = (run, h)
-    return owners
-
-
-def tombstoned(store: Store, manifest: Manifest) -> set[tuple[str, str]]:
-    runs = manifest.extra.get("tombstones") or []
-    if not runs:
-        return set()
-    t = store.read_table(runs, columns=["item_id", "feature_run"])
-    return set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
 
 
 def caption_vectors(cfg: CartConfig, item_ids: list[str], cap_ids: list[str], cap_texts: list[str]) -> np.ndarray:
@@ -160,16 +133,18 @@ def _load_items(path: str | None, dim: int | None) -> Corpus | None:
     return corpus
 
 
-def plan_changes(store: Store, manifest: Manifest, table: IdentifierTable, add: str | None, update: str | None,
-                 delete: str | None) -> dict:
-    """What this reindex changes, after skipping everything already applied."""
-    adds, ups = _load_items(add, manifest.dim), _load_items(update, manifest.dim)
+def plan_changes(version: IndexVersion, add: str | None, update: str | None, delete: str | None) -> dict:
+    """What this reindex changes, after skipping everything already applied. Presence is decided
+    by the live feature rows (an imported item without an identifier yet is present); an item
+    gets a new feature row only when its features change."""
+    table, _ = version.ids()
+    adds, ups = _load_items(add, version.manifest.dim), _load_items(update, version.manifest.dim)
     deletes = read_delete_list(delete) if delete else []
     touched_ids = [str(i) for c in (adds, ups) if c is not None for i in c.item_ids] + deletes
     live_row = live_rows(table, touched_ids)
-    owners = feature_owners(store, manifest, touched_ids)
+    owners = version.live_item_hashes(touched_ids)
     plan = {"encode_ids": [], "encode_emb": [], "encode_modality": [], "encode_hash": [], "encode_kind": [],
-            "delete_rows": [], "tombstones": [], "counts": dict.fromkeys(
+            "new_feature_row": [], "delete_rows": [], "tombstones": [], "counts": dict.fromkeys(
                 ("added", "updated", "deleted", "duplicate_adds", "unchanged_updates", "already_deleted"), 0)}
     counts = plan["counts"]
     touched: dict[str, str] = {}
@@ -182,30 +157,38 @@ def plan_changes(store: Store, manifest: Manifest, table: IdentifierTable, add: 
             if item in touched:
                 raise CorpusError(path, r, f"item_id {item!r} is also in the {touched[item]} list")
             touched[item] = kind
-            present = item in live_row
-            if kind == "add" and present:
-                if owners.get(item, (None, None))[1] == h:
+            same = owners.get(item, (None, None))[1] == h
+            if kind == "add" and item in owners:
+                if not same:
+                    raise CorpusError(path, r, f"item_id {item!r} is already in the index with other features; "
+                                               "use --update")
+                if item in live_row:
                     counts["duplicate_adds"] += 1
                     continue
-                raise CorpusError(path, r, f"item_id {item!r} is already in the index with other features; "
-                                           "use --update")
-            if kind == "update" and not present:
+            if kind == "update" and item not in owners:
                 raise CorpusError(path, r, f"item_id {item!r} is not in the index; use --add")
-            if kind == "update" and owners.get(item, (None, None))[1] == h:
+            if kind == "update" and same and item in live_row:
                 counts["unchanged_updates"] += 1
                 continue
             for key, value in (("encode_ids", item), ("encode_emb", corpus.embeddings[r]),
-                               ("encode_modality", corpus.modality[r]), ("encode_hash", h), ("encode_kind", kind)):
+                               ("encode_modality", corpus.modality[r]), ("encode_hash", h),
+                               ("encode_kind", kind if item in live_row else "add"), ("new_feature_row", not same)):
                 plan[key].append(value)
-            if kind == "update" and item in owners:
+            if not same and item in owners:
                 plan["tombstones"].append((item, owners[item][0]))
-    for item in deletes:
+    dead_items = {i for i, _ in version.tombstones()} if deletes else set()
+    for r, item in enumerate(deletes):
         if item in touched:
-            raise CorpusError(delete, None, f"item_id {item!r} is both deleted and {touched[item]}ed")
-        if item not in live_row:
-            counts["already_deleted"] += 1
+            raise CorpusError(delete, r, f"item_id {item!r} is both deleted and {touched[item]}ed")
+        if item not in live_row and item not in owners:
+            if item in dead_items:
+                counts["already_deleted"] += 1
+            else:  # never added (or deleted and compacted away): said, not mistaken for a done delete
+                counts["not_in_index"] = counts.get("not_in_index", 0) + 1
+                log("reindex", f"{delete}: row {r}: item_id {item!r} is not in the index; nothing to delete")
             continue
-        plan["delete_rows"].append(live_row[item])
+        if item in live_row:
+            plan["delete_rows"].append(live_row[item])
         if item in owners:
             plan["tombstones"].append((item, owners[item][0]))
         counts["deleted"] += 1
@@ -235,17 +218,16 @@ def apply_identifiers(table: IdentifierTable, plan: dict, prefix: np.ndarray) ->
     return table, append_ids
 
 
-def write_pending(store: Store, folder: str, run: str, item_ids: list[str], vectors: np.ndarray,
-                  previous: str | None, table: IdentifierTable) -> tuple[str | None, pa.Table | None]:
+def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[str], vectors: np.ndarray,
+                  table: IdentifierTable) -> tuple[str | None, pa.Table | None]:
     """The dense-fallback table: every item added since the last full training (carried over from
     earlier reindexes) that is still live, with the reindex run that added it (`run`: a fine-tune
     records which runs it has taught the generator, extra.pending_trained)."""
     ids, vecs, runs = list(item_ids), [v for v in vectors], [run] * len(item_ids)
-    if previous:
-        with store.fs.open(store.path(previous), "rb") as f:
-            old = pq.read_table(f)
+    old = version.pending()
+    if old is not None:
         old_ids = old.column("item_id").to_pylist()
-        old_runs = pending_runs(old, previous)
+        old_runs = pending_runs(old, version.manifest.extra.get("pending"))
         live = live_rows(table, old_ids)
         replaced = set(ids)
         keep = [i for i, item in enumerate(old_ids) if item not in replaced and item in live]
@@ -258,31 +240,8 @@ def write_pending(store: Store, folder: str, run: str, item_ids: list[str], vect
     stacked = np.asarray(np.stack(vecs), dtype=np.float32)
     pending = pa.table({"item_id": ids, "run": runs,
                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(stacked.reshape(-1)), stacked.shape[1])})
-    store.write_table(pending, f"{folder}/pending.parquet")
+    version.store.write_table(pending, f"{folder}/pending.parquet")
     return f"{folder}/pending.parquet", pending
-
-
-def pending_runs(pending: pa.Table, path: str | None) -> list[str]:
-    """The reindex run that added each pending row (a table written before runs were recorded
-    counts as one run named by its path)."""
-    if "run" in pending.column_names:
-        return [str(r) for r in pending.column("run").to_pylist()]
-    return [str(path)] * pending.num_rows
-
-
-def untrained_pending(pending: pa.Table, extra: dict) -> list[str]:
-    """Pending items no fine-tune has taught the generator yet."""
-    trained = set(extra.get("pending_trained") or [])
-    runs = pending_runs(pending, extra.get("pending"))
-    return [item for item, r in zip(pending.column("item_id").to_pylist(), runs) if r not in trained]
-
-
-def read_pending(store: Store, manifest: Manifest) -> pa.Table | None:
-    path = manifest.extra.get("pending")
-    if not path:
-        return None
-    with store.fs.open(store.path(path), "rb") as f:
-        return pq.read_table(f)
 
 
 def impostor_queries(store: Store, manifest: Manifest, cfg: CartConfig, exclude: set[str]) -> np.ndarray:
@@ -311,24 +270,25 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     init_ray(address)
     summary = JobSummary("reindex", store.url)
     run = summary.run
-    manifest = store.manifest()
-    if not is_servable(manifest):
+    version = IndexVersion.current(store)
+    manifest = version.manifest
+    if not version.servable:
         raise StoreError(f"{store.url}: reindex needs a trained index (run `cart quantize` and `cart train` first)")
     t0 = time.perf_counter()
-    table, ids_meta = load_ids(store, manifest)
+    table, ids_meta = version.ids()
     with store.local_dir(manifest.codebooks) as folder:
         codebooks, cb_meta = load_codebooks(folder)
     id_cfg = config_from_dict({"identifiers": cb_meta["identifiers"]}).identifiers
     summary.time("load_index_s", t0)
     t0 = time.perf_counter()
-    plan = plan_changes(store, manifest, table, add, update, delete)
+    plan = plan_changes(version, add, update, delete)
     summary.time("plan_s", t0)
     cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"])) \
         if captions else ([], [])
-    new_caps = list(zip(cap_ids, cap_texts))
+    new_caps = list(zip(*version.new_captions(cap_ids, cap_texts)))  # each (item, text) is stored once
     owners_caps = set(plan["encode_ids"])
     if id_cfg.source != "features" and plan["encode_ids"]:  # captions already in the store count too
-        stored = store.read_table(manifest.queries, columns=["item_id", "text"]) if manifest.queries else None
+        stored = version.queries(["item_id", "text"]) if manifest.queries else None
         if stored is not None:
             stored = stored.filter(pc.is_in(stored.column("item_id"), value_set=pa.array(sorted(owners_caps))))
             for item, text in zip(stored.column("item_id").to_pylist(), stored.column("text").to_pylist()):
@@ -340,7 +300,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     cap_vec = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
     summary.time("caption_embed_s", t0)  # for ids from captions and for the dense fallback
     t0 = time.perf_counter()
-    previous = read_pending(store, manifest)
+    previous = version.pending()
     pending_before = set(previous.column("item_id").to_pylist()) if previous is not None else set()
     # the threshold is recalibrated whenever a fallback will exist (new captioned items or carried over)
     impostors = impostor_queries(store, manifest, cfg, set(plan["encode_ids"]) | pending_before) \
@@ -364,7 +324,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.counts.update(plan["counts"], identifiers_added=len(learn), captions=len(new_caps))
     if changed:
         t0 = time.perf_counter()
-        commit_identifiers(store, manifest, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift,
+        commit_identifiers(version, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift,
                            base_rows=len(table.item_ids), id_deltas=cfg.reindex.id_deltas,
                            impostors=impostors, fallback_fpr=cfg.reindex.fallback_fpr,
                            fallback_interleave=cfg.reindex.fallback_interleave)
@@ -374,17 +334,14 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
         log("reindex", "nothing to change: every add, update and delete is already applied")
     summary.extra.update(version=manifest.version, pending_threshold=manifest.extra.get("pending_threshold"))
     finetune = cfg.reindex.finetune if finetune is None else finetune
-    pending = read_pending(store, manifest)
-    items = untrained_pending(pending, manifest.extra) if pending is not None else []
+    after = IndexVersion(store, manifest)
+    pending, items = after.pending(), after.untrained_pending()
     if finetune and items:
         cfg = replace(cfg, train=replace(cfg.train, lr=cfg.reindex.finetune_lr))
         result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
                                                          cfg.reindex.finetune_epochs),
-                           commit_extra={"pending_trained": sorted(set(pending_runs(pending,
-                                                                                    manifest.extra["pending"]))),
-                                         **({} if cfg.reindex.keep_fallback else
-                                             {"pending": None, "pending_threshold": None,
-                                              "pending_interleave": None})},
+                           finish=lambda m: (m.with_fallback_taught(pending_runs(pending, manifest.extra["pending"]))
+                                             if cfg.reindex.keep_fallback else m.without_fallback()),
                            before_commit=lambda: crash_point("after_training"),
                            address=address)
         summary.extra.update(finetune={k: result[k] for k in ("run", "counts", "timings")},
@@ -392,15 +349,18 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     return summary.write(store)
 
 
-def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, table: IdentifierTable,
+def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: IdentifierTable,
                        learn: list[str], cap_vec: np.ndarray, new_caps: list, ids_meta: dict, drift: dict,
                        base_rows: int, id_deltas: int, impostors: np.ndarray, fallback_fpr: float,
                        fallback_interleave: int) -> None:
+    store, manifest = version.store, version.manifest
     update = {}
-    if plan["encode_ids"]:
-        feats = features_table(plan["encode_ids"], np.asarray(plan["encode_emb"], dtype=np.float32),
-                               plan["encode_modality"], uris=["reindex"] * len(plan["encode_ids"]),
-                               content_hashes=plan["encode_hash"])
+    rows = [r for r, new in enumerate(plan["new_feature_row"]) if new]  # unchanged features keep their row
+    if rows:
+        feats = features_table([plan["encode_ids"][r] for r in rows],
+                               np.asarray(plan["encode_emb"], dtype=np.float32)[rows],
+                               [plan["encode_modality"][r] for r in rows], uris=["reindex"] * len(rows),
+                               content_hashes=[plan["encode_hash"][r] for r in rows])
         write_parts(store, feats, f"features/{run}")
         update["features"] = manifest.features + [f"features/{run}"]
     if new_caps:
@@ -424,8 +384,8 @@ def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, t
     else:  # the chain is long enough: write the whole table again
         save_ids(store, table, f"ids/{run}", meta)
         extra["ids_chain"] = []
-    pending, pending_table = write_pending(store, f"ids/{run}", run, [plan["encode_ids"][r] for r in has_caption],
-                                           cap_vec[has_caption], extra.get("pending"), table)
+    pending, pending_table = write_pending(version, f"ids/{run}", run, [plan["encode_ids"][r] for r in has_caption],
+                                           cap_vec[has_caption], table)
     threshold = None
     if pending and len(impostors):
         vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))
@@ -437,78 +397,106 @@ def commit_identifiers(store: Store, manifest: Manifest, run: str, plan: dict, t
                  vocab_sizes=table.vocab_sizes)
     crash_point("before_commit")
     new = store.commit(replace(manifest, ids=f"ids/{run}", extra=extra, **update),
-                       f"reindex {run}: +{len(learn)} identifiers, -{len(plan['delete_rows'])} items")
+                       f"reindex {run}: +{len(learn)} identifiers, -{len(plan['delete_rows'])} items",
+                       base=manifest, reads={"features", "queries", "codebooks", "extra.tombstones", "extra.pending",
+                                             "extra.pending_trained", "generator", "extra.generator_ids"})
     log("reindex", f"committed version {new.version}: {plan['counts']}; "
                    f"{len(has_caption)} new items findable through the dense fallback until the fine-tune")
 
 
 def run_rollback(store: Store, version: int) -> dict:
     """Commit the content of an earlier version as the newest one (history is never rewritten)."""
-    old = next((m for m in store.versions() if m.version == version), None)
-    if old is None:
-        raise StoreError(f"{store.url}: no version {version} (see `cart versions`)")
+    current = store.manifest()
+    old = store.version(version)
     for path in [old.ids, *(old.extra.get("ids_chain") or []), old.codebooks, old.generator, *old.features,
                  *old.queries]:
         if path and not store.exists(path):
             raise StoreError(f"{store.uri(path)}: needed by version {version} but compacted away")
-    new = store.commit(old, f"rollback to v{version}")
+    new = store.commit(old, f"rollback to v{version}", base=current, reads={"*"})
     log("rollback", f"version {new.version} = version {version}")
-    return {"version": new.version, "restored": version}
+    serving = IndexVersion.newest_servable(store) if not is_servable(new) else IndexVersion(store, new)
+    if serving.version != new.version:
+        log("rollback", f"version {version} has no generator trained for its identifiers: `cart serve` and "
+                        f"`cart retrieve` answer from version {serving.version} until `cart train` commits one")
+    return {"version": new.version, "restored": version, "served": serving.version}
 
 
-def referenced(manifest: Manifest) -> set[str]:
-    paths = {manifest.ids, *(manifest.extra.get("ids_chain") or []), manifest.codebooks, manifest.generator,
-             *manifest.features, *manifest.queries,
-             *manifest.eval_queries, *manifest.errors, *(manifest.extra.get("tombstones") or []),
-             manifest.extra.get("pending")}
-    return {p for p in paths if p}
+ORPHAN_GRACE_S = 24 * 3600  # a folder no manifest names may belong to a job still running
 
 
 def run_compact(store: Store, keep: int) -> dict:
-    """Reclaim storage: feature rows of deleted or replaced items are rewritten away (a new
-    version), then run folders named by none of the last `keep` versions are removed."""
-    manifest = store.manifest()
-    dead = tombstoned(store, manifest)
+    """Reclaim storage: feature rows that are not live (deleted, replaced) are rewritten away (a new
+    version), identifier deltas are folded, then folders named only by versions older than the last
+    `keep` are removed. The newest servable version is always kept, with everything it names, so a
+    store stays servable; folders no version ever named are removed only after ORPHAN_GRACE_S."""
+    version = IndexVersion.current(store)
+    manifest = version.manifest
     counts = {"rows_dropped": 0, "folders_removed": 0}
-    if dead:
-        summary_run = JobSummary("compact", store.url).run
-        runs = sorted({r for _, r in dead})
+    rows = version.feature_rows()
+    stale = rows.filter(pc.invert(rows.column("live")))
+    if stale.num_rows:
+        run = JobSummary("compact", store.url).run
+        runs = sorted(set(stale.column("run").to_pylist()))
+        counts["rows_dropped"] = stale.num_rows
+        kept_rows = rows.filter(pc.and_(rows.column("live"), pc.is_in(rows.column("run"), value_set=pa.array(runs))))
         parts = []
         for r in runs:
             t = store.read_table(r)
-            keep_mask = [(i, r) not in dead for i in t.column("item_id").to_pylist()]
-            counts["rows_dropped"] += len(keep_mask) - sum(keep_mask)
-            parts.append(t.filter(pa.array(keep_mask)))
-        write_parts(store, pa.concat_tables(parts), f"features/{summary_run}")
-        features = [f for f in manifest.features if f not in runs] + [f"features/{summary_run}"]
+            live_ids = set(kept_rows.filter(pc.equal(kept_rows.column("run"), r)).column("item_id").to_pylist())
+            parts.append(t.filter(pa.array([i in live_ids for i in t.column("item_id").to_pylist()])))
+        write_parts(store, pa.concat_tables(parts), f"features/{run}")
+        features = [f for f in manifest.features if f not in runs] + [f"features/{run}"]
         manifest = store.commit(replace(manifest, features=features, extra={**manifest.extra, "tombstones": []}),
-                                f"compact {summary_run}: {counts['rows_dropped']} dead feature rows dropped")
+                                f"compact {run}: {counts['rows_dropped']} dead feature rows dropped",
+                                base=manifest, reads={"*"})
     if manifest.extra.get("ids_chain"):  # fold the id-table deltas into one table
-        summary_run = JobSummary("compact", store.url).run
+        run = JobSummary("compact", store.url).run
         counts["id_deltas_folded"] = len(manifest.extra["ids_chain"])
-        table, meta = load_ids(store, manifest)
-        save_ids(store, table, f"ids/{summary_run}", meta)
-        manifest = store.commit(replace(manifest, ids=f"ids/{summary_run}",
+        table, meta = IndexVersion(store, manifest).ids()
+        save_ids(store, table, f"ids/{run}", meta)
+        manifest = store.commit(replace(manifest, ids=f"ids/{run}",
                                         extra={**manifest.extra, "ids_chain": [], "generator_ids": (
-                                            f"ids/{summary_run}" if manifest.extra.get("generator_ids") == manifest.ids
+                                            f"ids/{run}" if manifest.extra.get("generator_ids") == manifest.ids
                                             else manifest.extra.get("generator_ids"))}),
-                                f"compact {summary_run}: identifier deltas folded into one table")
+                                f"compact {run}: identifier deltas folded into one table", base=manifest, reads={"*"})
     versions = store.versions()
     kept = versions[-keep:] if keep > 0 else versions[-1:]
-    live_paths = set().union(*(referenced(m) for m in kept))
+    servable = next((m for m in reversed(versions) if is_servable(m)), None)
+    if servable is not None and servable.version not in {m.version for m in kept}:
+        kept = [servable, *kept]
+        log("compact", f"keeping version {servable.version} too: it is the newest servable one")
+    live_paths = set().union(*(referenced_paths(m) for m in kept))
+    ever_named = set().union(*(referenced_paths(m) for m in versions))
+    pending_train = store.read_json("jobs/train-pending.json").get("run") if store.exists("jobs/train-pending.json") \
+        else None
     for kind in ("features", "queries", "ids", "codebooks", "generator", "tombstones", "errors", "eval"):
         for name in store.listdir(kind):
             path = f"{kind}/{name}"
-            if path not in live_paths and not any(p.startswith(path + "/") for p in live_paths):
-                if kind == "generator" and store.exists("jobs/train-pending.json") and \
-                        store.read_json("jobs/train-pending.json").get("run") == name:
-                    continue  # an unfinished training run can still be resumed
-                store.remove(path)
-                counts["folders_removed"] += 1
-    for m in versions[: len(versions) - len(kept)]:
-        store.remove(f"manifests/v{m.version:06d}.json")
+            if _named(path, live_paths) or (kind == "generator" and name == pending_train):
+                continue  # kept versions need it, or an unfinished training run can still be resumed
+            if not _named(path, ever_named) and _younger_than(name, ORPHAN_GRACE_S):
+                continue  # no version named it yet: maybe a job still running
+            store.remove(path)
+            counts["folders_removed"] += 1
+    kept_numbers = {m.version for m in kept}
+    for m in versions:
+        if m.version not in kept_numbers:
+            store.remove(store.history_path(m.version))
     counts["versions_kept"] = len(kept)
     log("compact", json.dumps(counts))
     return counts
 
 
+def _named(path: str, paths: set[str]) -> bool:
+    return path in paths or any(p.startswith(path + "/") for p in paths)
+
+
+def _younger_than(run: str, seconds: float) -> bool:
+    """Run folders are named <kind>-<UTC time>-<hex> (store.new_run_id)."""
+    import calendar
+
+    try:
+        stamp = calendar.timegm(time.strptime(run.split("-")[1], "%Y%m%dT%H%M%S"))
+    except (IndexError, ValueError):
+        return False
+    return time.time() - stamp < seconds

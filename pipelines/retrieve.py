@@ -17,45 +17,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig
-from cart_core.store import Manifest, Store, StoreError
+from cart_core.index_version import IndexVersion
+from cart_core.store import Manifest, Store
 from pipelines.runtime import JobSummary, init_ray, log
 
 RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                            ("score", pa.float32())])
 
 
-def is_servable(manifest: Manifest) -> bool:
-    """A version can answer queries when its generator was trained for its identifiers."""
-    return bool(manifest.generator and manifest.ids and manifest.extra.get("generator_ids") == manifest.ids)
-
-
-def servable_manifest(store: Store) -> Manifest:
-    """The newest committed version that can answer queries (a fresh `cart quantize` commits
-    identifiers before `cart train` has a generator for them; the previous version serves)."""
-    current = store.manifest()
-    if is_servable(current):
-        return current
-    for old in reversed(store.versions()):
-        if is_servable(old):
-            return old
-    raise StoreError(f"{store.url}: no committed version has a trained generator; run `cart train` first")
-
-
-def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
+def load_retriever(version: IndexVersion, device: str = "cpu"):
     """(GenerativeRetriever, IdentifierTable) for one committed version."""
     from cart_core.fallback import HybridRetriever
     from cart_core.generator import Generator
     from cart_core.retrieval import GenerativeRetriever
-    from pipelines.quantize import load_ids
 
-    table, _ = load_ids(store, manifest)
+    store, manifest = version.store, version.manifest
+    table, _ = version.ids()
     with store.local_dir(f"{manifest.generator}/model") as folder:
         generator = Generator.load(folder)
     generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
     pending = manifest.extra.get("pending")
     if not (pending and generator.text_encoder is not None):
         return GenerativeRetriever(generator, table, device=device), table
-    fallback, untrained_rows = pending_fallback(store, manifest, table)
+    fallback, untrained_rows = pending_fallback(version)
     decodable = table
     if len(untrained_rows):
         # the generator has never been trained on these pending items: until their fine-tune, only
@@ -70,20 +54,20 @@ def load_retriever(store: Store, manifest: Manifest, device: str = "cpu"):
     return retriever, table
 
 
-def pending_fallback(store: Store, manifest: Manifest, table):
+def pending_fallback(version: IndexVersion):
     """The dense fallback over the live pending items (cart_core/fallback.py), and the rows of
     those the generator has not been fine-tuned on yet."""
     from cart_core.fallback import DenseFallback
     from cart_core.identifiers import live_rows
     from pipelines.quantize import stack_column
-    from pipelines.reindex import read_pending, untrained_pending
 
-    t = read_pending(store, manifest)
+    table, _ = version.ids()
+    t = version.pending()
     items = t.column("item_id").to_pylist()
     live_row = live_rows(table, items)
     keep = [j for j, i in enumerate(items) if i in live_row]
     vectors = stack_column(t.column("vector").to_numpy(zero_copy_only=False))[keep] if keep else np.zeros((0, 1))
-    untrained = [live_row[i] for i in untrained_pending(t, manifest.extra) if i in live_row]
+    untrained = [live_row[i] for i in version.untrained_pending() if i in live_row]
     return (DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors),
             np.array(untrained, dtype=np.int64))
 
@@ -104,8 +88,7 @@ class RetrieveBatch:
 
     def __init__(self, store_url: str, version: int, k: int, beam_size: int, device: str = "cpu"):
         store = Store(store_url)
-        manifest = next(m for m in store.versions() if m.version == version)
-        self.retriever, self.table = load_retriever(store, manifest, device)
+        self.retriever, self.table = load_retriever(IndexVersion(store, store.version(version)), device)
         self.k, self.beam = k, max(beam_size, k)  # the beam must hold k distinct identifiers
 
     def __call__(self, batch: dict) -> dict:
@@ -175,7 +158,7 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
                  address: str | None = None) -> dict:
     init_ray(address)
     summary = JobSummary("retrieve", store.url)
-    manifest = servable_manifest(store)
+    manifest = IndexVersion.newest_servable(store).manifest
     ds = read_queries(queries)
     n = ds.count()
     t0 = time.perf_counter()

@@ -21,7 +21,8 @@ from ray import serve
 
 from cart_core.config import CartConfig
 from cart_core.store import Store
-from pipelines.retrieve import load_retriever, servable_manifest
+from cart_core.index_version import IndexVersion
+from pipelines.retrieve import load_retriever
 
 MAX_QUERIES = 1024
 MAX_K = 100
@@ -38,10 +39,10 @@ class Snapshot:
     """One servable version: what a batch searches against, swapped as a whole."""
 
     def __init__(self, store: Store, device: str):
-        manifest = servable_manifest(store)
-        self.version = manifest.version
-        self.ids = (manifest.ids, manifest.generator)
-        self.retriever, self.table = load_retriever(store, manifest, device)
+        version = IndexVersion.newest_servable(store)
+        self.version = version.version
+        self.ids = (version.manifest.ids, version.manifest.generator)
+        self.retriever, self.table = load_retriever(version, device)
 
 
 @serve.deployment(name="cart-search")
@@ -60,7 +61,7 @@ class CartSearch:
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                manifest = servable_manifest(self.store)
+                manifest = IndexVersion.newest_servable(self.store).manifest
                 if manifest.version != self.current.version and \
                         (manifest.ids, manifest.generator) != self.current.ids:
                     new = Snapshot(self.store, self.device)
@@ -129,7 +130,7 @@ def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int 
               address: str | None = None, block: bool = True) -> None:
     from pipelines.runtime import init_ray, log
 
-    servable_manifest(store)  # fail fast, with the reason, before starting anything
+    IndexVersion.newest_servable(store)  # fail fast, with the reason, before starting anything
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store.url, cfg), name="cart", route_prefix="/")

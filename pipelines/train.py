@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ import pandas as pd
 import pyarrow as pa
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
-from cart_core.store import Store, StoreError
-from pipelines.quantize import load_ids
+from cart_core.index_version import IndexVersion
+from cart_core.store import Manifest, Store, StoreError
 from pipelines.runtime import JobSummary, init_ray, log
 
 PENDING = "jobs/train-pending.json"
@@ -41,10 +42,11 @@ class Finetune:
 
 def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = None) -> tuple[pa.Table, dict]:
     """text, codes, weight for every training query whose item has a live identifier."""
-    manifest = store.manifest()
-    table, _ = load_ids(store, manifest)
-    queries = store.read_table(store.require(manifest, "queries", "cart import --captions` or `cart caption"),
-                               columns=["item_id", "text", "source"]).to_pandas()
+    version = IndexVersion.current(store)
+    manifest = version.manifest
+    table, _ = version.ids()
+    store.require(manifest, "queries", "cart import --captions` or `cart caption")
+    queries = version.queries(["item_id", "text", "source"]).to_pandas()
     ids = pd.DataFrame({"item_id": table.item_ids.astype(str), "row": np.arange(len(table.item_ids))})
     ids = ids[table.live]
     pairs = queries.merge(ids, on="item_id", how="inner")
@@ -68,7 +70,7 @@ def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = No
                     "codes": pa.array(list(codes), pa.list_(pa.int32())),
                     "weight": pa.array(weight.astype(np.float32)),
                     "distill": pa.array(distill.astype(np.float32))})
-    return out, {"counts": counts, "vocab_sizes": table.vocab_sizes, "ids": manifest.ids}
+    return out, {"counts": counts, "vocab_sizes": table.vocab_sizes, "ids": manifest.ids, "base": manifest}
 
 
 def latest_checkpoint(store: Store, run: str) -> str | None:
@@ -157,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
               address: str | None = None, finetune: Finetune | None = None,
-              commit_extra: dict | None = None, before_commit=None) -> dict:
+              finish: Callable[[Manifest], Manifest] | None = None, before_commit=None) -> dict:
     import ray.data
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -206,17 +208,12 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         store.put_dir(folder, f"generator/{run}/model")
     if before_commit is not None:
         before_commit()
-    manifest = store.manifest()
-    if manifest.ids != info["ids"]:
-        raise StoreError(f"{store.url}: identifiers changed while training ({info['ids']} -> {manifest.ids}); "
-                         "rerun `cart train`")
-    new = store.commit(replace(manifest, generator=f"generator/{run}",
-                               extra={**manifest.extra, "generator_ids": info["ids"],
-                                      # a full training has learned every item: no dense fallback left
-                                      **({} if finetune else {"pending": None, "pending_threshold": None, "pending_interleave": None,
-                                                             "pending_trained": None}),
-                                      **(commit_extra or {})}),
-                       f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
+    manifest = info["base"]  # the version trained on; a commit that changed its identifiers since is refused
+    trained = manifest.with_generator(f"generator/{run}", info["ids"])
+    # a full training has learned every item: no dense fallback left; a fine-tune says what it taught
+    new = store.commit(finish(trained) if finish else trained.without_fallback(),
+                       f"train {run}: {len(pairs)} pairs, {workers} worker(s)",
+                       base=manifest, reads={"ids", "extra.ids_chain", "extra.tombstones"})
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]
     metrics = {key: history[key][-1] for key in ("loss", "nll", "kl")} | {"epochs": len(history["loss"])}

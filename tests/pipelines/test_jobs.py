@@ -52,8 +52,9 @@ def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
     store = Store(tmp_path / "store")
     first = run_import(store, str(corpus_dir / "items.parquet"), str(corpus_dir / "captions.parquet"),
                        holdout_caption_index=4)
+    # the synthetic captions repeat 5 (item, text) pairs: each is stored once
     assert first["counts"] == {"items": 160, "new_items": 160, "already_present": 0, "captions": 800,
-                               "training_queries": 640, "eval_queries": 160}
+                               "training_queries": 635, "eval_queries": 160, "captions_already_present": 5}
     manifest = store.manifest()
     assert manifest.version == 1 and manifest.dim == 32
     feats = store.read_table(manifest.features)
@@ -62,6 +63,7 @@ def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
     again = run_import(store, str(corpus_dir / "items.parquet"), str(corpus_dir / "captions.parquet"),
                        holdout_caption_index=4)
     assert again["counts"]["new_items"] == 0 and store.manifest().version == 1
+    assert again["counts"]["captions_already_present"] == 800
 
     bad = pq.read_table(corpus_dir / "items.parquet").to_pandas()
     bad.loc[7, "embedding"] = np.full(32, np.nan, dtype=np.float32)
@@ -80,8 +82,8 @@ def test_quantize_needs_features(tmp_path, ray_local):
 
 def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, ray_local):
     from pipelines.evaluate import run_evaluate
-    from pipelines.quantize import load_ids
-    from pipelines.retrieve import run_retrieve, servable_manifest
+    from cart_core.index_version import IndexVersion, load_ids
+    from pipelines.retrieve import run_retrieve
     from pipelines.train import run_train
 
     store = Store(tmp_path / "store")
@@ -92,10 +94,10 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, ray_
     assert table.vocab_sizes[:3] == [8, 8, 8]
     assert meta["report"]["fitted_state"]["mean_assign_sq_distance"] > 0
     with pytest.raises(StoreError, match="no committed version has a trained generator"):
-        servable_manifest(store)
+        IndexVersion.newest_servable(store)
 
     summary = run_train(store, small_config(), workers=2)
-    assert summary["counts"]["pairs"] == 640 and summary["workers"] == 2
+    assert summary["counts"]["pairs"] == 635 and summary["workers"] == 2  # 640 captions, 5 repeated (item, text) pairs stored once
     trained = store.manifest()
     assert trained.generator and trained.extra["generator_ids"] == trained.ids
     assert store.listdir(f"{trained.generator}/checkpoints") == ["epoch-0001", "epoch-0002", "epoch-0003"]

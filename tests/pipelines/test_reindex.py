@@ -58,10 +58,9 @@ def fresh(base, tmp_path) -> Store:
 
 def untaught(store, manifest) -> set[str]:
     """Pending items no fine-tune has taught the generator yet."""
-    from pipelines.reindex import read_pending, untrained_pending
+    from cart_core.index_version import IndexVersion
 
-    pending = read_pending(store, manifest)
-    return set(untrained_pending(pending, manifest.extra)) if pending is not None else set()
+    return set(IndexVersion(store, manifest).untrained_pending())
 
 
 def results(store, base, tmp_path, k=10) -> dict[str, list[str]]:
@@ -74,7 +73,7 @@ def results(store, base, tmp_path, k=10) -> dict[str, list[str]]:
 
 
 def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
-    from pipelines.quantize import load_ids
+    from cart_core.index_version import load_ids
     from pipelines.reindex import run_reindex
 
     store = fresh(base, tmp_path)
@@ -105,15 +104,15 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     assert store.manifest().version == tuned.version and untouched["counts"]["added"] == 0
     # a delete-only reindex keeps a calibrated fallback without the deleted item, and items the
     # fine-tune has taught stay decodable by the generator
-    from pipelines.reindex import read_pending
+    from cart_core.index_version import IndexVersion
     from pipelines.retrieve import pending_fallback
 
     (tmp_path / "gone.txt").write_text(base["new_ids"][0])
     run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
     after_delete = store.manifest()
     assert after_delete.extra["pending_threshold"] is not None and not untaught(store, after_delete)
-    assert base["new_ids"][0] not in read_pending(store, after_delete).column("item_id").to_pylist()
-    _, untrained = pending_fallback(store, after_delete, load_ids(store, after_delete)[0])
+    assert base["new_ids"][0] not in IndexVersion(store, after_delete).pending().column("item_id").to_pylist()
+    _, untrained = pending_fallback(IndexVersion(store, after_delete))
     assert len(untrained) == 0
     from pipelines.train import run_train
 
@@ -128,7 +127,8 @@ def test_deleted_items_are_never_returned(base, tmp_path):
     gone = base["old_ids"][:15]
     (tmp_path / "delete.txt").write_text("\n".join(gone) + "\nnot-an-item\n")
     summary = run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))
-    assert summary["counts"]["deleted"] == 15 and summary["counts"]["already_deleted"] == 1
+    assert summary["counts"]["deleted"] == 15 and summary["counts"]["not_in_index"] == 1
+    assert summary["counts"]["already_deleted"] == 0
     version = store.manifest().version
     found = results(store, base, tmp_path, k=20)
     returned = {item for items in found.values() for item in items}
@@ -143,7 +143,7 @@ def test_deleted_items_are_never_returned(base, tmp_path):
 
 
 def test_update_replaces_an_item_under_the_same_key(base, tmp_path):
-    from pipelines.quantize import load_ids
+    from cart_core.index_version import load_ids
     from pipelines.reindex import run_reindex
 
     store = fresh(base, tmp_path)
@@ -160,9 +160,9 @@ def test_update_replaces_an_item_under_the_same_key(base, tmp_path):
 
 @pytest.mark.parametrize("point", ["after_features", "after_ids", "before_commit", "after_training"])
 def test_crash_at_any_step_keeps_the_old_version_and_rerun_completes(base, tmp_path, monkeypatch, point):
-    from pipelines.quantize import load_ids
+    from cart_core.index_version import load_ids
     from pipelines.reindex import run_reindex
-    from pipelines.retrieve import is_servable
+    from cart_core.index_version import is_servable
 
     store = fresh(base, tmp_path)
     before = store.manifest()
@@ -188,7 +188,7 @@ def test_identifier_deltas_load_as_the_whole_table_and_compaction_folds_them(bas
     """A reindex writes only what it changed (append.parquet + dead.npy over the committed table);
     loading the chain gives exactly the table a whole rewrite gives, at every version, and
     `compact` folds the chain into one table that serves the same answers."""
-    from pipelines.quantize import load_ids
+    from cart_core.index_version import load_ids
     from pipelines.reindex import run_compact, run_reindex
 
     new = pq.read_table(base["new"] / "items.parquet")

@@ -1,0 +1,254 @@
+"""The one way to read a committed version of the index.
+
+A version is a manifest plus the files it names; what a job needs from it is not the raw files but
+their *live* content: feature rows with tombstones (deletes, replaced rows of updates) and
+superseded duplicates removed, training queries deduplicated on (item, text), the identifier table
+with its deltas applied, the pending items of the dense fallback. Every job reads through
+`IndexVersion`, so no verb can bring a deleted item back by reading a feature run directly.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cart_core.identifiers import IdentifierTable, appended_rows, apply_delta
+from cart_core.store import Manifest, Store, StoreError
+
+
+def is_servable(manifest: Manifest) -> bool:
+    """A version can answer queries when its generator was trained for its identifiers."""
+    return bool(manifest.generator and manifest.ids and manifest.extra.get("generator_ids") == manifest.ids)
+
+
+def referenced_paths(manifest: Manifest) -> set[str]:
+    """Every store folder or file a manifest names (what `compact` keeps and `cart check` verifies)."""
+    extra = manifest.extra
+    paths = {manifest.ids, *(extra.get("ids_chain") or []), manifest.codebooks, manifest.generator,
+             *manifest.features, *manifest.queries, *manifest.eval_queries, *manifest.errors,
+             *(extra.get("tombstones") or []), extra.get("pending")}
+    return {p for p in paths if p}
+
+
+@dataclass
+class IndexVersion:
+    """A committed version, read lazily; each table is read once and cached."""
+
+    store: Store
+    manifest: Manifest
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- which version ---------------------------------------------------------------------
+    @classmethod
+    def current(cls, store: Store) -> "IndexVersion":
+        return cls(store, store.manifest())
+
+    @classmethod
+    def newest_servable(cls, store: Store) -> "IndexVersion":
+        """The newest committed version that can answer queries (a fresh `cart quantize` commits
+        identifiers before `cart train` has a generator for them; the previous version serves)."""
+        current = store.manifest()
+        if is_servable(current):
+            return cls(store, current)
+        for old in reversed(store.versions()):
+            if is_servable(old):
+                return cls(store, old)
+        raise StoreError(f"{store.url}: no committed version has a trained generator; run `cart train` first")
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def servable(self) -> bool:
+        return is_servable(self.manifest)
+
+    # ---- features --------------------------------------------------------------------------
+    def tombstones(self) -> set[tuple[str, str]]:
+        """(item_id, feature run) of every feature row a delete or an update retired."""
+        runs = self.manifest.extra.get("tombstones") or []
+        if not runs:
+            return set()
+        t = self.store.read_table(runs, columns=["item_id", "feature_run"])
+        return set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
+
+    def feature_rows(self) -> pa.Table:
+        """item_id, content_hash, run, file, row, live for every committed feature row. A row is live
+        when it is not tombstoned and no later run holds a live row of the same item."""
+        if "feature_rows" in self._cache:
+            return self._cache["feature_rows"]
+        dead = self.tombstones()
+        parts = []
+        for run in self.manifest.features:
+            for path in self.store.parquet_files(run):
+                t = self._read_file(path, ["item_id", "content_hash"])
+                parts.append(t.append_column("run", pa.array([run] * t.num_rows, pa.string()))
+                             .append_column("file", pa.array([path] * t.num_rows, pa.string()))
+                             .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+        if not parts:
+            rows = pa.table({"item_id": pa.array([], pa.string()), "content_hash": pa.array([], pa.string()),
+                             "run": pa.array([], pa.string()), "file": pa.array([], pa.string()),
+                             "row": pa.array([], pa.int64()), "live": pa.array([], pa.bool_())})
+        else:
+            rows = pa.concat_tables(parts)
+            ids, runs = rows.column("item_id").to_pylist(), rows.column("run").to_pylist()
+            alive = np.array([(i, r) not in dead for i, r in zip(ids, runs)], dtype=bool) if dead \
+                else np.ones(rows.num_rows, bool)
+            live = np.zeros(rows.num_rows, bool)
+            newest: dict[str, int] = {}
+            if len(set(ids)) == len(ids):  # the usual case: every item has one row
+                live = alive
+            else:
+                for r in np.flatnonzero(alive):
+                    newest[ids[r]] = r  # later runs come later: the last live row wins
+                live[list(newest.values())] = True
+            rows = rows.append_column("live", pa.array(live))
+        self._cache["feature_rows"] = rows
+        return rows
+
+    def feature_files(self) -> list[str]:
+        return self.store.parquet_files(self.manifest.features)
+
+    def dead_feature_keys(self) -> set[tuple[str, str]]:
+        """(file, item_id) of every committed feature row that is not live: what a reader of the
+        raw files (a Ray Data job) must drop."""
+        rows = self.feature_rows()
+        dead = rows.filter(pc.invert(rows.column("live")))
+        return set(zip(dead.column("file").to_pylist(), dead.column("item_id").to_pylist()))
+
+    def live_features(self, columns: list[str] = ("item_id", "embedding")) -> pa.Table:
+        """The live feature rows (each item at most once), with the given columns."""
+        rows = self.feature_rows()
+        columns = list(columns)
+        parts = []
+        for path in self.feature_files():
+            mask = rows.filter(pc.equal(rows.column("file"), path)).column("live")
+            t = self._read_file(path, columns)
+            parts.append(t.filter(mask) if not pc.all(mask).as_py() else t)
+        if not parts:
+            return pa.table({c: pa.array([], pa.string()) for c in columns})
+        return pa.concat_tables(parts, promote_options="default")
+
+    def live_item_hashes(self, items: list[str] | None = None) -> dict[str, tuple[str, str]]:
+        """item_id -> (feature run, content hash) of its live row, for `items` (default: all)."""
+        rows = self.feature_rows()
+        rows = rows.filter(rows.column("live"))
+        if items is not None:
+            rows = rows.filter(pc.is_in(rows.column("item_id"), value_set=pa.array(sorted(set(items)), pa.string())))
+        return {i: (r, h) for i, r, h in zip(rows.column("item_id").to_pylist(), rows.column("run").to_pylist(),
+                                             rows.column("content_hash").to_pylist())}
+
+    # ---- queries ---------------------------------------------------------------------------
+    def queries(self, columns: list[str] = ("item_id", "text", "source")) -> pa.Table:
+        """Training queries, each (item_id, text) once (the first committed row wins)."""
+        columns = list(columns)
+        if not self.manifest.queries:
+            return pa.table({c: pa.array([], pa.string()) for c in columns})
+        t = self.store.read_table(self.manifest.queries, columns=sorted(set(columns) | {"item_id", "text"}))
+        keys = list(zip(t.column("item_id").to_pylist(), t.column("text").to_pylist()))
+        if len(set(keys)) != len(keys):
+            seen: set = set()
+            first = [k not in seen and not seen.add(k) for k in keys]
+            t = t.filter(pa.array(first))
+        return t.select(columns)
+
+    def new_captions(self, item_ids: list[str], texts: list[str]) -> tuple[list[str], list[str]]:
+        """The (item, text) pairs not yet among the training queries nor earlier in the lists."""
+        seen: set[tuple[str, str]] = set()
+        if self.manifest.queries and item_ids:
+            q = self.queries(["item_id", "text"])
+            q = q.filter(pc.is_in(q.column("item_id"), value_set=pa.array(sorted(set(item_ids)), pa.string())))
+            seen = set(zip(q.column("item_id").to_pylist(), q.column("text").to_pylist()))
+        out_ids, out_texts = [], []
+        for item, text in zip(item_ids, texts):
+            if (item, text) not in seen:
+                seen.add((item, text))
+                out_ids.append(item)
+                out_texts.append(text)
+        return out_ids, out_texts
+
+    def eval_queries(self) -> pa.Table:
+        return self.store.read_table(self.store.require(self.manifest, "eval_queries",
+                                                        "cart import --holdout-caption-index N"),
+                                     columns=["query_id", "text", "item_id"])
+
+    # ---- identifiers -----------------------------------------------------------------------
+    def ids(self) -> tuple[IdentifierTable, dict]:
+        """The identifier table and its meta: the last full table (`cart quantize`, `cart compact`)
+        with the deltas of the reindexes since applied in order."""
+        if "ids" not in self._cache:
+            self._cache["ids"] = load_ids(self.store, self.manifest)
+        return self._cache["ids"]
+
+    # ---- pending items (the dense fallback of `cart reindex`) -------------------------------
+    def pending(self) -> pa.Table | None:
+        path = self.manifest.extra.get("pending")
+        if not path:
+            return None
+        return self._read_file(self.store.path(path), None)
+
+    def untrained_pending(self) -> list[str]:
+        """Pending items no fine-tune has taught the generator yet."""
+        pending = self.pending()
+        if pending is None:
+            return []
+        trained = set(self.manifest.extra.get("pending_trained") or [])
+        runs = pending_runs(pending, self.manifest.extra.get("pending"))
+        return [item for item, r in zip(pending.column("item_id").to_pylist(), runs) if r not in trained]
+
+    def _read_file(self, path: str, columns: list[str] | None) -> pa.Table:
+        try:
+            with self.store.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"{path}: unreadable ({exc}); `cart check --store {self.store.url}` lists what "
+                             "is damaged") from None
+
+
+def pending_runs(pending: pa.Table, path: str | None) -> list[str]:
+    """The reindex run that added each pending row (a table written before runs were recorded
+    counts as one run named by its path)."""
+    if "run" in pending.column_names:
+        return [str(r) for r in pending.column("run").to_pylist()]
+    return [str(path)] * pending.num_rows
+
+
+def load_ids(store: Store, manifest: Manifest) -> tuple[IdentifierTable, dict]:
+    folder = store.require(manifest, "ids", "cart quantize")
+    table, meta = None, {}
+    for part in [*(manifest.extra.get("ids_chain") or []), folder]:
+        with store.local_dir(part) as local:
+            try:
+                meta = json.loads((local / "meta.json").read_text())
+                if (local / "ids.parquet").exists():
+                    table = IdentifierTable.load(local / "ids.parquet")
+                elif table is None:
+                    raise StoreError(f"{store.uri(part)}: an identifier delta without the table it extends "
+                                     "(manifest extra.ids_chain is incomplete)")
+                else:
+                    table = apply_delta(table, IdentifierTable.load(local / "append.parquet"),
+                                        np.load(local / "dead.npy"))
+            except (FileNotFoundError, ValueError, OSError, pa.ArrowInvalid) as exc:
+                raise StoreError(f"{store.uri(part)}: identifier table unreadable ({exc}); "
+                                 f"`cart check --store {store.url}` lists what is damaged") from None
+    return table, meta
+
+
+def save_ids(store: Store, table: IdentifierTable, folder: str, meta: dict, *, base_rows: int | None = None) -> None:
+    """The identifier table under `folder`: whole (ids.parquet), or, given base_rows, as a delta over
+    the committed table of base_rows rows -- the rows appended after it (append.parquet) and its rows
+    tombstoned since (dead.npy) -- so adding 10k items to 1M writes 10k rows, not 1.01M."""
+    with tempfile.TemporaryDirectory(prefix="cart-ids-") as tmp:
+        if base_rows is None:
+            table.save(Path(tmp) / "ids.parquet")
+        else:
+            appended_rows(table, base_rows).save(Path(tmp) / "append.parquet")
+            np.save(Path(tmp) / "dead.npy", np.flatnonzero(~table.live[:base_rows]).astype(np.int64))
+        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        store.put_dir(tmp, folder)

@@ -1,0 +1,90 @@
+"""The commit protocol of cart_core/store.py: guarded, rebased or refused, never lost.
+
+Real files, real threads and processes racing on one store (the S3 variant is in
+tests/pipelines/test_store_integrity.py, beside the local S3 server).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+from dataclasses import replace
+
+import pytest
+
+from cart_core.store import CommitConflict, Manifest, Store, StoreError
+
+
+def test_commit_replays_a_non_conflicting_change_on_the_newer_version(tmp_path):
+    store = Store(tmp_path)
+    base = store.commit(Manifest(features=["features/a"], dim=4), "import a")
+    other = store.commit(replace(base, features=base.features + ["features/b"]), "import b", base=base)
+    mine = store.commit(replace(base, ids="ids/q", codebooks="codebooks/q"), "quantize", base=base)
+    assert mine.version == 3 and mine.features == ["features/a", "features/b"] and mine.ids == "ids/q"
+    assert other.version == 2 and store.manifest() == mine
+
+
+def test_both_appending_to_a_list_merges_and_a_read_key_conflicts(tmp_path):
+    store = Store(tmp_path)
+    base = store.commit(Manifest(features=["features/a"]), "a")
+    store.commit(replace(base, features=base.features + ["features/b"]), "b", base=base)
+    merged = store.commit(replace(base, features=base.features + ["features/c"]), "c", base=base)
+    assert merged.features == ["features/a", "features/b", "features/c"]
+    with pytest.raises(CommitConflict, match=r"version 3 \('c'\).*features \(read by this job\)"):
+        store.commit(replace(base, features=base.features + ["features/d"]), "d", base=base, reads={"features"})
+    assert store.manifest().version == 3  # nothing was committed
+
+
+def test_changing_the_same_key_is_refused_with_the_key_named(tmp_path):
+    store = Store(tmp_path)
+    base = store.commit(Manifest(ids="ids/1", extra={"tombstones": []}), "base")
+    store.commit(replace(base, ids="ids/reindex", extra={"tombstones": ["tombstones/r"]}), "reindex", base=base)
+    with pytest.raises(CommitConflict, match=r"ids \(changed by both\)"):
+        store.commit(replace(base, ids="ids/quantize"), "quantize", base=base)
+    with pytest.raises(CommitConflict, match=r"extra.tombstones \(read by this job\)"):
+        store.commit(replace(base, generator="generator/t"), "train", base=base, reads={"extra.tombstones"})
+    assert store.manifest().ids == "ids/reindex"
+
+
+def _commit_many(url: str, tag: str, n: int) -> None:
+    store = Store(url)
+    for i in range(n):
+        base = store.manifest()
+        store.commit(replace(base, features=base.features + [f"features/{tag}-{i}"]), f"{tag} {i}", base=base)
+
+
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_racing_committers_lose_nothing_locally(tmp_path, workers):
+    url, n = str(tmp_path / "store"), 15
+    if workers == "threads":
+        jobs = [threading.Thread(target=_commit_many, args=(url, t, n)) for t in "abcd"]
+    else:
+        jobs = [multiprocessing.get_context("spawn").Process(target=_commit_many, args=(url, t, n)) for t in "abcd"]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join()
+    store = Store(url)
+    final = store.manifest()
+    assert final.version == 4 * n
+    assert sorted(final.features) == sorted(f"features/{t}-{i}" for t in "abcd" for i in range(n))
+    assert [m.version for m in store.versions()] == list(range(1, 4 * n + 1))
+
+
+def test_a_committer_killed_before_its_pointer_write_has_still_committed(tmp_path):
+    store = Store(tmp_path)
+    first = store.commit(Manifest(features=["features/a"]), "a")
+    # the history file is the commit point; manifest.json is a pointer readers follow forward
+    late = replace(first, version=2, features=["features/a", "features/b"], message="b")
+    (tmp_path / "manifests" / "v000002.json").write_text(late.to_json())
+    assert store.manifest().version == 2 and store.manifest().features == late.features
+    assert store.commit(replace(store.manifest(), ids="ids/x"), "c").version == 3
+    assert json.loads((tmp_path / "manifest.json").read_text())["version"] == 3
+
+
+def test_a_corrupted_pointer_names_the_file_and_the_repair(tmp_path):
+    store = Store(tmp_path)
+    store.commit(Manifest(features=["features/a"]), "a")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match=r"manifest.json: not valid JSON.*cart check --store .* --repair"):
+        store.manifest()
