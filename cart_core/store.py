@@ -307,6 +307,8 @@ class Store:
         bucket, key, _ = self.fs.split_path(path)
         try:
             sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+            return False
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = exc.response.get("Error", {}).get("Code")
