@@ -106,11 +106,11 @@ def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: 
 
 def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> list[dict]:
-    init_ray(address)
-    summary = JobSummary("evaluate", store.url)
     version = IndexVersion.newest_servable(store)
     manifest = version.manifest
-    table, _ = version.ids()
+    table, _ = version.ids()  # before Ray starts: a damaged store fails at once
+    init_ray(address)
+    summary = JobSummary("evaluate", store.url)
     catalog = {str(i): r for r, i in enumerate(table.item_ids[table.live])}  # deleted items are not answers
     q = load_eval_queries(version, queries)
     if queries is None:  # the store's held-out captions of deleted items ask for nothing that exists

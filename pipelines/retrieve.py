@@ -156,9 +156,11 @@ def write_results(results_ds, out: str) -> int:
 
 def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> dict:
+    version = IndexVersion.newest_servable(store)
+    version.ids()  # a damaged identifier table fails here, naming its folder, not in an actor a minute later
     init_ray(address)
     summary = JobSummary("retrieve", store.url)
-    manifest = IndexVersion.newest_servable(store).manifest
+    manifest = version.manifest
     ds = read_queries(queries)
     n = ds.count()
     t0 = time.perf_counter()

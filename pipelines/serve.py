@@ -130,7 +130,7 @@ def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int 
               address: str | None = None, block: bool = True) -> None:
     from pipelines.runtime import init_ray, log
 
-    IndexVersion.newest_servable(store)  # fail fast, with the reason, before starting anything
+    IndexVersion.newest_servable(store).ids()  # fail fast, with the reason, before starting anything
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store.url, cfg), name="cart", route_prefix="/")
