@@ -73,9 +73,11 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     # ---- state changes of `extra` (each written in one place) --------------------------------
-    def with_generator(self, generator: str, trained_for: str) -> "Manifest":
-        """A generator trained for the identifier table `trained_for` (what makes a version servable)."""
-        return replace(self, generator=generator, extra={**self.extra, "generator_ids": trained_for})
+    def with_generator(self, generator: str, trained_for: str, fingerprint: str | None = None) -> "Manifest":
+        """A generator trained for the identifier table `trained_for` (what makes a version servable),
+        on the pairs and config `fingerprint` names (pipelines/train.py)."""
+        return replace(self, generator=generator, extra={**self.extra, "generator_ids": trained_for,
+                                                          "generator_fingerprint": fingerprint})
 
     def without_fallback(self) -> "Manifest":
         """The dense fallback over pending items retired (a full training has learned every item)."""

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
-from cart_core.index_version import IndexVersion
+from cart_core.index_version import IndexVersion, is_servable
 from cart_core.store import Manifest, Store, StoreError
 from pipelines.runtime import JobSummary, init_ray, log
 
@@ -71,6 +71,24 @@ def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = No
                     "weight": pa.array(weight.astype(np.float32)),
                     "distill": pa.array(distill.astype(np.float32))})
     return out, {"counts": counts, "vocab_sizes": table.vocab_sizes, "ids": manifest.ids, "base": manifest}
+
+
+def training_fingerprint(pairs: pa.Table, cfg: CartConfig, finetune: Finetune | None) -> str:
+    """What a generator was trained on: the pairs, the model and training config, the start point.
+    The same fingerprint again means a rerun of `cart train` would only repeat the work."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for column in ("text", "codes", "weight", "distill"):
+        for chunk in pairs.column(column).chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    digest.update(buf)
+    settings = config_dict(cfg)
+    digest.update(json.dumps({k: settings[k] for k in ("generator", "train")}, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(None if finetune is None else [finetune.init_from, finetune.rehearsal]).encode())
+    return digest.hexdigest()[:32]
 
 
 def latest_checkpoint(store: Store, run: str) -> str | None:
@@ -164,13 +182,19 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(address)
     summary = JobSummary("train", store.url)
     t0 = time.perf_counter()
     if finetune is not None:
         cfg = replace(cfg, train=replace(cfg.train, epochs=finetune.epochs))
     pairs, info = training_pairs(store, cfg, finetune)
     summary.counts.update(info["counts"])
+    fingerprint = training_fingerprint(pairs, cfg, finetune)
+    base = info["base"]
+    if is_servable(base) and base.extra.get("generator_fingerprint") == fingerprint:
+        log("train", f"version {base.version}'s generator was trained on these pairs with this config; nothing to do")
+        summary.extra.update(version=base.version, up_to_date=True)
+        return summary.write(store)
+    init_ray(address)
     run, resume_from = summary.run, None
     if resume and store.exists(PENDING):
         pending = store.read_json(PENDING)
@@ -209,7 +233,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     if before_commit is not None:
         before_commit()
     manifest = info["base"]  # the version trained on; a commit that changed its identifiers since is refused
-    trained = manifest.with_generator(f"generator/{run}", info["ids"])
+    trained = manifest.with_generator(f"generator/{run}", info["ids"], fingerprint)
     # a full training has learned every item: no dense fallback left; a fine-tune says what it taught
     new = store.commit(finish(trained) if finish else trained.without_fallback(),
                        f"train {run}: {len(pairs)} pairs, {workers} worker(s)",

@@ -135,6 +135,8 @@ def run_verb(verb: str, store: Store, base: dict, tmp_path) -> None:
         run_train(store, cfg)
     elif verb == "train":
         run_train(store, cfg)
+        version = store.manifest().version
+        assert run_train(store, cfg)["up_to_date"] and store.manifest().version == version
     elif verb == "compact":
         run_compact(store, keep=1)
     elif verb == "rollback":
