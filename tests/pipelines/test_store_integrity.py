@@ -228,3 +228,69 @@ def test_s3_conditional_writes_keep_racing_commits(s3_server):
     final = Store(url).manifest()
     assert final.version == 3 * n
     assert sorted(final.features) == sorted(f"features/{t}-{i}" for t in "abc" for i in range(n))
+
+
+# ---- `cart check`: each kind of damage is found, named, and the pointer repaired ------------------
+def damaged_copy(base, tmp_path) -> Store:
+    store = Store(tmp_path / "store")
+    shutil.copytree(base["store"].url, store.url)
+    return store
+
+
+def cart_check(store: Store, *flags: str) -> int:
+    from pipelines.cli import main
+
+    return main(["check", "--store", store.url, *flags])
+
+
+def test_check_passes_a_healthy_store_and_lists_orphans(base, tmp_path, capsys):
+    store = damaged_copy(base, tmp_path)
+    (tmp_path / "store" / "features" / "extract-20200101T000000-deadbeef").mkdir()
+    (tmp_path / "store" / "manifest.json.tmp-abc").write_text("{")
+    assert cart_check(store) == 0
+    out = capsys.readouterr().out
+    assert "check: 0 problem(s), 2 orphan(s)" in out and "servable yes" in out
+    assert "orphan:  " + store.uri("features/extract-20200101T000000-deadbeef") in out
+
+
+def test_check_finds_a_truncated_parquet_file(base, tmp_path, capsys):
+    store = damaged_copy(base, tmp_path)
+    part = sorted((tmp_path / "store" / store.manifest().features[0]).glob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    assert cart_check(store) == 1
+    assert f"problem: {part}: unreadable" in capsys.readouterr().out
+
+
+def test_check_finds_a_missing_file(base, tmp_path, capsys):
+    store = damaged_copy(base, tmp_path)
+    shutil.rmtree(tmp_path / "store" / store.manifest().codebooks)
+    assert cart_check(store) == 1
+    assert f"{store.uri(store.manifest().codebooks)}: named by the manifest but missing" in capsys.readouterr().out
+
+
+def test_check_finds_a_broken_delta_chain(base, tmp_path, capsys):
+    store = damaged_copy(base, tmp_path)
+    manifest = store.manifest()
+    assert manifest.extra["ids_chain"], "the base store's identifiers are a delta chain"
+    first = manifest.extra["ids_chain"][0]
+    (tmp_path / "store" / first / "ids.parquet").unlink()
+    assert cart_check(store) == 1
+    assert f"{store.uri(first)}: the identifier chain must start with a whole table" in capsys.readouterr().out
+    with pytest.raises(Exception, match="ids"):  # every job fails the same way, naming the folder
+        IndexVersion.current(store).ids()
+
+
+def test_check_repairs_a_corrupted_manifest(base, tmp_path, capsys):
+    from pipelines.cli import main
+
+    store = damaged_copy(base, tmp_path)
+    good = store.manifest()
+    (tmp_path / "store" / "manifest.json").write_text('{"version": 3, "feat')
+    assert main(["versions", "--store", store.url]) == 2  # every verb names the file and the repair
+    assert "cart check --store" in capsys.readouterr().err
+    assert cart_check(store) == 1
+    assert "manifest.json: not valid JSON" in capsys.readouterr().out
+    assert cart_check(store, "--repair") == 0
+    assert "repaired: " in capsys.readouterr().out
+    assert store.manifest() == good
+    check_index(store, base["deleted"], base["captions"])  # servable again
