@@ -143,6 +143,16 @@ def _appended(old, new) -> bool:
     return isinstance(new, list) and isinstance(old, list) and new[:len(old)] == old
 
 
+def _durable_temp(path: str, data: bytes) -> str:
+    """`data` in a fsynced temporary file beside `path` (then linked or renamed into place)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def new_run_id(kind: str) -> str:
     """Sortable by time, unique across concurrent jobs."""
     return f"{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
@@ -287,11 +297,7 @@ class Store:
         """Write `path` only if it does not exist yet, atomically; False when it already did."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = _durable_temp(path, data)
             try:
                 os.link(tmp, path)  # atomic, and fails if path exists: the compare-and-swap
                 return True
@@ -354,12 +360,7 @@ class Store:
     def _write_bytes(self, path: str, data: bytes) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(_durable_temp(path, data), path)
         else:
             self.fs.pipe_file(path, data)
 
