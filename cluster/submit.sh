@@ -9,7 +9,7 @@
 # Run `cluster/submit.sh --help` for the options.
 set -euo pipefail
 
-VERBS="import extract caption quantize reindex train retrieve serve evaluate versions rollback compact"
+VERBS="import extract caption quantize reindex train retrieve serve evaluate versions rollback compact check"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 

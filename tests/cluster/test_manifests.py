@@ -27,7 +27,7 @@ SUBMIT = CLUSTER / "submit.sh"
 
 RAY_VERSION = "2.60.0"
 VERBS = {"import", "extract", "caption", "quantize", "reindex", "train", "retrieve", "serve", "evaluate",
-         "versions", "rollback", "compact"}
+         "versions", "rollback", "compact", "check"}
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 EXPECTED_KINDS = {
     "raycluster.yaml": "RayCluster",
