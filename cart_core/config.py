@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from cart_core.generator import GeneratorConfig
+from cart_core.hybrid import VerifyConfig
 from cart_core.rqvae import RQVAEConfig
 from cart_core.training import TrainConfig
 
@@ -108,6 +109,7 @@ class CartConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     reindex: ReindexConfig = field(default_factory=ReindexConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
 def _build(cls, data: dict[str, Any], where: str):

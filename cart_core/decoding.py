@@ -6,6 +6,7 @@ the cost is L decoder calls per batch, independent of the number of candidates.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,18 +17,41 @@ from cart_core.trie import DecodingTrie
 StepFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+@dataclass
+class BeamResult:
+    """Final items plus the beam at every depth (the prefixes it kept before each token): candidate
+    expansion (cart_core/candidates.py) starts from them."""
+
+    items: torch.Tensor           # item rows int64 [B, k], -1 padding
+    scores: torch.Tensor          # summed log-probs [B, k], -inf padding
+    level_nodes: list[torch.Tensor]   # per depth d = 0..L-1: the beam's trie nodes [B, W_d] after d tokens
+    level_scores: list[torch.Tensor]  # their summed log-probs [B, W_d], -inf where invalid
+
+
 @torch.no_grad()
 def constrained_beam_search(
     step_fn: StepFn, trie: DecodingTrie, batch_size: int, beam_size: int, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k distinct items per query: (item rows int64 [B, k] with -1 padding, scores [B, k])."""
+    result = beam_search_with_prefixes(step_fn, trie, batch_size, beam_size, top_k)
+    return result.items, result.scores
+
+
+@torch.no_grad()
+def beam_search_with_prefixes(
+    step_fn: StepFn, trie: DecodingTrie, batch_size: int, beam_size: int, top_k: int
+) -> BeamResult:
+    """constrained_beam_search that also keeps the beam's prefixes at every depth."""
     if top_k > beam_size:
         raise ValueError(f"top_k={top_k} cannot exceed beam_size={beam_size}")
     device = trie.leaf_start.device
     nodes = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     scores = torch.zeros(batch_size, 1, device=device)
     prefix = torch.zeros(batch_size, 1, 0, dtype=torch.long, device=device)
+    level_nodes, level_scores = [], []
     for level, vocab in enumerate(trie.vocab_sizes):
+        level_nodes.append(nodes)
+        level_scores.append(scores)
         width = nodes.shape[1]
         logp = step_fn(prefix.reshape(batch_size * width, level), level, width).view(batch_size, width, vocab)
         logp = logp.masked_fill(~trie.allowed(level, nodes), float("-inf"))
@@ -43,4 +67,4 @@ def constrained_beam_search(
         pad = top_k - items.shape[1]
         items = torch.cat([items, items.new_full((batch_size, pad), -1)], 1)
         scores = torch.cat([scores, scores.new_full((batch_size, pad), float("-inf"))], 1)
-    return items[:, :top_k], scores[:, :top_k]
+    return BeamResult(items[:, :top_k], scores[:, :top_k], level_nodes, level_scores)

@@ -14,13 +14,16 @@ import torch
 from cart_core.config import CartConfig
 from cart_core.corpus import Corpus, check_min_items, split_captions
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
+from cart_core.fusion import Fusion
 from cart_core.generator import Generator
+from cart_core.hybrid import VerifiedRetriever, fit_verification, holdout_mask, train_aligner
 from cart_core.identifiers import IdentifierTable
 from cart_core.indexing import build_index, identifier_inputs
 from cart_core.metrics import retrieval_metrics
 from cart_core.retrieval import GenerativeRetriever
 from cart_core.prototypes import fit_additive_prototypes
 from cart_core.text import TextEncoder
+from cart_core.verify import ItemVectors, caption_sums
 from cart_core.training import train_generator
 
 PROTOCOL = "transductive"
@@ -99,6 +102,7 @@ class GenerativeRun:
     generator: Generator
     index_report: dict
     train_history: dict
+    holdout: np.ndarray        # bool per training caption: kept from the generator to fit the fusion
 
 
 def run_generative(prep: PreparedCorpus, cfg: CartConfig, method: str = "generative",
@@ -113,12 +117,78 @@ def run_generative(prep: PreparedCorpus, cfg: CartConfig, method: str = "generat
     generator = Generator(gen_cfg, text_encoder=prep.encoder if gen_cfg.query == "text" else None)
     if gen_cfg.output_head == "prototype":
         init_prototypes(generator, table, prep.centroids)
-    history = train_generator(generator, prep.train_text, table.codes[prep.train_item], cfg.train, progress=progress)
+    holdout = holdout_mask(len(prep.train_text), cfg.verify.holdout, cfg.train.seed)
+    fit_rows = np.flatnonzero(~holdout)
+    history = train_generator(generator, [prep.train_text[i] for i in fit_rows], table.codes[prep.train_item[fit_rows]],
+                              cfg.train, progress=progress)
     retriever = GenerativeRetriever(generator, table)
     t0 = time.perf_counter()
     rows, _ = retriever.search(prep.query_text, k=cfg.eval.k, beam_size=cfg.eval.beam_size,
                                batch_size=cfg.eval.batch_size, progress=progress)
     qps = len(prep.query_text) / (time.perf_counter() - t0)
     rec = record(method, retrieval_metrics(rows, prep.query_item), qps,
-                 index_s=index_s, train_s=history["train_s"], beam_size=cfg.eval.beam_size)
-    return GenerativeRun(rec, table, generator, index_report, history)
+                 index_s=index_s, train_s=history["train_s"], beam_size=cfg.eval.beam_size,
+                 generator_pairs=int(len(fit_rows)))
+    return GenerativeRun(rec, table, generator, index_report, history, holdout)
+
+
+@dataclass
+class HybridRun:
+    records: list[dict]
+    retriever: VerifiedRetriever
+    fusion_report: dict
+
+
+def fit_hybrid(prep: PreparedCorpus, run: GenerativeRun, cfg: CartConfig, progress: bool = True) -> VerifiedRetriever:
+    """Aligner on the generator's training pairs, fusion on the held-out captions (each with its
+    item's leave-one-out caption centroid)."""
+    fit_rows, held = np.flatnonzero(~run.holdout), np.flatnonzero(run.holdout)
+    t0 = time.perf_counter()
+    aligner = train_aligner(prep.train_vec[fit_rows], prep.train_item[fit_rows], prep.corpus.embeddings,
+                            cfg.verify, progress=progress)
+    sums = caption_sums(prep.train_item, prep.train_vec, len(prep.corpus))
+    items = ItemVectors.build(sums, prep.corpus.embeddings)
+    retriever = VerifiedRetriever(run.generator, run.table, items, aligner, Fusion([], []), cfg.verify)
+    held_item = prep.train_item[held]
+    loo = sums[held_item] - prep.train_vec[held]
+    retriever.fusion = fit_verification(retriever, [prep.train_text[i] for i in held], held_item, loo,
+                                        cfg.eval.beam_size, cfg.eval.batch_size, progress=progress)
+    retriever.fusion.report["fit_s"] = time.perf_counter() - t0
+    return retriever
+
+
+def run_hybrid(prep: PreparedCorpus, run: GenerativeRun, cfg: CartConfig, method: str = "hybrid (generate + verify)",
+               progress: bool = True, retriever: VerifiedRetriever | None = None) -> HybridRun:
+    """The hybrid row, and the same fused score over every item (what the candidate cap costs)."""
+    retriever = retriever or fit_hybrid(prep, run, cfg, progress)
+    t0 = time.perf_counter()
+    rows, _ = retriever.search(prep.query_text, k=cfg.eval.k, beam_size=cfg.eval.beam_size,
+                               batch_size=cfg.eval.batch_size, progress=progress)
+    qps = len(prep.query_text) / (time.perf_counter() - t0)
+    fusion = retriever.fusion
+    rec = record(method, retrieval_metrics(rows, prep.query_item), qps, beam_size=cfg.eval.beam_size,
+                 candidates=cfg.verify.candidates, signals=list(fusion.names),
+                 weights=[round(w, 3) for w in fusion.weights], fusion=fusion.report)
+    return HybridRun([rec, dense_fused(prep, retriever)], retriever, fusion.report)
+
+
+def dense_fused(prep: PreparedCorpus, retriever: VerifiedRetriever) -> dict:
+    """The hybrid's dense signals and weights over the whole catalog (no generator, no cap): the
+    dense look-up with the same information, the bar the hybrid is measured against."""
+    fusion, items = retriever.fusion, retriever.items
+    n = len(prep.corpus)
+    t0 = time.perf_counter()
+    score = np.zeros((len(prep.query_vec), n), np.float32)
+    weight = dict(zip(fusion.names, fusion.weights))
+    if items.captions is not None:
+        cent = items.captions.astype(np.float32)
+        has = np.abs(cent).sum(1) > 0
+        score += weight.get("caption_cos", 0.0) * (prep.query_vec @ cent.T)
+        score += weight.get("no_caption", 0.0) * (~has)[None, :]
+    if items.features is not None and retriever.aligner is not None and "feature_cos" in weight:
+        score += weight["feature_cos"] * (retriever.aligner.map(prep.query_vec) @ items.features.astype(np.float32).T)
+    rows = np.argsort(-score, axis=1)[:, :10]
+    qps = _with_encode(len(prep.query_vec) / max(time.perf_counter() - t0, 1e-9), prep.timings["encode_queries_per_s"])
+    dense_names = [n_ for n_ in fusion.names if not n_.startswith("gen_")]
+    return record("dense: " + " + ".join(dense_names) + " (all items, hybrid's weights)",
+                  retrieval_metrics(rows, prep.query_item), qps)

@@ -42,6 +42,17 @@ class DecodingTrie:
             node = child.reshape(-1)
             self._node_of_item.append(node)
         n_prefix = int(node.max()) + 1
+        # candidate expansion (cart_core/candidates.py): per depth d, item row -> its node, and each
+        # node's items as one contiguous span [start, start + count) of the code-sorted order
+        self.node_of_row: list[np.ndarray] = []
+        self.node_spans: list[tuple[np.ndarray, np.ndarray]] = []
+        for sorted_nodes in self._node_of_item:
+            of_row = np.empty(len(codes), dtype=np.int64)
+            of_row[order] = sorted_nodes
+            n_nodes = int(sorted_nodes.max()) + 1
+            self.node_of_row.append(of_row)
+            self.node_spans.append((np.searchsorted(sorted_nodes, np.arange(n_nodes)),
+                                    np.bincount(sorted_nodes, minlength=n_nodes)))
         self.leaf_start = torch.from_numpy(np.searchsorted(node, np.arange(n_prefix)).astype(np.int64))
         self.leaf_count = torch.from_numpy(np.bincount(node, minlength=n_prefix).astype(np.int64))
         suffix = sorted_codes[:, -1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cart_core.config import CartConfig, config_dict, load_config
 from cart_core.corpus import Corpus, load_corpus, synthetic_corpus
-from cart_core.experiment import dense_baselines, prepare, run_generative
+from cart_core.experiment import dense_baselines, prepare, run_generative, run_hybrid
 from pipelines.data_paths import REPO_ROOT, default_dataset
 from pipelines.report import format_table, plot_recall, write_metrics
 
@@ -46,7 +46,8 @@ def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | N
     prep = prepare(corpus, cfg)
     baselines = dense_baselines(prep)
     run = run_generative(prep, cfg, progress=True)
-    records = [run.record, *baselines]
+    hybrid = run_hybrid(prep, run, cfg, progress=True)
+    records = [hybrid.records[0], run.record, *baselines, hybrid.records[1]]
     for rec in records:
         rec["dataset"] = label
     out_dir = Path(out)
@@ -54,7 +55,7 @@ def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | N
     plot = plot_recall(records, out_dir / "recall.png", f"{label}, transductive (caption #{cfg.eval.query_caption_index} as query)")
     (out_dir / "run.json").write_text(json.dumps({
         "config": config_dict(cfg), "identifiers": run.index_report,
-        "train_history": run.train_history, "corpus_report": corpus.report,
+        "train_history": run.train_history, "corpus_report": corpus.report, "fusion": hybrid.fusion_report,
         "wall_s": time.perf_counter() - started,
     }, indent=2, default=str))
     print()
@@ -67,5 +68,10 @@ def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | N
           f"{rep['collisions']['distinct_prefixes']} distinct prefixes, collision rate {rep['collisions']['collision_rate']:.2f}, "
           f"k-means imbalance {rep.get('kmeans', {}).get('imbalance', float('nan')):.2f}, "
           f"RQ-VAE perplexity per level {[round(p, 1) for p in rep.get('rqvae', {}).get('perplexity', [])]}")
+    fusion = hybrid.fusion_report
+    print(f"hybrid: {cfg.verify.candidates} candidates a query (beam {cfg.eval.beam_size}, expanded to prefix depth "
+          f"{cfg.verify.expand_depth}); fusion fitted on {fusion['held_out_queries']} held-out training captions "
+          f"(candidate recall {100 * fusion['held_out_candidate_recall']:.1f} %, R@1 {fusion['held_out_R@1']}): "
+          + ", ".join(f"{n} {w:+.2f}" for n, w in zip(hybrid.retriever.fusion.names, hybrid.retriever.fusion.weights)))
     print(f"wrote {out_dir / 'metrics.json'}, {plot}, {out_dir / 'run.json'}")
     return records

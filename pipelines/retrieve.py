@@ -25,17 +25,25 @@ RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("it
                            ("score", pa.float32())])
 
 
-def load_retriever(version: IndexVersion, device: str = "cpu"):
-    """(GenerativeRetriever, IdentifierTable) for one committed version."""
+def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None = None):
+    """(retriever, IdentifierTable) for one committed version: generate, then verify
+    (cart_core/hybrid.py) when its generator was fitted with a verifier; mode "generative" keeps
+    the beam's own ranking (the ablation). Versions trained before verification existed get the
+    generator plus the dense fallback over pending items (cart_core/fallback.py)."""
     from cart_core.fallback import HybridRetriever
     from cart_core.generator import Generator
     from cart_core.retrieval import GenerativeRetriever
+    from pipelines.verify import load_verified
 
     store, manifest = version.store, version.manifest
     table, _ = version.ids()
     with store.local_dir(f"{manifest.generator}/model") as folder:
         generator = Generator.load(folder)
     generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
+    verified = load_verified(version, generator, table, device, mode)
+    if verified is not None:
+        # pending items stay decodable: verification ranks them, expansion reaches them by prefix
+        return verified, table
     pending = manifest.extra.get("pending")
     if not (pending and generator.text_encoder is not None):
         return GenerativeRetriever(generator, table, device=device), table
@@ -86,9 +94,10 @@ def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.nd
 class RetrieveBatch:
     """Actor: the committed model, loaded once; a batch of queries in, ranked rows out."""
 
-    def __init__(self, store_url: str, version: int, k: int, beam_size: int, device: str = "cpu"):
+    def __init__(self, store_url: str, version: int, k: int, beam_size: int, device: str = "cpu",
+                 mode: str | None = None):
         store = Store(store_url)
-        self.retriever, self.table = load_retriever(IndexVersion(store, store.version(version)), device)
+        self.retriever, self.table = load_retriever(IndexVersion(store, store.version(version)), device, mode)
         self.k, self.beam = k, max(beam_size, k)  # the beam must hold k distinct identifiers
 
     def __call__(self, batch: dict) -> dict:
@@ -128,7 +137,8 @@ def retrieve_dataset(store: Store, queries_ds, cfg: CartConfig, k: int, manifest
     # a small query file is one block, and one block feeds one actor: cut it into several
     queries_ds = queries_ds.repartition(target_num_rows_per_block=4 * cfg.jobs.retrieve_batch_size)
     return queries_ds.map_batches(
-        RetrieveBatch, fn_constructor_args=(store.url, manifest.version, k, cfg.eval.beam_size, device),
+        RetrieveBatch, fn_constructor_args=(store.url, manifest.version, k, cfg.eval.beam_size, device,
+                                            cfg.verify.mode),
         batch_size=cfg.jobs.retrieve_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.retrieve_actors)),
         num_cpus=cfg.jobs.retrieve_num_cpus, num_gpus=cfg.jobs.retrieve_num_gpus,

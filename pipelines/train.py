@@ -23,7 +23,9 @@ import pyarrow as pa
 from cart_core.config import CartConfig, config_dict, config_from_dict
 from cart_core.index_version import IndexVersion, is_servable
 from cart_core.store import Manifest, Store, StoreError
+from cart_core.hybrid import holdout_mask
 from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.verify import copy_verifier, fit_verifier
 
 PENDING = "jobs/train-pending.json"
 
@@ -67,6 +69,7 @@ def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = No
     # a fine-tune distils the old generator on the replayed pairs only (new items are to be learned)
     distill = (~pairs["item_id"].isin(set(finetune.items))).to_numpy() if finetune else np.zeros(len(pairs), bool)
     out = pa.table({"text": pa.array(pairs["text"].astype(str).tolist()),
+                    "row": pa.array(pairs["row"].to_numpy().astype(np.int64)),
                     "codes": pa.array(list(codes), pa.list_(pa.int32())),
                     "weight": pa.array(weight.astype(np.float32)),
                     "distill": pa.array(distill.astype(np.float32))})
@@ -86,7 +89,8 @@ def training_fingerprint(pairs: pa.Table, cfg: CartConfig, finetune: Finetune | 
                 if buf is not None:
                     digest.update(buf)
     settings = config_dict(cfg)
-    digest.update(json.dumps({k: settings[k] for k in ("generator", "train")}, sort_keys=True, default=str).encode())
+    digest.update(json.dumps({k: settings[k] for k in ("generator", "train", "verify")}, sort_keys=True,
+                             default=str).encode())
     digest.update(json.dumps(None if finetune is None else [finetune.init_from, finetune.rehearsal]).encode())
     return digest.hexdigest()[:32]
 
@@ -208,6 +212,11 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     store.write_json(PENDING, {"run": run, "ids": info["ids"]})
     summary.run = run
     workers = workers or cfg.jobs.train_workers
+    # a full training keeps a seeded slice of the captions from the generator: the hybrid
+    # retriever's fusion is fitted on them (pipelines/verify.py); a fine-tune keeps its verifier
+    holdout = holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed) if finetune is None \
+        else np.zeros(len(pairs), bool)
+    summary.counts.update(generator_pairs=int((~holdout).sum()), fusion_pairs=int(holdout.sum()))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": config_dict(cfg), "store": store.url, "run": run, "resume_from": resume_from,
@@ -216,7 +225,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
                            "crash_after_epoch": int(os.environ.get("CART_CRASH_AFTER_EPOCH", "0")) or None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
                                      resources_per_worker={"CPU": cfg.jobs.cpus_per_worker}),
-        datasets={"train": ray.data.from_arrow(pairs)},
+        datasets={"train": ray.data.from_arrow(pairs.filter(pa.array(~holdout)))},
         run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=0)),
     )
     summary.time("prepare_s", t0)
@@ -230,6 +239,14 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         raise StoreError(f"{store.uri('generator', run)}: training finished without a checkpoint")
     with store.local_dir(f"{final}/model") as folder:
         store.put_dir(folder, f"generator/{run}/model")
+    t0 = time.perf_counter()
+    if finetune is not None:
+        copy_verifier(store, finetune.init_from, f"generator/{run}")
+    elif cfg.verify.mode == "hybrid":
+        report = fit_verifier(store, IndexVersion(store, info["base"]), f"generator/{run}", cfg,
+                              pairs.column("text").to_pylist(), pairs.column("row").to_numpy(), holdout)
+        summary.extra.update(fusion=report)
+    summary.time("verify_s", t0)
     if before_commit is not None:
         before_commit()
     manifest = info["base"]  # the version trained on; a commit that changed its identifiers since is refused

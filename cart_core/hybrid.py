@@ -1,0 +1,155 @@
+"""Generate, then verify: the generator proposes a few candidates whose number does not depend on
+the catalog size (cart_core/candidates.py), and dense signals the index already holds
+(cart_core/verify.py) rank them with learned weights (cart_core/fusion.py).
+
+The query is encoded once: the generator's frozen MiniLM states feed the decoder, and their
+mean-pooled last layer is the query's sentence vector for the text side of verification.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
+from cart_core.candidates import Candidates, expand_beam
+from cart_core.decoding import beam_search_with_prefixes
+from cart_core.fusion import Fusion, fit_fusion, fit_weights
+from cart_core.generator import Generator
+from cart_core.identifiers import IdentifierTable
+from cart_core.trie import DecodingTrie
+from cart_core.verify import DEFAULT_SIGNALS, SIGNALS, ItemVectors, candidate_signals, mask_captions
+
+
+@dataclass
+class VerifyConfig:
+    mode: str = "hybrid"         # hybrid (generate, then verify) | generative (beam order only: the ablation)
+    candidates: int = 100        # candidates verified per query (beam items first, then their prefixes' items)
+    expand_depth: int = 1        # shallowest beam prefix whose items become candidates (L = no expansion)
+    holdout: float = 0.15        # share of training captions kept from the generator to fit the fusion
+    mask_captions: float = 0.2   # candidates shown without captions while fitting (items with none)
+    signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
+    align: AlignConfig = field(default_factory=AlignConfig)
+
+    def __post_init__(self):
+        if isinstance(self.align, dict):
+            self.align = AlignConfig(**self.align)
+        if self.mode not in ("hybrid", "generative"):
+            raise ValueError(f"verify.mode must be hybrid | generative, got {self.mode!r}")
+        unknown = set(self.signals) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"verify.signals: unknown {sorted(unknown)}; choices: {list(SIGNALS)}")
+
+
+def sentence_vectors(states: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Mean-pooled, L2-normalised last-layer states: TextEncoder.sentence_embeddings, reusing the
+    states the generator already computed."""
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    pooled = (states[:, -1] * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+
+
+class VerifiedRetriever:
+    """search_batch(queries, k, beam_size) like GenerativeRetriever, ranked by verification."""
+
+    def __init__(self, generator: Generator, table: IdentifierTable, items: ItemVectors,
+                 aligner: QueryAligner | None, fusion: Fusion, cfg: VerifyConfig | None = None,
+                 device: str = "cpu"):
+        if list(generator.cfg.vocab_sizes) != list(table.vocab_sizes):
+            raise ValueError(f"generator vocabulary {generator.cfg.vocab_sizes} does not match identifiers "
+                             f"{table.vocab_sizes}")
+        for name, x in (("caption", items.captions), ("feature", items.features)):
+            if x is not None and len(x) != len(table.item_ids):
+                raise ValueError(f"{len(x)} item {name} vectors for {len(table.item_ids)} identifiers")
+        self.generator = generator.to(device).eval()
+        self.table, self.items, self.aligner, self.fusion = table, items, aligner, fusion
+        self.cfg = cfg or VerifyConfig()
+        self.trie = DecodingTrie(table.codes, table.vocab_sizes, table.live).to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def candidates(self, queries, beam_size: int) -> tuple[Candidates, np.ndarray, np.ndarray | None]:
+        """(candidates, query sentence vectors, queries in feature space or None) for one batch."""
+        states, mask = self.generator.encode_queries(queries)
+        if self.generator.text_encoder is not None:
+            qvec, feature_queries = sentence_vectors(states, mask), None
+        else:  # vector queries already live in the feature space
+            qvec = feature_queries = np.asarray(queries, np.float32)
+        decoder = self.generator.decoder
+        memory = decoder.prepare_memory(states.to(self.device), mask.to(self.device))
+
+        def step(prefix: torch.Tensor, level: int, width: int) -> torch.Tensor:
+            return decoder.next_log_probs(memory, prefix, level, width)
+
+        beam = beam_search_with_prefixes(step, self.trie, len(mask), beam_size, beam_size)
+        depth = self.trie.length if self.cfg.mode == "generative" else self.cfg.expand_depth
+        cands = expand_beam(beam, self.trie, max(self.cfg.candidates, beam_size), min(depth, self.trie.length))
+        return cands, qvec, feature_queries
+
+    def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(item rows int64 [B, k], -1 where fewer; fused scores [B, k])."""
+        cands, qvec, fq = self.candidates(queries, beam_size)
+        if self.cfg.mode == "generative":
+            score = np.where(cands.valid, cands.logp[..., -1] - cands.rank * 1e-6, -np.inf)
+        else:
+            score = self.fusion.score(candidate_signals(qvec, cands, self.items, self.aligner, fq), cands.valid)
+        order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+        rows = np.take_along_axis(cands.rows, order, 1)
+        scores = np.take_along_axis(score, order, 1)
+        if rows.shape[1] < k:
+            pad = k - rows.shape[1]
+            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return np.where(np.isfinite(scores), rows, -1), scores
+
+    def search(self, queries, k: int = 10, beam_size: int = 10, batch_size: int = 64,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        rows, scores = [], []
+        for start in tqdm(range(0, len(queries), batch_size), desc="retrieve", disable=not progress, leave=False):
+            r, s = self.search_batch(queries[start:start + batch_size], k, beam_size)
+            rows.append(r)
+            scores.append(s)
+        return np.concatenate(rows), np.concatenate(scores)
+
+
+def holdout_mask(n_pairs: int, share: float, seed: int = 0) -> np.ndarray:
+    """Training pairs kept from the generator (and the aligner) to fit the fusion on."""
+    return np.random.default_rng(seed).random(n_pairs) < share
+
+
+def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: np.ndarray,
+                     loo_captions: np.ndarray | None, beam_size: int, batch_size: int = 64,
+                     progress: bool = False) -> Fusion:
+    """Fit the fusion on held-out training queries: candidates from the trained generator, signals
+    with the gold item's leave-one-out caption centroid; signals chosen on R@1, then the weights
+    refitted with some captions masked so items without captions are ranked sensibly."""
+    parts, sigs = [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc="fit fusion", disable=not progress, leave=False):
+        end = start + batch_size
+        cands, qvec, fq = retriever.candidates(texts[start:end], beam_size)
+        gold = (np.asarray(gold_rows[start:end]), loo_captions[start:end]) if loo_captions is not None else None
+        parts.append(cands)
+        sigs.append(candidate_signals(qvec, cands, retriever.items, retriever.aligner, fq, gold))
+    cands = Candidates.concat(parts)
+    signals = {k: np.concatenate([s[k] for s in sigs]) for k in sigs[0]}
+    hit = cands.rows == np.asarray(gold_rows)[:, None]
+    target = np.where(hit.any(1), hit.argmax(1), -1)
+    fusion = fit_fusion(signals, cands.valid, target, retriever.cfg.signals)
+    if "no_caption" in fusion.names and retriever.cfg.mask_captions > 0:
+        # items without captions: an offset, and their own feature weight, fitted with some captions
+        # hidden; the weights of captioned items stay as selected
+        masked = mask_captions(signals, retriever.cfg.mask_captions)
+        extra = [n for n in ("feature_cos_uncaptioned",) if n in masked and "feature_cos" in fusion.names]
+        fusion.weights = fit_weights(masked, fusion.names + extra, cands.valid, target,
+                                     frozen=dict(zip(fusion.names, fusion.weights)), free=["no_caption", *extra])
+        fusion.names = fusion.names + extra
+    return fusion
+
+
+def train_aligner(query_vectors: np.ndarray, query_rows: np.ndarray, features: np.ndarray | None,
+                  cfg: VerifyConfig, progress: bool = False) -> QueryAligner | None:
+    if features is None or "feature_cos" not in cfg.signals or len(query_rows) == 0:
+        return None
+    return fit_aligner(query_vectors, query_rows, features, cfg.align, progress=progress)

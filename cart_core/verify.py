@@ -1,0 +1,106 @@
+"""Verification signals: dense scores the index already holds, computed for each candidate.
+
+Per item the index keeps two vectors (both optional, fp16 in memory):
+  * the caption centroid: mean MiniLM embedding of the item's captions / pseudo-queries
+    (384 dims, 768 bytes an item), the text side;
+  * the item's own feature (CLIP / CLAP / VideoMAE, e.g. 512 dims, 1 KiB an item), scored against
+    the query mapped into that space by the QueryAligner (cart_core/alignment.py), the
+    cross-modal side that also finds items without captions.
+The generator's log-probabilities of the candidate's prefixes are signals too. Every signal is
+computed for at most C candidates per query, so its cost does not depend on the catalog size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cart_core.alignment import QueryAligner
+from cart_core.candidates import Candidates
+from cart_core.kmeans import l2_normalize
+
+SIGNALS = ("caption_cos", "feature_cos", "gen_item_logp", "gen_cluster_logp")
+# measured on Flickr8k and VATEX (docs/benchmarks.md): the generator's log-probabilities win the
+# held-out slice's R@1 but lose on the evaluation captions, so by default the generator proposes
+# and the dense signals rank; the log-probabilities stay available (verify.signals) and ablated
+DEFAULT_SIGNALS = ("caption_cos", "feature_cos")
+
+
+@dataclass
+class ItemVectors:
+    """Per catalog row: caption centroid (zero row = no caption) and feature, fp16, L2-normalised."""
+
+    captions: np.ndarray | None   # [N, Dt]
+    features: np.ndarray | None   # [N, Df]
+
+    @classmethod
+    def build(cls, captions: np.ndarray | None, features: np.ndarray | None) -> "ItemVectors":
+        def half(x):
+            return None if x is None else l2_normalize(np.asarray(x, np.float32)).astype(np.float16)
+        return cls(half(captions), half(features))
+
+    def bytes_per_item(self) -> int:
+        return sum(x.shape[1] * x.itemsize for x in (self.captions, self.features) if x is not None)
+
+
+def caption_sums(item_rows: np.ndarray, vectors: np.ndarray, n_items: int) -> np.ndarray:
+    """Per item, the sum of its caption vectors (normalise for the centroid; subtract one caption
+    for its leave-one-out centroid)."""
+    sums = np.zeros((n_items, vectors.shape[1]), np.float64)
+    np.add.at(sums, np.asarray(item_rows, np.int64), vectors)
+    return sums.astype(np.float32)
+
+
+def _floored(logp: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """-inf (prefix not kept by the beam) -> 1 below the query's worst kept value."""
+    finite = np.isfinite(logp) & valid
+    worst = np.where(finite, logp, np.inf).min(1, keepdims=True)
+    worst = np.where(np.isfinite(worst), worst, 0.0)
+    return np.where(finite, logp, worst - 1.0).astype(np.float32)
+
+
+def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemVectors,
+                      aligner: QueryAligner | None = None, feature_queries: np.ndarray | None = None,
+                      gold_captions: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """name -> [B, C] float32. query_vectors: the queries' sentence vectors (text side).
+    feature_queries: queries already in the feature space (vector queries); else the aligner maps
+    query_vectors there. gold_captions (gold rows [B], leave-one-out centroids [B, Dt]) replaces the
+    gold item's centroid when fitting on held-out training captions, so a query never meets itself."""
+    rows = cands.rows.clip(0)
+    valid = cands.valid
+    out: dict[str, np.ndarray] = {}
+    if items.captions is not None:
+        cent = items.captions[rows].astype(np.float32)                    # [B, C, Dt]
+        cos = np.einsum("bd,bcd->bc", np.asarray(query_vectors, np.float32), cent)
+        has = np.abs(cent).sum(-1) > 0
+        if gold_captions is not None:
+            gold, loo = gold_captions
+            own = cands.rows == np.asarray(gold)[:, None]
+            loo_cos = np.einsum("bd,bd->b", np.asarray(query_vectors, np.float32), l2_normalize(loo))
+            cos = np.where(own, loo_cos[:, None], cos)
+            has = np.where(own, (np.abs(loo).sum(-1) > 0)[:, None], has)
+        out["caption_cos"] = np.where(has, cos, 0.0).astype(np.float32)
+        out["no_caption"] = (~has).astype(np.float32)
+    if items.features is not None and (aligner is not None or feature_queries is not None):
+        mapped = feature_queries if feature_queries is not None else aligner.map(query_vectors)
+        mapped = l2_normalize(np.asarray(mapped, np.float32))
+        out["feature_cos"] = np.einsum("bd,bcd->bc", mapped, items.features[rows].astype(np.float32))
+        if "no_caption" in out:  # an item without captions leans on its feature alone: its own weight
+            out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
+    out["gen_item_logp"] = _floored(cands.logp[..., -1], valid)
+    out["gen_cluster_logp"] = _floored(cands.logp[..., 0], valid)
+    return {k: np.where(valid, v, 0.0).astype(np.float32) for k, v in out.items()}
+
+
+def mask_captions(signals: dict[str, np.ndarray], share: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """A copy with the caption signal removed for `share` of the candidates, so fusion weights
+    are fitted for items without captions too (held-out queries all have captioned items)."""
+    if "caption_cos" not in signals or share <= 0:
+        return signals
+    drop = np.random.default_rng(seed).random(signals["caption_cos"].shape) < share
+    out = dict(signals)
+    out["caption_cos"] = np.where(drop, 0.0, signals["caption_cos"]).astype(np.float32)
+    out["no_caption"] = np.where(drop, 1.0, signals["no_caption"]).astype(np.float32)
+    if "feature_cos" in signals:
+        out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
+    return out

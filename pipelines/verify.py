@@ -1,0 +1,136 @@
+"""The verification half of the hybrid retriever in the store: fitted by `cart train` beside the
+generator, loaded by every job that answers queries (retrieve, evaluate, serve).
+
+`generator/<run>/verify/` holds
+  * aligner.safetensors + aligner.json: the query -> item-feature map (cart_core/alignment.py);
+  * fusion.json: the chosen signals and their weights, with the held-out report;
+  * captions.parquet: item_id, centroid (mean MiniLM vector of the item's training captions);
+  * verify.json: the VerifyConfig it was fitted with.
+Item features are not copied: they are the live feature rows of the version being served. Items
+added later by `cart reindex` take their caption centroid from the pending table, so they are
+verified like any other item, with no flat index over them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cart_core.config import CartConfig
+from cart_core.identifiers import IdentifierTable
+from cart_core.index_version import IndexVersion
+from cart_core.store import Store
+from pipelines.runtime import log
+
+
+def item_features(version: IndexVersion, table: IdentifierTable) -> np.ndarray | None:
+    """Live feature of each identifier row (zero rows where an item has none)."""
+    from pipelines.quantize import stack_column
+
+    feats = version.live_features(["item_id", "embedding"])
+    if feats.num_rows == 0:
+        return None
+    vectors = stack_column(feats.column("embedding").to_numpy(zero_copy_only=False))
+    out = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
+    row_of = {str(item): r for r, item in enumerate(table.item_ids)}
+    for j, item in enumerate(feats.column("item_id").to_pylist()):
+        r = row_of.get(str(item))
+        if r is not None:
+            out[r] = vectors[j]
+    return out
+
+
+def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: CartConfig, texts: list[str],
+                 rows: np.ndarray, holdout: np.ndarray) -> dict:
+    """Aligner on the generator's pairs, fusion on the held-out ones; written to <generator>/verify."""
+    from cart_core.fusion import Fusion
+    from cart_core.generator import Generator
+    from cart_core.hybrid import VerifiedRetriever, fit_verification, train_aligner
+    from cart_core.verify import ItemVectors, caption_sums
+
+    table, _ = version.ids()
+    with store.local_dir(f"{generator_dir}/model") as folder:
+        generator = Generator.load(folder)
+    if generator.text_encoder is None:
+        log("train", "vector-query generator: no caption side to verify with; hybrid retrieval skipped")
+        return {}
+    vectors = generator.text_encoder.sentence_embeddings(texts)
+    sums = caption_sums(rows, vectors, len(table.item_ids))
+    features = item_features(version, table)
+    fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
+    aligner = train_aligner(vectors[fit_rows], rows[fit_rows], features, cfg.verify)
+    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features), aligner, Fusion([], []),
+                                  cfg.verify)
+    if len(held) == 0:
+        log("train", "verify.holdout left no training caption to fit the fusion on: generative ranking only")
+        return {}
+    fusion = fit_verification(retriever, [texts[i] for i in held], rows[held], sums[rows[held]] - vectors[held],
+                              cfg.eval.beam_size, cfg.eval.batch_size)
+    with tempfile.TemporaryDirectory(prefix="cart-verify-") as tmp:
+        tmp = Path(tmp)
+        if aligner is not None:
+            aligner.save(tmp)
+        fusion.save(tmp / "fusion.json")
+        has = np.abs(sums).sum(1) > 0
+        centroids = (sums[has] / np.linalg.norm(sums[has], axis=1, keepdims=True)).astype(np.float32)
+        store.write_table(pa.table({
+            "item_id": pa.array(table.item_ids[has].astype(str).tolist()),
+            "centroid": pa.FixedSizeListArray.from_arrays(pa.array(centroids.reshape(-1)), vectors.shape[1]),
+        }), f"{generator_dir}/verify/captions.parquet")
+        (tmp / "verify.json").write_text(json.dumps(dataclasses.asdict(cfg.verify), indent=2))
+        store.put_dir(tmp, f"{generator_dir}/verify")
+    log("train", f"verification: {', '.join(f'{n} {w:+.2f}' for n, w in zip(fusion.names, fusion.weights))} "
+                 f"(held-out R@1 {fusion.report['held_out_R@1']} on {len(held)} captions)")
+    return fusion.report
+
+
+def copy_verifier(store: Store, source_dir: str, generator_dir: str) -> bool:
+    """A fine-tune keeps the verifier it started from (the aligner and fusion do not depend on the
+    generator's weights; new items' centroids come from the pending table)."""
+    if not store.exists(f"{source_dir}/verify/fusion.json"):
+        return False
+    with store.local_dir(f"{source_dir}/verify") as folder:
+        store.put_dir(folder, f"{generator_dir}/verify")
+    return True
+
+
+def load_verified(version: IndexVersion, generator, table: IdentifierTable, device: str = "cpu",
+                  mode: str | None = None):
+    """The VerifiedRetriever of a version whose generator has a verifier, else None."""
+    from cart_core.alignment import QueryAligner
+    from cart_core.fusion import Fusion
+    from cart_core.hybrid import VerifiedRetriever, VerifyConfig
+    from cart_core.verify import ItemVectors
+    from pipelines.quantize import stack_column
+
+    store, manifest = version.store, version.manifest
+    folder = f"{manifest.generator}/verify"
+    if not store.exists(f"{folder}/fusion.json"):
+        return None
+    with store.local_dir(folder) as local:
+        cfg = VerifyConfig(**json.loads((local / "verify.json").read_text()))
+        if mode is not None:
+            cfg = dataclasses.replace(cfg, mode=mode)
+        fusion = Fusion.load(local / "fusion.json")
+        aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
+    if cfg.mode != "hybrid":
+        return VerifiedRetriever(generator, table, ItemVectors(None, None), None, fusion, cfg, device)
+    row_of = {str(item): r for r, item in enumerate(table.item_ids)}
+    cap = store.read_table(f"{folder}/captions.parquet")
+    vectors = stack_column(cap.column("centroid").to_numpy(zero_copy_only=False))
+    captions = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
+    for item, v in zip(cap.column("item_id").to_pylist(), vectors):
+        if item in row_of:
+            captions[row_of[item]] = v
+    pending = version.pending()
+    if pending is not None and pending.num_rows:
+        pvec = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
+        for item, v in zip(pending.column("item_id").to_pylist(), pvec):
+            if item in row_of and np.abs(v).sum() > 0:
+                captions[row_of[item]] = v
+    items = ItemVectors.build(captions, item_features(version, table) if aligner is not None else None)
+    return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device)

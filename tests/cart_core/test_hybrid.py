@@ -1,0 +1,170 @@
+"""Generate, then verify: candidate expansion, the query aligner, learned fusion, the retriever."""
+import numpy as np
+import pytest
+import torch
+
+from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
+from cart_core.candidates import expand_beam
+from cart_core.decoding import beam_search_with_prefixes, constrained_beam_search
+from cart_core.fusion import Fusion, equal_weights, fit_fusion
+from cart_core.generator import Generator, GeneratorConfig
+from cart_core.hybrid import VerifiedRetriever, VerifyConfig, fit_verification
+from cart_core.identifiers import build_identifiers
+from cart_core.metrics import retrieval_metrics
+from cart_core.training import TrainConfig, train_generator
+from cart_core.trie import DecodingTrie
+from cart_core.verify import ItemVectors, candidate_signals, mask_captions
+
+from tests.cart_core.test_decoding import random_catalog, table_step_fn
+
+
+def beam_over(table, beam=4, batch=3, seed=0, live=None):
+    trie = DecodingTrie(table.codes, table.vocab_sizes, live)
+    torch.manual_seed(seed)
+    logp = [torch.randn(batch, v).log_softmax(-1) for v in table.vocab_sizes]
+    return trie, beam_search_with_prefixes(table_step_fn(logp, batch), trie, batch, beam, beam)
+
+
+def test_beam_with_prefixes_returns_the_same_items():
+    table = random_catalog()
+    trie, result = beam_over(table, beam=6)
+    torch.manual_seed(0)
+    logp = [torch.randn(3, v).log_softmax(-1) for v in table.vocab_sizes]
+    items, scores = constrained_beam_search(table_step_fn(logp, 3), trie, 3, 6, 6)
+    assert torch.equal(items, result.items) and torch.allclose(scores, result.scores)
+    assert len(result.level_nodes) == table.length
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_expansion_adds_the_items_under_the_beam_prefixes(depth):
+    table = random_catalog(n=300, k=6, v=5)  # codes (k, v1, v2, u): L = 4
+    trie, beam = beam_over(table, beam=4)
+    cands = expand_beam(beam, trie, cap=60, min_depth=depth)
+    items = beam.items.numpy()
+    for q in range(3):
+        rows = cands.rows[q][cands.rows[q] >= 0]
+        assert len(rows) == len(set(rows.tolist())) <= 60
+        assert list(rows[:4]) == list(items[q][items[q] >= 0])            # the beam first, in its order
+        assert (cands.depth[q][:4] == table.length).all()
+        for j, r in enumerate(rows[4:], start=4):  # reached through a prefix the beam kept, depth >= min_depth
+            d = int(cands.depth[q][j])
+            assert depth <= d < table.length
+            assert trie.node_of_row[d][r] in beam.level_nodes[d][q].tolist()
+        assert np.all(np.diff(cands.depth[q][:len(rows)]) <= 0)           # deepest prefixes first
+        assert np.isfinite(cands.logp[q, :len(rows), 0]).all()           # every candidate's cluster was kept
+
+
+def test_expansion_respects_the_cap_tombstones_and_the_no_expansion_ablation():
+    table = random_catalog(n=300, k=3, v=2)
+    live = np.ones(300, bool)
+    live[::2] = False
+    trie, beam = beam_over(table, beam=4, live=live)
+    cands = expand_beam(beam, trie, cap=25, min_depth=1)
+    assert (cands.valid.sum(1) == 25).all()
+    assert live[cands.rows[cands.valid]].all()
+    only_beam = expand_beam(beam, trie, cap=25, min_depth=table.length)
+    assert (only_beam.valid.sum(1) == 4).all()
+    with pytest.raises(ValueError, match="expansion depth"):
+        expand_beam(beam, trie, cap=25, min_depth=0)
+
+
+def test_aligner_beats_chance_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 16)).astype(np.float32)
+    mix = rng.normal(size=(16, 24)).astype(np.float32)
+    rows = np.repeat(np.arange(200), 3)
+    queries = feats[rows] @ mix + 0.3 * rng.normal(size=(600, 24)).astype(np.float32)
+    aligner = fit_aligner(queries, rows, feats, AlignConfig(epochs=40))
+    scores = aligner.map(queries[::3]) @ (feats / np.linalg.norm(feats, axis=1, keepdims=True)).T
+    assert retrieval_metrics(np.argsort(-scores, 1)[:, :10], np.arange(200))["R@1"] > 60  # chance: 0.5
+    sampled = fit_aligner(queries, rows, feats, AlignConfig(epochs=40, negatives=64))  # sampled negatives
+    scores = sampled.map(queries[::3]) @ (feats / np.linalg.norm(feats, axis=1, keepdims=True)).T
+    assert retrieval_metrics(np.argsort(-scores, 1)[:, :10], np.arange(200))["R@1"] > 40
+    aligner.save(tmp_path)
+    assert np.allclose(QueryAligner.load(tmp_path).map(queries[:5]), aligner.map(queries[:5]), atol=1e-6)
+    with pytest.raises(ValueError, match="item rows"):
+        fit_aligner(queries, rows[:5], feats)
+
+
+def test_fusion_weights_what_ranks_first_and_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    b, c = 800, 20
+    target = rng.integers(0, c, b)
+    good = rng.normal(size=(b, c)).astype(np.float32)
+    good[np.arange(b), target] += 2.5
+    signals = {"caption_cos": good, "no_caption": np.zeros((b, c), np.float32),
+               "gen_item_logp": rng.normal(size=(b, c)).astype(np.float32)}
+    valid = np.ones((b, c), bool)
+    fusion = fit_fusion(signals, valid, target, ["caption_cos", "gen_item_logp"])
+    assert fusion.names == ["caption_cos", "no_caption", "gen_item_logp"]
+    assert fusion.weights[0] > 1 and abs(fusion.weights[2]) < 0.3 * fusion.weights[0]  # noise gets little weight
+    assert fusion.report["held_out_R@1"] > 60
+    with pytest.raises(ValueError, match="no verification signal"):
+        fit_fusion(signals, valid, target, ["feature_cos"])
+    fusion.save(tmp_path / "fusion.json")
+    again = Fusion.load(tmp_path / "fusion.json")
+    assert np.array_equal(again.score(signals, valid), fusion.score(signals, valid))
+    assert equal_weights(["caption_cos", "no_caption"]).weights == [1.0, 0.0]
+    masked = mask_captions(signals, 0.5)
+    assert masked["no_caption"].mean() == pytest.approx(0.5, abs=0.05)
+    assert np.all(masked["caption_cos"][masked["no_caption"] == 1] == 0)
+
+
+def vector_index(n=80, dim=8, seed=0):
+    """Items with features; identifiers from coarse features so siblings are alike."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n, dim)).astype(np.float32)
+    ids = np.array([f"v{i}" for i in range(n)], dtype=object)
+    coarse = (feats[:, 0] > 0).astype(int) * 2 + (feats[:, 1] > 0)
+    table = build_identifiers(ids, coarse, (feats[:, 2:3] > 0).astype(int), n_clusters=4, codebook_size=2)
+    cfg = GeneratorConfig(vocab_sizes=table.vocab_sizes, query="vector", query_dim=dim, d_model=32, n_heads=2,
+                          ff_dim=64, vector_hidden=32, dropout=0.0)
+    gen = Generator(cfg)
+    train_generator(gen, feats, table.codes, TrainConfig(epochs=30, batch_size=16, lr=3e-3, rdrop_weight=0),
+                    progress=False)
+    return feats, table, gen
+
+
+def test_verified_retriever_finds_what_the_generator_misses_and_never_a_deleted_item():
+    feats, table, gen = vector_index()
+    queries = feats + 0.05 * np.random.default_rng(1).normal(size=feats.shape).astype(np.float32)
+    items = ItemVectors.build(None, feats)
+    fusion = Fusion(["feature_cos"], [20.0])
+    hybrid = VerifiedRetriever(gen, table, items, None, fusion, VerifyConfig(candidates=40))
+    rows, scores = hybrid.search(queries, k=5, beam_size=5)
+    generative = VerifiedRetriever(gen, table, items, None, fusion, VerifyConfig(mode="generative"))
+    gen_rows, _ = generative.search(queries, k=5, beam_size=5)
+    assert retrieval_metrics(rows, np.arange(80))["R@1"] == 100.0
+    assert retrieval_metrics(rows, np.arange(80))["R@1"] >= retrieval_metrics(gen_rows, np.arange(80))["R@1"]
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    table.live[:10] = False
+    deleted = VerifiedRetriever(gen, table, items, None, fusion, VerifyConfig(candidates=40))
+    rows, _ = deleted.search(queries, k=10, beam_size=5)
+    assert not np.isin(rows, np.arange(10)).any()
+    with pytest.raises(ValueError, match="item feature vectors"):
+        VerifiedRetriever(gen, table, ItemVectors.build(None, feats[:5]), None, fusion)
+
+
+def test_fit_verification_on_held_out_queries_learns_positive_weights():
+    feats, table, gen = vector_index(seed=2)
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 80, 200)
+    held = feats[rows] + 0.3 * rng.normal(size=(200, 8)).astype(np.float32)
+    hybrid = VerifiedRetriever(gen, table, ItemVectors.build(None, feats), None, Fusion([], []),
+                               VerifyConfig(candidates=40))
+    fusion = fit_verification(hybrid, held, rows, None, beam_size=5)
+    assert "feature_cos" in fusion.names and fusion.weights[fusion.names.index("feature_cos")] > 0
+    assert fusion.report["held_out_queries"] == 200
+
+
+def test_signals_handle_items_without_captions():
+    table = random_catalog(n=50, k=3, v=3)
+    trie, beam = beam_over(table, beam=4)
+    cands = expand_beam(beam, trie, cap=30, min_depth=1)
+    captions = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    captions[::3] = 0
+    sig = candidate_signals(np.ones((3, 6), np.float32) / 6 ** 0.5, cands, ItemVectors.build(captions, None))
+    rows = cands.rows.clip(0)
+    no_cap = (rows % 3 == 0) & cands.valid
+    assert np.array_equal(sig["no_caption"] == 1, no_cap)
+    assert np.all(sig["caption_cos"][no_cap] == 0) and "feature_cos" not in sig
