@@ -44,10 +44,14 @@ from cart_core.corpus import Corpus, load_corpus  # noqa: E402
 from cart_core.dense import FlatIndex, apply_ridge, fit_ridge  # noqa: E402
 from cart_core.experiment import (  # noqa: E402
     dense_baselines,
+    fit_verified,
     init_prototypes,
     prepare,
     run_generative,
+    run_hybrid,
 )
+from cart_core.fusion import equal_weights  # noqa: E402
+from cart_core.hybrid import VerifiedRetriever, holdout_mask  # noqa: E402
 from cart_core.generator import Generator  # noqa: E402
 from cart_core.identifiers import IdentifierTable  # noqa: E402
 from cart_core.indexing import build_index, identifier_inputs  # noqa: E402
@@ -107,7 +111,33 @@ def dense_sum(prep) -> dict:
             **retrieval_metrics(rows, prep.query_item), "queries_per_s": 1.0 / (1.0 / search_qps + 1.0 / encode_qps)}
 
 
-def run_dataset(name: str, config: Path, overrides: list[str], ablations: bool, dense_only: bool = False) -> list[dict]:
+HYBRID_ABLATIONS = {  # label -> verify.* overrides (each refits the aligner and fusion on the same generator)
+    "no_prefix_expansion": {"expand_depth": 99},
+    "without_caption_cos": {"signals": ["feature_cos"]},
+    "without_feature_cos": {"signals": ["caption_cos"]},
+    "with_generator_logp": {"signals": ["caption_cos", "feature_cos", "gen_item_logp", "gen_cluster_logp"]},
+    "candidates_200": {"candidates": 200},
+}
+
+
+def hybrid_ablation_rows(prep, run, cfg: CartConfig, fitted: VerifiedRetriever) -> list[dict]:
+    """One thing changed in the hybrid at a time, the generator unchanged; plus hand-set equal
+    weights on the fitted signals."""
+    rows = []
+    for label, change in HYBRID_ABLATIONS.items():
+        change = dict(change)
+        if "expand_depth" in change:
+            change["expand_depth"] = run.table.length
+        variant = replace(cfg, verify=replace(cfg.verify, **change))
+        rows.append(run_hybrid(prep, run, variant, f"hybrid:{label}", progress=False).records[0])
+    equal = VerifiedRetriever(run.generator, run.table, fitted.items, fitted.aligner,
+                              equal_weights(fitted.fusion.names), cfg.verify)
+    rows.append(run_hybrid(prep, run, cfg, "hybrid:equal_weights", progress=False, retriever=equal).records[0])
+    return rows
+
+
+def run_dataset(name: str, config: Path, overrides: list[str], ablations: bool, dense_only: bool = False,
+                hybrid_ablations: bool = True) -> list[dict]:
     folder = dataset_folder(name)
     base = [f"eval.query_caption_index={QUERY_CAPTION.get(name, 4)}", *overrides]
     cfg = load_config(config, base)
@@ -118,7 +148,11 @@ def run_dataset(name: str, config: Path, overrides: list[str], ablations: bool, 
         for rec in records:
             rec["dataset"] = name
         return records
-    records.insert(0, run_generative(prep, cfg, "generative").record)
+    run = run_generative(prep, cfg, "generative")
+    hybrid = run_hybrid(prep, run, cfg, progress=False)
+    records = [hybrid.records[0], run.record, *records, hybrid.records[1]]
+    if hybrid_ablations:
+        records += hybrid_ablation_rows(prep, run, cfg, hybrid.retriever)
     if ablations:
         for label, extra in ABLATIONS.items():
             records.append(run_generative(prep, load_config(config, base + extra), f"generative:{label}").record)
@@ -172,7 +206,12 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
         np.add.at(sums, train_item, train_vec)
         init_prototypes(generator, table, (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12))
                         .astype(np.float32))
-    history = train_generator(generator, train_text, table.codes[train_item], cfg.train, progress=progress)
+    holdout = holdout_mask(len(train_text), cfg.verify.holdout, cfg.train.seed)  # fits the hybrid's fusion
+    fit = np.flatnonzero(~holdout)
+    history = train_generator(generator, [train_text[i] for i in fit], table.codes[train_item[fit]], cfg.train,
+                              progress=progress)
+    hybrid = fit_verified(generator, table, train_text, train_item, train_vec, holdout, corpus.embeddings, cfg,
+                          progress=progress)
     ridge = fit_ridge(train_vec, corpus.embeddings[train_item], alpha=0.01)
 
     common = {"identifiers_source": "features", "holdout": float(unseen.mean()), "unseen_items": int(unseen.sum()),
@@ -189,7 +228,28 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
         extra = {**common, "catalog": label, "catalog_items": int(live.sum())}
         records.append({"method": "generative", "protocol": protocol, **retrieval_metrics(found, gold),
                         "queries_per_s": qps, "index_s": index_s, "train_s": history["train_s"],
-                        "beam_size": cfg.eval.beam_size, **extra})
+                        "beam_size": cfg.eval.beam_size, "generator_pairs": int(len(fit)), **extra})
+        verified = VerifiedRetriever(generator, scope, hybrid.items, hybrid.aligner, hybrid.fusion, cfg.verify)
+        found, qps = _timed(lambda: verified.search(query_text, k=cfg.eval.k, beam_size=cfg.eval.beam_size,
+                                                    batch_size=cfg.eval.batch_size)[0], len(rows))
+        records.append({"method": "hybrid (generate + verify)", "protocol": protocol,
+                        **retrieval_metrics(found, gold), "queries_per_s": qps, "signals": hybrid.fusion.names,
+                        "weights": [round(w, 3) for w in hybrid.fusion.weights], **extra})
+        # the hybrid's dense signals and weights over every catalog item: the stronger dense baseline
+        cat = np.arange(len(corpus)) if catalog is None else catalog
+        def dense_fused(query_text=query_text, cat=cat):
+            qv = encoder.sentence_embeddings(query_text)
+            weight = dict(zip(hybrid.fusion.names, hybrid.fusion.weights))
+            cent = hybrid.items.captions[cat].astype(np.float32)
+            feat = hybrid.items.features[cat].astype(np.float32)
+            mapped = hybrid.aligner.map(qv) @ feat.T
+            none = (np.abs(cent).sum(1) == 0)[None, :]
+            score = (weight.get("caption_cos", 0) * (qv @ cent.T) + weight.get("no_caption", 0) * none
+                     + weight.get("feature_cos", 0) * mapped + weight.get("feature_cos_uncaptioned", 0) * mapped * none)
+            return cat[np.argsort(-score, axis=1)[:, :10]]
+        found, qps = _timed(dense_fused, len(rows))
+        records.append({"method": "dense: hybrid's signals and weights, all items", "protocol": protocol,
+                        **retrieval_metrics(found, gold), "queries_per_s": qps, **extra})
         # dense: encode + ridge + exact search over the same catalog (every catalog item ranked)
         cat_rows = np.arange(len(corpus)) if catalog is None else catalog
         index = FlatIndex(corpus.embeddings[cat_rows])
@@ -229,7 +289,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--datasets", default="flickr8k-clip-vitb32,vatex-videomae-base")
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    parser.add_argument("--no-ablations", action="store_true", help="skip the ablation rows")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the generator ablation rows (retrains)")
+    parser.add_argument("--no-hybrid-ablations", action="store_true",
+                        help="skip the hybrid ablation rows (same generator, refitted verification)")
     parser.add_argument("--dense-only", action="store_true",
                         help="transductive: only the dense rows (caption centroid, ridge, their sum); with --append")
     parser.add_argument("--ablation-datasets", default="flickr8k-clip-vitb32")
@@ -258,7 +320,8 @@ def main() -> None:
     for name in args.datasets.split(","):
         if "transductive" in protocols:
             with_ablations = not args.no_ablations and name in args.ablation_datasets.split(",")
-            rows = run_dataset(name, Path(args.config), args.overrides, with_ablations, args.dense_only)
+            rows = run_dataset(name, Path(args.config), args.overrides, with_ablations, args.dense_only,
+                               not args.no_hybrid_ablations and name in args.ablation_datasets.split(","))
             records += rows
             print(format_table(rows, f"\n{name} (transductive)"), flush=True)
             if not args.dense_only:  # the figure shows the generative rows beside the dense ones

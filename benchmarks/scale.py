@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-METHODS = ("generative", "faiss_flat", "faiss_ivf")
+METHODS = ("generative", "hybrid", "faiss_flat", "faiss_ivf")
+TARGET_HYBRID_RECALL = 0.95  # hybrid recall@10 against exact search at the largest N
 TARGET_FLAT_RATIO = 0.8     # generative q/s at the largest N >= 0.8 x at the smallest N
 TARGET_PEAK_MIB = 4096      # peak RSS while indexing 1M items
 IVF_TARGET_RECALL = 0.95
@@ -69,6 +70,8 @@ class Settings:
     batch: int = 64
     beam: int = 10
     k: int = 10
+    hybrid_candidates: int = 300  # verified per query: beam items, then items under its (k, v1) / (k, v1, v2) prefixes
+    hybrid_depth: int = 2         # shallowest prefix expanded: 2 = (k, v1)
     n_clusters: int = 256        # identifier (k, v1, v2, u): vocab [256, 64, 64, u]
     codebook: int = 64
     levels: int = 2
@@ -223,6 +226,18 @@ def build_generative(items: np.ndarray, s: Settings, log) -> tuple[object, dict]
     def search(q: np.ndarray) -> np.ndarray:
         return retriever.search_batch(q, k=s.k, beam_size=s.beam)[0]
 
+    from cart_core.fusion import Fusion
+    from cart_core.hybrid import VerifiedRetriever, VerifyConfig
+    from cart_core.verify import ItemVectors
+
+    # vector queries live in the feature space: verification is the exact cosine to each
+    # candidate's stored fp16 feature (one signal, so no weights to fit)
+    hybrid = VerifiedRetriever(generator, table, ItemVectors.build(None, items), None, Fusion(["feature_cos"], [1.0]),
+                               VerifyConfig(candidates=s.hybrid_candidates, expand_depth=s.hybrid_depth))
+
+    def search_hybrid(q: np.ndarray) -> np.ndarray:
+        return hybrid.search_batch(q, k=s.k, beam_size=s.beam)[0]
+
     info = {
         "build_s": build_s, "peak_rss_mib": mem.peak_mib, "rss_before_mib": mem.before_mib,
         "peak_reset": mem.reset, "build_other_cpu_frac": load.frac, "train_other_cpu_frac": train_load.frac,
@@ -234,7 +249,9 @@ def build_generative(items: np.ndarray, s: Settings, log) -> tuple[object, dict]
         "rqvae_epochs": epochs, "rqvae_perplexity": report["rqvae"]["perplexity"],
         "kmeans_imbalance": report["kmeans"]["imbalance"], "collisions": table.collision_stats(),
     }
-    return search, info
+    hybrid_info = {**info, "candidates": s.hybrid_candidates, "expand_depth": s.hybrid_depth,
+                   "verify_bytes_per_item": hybrid.items.bytes_per_item()}
+    return search, info, search_hybrid, hybrid_info
 
 
 def build_flat(items: np.ndarray, s: Settings):
@@ -354,7 +371,7 @@ def run_worker(n: int, s: Settings) -> list[dict]:
     log(f"corpus {items.shape} in {time.perf_counter() - t_start:.1f} s, RSS {corpus_mib:.0f} MiB")
 
     # generative first: its build peak is then measured with only the corpus resident
-    gen_search, gen_info = build_generative(items, s, log)
+    gen_search, gen_info, hybrid_search, hybrid_info = build_generative(items, s, log)
     wait_for_quiet(s.quiet_wait, log, "the flat build")
     flat, flat_info = build_flat(items, s)
     truth = flat.search(test_q, s.k)[1]
@@ -363,6 +380,7 @@ def run_worker(n: int, s: Settings) -> list[dict]:
 
     searchers = {
         "generative": gen_search,
+        "hybrid": hybrid_search,
         "faiss_flat": lambda q: flat.search(q, s.k)[1],
         "faiss_ivf": lambda q: ivf.search(q, s.k)[1],
     }
@@ -378,7 +396,7 @@ def run_worker(n: int, s: Settings) -> list[dict]:
         if load.frac <= QUIET_OTHER_CPU:
             break
     load, latencies, found, attempt = best
-    infos = {"generative": gen_info, "faiss_flat": flat_info, "faiss_ivf": ivf_info}
+    infos = {"generative": gen_info, "hybrid": hybrid_info, "faiss_flat": flat_info, "faiss_ivf": ivf_info}
     records = []
     for name in METHODS:
         lat = np.asarray(latencies[name])
@@ -435,6 +453,19 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
                         "value": ratio, "met": ratio >= TARGET_FLAT_RATIO})
     ratio = by["generative", hi]["queries_per_s"] / by["faiss_flat", hi]["queries_per_s"]
     targets.append({"target": f"generative q/s >= faiss flat q/s at N={hi}", "value": ratio, "met": ratio >= 1.0})
+    if ("hybrid", hi) in by:
+        h = by["hybrid", hi]
+        targets.append({"target": f"hybrid recall@10 against exact >= {TARGET_HYBRID_RECALL} at N={hi}",
+                        "value": h["recall@10"], "met": h["recall@10"] >= TARGET_HYBRID_RECALL})
+        if hi > lo:
+            ratio = h["queries_per_s"] / by["hybrid", lo]["queries_per_s"]
+            targets.append({"target": f"hybrid q/s at N={hi} >= {TARGET_FLAT_RATIO} x q/s at N={lo}",
+                            "value": ratio, "met": ratio >= TARGET_FLAT_RATIO})
+        ratio = h["queries_per_s"] / by["faiss_flat", hi]["queries_per_s"]
+        targets.append({"target": f"hybrid q/s >= faiss flat q/s at N={hi}", "value": ratio, "met": ratio >= 1.0})
+        ratio = by["generative", hi]["queries_per_s"] / h["queries_per_s"]
+        targets.append({"target": f"hybrid latency <= 1.3 x beam search alone at N={hi}", "value": ratio,
+                        "met": ratio <= 1.3})
     peak = by["generative", hi]["peak_rss_mib"]
     targets.append({"target": f"peak RSS while indexing N={hi} <= {TARGET_PEAK_MIB} MiB", "value": peak,
                     "met": peak <= TARGET_PEAK_MIB,
@@ -449,9 +480,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    labels = {"generative": "generative (beam {beam})", "faiss_flat": "faiss IndexFlatIP",
+    labels = {"generative": "generative (beam {beam})", "hybrid": "hybrid: beam {beam} + verify", "faiss_flat": "faiss IndexFlatIP",
               "faiss_ivf": "faiss IndexIVFFlat (recall@10 ≥ 0.95)"}
-    for m, marker in zip(METHODS, "os^"):
+    for m, marker in zip(METHODS, "oDs^"):
         rows = sorted((r for r in records if r["method"] == m), key=lambda r: r["n"])
         label = labels[m].format(beam=rows[0].get("beam_size"))
         ax.plot([r["n"] for r in rows], [r["queries_per_s"] for r in rows], marker=marker, label=label)

@@ -10,7 +10,7 @@ above the others (Flickr8k-976: ridge R@1 37.3, this map 63.2 over the whole cat
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -38,51 +38,63 @@ class Candidates:
         return cls(*[np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)])
 
 
-def expand_beam(beam: BeamResult, trie: DecodingTrie, cap: int, min_depth: int | None = None) -> Candidates:
+def expand_beam(beam: BeamResult, trie: DecodingTrie, cap: int, min_depth: int | None = None,
+                clusters: int = 0) -> Candidates:
     """Beam items, then live items under the beam's prefixes of depth L-1, L-2, ... min_depth (best
     prefix first within a depth), at most `cap` per query. min_depth = L means no expansion (the
-    beam's items only, the ablation); the default, L-1, adds the counter siblings."""
+    beam's items only, the ablation); the default, L-1, adds the counter siblings. With
+    clusters > 0, depth 1 takes that many best first tokens from the first decoding step (which
+    scored them all anyway) instead of the beam's."""
     length = trie.length
     min_depth = length - 1 if min_depth is None else min_depth
     if not 1 <= min_depth <= length:
         raise ValueError(f"expansion depth must be in [1, {length}], got {min_depth}")
     items, item_scores = beam.items.cpu().numpy(), beam.scores.cpu().numpy()
-    levels = [(d, beam.level_nodes[d].cpu().numpy(), beam.level_scores[d].cpu().numpy())
-              for d in range(length - 1, min_depth - 1, -1)]
+    nodes = {d: beam.level_nodes[d].cpu().numpy() for d in range(1, length)}
+    scores = {d: beam.level_scores[d].cpu().numpy() for d in range(1, length)}
+    if clusters > 0 and length > 1 and beam.first_logp is not None:
+        top = beam.first_logp.topk(min(clusters, beam.first_logp.shape[1]), dim=1)
+        nodes[1] = trie.children[0][0][top.indices].clamp_min(0).cpu().numpy()
+        scores[1] = top.values.cpu().numpy()
     sorted_items, live_sorted = trie.sorted_items.cpu().numpy(), trie.live_sorted.cpu().numpy()
     b = len(items)
     out = Candidates(np.full((b, cap), -1, np.int64), np.full((b, cap, length), -np.inf, np.float32),
                      np.zeros((b, cap), np.int8), np.zeros((b, cap), np.int32))
-    beam_nodes = [beam.level_nodes[d].cpu().numpy() for d in range(1, length)]
-    beam_scores = [beam.level_scores[d].cpu().numpy() for d in range(1, length)]
     for q in range(b):
-        chosen: list[tuple[int, float, int]] = []
-        seen: set[int] = set()
-        for row, s in zip(items[q].tolist(), item_scores[q].tolist()):
-            if row >= 0 and row not in seen and len(chosen) < cap:
-                seen.add(row)
-                chosen.append((row, s, length))
-        for depth, nodes, scores in levels:
-            if len(chosen) >= cap:
-                break
-            start, count = trie.node_spans[depth]
-            for node, s in zip(nodes[q].tolist(), scores[q].tolist()):
-                if not np.isfinite(s):
-                    continue
-                for pos in range(int(start[node]), int(start[node] + count[node])):
-                    row = int(sorted_items[pos])
-                    if live_sorted[pos] and row not in seen:
-                        seen.add(row)
-                        chosen.append((row, s, depth))
-                        if len(chosen) >= cap:
-                            break
-                if len(chosen) >= cap:
-                    break
-        score_of = [dict(zip(n[q].tolist(), sc[q].tolist())) for n, sc in zip(beam_nodes, beam_scores)]
-        for j, (row, s, depth) in enumerate(chosen):
-            out.rows[q, j], out.depth[q, j], out.rank[q, j] = row, depth, j
-            for d, scores_d in enumerate(score_of, start=1):
-                out.logp[q, j, d - 1] = scores_d.get(int(trie.node_of_row[d][row]), -np.inf)
-            if depth == length:
-                out.logp[q, j, length - 1] = s
+        keep = (items[q] >= 0) & np.isfinite(item_scores[q])
+        rows_parts, depth_parts = [items[q][keep]], [np.full(int(keep.sum()), length)]
+        for depth in range(length - 1, min_depth - 1, -1):
+            kept = np.isfinite(scores[depth][q])
+            pos = _span_positions(*trie.node_spans[depth], nodes[depth][q][kept], cap)
+            pos = pos[live_sorted[pos]]
+            rows_parts.append(sorted_items[pos])
+            depth_parts.append(np.full(len(pos), depth))
+        rows = np.concatenate(rows_parts).astype(np.int64)
+        depth_of = np.concatenate(depth_parts)
+        _, first = np.unique(rows, return_index=True)
+        first = np.sort(first)[:cap]                       # each row once, in generator order
+        rows, depth_of = rows[first], depth_of[first]
+        n = len(rows)
+        out.rows[q, :n], out.depth[q, :n], out.rank[q, :n] = rows, depth_of, np.arange(n)
+        for depth in range(1, length):                    # log-prob of each candidate's kept prefixes
+            out.logp[q, :n, depth - 1] = _lookup(trie.node_of_row[depth][rows], nodes[depth][q], scores[depth][q])
+        in_beam = depth_of == length
+        if in_beam.any():
+            by_row = dict(zip(items[q][keep].tolist(), item_scores[q][keep].tolist()))
+            out.logp[q, :n, length - 1][in_beam] = [by_row[r] for r in rows[in_beam].tolist()]
     return out
+
+
+def _span_positions(start: np.ndarray, count: np.ndarray, nodes: np.ndarray, cap: int) -> np.ndarray:
+    """Sorted positions of the items under `nodes`, node after node (at most `cap` per node)."""
+    if len(nodes) == 0:
+        return np.zeros(0, np.int64)
+    lo, n = start[nodes], np.minimum(count[nodes], cap)
+    offsets = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    return np.repeat(lo, n) + offsets
+
+
+def _lookup(keys: np.ndarray, nodes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """scores[j] where nodes[j] == key (finite ones only), else -inf."""
+    hit = (keys[:, None] == nodes[None, :]) & np.isfinite(scores)[None, :]
+    return np.where(hit.any(1), scores[hit.argmax(1)], -np.inf).astype(np.float32)

@@ -26,6 +26,7 @@ class BeamResult:
     scores: torch.Tensor          # summed log-probs [B, k], -inf padding
     level_nodes: list[torch.Tensor]   # per depth d = 0..L-1: the beam's trie nodes [B, W_d] after d tokens
     level_scores: list[torch.Tensor]  # their summed log-probs [B, W_d], -inf where invalid
+    first_logp: torch.Tensor | None = None  # log-probs of every first token [B, V_0], -inf where not allowed
 
 
 @torch.no_grad()
@@ -48,13 +49,15 @@ def beam_search_with_prefixes(
     nodes = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     scores = torch.zeros(batch_size, 1, device=device)
     prefix = torch.zeros(batch_size, 1, 0, dtype=torch.long, device=device)
-    level_nodes, level_scores = [], []
+    level_nodes, level_scores, first_logp = [], [], None
     for level, vocab in enumerate(trie.vocab_sizes):
         level_nodes.append(nodes)
         level_scores.append(scores)
         width = nodes.shape[1]
         logp = step_fn(prefix.reshape(batch_size * width, level), level, width).view(batch_size, width, vocab)
         logp = logp.masked_fill(~trie.allowed(level, nodes), float("-inf"))
+        if level == 0:
+            first_logp = logp[:, 0]
         flat = (scores.unsqueeze(-1) + logp).view(batch_size, width * vocab)
         scores, index = flat.topk(min(beam_size, flat.shape[1]), dim=1)
         beam, token = index // vocab, index % vocab
@@ -67,4 +70,4 @@ def beam_search_with_prefixes(
         pad = top_k - items.shape[1]
         items = torch.cat([items, items.new_full((batch_size, pad), -1)], 1)
         scores = torch.cat([scores, scores.new_full((batch_size, pad), float("-inf"))], 1)
-    return BeamResult(items[:, :top_k], scores[:, :top_k], level_nodes, level_scores)
+    return BeamResult(items[:, :top_k], scores[:, :top_k], level_nodes, level_scores, first_logp)

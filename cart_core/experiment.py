@@ -140,19 +140,25 @@ class HybridRun:
 
 
 def fit_hybrid(prep: PreparedCorpus, run: GenerativeRun, cfg: CartConfig, progress: bool = True) -> VerifiedRetriever:
+    return fit_verified(run.generator, run.table, prep.train_text, prep.train_item, prep.train_vec, run.holdout,
+                        prep.corpus.embeddings, cfg, progress)
+
+
+def fit_verified(generator: Generator, table: IdentifierTable, train_text: list[str], train_item: np.ndarray,
+                 train_vec: np.ndarray, holdout: np.ndarray, features: np.ndarray, cfg: CartConfig,
+                 progress: bool = True) -> VerifiedRetriever:
     """Aligner on the generator's training pairs, fusion on the held-out captions (each with its
-    item's leave-one-out caption centroid)."""
-    fit_rows, held = np.flatnonzero(~run.holdout), np.flatnonzero(run.holdout)
+    item's leave-one-out caption centroid). Items with no training caption get no centroid."""
+    fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
     t0 = time.perf_counter()
-    aligner = train_aligner(prep.train_vec[fit_rows], prep.train_item[fit_rows], prep.corpus.embeddings,
-                            cfg.verify, progress=progress)
-    sums = caption_sums(prep.train_item, prep.train_vec, len(prep.corpus))
-    items = ItemVectors.build(sums, prep.corpus.embeddings)
-    retriever = VerifiedRetriever(run.generator, run.table, items, aligner, Fusion([], []), cfg.verify)
-    held_item = prep.train_item[held]
-    loo = sums[held_item] - prep.train_vec[held]
-    retriever.fusion = fit_verification(retriever, [prep.train_text[i] for i in held], held_item, loo,
-                                        cfg.eval.beam_size, cfg.eval.batch_size, progress=progress)
+    aligner = train_aligner(train_vec[fit_rows], train_item[fit_rows], features, cfg.verify, progress=progress)
+    sums = caption_sums(train_item, train_vec, len(table.item_ids))
+    items = ItemVectors.build(sums, features)
+    retriever = VerifiedRetriever(generator, table, items, aligner, Fusion([], []), cfg.verify)
+    held_item = train_item[held]
+    retriever.fusion = fit_verification(retriever, [train_text[i] for i in held], held_item,
+                                        sums[held_item] - train_vec[held], cfg.eval.beam_size, cfg.eval.batch_size,
+                                        progress=progress)
     retriever.fusion.report["fit_s"] = time.perf_counter() - t0
     return retriever
 

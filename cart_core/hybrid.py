@@ -26,8 +26,9 @@ from cart_core.verify import DEFAULT_SIGNALS, SIGNALS, ItemVectors, candidate_si
 @dataclass
 class VerifyConfig:
     mode: str = "hybrid"         # hybrid (generate, then verify) | generative (beam order only: the ablation)
-    candidates: int = 100        # candidates verified per query (beam items first, then their prefixes' items)
+    candidates: int = 300        # candidates verified per query (beam items first, then their prefixes' items)
     expand_depth: int = 1        # shallowest beam prefix whose items become candidates (L = no expansion)
+    clusters: int = 60           # depth 1: this many best first tokens instead of the beam's (0 = the beam's)
     holdout: float = 0.15        # share of training captions kept from the generator to fit the fusion
     mask_captions: float = 0.2   # candidates shown without captions while fitting (items with none)
     signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
@@ -85,7 +86,8 @@ class VerifiedRetriever:
 
         beam = beam_search_with_prefixes(step, self.trie, len(mask), beam_size, beam_size)
         depth = self.trie.length if self.cfg.mode == "generative" else self.cfg.expand_depth
-        cands = expand_beam(beam, self.trie, max(self.cfg.candidates, beam_size), min(depth, self.trie.length))
+        cands = expand_beam(beam, self.trie, max(self.cfg.candidates, beam_size), min(depth, self.trie.length),
+                            self.cfg.clusters)
         return cands, qvec, feature_queries
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -55,14 +55,17 @@ def test_inductive_rows_never_train_on_held_out_items(monkeypatch):
 
     monkeypatch.setattr(quality, "train_generator", spy)
     records = quality.inductive_rows(corpus, cfg, unseen, progress=False)
-    # exactly the non-query captions of seen items (texts repeat across items here, so compare rows)
+    # the non-query captions of seen items, less the slice kept to fit the hybrid's fusion (texts
+    # repeat across items here, so compare rows)
     expected = np.flatnonzero(~unseen[corpus.caption_item] & (corpus.caption_index != 3))
-    assert seen_training == [corpus.caption_text[i] for i in expected]
+    kept = quality.holdout_mask(len(expected), cfg.verify.holdout, cfg.train.seed)
+    assert 0 < kept.sum() < len(expected)
+    assert seen_training == [corpus.caption_text[i] for i in expected[~kept]]
     assert not unseen[corpus.caption_item[expected]].any()
+    methods = ("generative", "faiss_flat_ridge", "hybrid (generate + verify)", "dense: hybrid's signals and weights, all items")
     assert {(r["method"], r["protocol"]) for r in records} == {
-        ("generative", "inductive"), ("faiss_flat_ridge", "inductive"),
-        ("generative", "transductive"), ("faiss_flat_ridge", "transductive")}
-    assert len(records) == 6
+        (m, p) for m in methods for p in ("inductive", "transductive")}
+    assert len(records) == 12
     unseen_only = [r for r in records if r["catalog"] == "unseen items, unseen-only catalog"]
     assert all(r["catalog_items"] == unseen.sum() and r["queries"] == 4 * unseen.sum() for r in unseen_only)
     for r in records:

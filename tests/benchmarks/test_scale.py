@@ -30,7 +30,7 @@ def test_tiny_run_writes_records_and_plot(tmp_path):
     data = json.loads((tmp_path / "scale.json").read_text())
     records = data["records"]
     assert sorted((r["method"], r["n"]) for r in records) == sorted(
-        (m, n) for m in ("generative", "faiss_flat", "faiss_ivf") for n in (2000, 4000))
+        (m, n) for m in ("generative", "hybrid", "faiss_flat", "faiss_ivf") for n in (2000, 4000))
     for r in records:
         for key in ("queries_per_s", "p50_ms", "p95_ms", "build_s", "peak_rss_mib"):
             assert r[key] > 0, (r["method"], key)
@@ -41,8 +41,11 @@ def test_tiny_run_writes_records_and_plot(tmp_path):
     assert by["faiss_ivf", 4000]["recall@10"] >= 0.9  # tuned to >= 0.95 on a separate batch
     assert by["generative", 4000]["identifier_length"] == by["generative", 2000]["identifier_length"] == 4
     assert by["generative", 4000]["beam_size"] == 10
+    # verification re-scores the generator's candidates exactly: it can only add true neighbours
+    assert by["hybrid", 4000]["recall@10"] >= by["generative", 4000]["recall@10"]
+    assert by["hybrid", 4000]["verify_bytes_per_item"] == 2 * 512
     assert {"machine", "torch_threads", "faiss"} <= set(data["meta"])
-    assert len(data["targets"]) == 3 and all(isinstance(t["met"], bool) for t in data["targets"])
+    assert len(data["targets"]) == 7 and all(isinstance(t["met"], bool) for t in data["targets"])
     assert (tmp_path / "scale.png").stat().st_size > 0
 
 
