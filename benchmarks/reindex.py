@@ -122,6 +122,106 @@ def gate_thresholds(store: Store, cfg) -> dict[float, float]:
     return {fpr: acceptance_threshold(impostors, vectors, fpr) for fpr in GATE_FPRS}
 
 
+def part_flickr_hybrid(overrides: list[str]) -> dict:
+    """The reindex protocol of part_flickr for the hybrid retriever, in one process (cart_core):
+    the generator and verifier of the 876-item index are kept as they are; the 100 added items get
+    identifiers under the frozen codebooks and are reached through their prefixes and verified with
+    their caption centroid (or, added from features only, their feature alone). Against the same
+    876-item index before the add, a full rebuild on all 976 (same config, same seeds), and the
+    MiniLM -> feature ridge over all 976 items."""
+    from dataclasses import replace
+
+    from cart_core.corpus import load_corpus
+    from cart_core.dense import FlatIndex, apply_ridge, fit_ridge
+    from cart_core.experiment import fit_verified, prepare
+    from cart_core.generator import Generator
+    from cart_core.hybrid import VerifiedRetriever, holdout_mask
+    from cart_core.identifiers import extend_identifiers
+    from cart_core.indexing import build_index, encode, identifier_inputs
+    from cart_core.training import train_generator
+    from cart_core.verify import ItemVectors, caption_sums
+
+    data = default_dataset()
+    if data is None:
+        sys.exit("error: ../shared/data/flickr8k-clip-vitb32 is missing (set CART_SHARED_DATA)")
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides)
+    corpus = load_corpus(data)
+    prep = prepare(corpus, cfg)
+    ids = corpus.item_ids.astype(str)
+    new_ids = set(np.random.default_rng(0).choice(sorted(ids), 100, replace=False).tolist())  # as part_flickr
+    is_new = np.array([i in new_ids for i in ids])
+    timings, timed = stopwatch()
+    feats = corpus.embeddings
+    sums = caption_sums(prep.train_item, prep.train_vec, len(corpus))
+
+    def build(rows: np.ndarray):
+        """Identifiers, generator and verifier over corpus rows `rows` (catalog row j = corpus row rows[j])."""
+        local = {int(r): j for j, r in enumerate(rows)}
+        keep = np.isin(prep.train_item, rows)
+        t_item = np.array([local[int(r)] for r in prep.train_item[keep]])
+        t_text = [t for t, k in zip(prep.train_text, keep) if k]
+        t_vec = prep.train_vec[keep]
+        vectors = identifier_inputs(cfg.identifiers.source, feats[rows], sums[rows] / np.maximum(
+            np.linalg.norm(sums[rows], axis=1, keepdims=True), 1e-12))
+        table, codebooks, _ = build_index(corpus.item_ids[rows], vectors, cfg.identifiers, progress=False)
+        generator = Generator(replace(cfg.generator, vocab_sizes=list(table.vocab_sizes)), text_encoder=prep.encoder)
+        holdout = holdout_mask(len(t_text), cfg.verify.holdout, cfg.train.seed)
+        fit = np.flatnonzero(~holdout)
+        train_generator(generator, [t_text[i] for i in fit], table.codes[t_item[fit]], cfg.train, progress=False)
+        hybrid = fit_verified(generator, table, t_text, t_item, t_vec, holdout, feats[rows], cfg, progress=False)
+        return hybrid, codebooks
+
+    def r1(retriever, catalog_rows: np.ndarray, query_mask: np.ndarray) -> dict:
+        local = {int(r): j for j, r in enumerate(catalog_rows)}
+        q = np.flatnonzero(query_mask & np.isin(prep.query_item, catalog_rows))
+        rows, _ = retriever.search([prep.query_text[i] for i in q], k=10, beam_size=cfg.eval.beam_size)
+        m = retrieval_metrics(rows, np.array([local[int(prep.query_item[i])] for i in q]))
+        return {k: m[k] for k in ("R@1", "R@5", "R@10", "queries")}
+
+    q_new, q_old = is_new[prep.query_item], ~is_new[prep.query_item]
+    old_rows, new_rows = np.flatnonzero(~is_new), np.flatnonzero(is_new)
+    base, codebooks = timed("base_index_train_verify", lambda: build(old_rows))
+    results = {"before_add": {"old_876": r1(base, old_rows, q_old)}}
+    catalog = np.concatenate([old_rows, new_rows])
+
+    def added(with_captions: bool) -> VerifiedRetriever:
+        cent = sums[new_rows] if with_captions else np.zeros_like(sums[new_rows])
+        unit = cent / np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+        codes = encode(codebooks, identifier_inputs(cfg.identifiers.source, feats[new_rows], unit))
+        prefix = np.concatenate([codes["coarse"][:, None], codes["fine"]], 1)
+        table = extend_identifiers(base.table, corpus.item_ids[new_rows], prefix)
+        base.generator.grow_last_vocab(table.vocab_sizes[-1])
+        items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), feats[catalog])
+        return VerifiedRetriever(base.generator, table, items, base.aligner, base.fusion, cfg.verify)
+
+    with_caps = timed("reindex_add_with_captions", lambda: added(True))
+    results["reindex_hybrid"] = {"added_100": r1(with_caps, catalog, q_new), "old_876": r1(with_caps, catalog, q_old)}
+    features_only = timed("reindex_add_features_only", lambda: added(False))
+    results["reindex_hybrid_features_only"] = {"added_100": r1(features_only, catalog, q_new),
+                                               "old_876": r1(features_only, catalog, q_old)}
+    full, _ = timed("full_rebuild_index_train_verify", lambda: build(np.arange(len(corpus))))
+    everything = np.arange(len(corpus))
+    results["full_rebuild"] = {"added_100": r1(full, everything, q_new), "old_876": r1(full, everything, q_old)}
+    # the dense feature baseline of the same run for items added without captions: ridge fitted on
+    # the old items' training captions, exact search over all 976 items
+    old_train = np.isin(prep.train_item, old_rows)
+    ridge = fit_ridge(prep.train_vec[old_train], feats[prep.train_item[old_train]], alpha=0.01)
+    found = FlatIndex(feats).search(apply_ridge(prep.query_vec[q_new], ridge), 10)[0]
+    m = retrieval_metrics(found, prep.query_item[q_new])
+    results["ridge_all_items"] = {"added_100": {k: m[k] for k in ("R@1", "R@5", "R@10", "queries")}}
+    verdict = {
+        "added_r1_at_least_full_rebuild": results["reindex_hybrid"]["added_100"]["R@1"]
+        >= results["full_rebuild"]["added_100"]["R@1"],
+        "old_within_1_of_before": results["before_add"]["old_876"]["R@1"]
+        - results["reindex_hybrid"]["old_876"]["R@1"] <= 1.0,
+        "features_only_added_r1_at_least_ridge": results["reindex_hybrid_features_only"]["added_100"]["R@1"]
+        >= results["ridge_all_items"]["added_100"]["R@1"],
+        "flat_index_over_pending": False,
+    }
+    return {"results": results, "timings": timings, "verdict": verdict, "config": "configs/demo.yaml",
+            "overrides": overrides}
+
+
 def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> dict:
     from pipelines.importer import run_import
     from pipelines.quantize import run_quantize
@@ -256,7 +356,7 @@ def part_scale(out: Path, n: int, n_add: int, overrides: list[str], reuse: Path 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--part", choices=["flickr", "scale"], required=True)
+    parser.add_argument("--part", choices=["flickr", "flickr-hybrid", "scale"], required=True)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--add", type=int, default=10_000)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -271,8 +371,11 @@ def main() -> None:
     from pipelines.runtime import init_ray
 
     init_ray(None)
-    record = part_flickr(Path(args.out), args.overrides, args.reuse) if args.part == "flickr" else \
-        part_scale(Path(args.out), args.n, args.add, args.overrides, args.reuse)
+    if args.part == "flickr-hybrid":
+        record = part_flickr_hybrid(args.overrides)
+    else:
+        record = part_flickr(Path(args.out), args.overrides, args.reuse) if args.part == "flickr" else \
+            part_scale(Path(args.out), args.n, args.add, args.overrides, args.reuse)
     record["meta"] = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
                       "command": " ".join(sys.argv)}
     out = Path(args.out)

@@ -14,16 +14,15 @@ import torch
 from cart_core.config import CartConfig
 from cart_core.corpus import Corpus, check_min_items, split_captions
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
-from cart_core.fusion import Fusion
 from cart_core.generator import Generator
-from cart_core.hybrid import VerifiedRetriever, fit_verification, holdout_mask, train_aligner
+from cart_core.hybrid import VerifiedRetriever, holdout_mask
+from cart_core.hybrid import fit_hybrid as fit_hybrid_parts
 from cart_core.identifiers import IdentifierTable
 from cart_core.indexing import build_index, identifier_inputs
 from cart_core.metrics import retrieval_metrics
 from cart_core.retrieval import GenerativeRetriever
 from cart_core.prototypes import fit_additive_prototypes
 from cart_core.text import TextEncoder
-from cart_core.verify import ItemVectors, caption_sums
 from cart_core.training import train_generator
 
 PROTOCOL = "transductive"
@@ -147,18 +146,10 @@ def fit_hybrid(prep: PreparedCorpus, run: GenerativeRun, cfg: CartConfig, progre
 def fit_verified(generator: Generator, table: IdentifierTable, train_text: list[str], train_item: np.ndarray,
                  train_vec: np.ndarray, holdout: np.ndarray, features: np.ndarray, cfg: CartConfig,
                  progress: bool = True) -> VerifiedRetriever:
-    """Aligner on the generator's training pairs, fusion on the held-out captions (each with its
-    item's leave-one-out caption centroid). Items with no training caption get no centroid."""
-    fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
+    """cart_core.hybrid.fit_hybrid with the experiment's settings, its fitting time in the report."""
     t0 = time.perf_counter()
-    aligner = train_aligner(train_vec[fit_rows], train_item[fit_rows], features, cfg.verify, progress=progress)
-    sums = caption_sums(train_item, train_vec, len(table.item_ids))
-    items = ItemVectors.build(sums, features)
-    retriever = VerifiedRetriever(generator, table, items, aligner, Fusion([], []), cfg.verify)
-    held_item = train_item[held]
-    retriever.fusion = fit_verification(retriever, [train_text[i] for i in held], held_item,
-                                        sums[held_item] - train_vec[held], cfg.eval.beam_size, cfg.eval.batch_size,
-                                        progress=progress)
+    retriever = fit_hybrid_parts(generator, table, train_text, train_item, train_vec, holdout, features, cfg.verify,
+                                 cfg.eval.beam_size, cfg.eval.batch_size, progress)
     retriever.fusion.report["fit_s"] = time.perf_counter() - t0
     return retriever
 

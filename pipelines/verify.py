@@ -47,10 +47,9 @@ def item_features(version: IndexVersion, table: IdentifierTable) -> np.ndarray |
 def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: CartConfig, texts: list[str],
                  rows: np.ndarray, holdout: np.ndarray) -> dict:
     """Aligner on the generator's pairs, fusion on the held-out ones; written to <generator>/verify."""
-    from cart_core.fusion import Fusion
     from cart_core.generator import Generator
-    from cart_core.hybrid import VerifiedRetriever, fit_verification, train_aligner
-    from cart_core.verify import ItemVectors, caption_sums
+    from cart_core.hybrid import fit_hybrid
+    from cart_core.verify import caption_sums
 
     table, _ = version.ids()
     with store.local_dir(f"{generator_dir}/model") as folder:
@@ -58,18 +57,16 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
     if generator.text_encoder is None:
         log("train", "vector-query generator: no caption side to verify with; hybrid retrieval skipped")
         return {}
-    vectors = generator.text_encoder.sentence_embeddings(texts)
-    sums = caption_sums(rows, vectors, len(table.item_ids))
-    features = item_features(version, table)
-    fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
-    aligner = train_aligner(vectors[fit_rows], rows[fit_rows], features, cfg.verify)
-    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features), aligner, Fusion([], []),
-                                  cfg.verify)
-    if len(held) == 0:
+    if not holdout.any():
         log("train", "verify.holdout left no training caption to fit the fusion on: generative ranking only")
         return {}
-    fusion = fit_verification(retriever, [texts[i] for i in held], rows[held], sums[rows[held]] - vectors[held],
-                              cfg.eval.beam_size, cfg.eval.batch_size)
+    vectors = generator.text_encoder.sentence_embeddings(texts)
+    features = item_features(version, table)
+    retriever = fit_hybrid(generator, table, texts, rows, vectors, holdout, features, cfg.verify,
+                           cfg.eval.beam_size, cfg.eval.batch_size)
+    aligner, fusion = retriever.aligner, retriever.fusion
+    held = np.flatnonzero(holdout)
+    sums = caption_sums(rows, vectors, len(table.item_ids))
     with tempfile.TemporaryDirectory(prefix="cart-verify-") as tmp:
         tmp = Path(tmp)
         if aligner is not None:

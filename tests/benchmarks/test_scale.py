@@ -43,7 +43,7 @@ def test_tiny_run_writes_records_and_plot(tmp_path):
     assert by["generative", 4000]["beam_size"] == 10
     # verification re-scores the generator's candidates exactly: it can only add true neighbours
     assert by["hybrid", 4000]["recall@10"] >= by["generative", 4000]["recall@10"]
-    assert by["hybrid", 4000]["verify_bytes_per_item"] == 2 * 512
+    assert by["hybrid", 4000]["verify_bytes_per_item"] == 2 * by["hybrid", 4000]["dim"]  # fp16 features
     assert {"machine", "torch_threads", "faiss"} <= set(data["meta"])
     assert len(data["targets"]) == 7 and all(isinstance(t["met"], bool) for t in data["targets"])
     assert (tmp_path / "scale.png").stat().st_size > 0

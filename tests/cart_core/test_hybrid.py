@@ -168,3 +168,20 @@ def test_signals_handle_items_without_captions():
     no_cap = (rows % 3 == 0) & cands.valid
     assert np.array_equal(sig["no_caption"] == 1, no_cap)
     assert np.all(sig["caption_cos"][no_cap] == 0) and "feature_cos" not in sig
+
+
+def test_fit_hybrid_weights_items_without_captions():
+    from cart_core.hybrid import fit_hybrid, holdout_mask
+
+    feats, table, gen = vector_index(seed=4)
+    rng = np.random.default_rng(5)
+    rows = np.repeat(np.arange(80), 4)
+    vectors = feats[rows] + 0.3 * rng.normal(size=(len(rows), 8)).astype(np.float32)
+    holdout = holdout_mask(len(rows), 0.25)
+    cfg = VerifyConfig(candidates=40, clusters=4, align=AlignConfig(epochs=5))
+    hybrid = fit_hybrid(gen, table, list(vectors), rows, vectors, holdout, feats, cfg, beam_size=5)
+    assert hybrid.fusion.names == ["caption_cos", "no_caption", "feature_cos", "feature_cos_uncaptioned"]
+    assert hybrid.fusion.weights[3] > 0  # items without captions lean on their feature
+    hybrid.items.captions[:10] = 0  # ten items lose their captions: found by their feature alone
+    found, _ = hybrid.search(feats[:10], k=10, beam_size=5)
+    assert np.mean([r in f for r, f in zip(range(10), found)]) >= 0.8

@@ -33,7 +33,10 @@ def test_demo_writes_table_metrics_and_plot(corpus_dir, tmp_path):
     result = run_cart("demo", "--data", str(corpus_dir), "--out", str(tmp_path), *FAST)
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "metrics.json").read_text())
-    assert [r["method"] for r in records] == ["generative", "caption_centroid", "faiss_flat_ridge"]
+    methods = [r["method"] for r in records]
+    assert methods[:4] == ["hybrid (generate + verify)", "generative", "caption_centroid", "faiss_flat_ridge"]
+    assert len(methods) == 5 and methods[4].startswith("dense: caption_cos")  # the hybrid's signals, all items
+    assert records[0]["signals"][:2] == ["caption_cos", "no_caption"] and records[0]["fusion"]["held_out_queries"] > 0
     for rec in records:
         assert RECORD_KEYS <= set(rec) and rec["protocol"] == "transductive"
         assert 0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 100 and rec["queries_per_s"] > 0
@@ -41,6 +44,7 @@ def test_demo_writes_table_metrics_and_plot(corpus_dir, tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["identifiers"]["collisions"]["items"] == 120
     assert "R@1" in result.stdout and "generative" in result.stdout and "caption_centroid" in result.stdout
+    assert "hybrid (generate + verify)" in result.stdout and run["fusion"]["held_out_queries"] > 0
 
 
 def test_demo_without_shared_data_says_so(tmp_path):

@@ -222,3 +222,27 @@ def test_identifier_deltas_load_as_the_whole_table_and_compaction_folds_them(bas
     np.testing.assert_array_equal(after.codes, before.codes)
     np.testing.assert_array_equal(after.live, before.live)
     assert results(chained, base, tmp_path) == answers
+
+
+def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallback(base, tmp_path):
+    """`cart train` fits the verifier beside the generator; after an add, the hybrid reaches the
+    new items through their prefixes and scores them with their pending caption centroid."""
+    from cart_core.hybrid import VerifiedRetriever
+    from cart_core.index_version import IndexVersion
+    from pipelines.reindex import run_reindex
+    from pipelines.retrieve import load_retriever
+
+    store = fresh(base, tmp_path)
+    manifest = store.manifest()
+    for name in ("fusion.json", "verify.json", "captions.parquet", "aligner.safetensors"):
+        assert store.exists(f"{manifest.generator}/verify/{name}"), name
+    run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
+                captions=str(base["new"] / "captions.parquet"), finetune=False)
+    version = IndexVersion.newest_servable(store)
+    retriever, table = load_retriever(version)
+    assert isinstance(retriever, VerifiedRetriever)
+    new_rows = [r for r, i in enumerate(table.item_ids) if i in set(base["new_ids"])]
+    assert (np.abs(retriever.items.captions[new_rows].astype(np.float32)).sum(1) > 0).all()  # from the pending table
+    assert retriever.trie.live_sorted.numpy().sum() == table.live.sum()  # pending items decodable, no masking
+    generative, _ = load_retriever(version, mode="generative")
+    assert generative.cfg.mode == "generative" and generative.items.captions is None
