@@ -58,6 +58,7 @@ from cart_core.indexing import build_index, identifier_inputs  # noqa: E402
 from cart_core.metrics import retrieval_metrics  # noqa: E402
 from cart_core.retrieval import GenerativeRetriever  # noqa: E402
 from cart_core.text import TextEncoder  # noqa: E402
+from cart_core.verify import dense_scores  # noqa: E402
 from cart_core.training import train_generator  # noqa: E402
 from pipelines.data_paths import shared_data_dir  # noqa: E402
 from pipelines.report import format_table, plot_recall  # noqa: E402
@@ -238,14 +239,8 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
         # the hybrid's dense signals and weights over every catalog item: the stronger dense baseline
         cat = np.arange(len(corpus)) if catalog is None else catalog
         def dense_fused(query_text=query_text, cat=cat):
-            qv = encoder.sentence_embeddings(query_text)
-            weight = dict(zip(hybrid.fusion.names, hybrid.fusion.weights))
-            cent = hybrid.items.captions[cat].astype(np.float32)
-            feat = hybrid.items.features[cat].astype(np.float32)
-            mapped = hybrid.aligner.map(qv) @ feat.T
-            none = (np.abs(cent).sum(1) == 0)[None, :]
-            score = (weight.get("caption_cos", 0) * (qv @ cent.T) + weight.get("no_caption", 0) * none
-                     + weight.get("feature_cos", 0) * mapped + weight.get("feature_cos_uncaptioned", 0) * mapped * none)
+            score = dense_scores(encoder.sentence_embeddings(query_text), hybrid.items, hybrid.aligner,
+                                 hybrid.fusion.names, hybrid.fusion.weights, rows=cat)
             return cat[np.argsort(-score, axis=1)[:, :10]]
         found, qps = _timed(dense_fused, len(rows))
         records.append({"method": "dense: hybrid's signals and weights, all items", "protocol": protocol,

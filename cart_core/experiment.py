@@ -23,6 +23,7 @@ from cart_core.metrics import retrieval_metrics
 from cart_core.retrieval import GenerativeRetriever
 from cart_core.prototypes import fit_additive_prototypes
 from cart_core.text import TextEncoder
+from cart_core.verify import dense_scores
 from cart_core.training import train_generator
 
 PROTOCOL = "transductive"
@@ -170,20 +171,10 @@ def run_hybrid(prep: PreparedCorpus, run: GenerativeRun, cfg: CartConfig, method
 
 
 def dense_fused(prep: PreparedCorpus, retriever: VerifiedRetriever) -> dict:
-    """The hybrid's dense signals and weights over the whole catalog (no generator, no cap): the
-    dense look-up with the same information, the bar the hybrid is measured against."""
-    fusion, items = retriever.fusion, retriever.items
-    n = len(prep.corpus)
+    """The hybrid's dense signals and weights over the whole catalog (cart_core.verify.dense_scores)."""
+    fusion = retriever.fusion
     t0 = time.perf_counter()
-    score = np.zeros((len(prep.query_vec), n), np.float32)
-    weight = dict(zip(fusion.names, fusion.weights))
-    if items.captions is not None:
-        cent = items.captions.astype(np.float32)
-        has = np.abs(cent).sum(1) > 0
-        score += weight.get("caption_cos", 0.0) * (prep.query_vec @ cent.T)
-        score += weight.get("no_caption", 0.0) * (~has)[None, :]
-    if items.features is not None and retriever.aligner is not None and "feature_cos" in weight:
-        score += weight["feature_cos"] * (retriever.aligner.map(prep.query_vec) @ items.features.astype(np.float32).T)
+    score = dense_scores(prep.query_vec, retriever.items, retriever.aligner, fusion.names, fusion.weights)
     rows = np.argsort(-score, axis=1)[:, :10]
     qps = _with_encode(len(prep.query_vec) / max(time.perf_counter() - t0, 1e-9), prep.timings["encode_queries_per_s"])
     dense_names = [n_ for n_ in fusion.names if not n_.startswith("gen_")]

@@ -92,6 +92,26 @@ def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemV
     return {k: np.where(valid, v, 0.0).astype(np.float32) for k, v in out.items()}
 
 
+def dense_scores(query_vectors: np.ndarray, items: ItemVectors, aligner: QueryAligner | None, names: list[str],
+                 weights: list[float], rows: np.ndarray | None = None) -> np.ndarray:
+    """The fused dense signals of every item (or of `rows`) [B, n], no generator and no cap: the
+    dense look-up with the hybrid's own information and weights, the bar the hybrid is held to.
+    The generator's signals, which a dense look-up does not have, are left out."""
+    rows = np.arange(len(items.captions if items.captions is not None else items.features)) if rows is None else rows
+    q = np.asarray(query_vectors, np.float32)
+    weight = dict(zip(names, weights))
+    score = np.zeros((len(q), len(rows)), np.float32)
+    no_caption = np.zeros((1, len(rows)), np.float32)
+    if items.captions is not None:
+        cent = items.captions[rows].astype(np.float32)
+        no_caption = (np.abs(cent).sum(1) == 0)[None, :].astype(np.float32)
+        score += weight.get("caption_cos", 0.0) * (q @ cent.T) + weight.get("no_caption", 0.0) * no_caption
+    if items.features is not None and aligner is not None:
+        feature_cos = aligner.map(q) @ items.features[rows].astype(np.float32).T
+        score += (weight.get("feature_cos", 0.0) + weight.get("feature_cos_uncaptioned", 0.0) * no_caption) * feature_cos
+    return score
+
+
 def mask_captions(signals: dict[str, np.ndarray], share: float, seed: int = 0) -> dict[str, np.ndarray]:
     """A copy with the caption signal removed for `share` of the candidates, so fusion weights
     are fitted for items without captions too (held-out queries all have captioned items)."""

@@ -49,7 +49,6 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
     """Aligner on the generator's pairs, fusion on the held-out ones; written to <generator>/verify."""
     from cart_core.generator import Generator
     from cart_core.hybrid import fit_hybrid
-    from cart_core.verify import caption_sums
 
     table, _ = version.ids()
     with store.local_dir(f"{generator_dir}/model") as folder:
@@ -63,17 +62,15 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
     vectors = generator.text_encoder.sentence_embeddings(texts)
     features = item_features(version, table)
     retriever = fit_hybrid(generator, table, texts, rows, vectors, holdout, features, cfg.verify,
-                           cfg.eval.beam_size, cfg.eval.batch_size)
-    aligner, fusion = retriever.aligner, retriever.fusion
-    held = np.flatnonzero(holdout)
-    sums = caption_sums(rows, vectors, len(table.item_ids))
+                           cfg.eval.beam_size, cfg.eval.batch_size, progress=True)
+    aligner, fusion, captions = retriever.aligner, retriever.fusion, retriever.items.captions.astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="cart-verify-") as tmp:
         tmp = Path(tmp)
         if aligner is not None:
             aligner.save(tmp)
         fusion.save(tmp / "fusion.json")
-        has = np.abs(sums).sum(1) > 0
-        centroids = (sums[has] / np.linalg.norm(sums[has], axis=1, keepdims=True)).astype(np.float32)
+        has = np.abs(captions).sum(1) > 0
+        centroids = captions[has]
         store.write_table(pa.table({
             "item_id": pa.array(table.item_ids[has].astype(str).tolist()),
             "centroid": pa.FixedSizeListArray.from_arrays(pa.array(centroids.reshape(-1)), vectors.shape[1]),
@@ -81,7 +78,7 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
         (tmp / "verify.json").write_text(json.dumps(dataclasses.asdict(cfg.verify), indent=2))
         store.put_dir(tmp, f"{generator_dir}/verify")
     log("train", f"verification: {', '.join(f'{n} {w:+.2f}' for n, w in zip(fusion.names, fusion.weights))} "
-                 f"(held-out R@1 {fusion.report['held_out_R@1']} on {len(held)} captions)")
+                 f"(held-out R@1 {fusion.report['held_out_R@1']} on {int(holdout.sum())} captions)")
     return fusion.report
 
 
