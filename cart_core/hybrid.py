@@ -19,6 +19,7 @@ from cart_core.decoding import beam_search_with_prefixes
 from cart_core.fusion import Fusion, fit_fusion, fit_weights
 from cart_core.generator import Generator
 from cart_core.identifiers import IdentifierTable
+from cart_core.retrieval import BatchedSearch
 from cart_core.trie import DecodingTrie
 from cart_core.verify import DEFAULT_SIGNALS, SIGNALS, ItemVectors, caption_sums, candidate_signals, mask_captions
 
@@ -52,7 +53,7 @@ def sentence_vectors(states: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
 
 
-class VerifiedRetriever:
+class VerifiedRetriever(BatchedSearch):
     """search_batch(queries, k, beam_size) like GenerativeRetriever, ranked by verification."""
 
     def __init__(self, generator: Generator, table: IdentifierTable, items: ItemVectors,
@@ -105,15 +106,6 @@ class VerifiedRetriever:
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return np.where(np.isfinite(scores), rows, -1), scores
-
-    def search(self, queries, k: int = 10, beam_size: int = 10, batch_size: int = 64,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        rows, scores = [], []
-        for start in tqdm(range(0, len(queries), batch_size), desc="retrieve", disable=not progress, leave=False):
-            r, s = self.search_batch(queries[start:start + batch_size], k, beam_size)
-            rows.append(r)
-            scores.append(s)
-        return np.concatenate(rows), np.concatenate(scores)
 
 
 def holdout_mask(n_pairs: int, share: float, seed: int = 0) -> np.ndarray:

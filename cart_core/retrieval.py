@@ -11,7 +11,20 @@ from cart_core.identifiers import IdentifierTable
 from cart_core.trie import DecodingTrie
 
 
-class GenerativeRetriever:
+class BatchedSearch:
+    """search() over many queries for any retriever with search_batch(queries, k, beam_size)."""
+
+    def search(self, queries, k: int = 10, beam_size: int = 10, batch_size: int = 64,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        rows, scores = [], []
+        for start in tqdm(range(0, len(queries), batch_size), desc="retrieve", disable=not progress, leave=False):
+            r, s = self.search_batch(queries[start:start + batch_size], k, beam_size)
+            rows.append(r)
+            scores.append(s)
+        return np.concatenate(rows), np.concatenate(scores)
+
+
+class GenerativeRetriever(BatchedSearch):
     def __init__(self, generator: Generator, table: IdentifierTable, device: str = "cpu"):
         if list(generator.cfg.vocab_sizes) != list(table.vocab_sizes):
             raise ValueError(
@@ -40,12 +53,3 @@ class GenerativeRetriever:
 
         items, scores = constrained_beam_search(step, self.trie, len(mask), beam_size, k)
         return items.cpu().numpy(), scores.cpu().numpy()
-
-    def search(self, queries, k: int = 10, beam_size: int = 10, batch_size: int = 64,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        rows, scores = [], []
-        for start in tqdm(range(0, len(queries), batch_size), desc="retrieve", disable=not progress, leave=False):
-            r, s = self.search_batch(queries[start:start + batch_size], k, beam_size)
-            rows.append(r)
-            scores.append(s)
-        return np.concatenate(rows), np.concatenate(scores)
