@@ -16,7 +16,7 @@ from cart_core.corpus import Corpus, check_min_items, split_captions
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
 from cart_core.generator import Generator
 from cart_core.hybrid import VerifiedRetriever, holdout_mask
-from cart_core.hybrid import fit_hybrid as fit_hybrid_parts
+from cart_core.hybrid import fit_hybrid
 from cart_core.identifiers import IdentifierTable
 from cart_core.indexing import build_index, identifier_inputs
 from cart_core.metrics import retrieval_metrics
@@ -139,17 +139,12 @@ class HybridRun:
     fusion_report: dict
 
 
-def fit_hybrid(prep: PreparedCorpus, run: GenerativeRun, cfg: CartConfig, progress: bool = True) -> VerifiedRetriever:
-    return fit_verified(run.generator, run.table, prep.train_text, prep.train_item, prep.train_vec, run.holdout,
-                        prep.corpus.embeddings, cfg, progress)
-
-
 def fit_verified(generator: Generator, table: IdentifierTable, train_text: list[str], train_item: np.ndarray,
                  train_vec: np.ndarray, holdout: np.ndarray, features: np.ndarray, cfg: CartConfig,
                  progress: bool = True) -> VerifiedRetriever:
     """cart_core.hybrid.fit_hybrid with the experiment's settings, its fitting time in the report."""
     t0 = time.perf_counter()
-    retriever = fit_hybrid_parts(generator, table, train_text, train_item, train_vec, holdout, features, cfg.verify,
+    retriever = fit_hybrid(generator, table, train_text, train_item, train_vec, holdout, features, cfg.verify,
                                  cfg.eval.beam_size, cfg.eval.batch_size, progress)
     retriever.fusion.report["fit_s"] = time.perf_counter() - t0
     return retriever
@@ -158,7 +153,8 @@ def fit_verified(generator: Generator, table: IdentifierTable, train_text: list[
 def run_hybrid(prep: PreparedCorpus, run: GenerativeRun, cfg: CartConfig, method: str = "hybrid (generate + verify)",
                progress: bool = True, retriever: VerifiedRetriever | None = None) -> HybridRun:
     """The hybrid row, and the same fused score over every item (what the candidate cap costs)."""
-    retriever = retriever or fit_hybrid(prep, run, cfg, progress)
+    retriever = retriever or fit_verified(run.generator, run.table, prep.train_text, prep.train_item, prep.train_vec,
+                                          run.holdout, prep.corpus.embeddings, cfg, progress)
     t0 = time.perf_counter()
     rows, _ = retriever.search(prep.query_text, k=cfg.eval.k, beam_size=cfg.eval.beam_size,
                                batch_size=cfg.eval.batch_size, progress=progress)

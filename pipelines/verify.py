@@ -36,12 +36,18 @@ def item_features(version: IndexVersion, table: IdentifierTable) -> np.ndarray |
         return None
     vectors = stack_column(feats.column("embedding").to_numpy(zero_copy_only=False))
     out = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
-    row_of = {str(item): r for r, item in enumerate(table.item_ids)}
-    for j, item in enumerate(feats.column("item_id").to_pylist()):
-        r = row_of.get(str(item))
-        if r is not None:
-            out[r] = vectors[j]
+    _scatter(out, table, feats.column("item_id").to_pylist(), vectors)
     return out
+
+
+def _scatter(out: np.ndarray, table: IdentifierTable, item_ids: list, vectors: np.ndarray) -> None:
+    """out[live row of item] = vector, for the items the table holds live."""
+    from cart_core.identifiers import live_rows
+
+    item_ids = [str(i) for i in item_ids]
+    row_of = live_rows(table, item_ids)
+    known = [j for j, i in enumerate(item_ids) if i in row_of]
+    out[[row_of[item_ids[j]] for j in known]] = vectors[known]
 
 
 def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: CartConfig, texts: list[str],
@@ -113,18 +119,14 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
     if cfg.mode != "hybrid":
         return VerifiedRetriever(generator, table, ItemVectors(None, None), None, fusion, cfg, device)
-    row_of = {str(item): r for r, item in enumerate(table.item_ids)}
     cap = store.read_table(f"{folder}/captions.parquet")
     vectors = stack_column(cap.column("centroid").to_numpy(zero_copy_only=False))
     captions = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
-    for item, v in zip(cap.column("item_id").to_pylist(), vectors):
-        if item in row_of:
-            captions[row_of[item]] = v
+    _scatter(captions, table, cap.column("item_id").to_pylist(), vectors)
     pending = version.pending()
     if pending is not None and pending.num_rows:
         pvec = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
-        for item, v in zip(pending.column("item_id").to_pylist(), pvec):
-            if item in row_of and np.abs(v).sum() > 0:
-                captions[row_of[item]] = v
+        has = np.abs(pvec).sum(1) > 0  # pending items added without captions keep no centroid
+        _scatter(captions, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pvec[has])
     items = ItemVectors.build(captions, item_features(version, table) if aligner is not None else None)
     return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device)
