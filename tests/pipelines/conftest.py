@@ -16,6 +16,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def ray_node_ports(names: tuple[str, ...], workers: int = 200) -> tuple[dict[str, int], int]:
+    """Distinct free ports for a `ray start` node, plus a worker-port range that overlaps none of them.
+
+    Picking the worker range as `free_port() .. +200` collided with the other picks (Ray refuses to
+    start when its runtime-env agent port falls inside the worker range), so the range is searched
+    below the ephemeral range, where the kernel's own picks do not land.
+    """
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = free_port()
+        if port not in ports.values():
+            ports[names[len(ports)]] = port
+    taken = set(ports.values())
+    for start in range(20000, 30000, workers + 1):
+        span = range(start, start + workers + 1)
+        if not taken.intersection(span) and all(_is_free(p) for p in span):
+            return ports, start
+    raise RuntimeError("no free worker-port range between 20000 and 30000")
+
+
 # The S3 endpoint and credentials are fixed before any Ray worker starts, so workers inherit
 # them exactly as cluster nodes get theirs from the environment.
 S3_PORT = free_port()

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data_paths import REPO_ROOT, default_dataset
-from tests.pipelines.conftest import free_port
+from tests.pipelines.conftest import ray_node_ports
 
 BIN = Path(sys.executable).parent
 N_ITEMS = 150
@@ -47,11 +47,10 @@ def write_inputs(folder: Path) -> str:
 @pytest.fixture(scope="module")
 def ray_head():
     """A separate Ray cluster: its own ports, temp dir and token; stopped by process group."""
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "runtime-env-agent-port", "metrics-export-port",
-                                            "node-manager-port", "object-manager-port")}
-    worker = free_port()
+    ports, worker = ray_node_ports(("port", "dashboard-port", "ray-client-server-port",
+                                    "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                    "runtime-env-agent-port", "metrics-export-port",
+                                    "node-manager-port", "object-manager-port"))
     temp_dir = tempfile.mkdtemp(prefix="rayE2E", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
