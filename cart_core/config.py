@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from cart_core.errors import ConfigError, InputNotFound
 from cart_core.generator import GeneratorConfig
 from cart_core.hybrid import VerifyConfig
 from cart_core.rqvae import RQVAEConfig
@@ -79,6 +80,28 @@ class JobsConfig:
     serve_max_batch_size: int = 32
     serve_batch_wait_s: float = 0.01
     serve_replicas: int = 1
+    train_max_failures: int = 2     # Ray Train restarts from the last checkpoint after a lost worker / node
+    task_retries: int = 3           # Ray Data retries of a task whose node died (quantize, extract, retrieve)
+
+
+@dataclass
+class QueryConfig:
+    """The query rules `cart serve`, `cart retrieve` and `cart evaluate` share (pipelines/queries.py):
+    a query is normalised (Unicode NFC, control characters to spaces, whitespace collapsed) and
+    refused when empty or longer than the limit; k is refused outside [1, max_k]."""
+
+    max_chars: int = 1000           # characters per query after normalisation
+    max_k: int = 100                # results per query
+    max_per_request: int = 256      # queries per HTTP request (`cart serve`)
+
+
+@dataclass
+class ServeConfig:
+    """`cart serve`: what a request may cost before it reaches the model, and who may send one."""
+
+    max_body_bytes: int = 1_000_000  # HTTP request body (413 above it, answered without reading it)
+    watcher_failures: int = 5       # consecutive failed polls of the store before /healthz says unhealthy
+    token_env: str = "CART_SERVE_TOKEN"  # bearer token from this variable when no --token-file is given
 
 
 @dataclass
@@ -109,6 +132,8 @@ class CartConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     reindex: ReindexConfig = field(default_factory=ReindexConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
@@ -116,7 +141,7 @@ def _build(cls, data: dict[str, Any], where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(f"{where}: unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
         sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
@@ -147,24 +172,29 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         if kind is str:
             return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
     return value
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`a.b=3` sets data['a']['b'] = 3 (values parsed as YAML scalars)."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
         node[parts[-1]] = _parse_value(value)
     return data
 
@@ -174,10 +204,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: config file not found")
-        data = yaml.safe_load(path.read_text()) or {}
+            raise InputNotFound(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: top level must be a mapping")
+            raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
     return _build(CartConfig, data, str(path or "config"))
 

@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cart_core.errors import LocatedError
+
 __all__ = [
     "CorpusError",
     "Corpus",
@@ -43,19 +45,9 @@ MAX_REPORTED_SKIPS = 20
 _SCAN_BLOCK = 65_536
 
 
-class CorpusError(ValueError):
-    """Bad input; the message always names the file, the row (0-based parquet row, when there
-    is one) and the reason, so the user can go straight to the offending record."""
-
-    def __init__(self, path: str | Path, row: int | None, reason: str) -> None:
-        self.path = str(path)
-        self.row = None if row is None else int(row)
-        self.reason = reason
-        where = self.path if self.row is None else f"{self.path}: row {self.row}"
-        super().__init__(f"{where}: {reason}")
-
-    def __reduce__(self):  # keep the exception picklable (multiprocessing, Ray workers)
-        return (type(self), (self.path, self.row, self.reason))
+class CorpusError(LocatedError):
+    """Bad input in an items / captions table; the message always names the file, the row (0-based
+    parquet row, when there is one) and the reason, so the user can go straight to the offending record."""
 
 
 def _empty_report() -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cart_core.errors import ConfigError
+
 
 def _torch_device(device: str | None) -> str:
     import torch
@@ -116,7 +118,7 @@ class AudioEmbedder:
         self.batch_size = batch_size
         self.features = AutoFeatureExtractor.from_pretrained(name_or_path)
         if int(self.features.sampling_rate) != int(sample_rate):
-            raise ValueError(f"extract.sample_rate={sample_rate} but the CLAP feature extractor of "
+            raise ConfigError(f"extract.sample_rate={sample_rate} but the CLAP feature extractor of "
                              f"{name_or_path} expects {self.features.sampling_rate} Hz; set extract.sample_rate "
                              f"to {self.features.sampling_rate}")
         config = _tower_config(name_or_path, "audio")

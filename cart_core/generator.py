@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cart_core.errors import ConfigError
 from cart_core.text import DEFAULT_TEXT_ENCODER, TextEncoder
 
 
@@ -142,7 +143,7 @@ class FusionDecoder(nn.Module):
             nn.init.zeros_(self.out.bias)
             self.log_scale = nn.Parameter(torch.tensor(float(cfg.prototype_scale)).log())
         elif cfg.output_head != "linear":
-            raise ValueError(f"generator.output_head must be linear | prototype, got {cfg.output_head!r}")
+            raise ConfigError(f"generator.output_head must be linear | prototype, got {cfg.output_head!r}")
 
     def prepare_memory(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Project encoder states once per query; beams reuse the result."""
@@ -217,7 +218,7 @@ class Generator(nn.Module):
                 self.text_encoder = text_encoder.copy()
             hidden, layers = self.text_encoder.hidden_size, self.text_encoder.num_layers
             if not 0 <= cfg.finetune_layers < layers:
-                raise ValueError(f"generator.finetune_layers must be in [0, {layers - 1}], got {cfg.finetune_layers}")
+                raise ConfigError(f"generator.finetune_layers must be in [0, {layers - 1}], got {cfg.finetune_layers}")
             self.vector_encoder = None
         elif cfg.query == "vector":
             if cfg.query_dim <= 0:
@@ -226,7 +227,7 @@ class Generator(nn.Module):
             self.vector_encoder = VectorQueryEncoder(cfg)
             hidden, layers = cfg.vector_hidden, cfg.vector_layers
         else:
-            raise ValueError(f"unknown query kind {cfg.query!r}: expected 'text' or 'vector'")
+            raise ConfigError(f"unknown query kind {cfg.query!r}: expected 'text' or 'vector'")
         self.decoder = FusionDecoder(cfg, hidden, layers)
 
     def encode_queries(self, queries) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cart_core.errors import ConfigError
 from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
 from cart_core.candidates import Candidates, expand_beam
 from cart_core.decoding import beam_search_with_prefixes
@@ -39,10 +40,10 @@ class VerifyConfig:
         if isinstance(self.align, dict):
             self.align = AlignConfig(**self.align)
         if self.mode not in ("hybrid", "generative"):
-            raise ValueError(f"verify.mode must be hybrid | generative, got {self.mode!r}")
+            raise ConfigError(f"verify.mode must be hybrid | generative, got {self.mode!r}")
         unknown = set(self.signals) - set(SIGNALS)
         if unknown:
-            raise ValueError(f"verify.signals: unknown {sorted(unknown)}; choices: {list(SIGNALS)}")
+            raise ConfigError(f"verify.signals: unknown {sorted(unknown)}; choices: {list(SIGNALS)}")
 
 
 def sentence_vectors(states: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -157,7 +158,7 @@ def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], r
     aligner = train_aligner(vectors[fit_rows], rows[fit_rows], features, cfg, progress=progress)
     retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features), aligner, Fusion([], []), cfg)
     if len(held) == 0:
-        raise ValueError("verify.holdout leaves no training caption to fit the fusion on")
+        raise ConfigError("verify.holdout leaves no training caption to fit the fusion on")
     retriever.fusion = fit_verification(retriever, [texts[i] for i in held], rows[held], sums[rows[held]] - vectors[held],
                                         beam_size, batch_size, progress)
     return retriever

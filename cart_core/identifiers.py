@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cart_core.errors import ConfigError
+
 
 @dataclass
 class IdentifierTable:
@@ -117,7 +119,7 @@ def build_identifiers(
     suffix = assign_suffix(item_ids, prefix)
     needed = int(suffix.max()) + 1 if len(suffix) else 1
     if suffix_vocab is not None and suffix_vocab < needed:
-        raise ValueError(f"suffix_vocab={suffix_vocab} is too small: a prefix holds {needed} items")
+        raise ConfigError(f"suffix_vocab={suffix_vocab} is too small: a prefix holds {needed} items")
     vocab = [n_clusters] + [codebook_size] * (prefix.shape[1] - 1) + [suffix_vocab or needed]
     codes = np.concatenate([prefix, suffix[:, None]], 1)
     return IdentifierTable(item_ids, codes, vocab, np.ones(len(item_ids), dtype=bool))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cart_core.errors import ConfigError
 from cart_core._faiss import import_faiss
 from cart_core.config import IdentifierConfig
 from cart_core.identifiers import IdentifierTable, build_identifiers
@@ -29,12 +30,12 @@ def identifier_inputs(source: str, features: np.ndarray, caption_vectors: np.nda
     if source == "features":
         return l2_normalize(features)
     if caption_vectors is None:
-        raise ValueError(f"identifiers.source={source!r} needs caption vectors")
+        raise ConfigError(f"identifiers.source={source!r} needs caption vectors")
     if source == "captions":
         return l2_normalize(caption_vectors)
     if source == "both":
         return l2_normalize(np.concatenate([l2_normalize(features), l2_normalize(caption_vectors)], 1))
-    raise ValueError(f"identifiers.source must be features | captions | both, got {source!r}")
+    raise ConfigError(f"identifiers.source must be features | captions | both, got {source!r}")
 
 
 def _residual_kmeans(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -74,7 +75,7 @@ def fit_codebooks(vectors: np.ndarray, cfg: IdentifierConfig, *, progress: bool 
         books, fine = _residual_kmeans(residual, cfg.rqvae.levels, cfg.rqvae.codebook_size, cfg.seed)
         report["residual_kmeans"] = {"perplexity": code_perplexity(fine, cfg.rqvae.codebook_size)}
     elif cfg.fine != "none":
-        raise ValueError(f"identifiers.fine must be rqvae | residual_kmeans | none, got {cfg.fine!r}")
+        raise ConfigError(f"identifiers.fine must be rqvae | residual_kmeans | none, got {cfg.fine!r}")
     timings["fine_s"] = time.perf_counter() - t0
     report["timings"] = timings
     return Codebooks(quantizer, rq, books), report

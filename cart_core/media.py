@@ -13,6 +13,8 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from cart_core.errors import BadInput
+
 MODALITIES = ("image", "video", "audio")
 EXTENSIONS = {
     "image": {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"},
@@ -21,7 +23,7 @@ EXTENSIONS = {
 }
 
 
-class MediaError(ValueError):
+class MediaError(BadInput):
     """A file that cannot be used; the message is the `reason` written to the errors table."""
 
 

@@ -2,15 +2,20 @@
 
 Every job verb takes --store (local path or s3://bucket/prefix), --config, --set key=value and
 --address (default: a local Ray started in-process; `auto` inside a cluster or `ray job submit`).
-Bad input exits 2 with one line naming the file, row and reason; a failed job exits 1; a commit
-refused because another job committed a conflicting change meanwhile exits 3 (rerun the job).
+Bad input (`cart_core.errors.BadInput`, and a store that cannot serve) exits 2 with one line naming
+the file, row and reason, before Ray starts wherever the check does not need the cluster; a failed
+job exits 1 with its innermost error on one line; a commit refused because another job committed a
+conflicting change meanwhile exits 3 (rerun the job). `--debug` shows the traceback instead.
+SIGTERM is handled like Ctrl-C, so a stopped job removes its temporary outputs (exit 130 / 143).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
-from cart_core.corpus import CorpusError
+from cart_core.errors import BadInput
 from cart_core.store import CommitConflict, StoreError
 
 class StoreDamaged(RuntimeError):
@@ -81,8 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results.parquet: query_id, rank, item_id, score")
     p.add_argument("--k", type=int, default=10)
     p = _job_parser(sub, "serve", "online retrieval over HTTP (Ray Serve)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1); any other needs a token (--token-file or "
+                        "serve.token_env)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", help="file holding the bearer token clients must send "
+                                        "(Authorization: Bearer <token>)")
     p = _job_parser(sub, "evaluate", "R@K / MdR / MRR beside the faiss baseline")
     p.add_argument("--queries", help="queries.parquet: query_id, text, item_id (default: the store's held-out captions)")
     p.add_argument("--out", required=True, help="output folder for metrics.json and recall.png")
@@ -136,7 +145,7 @@ def run_command(args) -> None:
         from pipelines.reindex import run_reindex
 
         if not (args.add or args.update or args.delete or args.captions):
-            raise ValueError("nothing to do: give --add, --update, --delete and/or --captions")
+            raise BadInput("nothing to do: give --add, --update, --delete and/or --captions")
         run_reindex(store, cfg, add=args.add, captions=args.captions, delete=args.delete, update=args.update,
                     finetune=False if args.no_finetune else (True if args.finetune else None),
                     address=args.address)
@@ -151,6 +160,8 @@ def run_command(args) -> None:
     elif args.command == "train":
         from pipelines.train import run_train
 
+        if args.workers is not None and args.workers < 1:
+            raise BadInput(f"--workers must be at least 1, got {args.workers}")
         run_train(store, cfg, workers=args.workers, resume=args.resume, address=args.address)
     elif args.command == "retrieve":
         from pipelines.retrieve import run_retrieve
@@ -159,7 +170,7 @@ def run_command(args) -> None:
     elif args.command == "serve":
         from pipelines.serve import run_serve
 
-        run_serve(store, cfg, host=args.host, port=args.port, address=args.address)
+        run_serve(store, cfg, host=args.host, port=args.port, address=args.address, token_file=args.token_file)
     elif args.command == "evaluate":
         from pipelines.evaluate import run_evaluate
 
@@ -177,35 +188,58 @@ def run_command(args) -> None:
             print(f"{mark} v{m.version:<4d} {m.message}  ids={m.ids} generator={m.generator}")
 
 
-def _one_line(exc: BaseException) -> str:
-    """The innermost message of a (possibly Ray-wrapped) exception, on one line."""
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    text = str(cause if isinstance(cause, Exception) and str(cause) else exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
+def innermost(exc: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, unwrapped from Ray's own exception types."""
+    seen = set()
+    while isinstance(getattr(exc, "cause", None), BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.cause
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """A message on one line: ours as written (they name file, row, reason); a library's first
+    non-empty line, or its cause's when it has none."""
+    text = str(exc).strip()
+    if not text and exc.__cause__ is not None:
+        text = str(exc.__cause__).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if isinstance(exc, BadInput) or len(lines) < 2 else lines[-1]) if lines else type(exc).__name__
+
+
+def exit_code(exc: BaseException) -> tuple[int, str]:
+    """(exit code, label) of a failure: 3 conflict, 2 bad input, 1 anything else."""
+    if isinstance(exc, CommitConflict):
+        return 3, "conflict"
+    if isinstance(exc, (BadInput, StoreError)):
+        return 2, "error"
+    return 1, "failed"
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # cleanup runs on `kill` as on Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         run_command(args)
     except KeyboardInterrupt:
         return 130
-    except CommitConflict as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"cart {args.command}: conflict: {_one_line(exc)}", file=sys.stderr)
-        return 3
-    except (CorpusError, ValueError, FileNotFoundError, StoreError) as exc:
-        if args.debug:
-            raise
-        print(f"cart {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a job failed: one line, full trace with --debug
-        if args.debug:
-            raise
-        print(f"cart {args.command}: failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        cause = innermost(exc)
+        code, label = exit_code(cause)
+        kind = "" if code != 1 else f"{type(cause).__name__}: "
+        print(f"cart {args.command}: {label}: {kind}{one_line(cause)}", file=sys.stderr)
+        return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -20,40 +20,33 @@ from cart_core.config import CartConfig, config_dict
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
 from cart_core.index_version import IndexVersion
 from cart_core.metrics import retrieval_metrics
+from cart_core.errors import BadInput, LocatedError, shown
 from cart_core.store import Manifest, Store, StoreError
 from cart_core.text import TextEncoder
 from pipelines.quantize import stack_column
 from pipelines.report import format_table, plot_recall, write_metrics
-from pipelines.retrieve import retrieve_dataset
+from pipelines.queries import QueryTable, check_k, check_query_rows
+from pipelines.retrieve import load_queries, retrieve_dataset
 from pipelines.runtime import JobSummary, init_ray, log
 
 PROTOCOL = "store"  # queries come from the user or the store's held-out captions
 
 
-def load_eval_queries(version: IndexVersion, queries: str | None) -> pa.Table:
-    """query_id, text, item_id from a file, or the store's held-out captions."""
-    if queries is None:
-        return version.eval_queries()
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, path = fsspec.core.url_to_fs(queries)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{queries}: file not found")
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
-    missing = [c for c in ("query_id", "text", "item_id") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{queries}: missing required column(s) {', '.join(missing)} "
-                         f"(found: {', '.join(table.column_names)})")
-    return table.select(["query_id", "text", "item_id"])
+def load_eval_queries(version: IndexVersion, queries: str | None, cfg: CartConfig) -> QueryTable:
+    """query_id, text, item_id from a file, or the store's held-out captions, by the query rules
+    `cart retrieve` and `cart serve` apply (pipelines/queries.py)."""
+    if queries is not None:
+        return load_queries(queries, cfg, "evaluate", need_item=True)
+    return check_query_rows(version.eval_queries(), version.store.uri("eval"), cfg.queries, need_item=True)
 
 
-def gold_rows(item_ids: np.ndarray, catalog: dict[str, int], where: str) -> np.ndarray:
+def gold_rows(item_ids: np.ndarray, catalog: dict[str, int], where: str,
+              source_rows: list[int] | None = None) -> np.ndarray:
     rows = np.array([catalog.get(str(i), -1) for i in item_ids], dtype=np.int64)
     bad = np.flatnonzero(rows < 0)
     if bad.size:
-        raise ValueError(f"{where}: row {int(bad[0])}: item_id {item_ids[bad[0]]!r} is not in the index")
+        row = int(bad[0]) if source_rows is None else source_rows[int(bad[0])]
+        raise LocatedError(where, row, f"item_id {shown(item_ids[bad[0]])} is not in the index")
     return rows
 
 
@@ -106,20 +99,29 @@ def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: 
 
 def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> list[dict]:
+    check_k(k, cfg.queries)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise BadInput(f"{out}: is a file; give the folder to write metrics.json and recall.png in")
+    checked = load_eval_queries(None, queries, cfg) if queries is not None else None
     version = IndexVersion.newest_servable(store)
     manifest = version.manifest
     table, _ = version.ids()  # before Ray starts: a damaged store fails at once
-    init_ray(address)
-    summary = JobSummary("evaluate", store.url)
     catalog = {str(i): r for r, i in enumerate(table.item_ids[table.live])}  # deleted items are not answers
-    q = load_eval_queries(version, queries)
+    checked = checked or load_eval_queries(version, None, cfg)
+    q = checked.table
+    dropped = 0
     if queries is None:  # the store's held-out captions of deleted items ask for nothing that exists
         live = pc.is_in(q.column("item_id"), value_set=pa.array(sorted(catalog), pa.string()))
-        summary.counts["eval_queries_of_deleted_items"] = q.num_rows - int(pc.sum(live.cast(pa.int64())).as_py() or 0)
+        dropped = q.num_rows - int(pc.sum(live.cast(pa.int64())).as_py() or 0)
         q = q.filter(live)
+        checked.source_rows = []  # rows of the store's table no longer line up; none is named below
     if q.num_rows == 0:
         raise StoreError(f"{queries or store.url}: no evaluation queries")
-    gold = gold_rows(np.asarray(q.column("item_id").to_pylist(), dtype=object), catalog, queries or "eval queries")
+    gold = gold_rows(np.asarray(q.column("item_id").to_pylist(), dtype=object), catalog, queries or "eval queries",
+                     checked.source_rows or None)
+    init_ray(address)
+    summary = JobSummary("evaluate", store.url)
+    summary.counts.update(eval_queries_of_deleted_items=dropped, queries_skipped=sum(checked.skipped.values()))
     t0 = time.perf_counter()
     records = [generative_record(store, q, manifest, cfg, k, catalog, gold)]
     summary.time("generative_s", t0)

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cart_core.errors import BadInput, ConfigError, InputNotFound, LocatedError
 from cart_core.config import CartConfig
 from cart_core.media import MODALITIES, MediaError, content_hash, decode_audio, decode_image, \
     decode_video_frames, infer_modality, read_bytes, resolve_uri, shrink
@@ -41,7 +42,7 @@ RESULT_SCHEMA = pa.schema([
 # ---- the media table -------------------------------------------------------------------------
 def read_media_table(media: str) -> pa.Table:
     """item_id (unique), uri, modality (image | video | audio | null) as strings; relative URIs
-    resolved against the table's folder. Raises ValueError naming file, row and reason."""
+    resolved against the table's folder. Raises BadInput naming file, row and reason."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -49,24 +50,24 @@ def read_media_table(media: str) -> pa.Table:
         with fsspec.open(media, "rb") as f:
             table = pq.read_table(f)
     except FileNotFoundError:
-        raise ValueError(f"{media}: media table not found") from None
+        raise InputNotFound(f"{media}: media table not found") from None
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{media}: not a readable Parquet table ({exc})") from None
+        raise BadInput(f"{media}: not a readable Parquet table ({exc})") from None
     missing = [c for c in ("item_id", "uri") if c not in table.column_names]
     if missing:
-        raise ValueError(f"{media}: missing required column(s) {missing}; have {table.column_names}")
+        raise BadInput(f"{media}: missing required column(s) {missing}; have {table.column_names}")
     if table.num_rows == 0:
-        raise ValueError(f"{media}: the media table is empty")
+        raise BadInput(f"{media}: the media table is empty")
     ids, uris = table.column("item_id").to_pylist(), table.column("uri").to_pylist()
     modality = table.column("modality").to_pylist() if "modality" in table.column_names else [None] * len(ids)
     seen: dict[str, int] = {}
     for row, (item, uri) in enumerate(zip(ids, uris)):
         if item is None or str(item).strip() == "":
-            raise ValueError(f"{media}: row {row}: item_id is empty")
+            raise LocatedError(media, row, "item_id is empty")
         if uri is None or str(uri).strip() == "":
-            raise ValueError(f"{media}: row {row}: uri is empty (item_id {item!r})")
+            raise LocatedError(media, row, f"uri is empty (item_id {item!r})")
         if str(item) in seen:
-            raise ValueError(f"{media}: row {row}: duplicate item_id {item!r} (first at row {seen[str(item)]})")
+            raise LocatedError(media, row, f"duplicate item_id {item!r} (first at row {seen[str(item)]})")
         seen[str(item)] = row
     base = posixpath.dirname(media) if "://" in media else os.path.dirname(os.path.abspath(media))
     return pa.table({
@@ -237,7 +238,7 @@ def model_dims(cfg: CartConfig, modalities: set[str]) -> dict[str, int]:
 
 def check_dims(dims: dict[str, int], store_dim: int | None, cfg: CartConfig) -> int | None:
     if len(set(dims.values())) > 1:
-        raise ValueError(f"image/video features from {cfg.extract.image_model} have {dims['image/video']} dims but "
+        raise ConfigError(f"image/video features from {cfg.extract.image_model} have {dims['image/video']} dims but "
                          f"audio features from {cfg.extract.audio_model} have {dims['audio']}; one store holds one "
                          f"embedding size: pick models with equal projection dims or extract the modalities into "
                          f"separate stores")

@@ -1,7 +1,7 @@
 """`cart retrieve`: batch offline retrieval as a streaming Ray Data job.
 
-Queries (query_id, text[, item_id]) are read from Parquet (local or S3) and flow through an
-actor pool; each actor loads the committed generator + identifier table once and runs
+Queries (query_id, text[, item_id]) are read from Parquet (local or S3) and checked by the rules
+`cart serve` applies (pipelines/queries.py) before Ray starts; then they flow through an actor pool; each actor loads the committed generator + identifier table once and runs
 constrained beam search per batch. Results (query_id, rank, item_id, score) stream back to the
 driver, which appends them to one Parquet file, so memory stays flat for millions of queries.
 """
@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig
+from cart_core.errors import BadInput
 from cart_core.index_version import IndexVersion
 from cart_core.store import Manifest, Store
+from pipelines.queries import QueryTable, check_k, read_query_table
 from pipelines.runtime import JobSummary, init_ray, log
 
 RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
@@ -106,23 +108,6 @@ class RetrieveBatch:
         return ranked_rows(batch["query_id"], rows, scores, self.table.item_ids)
 
 
-def read_queries(path: str, need_item: bool = False):
-    """Ray dataset over a queries table; checks the columns up front with a clear message."""
-    import fsspec
-    import ray
-
-    fs, fpath = fsspec.core.url_to_fs(path)
-    if not fs.exists(fpath):
-        raise FileNotFoundError(f"{path}: file not found")
-    with fs.open(fpath, "rb") as f:
-        names = pq.read_schema(f).names
-    required = ["query_id", "text"] + (["item_id"] if need_item else [])
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise ValueError(f"{path}: missing required column(s) {', '.join(missing)} (found: {', '.join(names)})")
-    return ray.data.read_parquet(fpath, filesystem=arrow_filesystem(fs)).select_columns(required)
-
-
 def arrow_filesystem(fs):
     """pyarrow view of an fsspec filesystem (so S3 settings come from one place: fsspec/s3fs)."""
     from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
@@ -145,40 +130,98 @@ def retrieve_dataset(store: Store, queries_ds, cfg: CartConfig, k: int, manifest
     )
 
 
-def write_results(results_ds, out: str) -> int:
-    """Stream result batches into one Parquet file (written beside, then renamed when local)."""
+def check_output(out: str, inputs: tuple[str, ...] = ()) -> None:
+    """Refuse an output path that cannot be written, before any work: a folder, or an input file."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)
-    local = "file" in fs.protocol
-    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
-    if local:
+    if fs.isdir(path):
+        raise BadInput(f"{out}: is a folder; give the Parquet file to write")
+    for given in inputs:
+        if given and fsspec.core.url_to_fs(given)[1] == path:
+            raise BadInput(f"{out}: is also an input; write the results elsewhere")
+
+
+def temp_name(path: str) -> str:
+    """A sibling temp file carrying this process's id, so a rerun can tell a dead job's leftover."""
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_dead_temps(fs, path: str) -> list[str]:
+    """Temp files of `path` left by a killed job on this machine (their process is gone)."""
+    removed = []
+    for name in fs.glob(f"{path}.tmp-*"):
+        pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            fs.rm(name)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_results(results_ds, out: str) -> int:
+    """Stream result batches into one Parquet file: written to a temp beside it, renamed when whole,
+    and the temp removed when the job fails (SIGTERM and Ctrl-C included: the CLI raises on both)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    if "file" in fs.protocol:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    rows = 0
-    with fs.open(target, "wb") as f, pq.ParquetWriter(f, RESULT_SCHEMA) as writer:
-        for batch in results_ds.iter_batches(batch_format="pyarrow", batch_size=65536):
-            writer.write_table(batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
-            rows += batch.num_rows
-    if local:
-        os.replace(target, path)
+    for name in remove_dead_temps(fs, path):
+        log("retrieve", f"removed {name}, left by a killed run")
+    target, rows = temp_name(path), 0
+    try:
+        with fs.open(target, "wb") as f, pq.ParquetWriter(f, RESULT_SCHEMA) as writer:
+            for batch in results_ds.iter_batches(batch_format="pyarrow", batch_size=65536):
+                writer.write_table(batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
+                rows += batch.num_rows
+        fs.mv(target, path)
+    except BaseException:
+        if fs.exists(target):
+            fs.rm(target)
+        raise
     return rows
+
+
+def load_queries(path: str, cfg: CartConfig, job: str, need_item: bool = False) -> QueryTable:
+    """The checked, normalised queries of a batch job; refused rows are logged per reason."""
+    queries = read_query_table(path, cfg.queries, need_item)
+    for line in queries.describe_skips(path):
+        log(job, line)
+    if queries.table.num_rows == 0:
+        raise BadInput(f"{path}: no query left to search ({queries.rows_read} rows, "
+                       f"{sum(queries.skipped.values())} skipped)")
+    return queries
 
 
 def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> dict:
+    check_k(k, cfg.queries)
+    check_output(out, (queries,))
+    checked = load_queries(queries, cfg, "retrieve")  # every input check runs before Ray starts
     version = IndexVersion.newest_servable(store)
     version.ids()  # a damaged identifier table fails here, naming its folder, not in an actor a minute later
     init_ray(address)
     summary = JobSummary("retrieve", store.url)
     manifest = version.manifest
-    ds = read_queries(queries)
-    n = ds.count()
+    import ray
+
+    n = checked.table.num_rows
     t0 = time.perf_counter()
-    rows = write_results(retrieve_dataset(store, ds, cfg, k, manifest), out)
+    rows = write_results(retrieve_dataset(store, ray.data.from_arrow(checked.table), cfg, k, manifest), out)
     elapsed = summary.time("retrieve_s", t0)
-    summary.counts.update(queries=int(n), result_rows=int(rows))
+    summary.counts.update(queries=int(n), result_rows=int(rows), queries_skipped=sum(checked.skipped.values()))
     summary.extra.update(version=manifest.version, out=out, k=k, beam_size=cfg.eval.beam_size,
-                         queries_per_s=n / max(elapsed, 1e-9))
+                         queries_per_s=n / max(elapsed, 1e-9), skipped=checked.report()["skipped_by_reason"])
     log("retrieve", f"{n} queries -> {rows} rows in {out} ({n / max(elapsed, 1e-9):.0f} queries/s, "
                     f"version {manifest.version})")
     return summary.write(store)

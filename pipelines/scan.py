@@ -9,6 +9,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cart_core.errors import BadInput, InputNotFound
 from cart_core.media import infer_modality
 from pipelines.runtime import log
 
@@ -16,7 +17,7 @@ from pipelines.runtime import log
 def scan_media(folder: str, out: str) -> dict:
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.isdir(root):
-        raise FileNotFoundError(f"{folder}: not a folder")
+        raise InputNotFound(f"{folder}: not a folder")
     scheme = folder.split("://", 1)[0] + "://" if "://" in folder else ""
     root = root.rstrip("/")
     rows, skipped = [], []
@@ -30,7 +31,7 @@ def scan_media(folder: str, out: str) -> dict:
             continue
         rows.append((rel, f"{scheme}{path}", modality))
     if not rows:
-        raise ValueError(f"{folder}: no image, video or audio files found ({len(skipped)} other files)")
+        raise BadInput(f"{folder}: no image, video or audio files found ({len(skipped)} other files)")
     table = pa.table({"item_id": [r[0] for r in rows], "uri": [r[1] for r in rows],
                       "modality": [r[2] for r in rows]})
     out_fs, out_path = fsspec.core.url_to_fs(out)

@@ -2,37 +2,64 @@
 
     POST /search {"queries": ["a dog in the snow", ...], "k": 10}
       -> {"version": 7, "results": [{"query": ..., "items": [{"item_id": ..., "score": ...}, ...]}]}
-    GET /healthz -> {"status": "ok", "version": 7, "items": 976}
+    GET /healthz -> {"status": "ok", "version": 7, "items": 976}   (503 + reason when unhealthy)
 
 Each query of a request is one call into a `@serve.batch` method, so queries from concurrent
-requests share one beam search. A watcher thread polls the store's manifest; when a newer
-servable version is committed it loads it beside the old one and swaps a single reference, so
-requests in flight finish on the version they started with and none is dropped.
+requests share one beam search. What one client sends cannot fail another's request:
+- a request is checked before any of it joins a batch: body size (413, refused from its
+  Content-Length or while it streams, never read whole), queries per request (413), every query
+  by the rules `cart retrieve` applies (pipelines/queries.py: normalised, 400 with the reason);
+- a batch that raises is retried query by query, so only the request whose query fails gets 500;
+- answers echo the normalised query, which the rules bound, never the raw body.
+With a token configured (`--token-file`, or the `serve.token_env` variable on the replicas)
+/search needs `Authorization: Bearer <token>` (constant-time compare of SHA-256 digests; 401
+otherwise); /healthz stays open for load-balancer and Kubernetes probes.
+
+A watcher thread polls the store's manifest; when a newer servable version is committed it loads
+it beside the old one and swaps a single reference, so requests in flight finish on the version
+they started with and none is dropped. After `serve.watcher_failures` failed polls in a row
+/healthz answers 503 with the reason while search keeps serving the loaded version.
 """
 
 import asyncio
+import hashlib
+import hmac
+import json
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from ray import serve
 
-from cart_core.config import CartConfig
-from cart_core.store import Store
+from cart_core.config import CartConfig, QueryConfig, ServeConfig
+from cart_core.errors import BadInput, InputNotFound
 from cart_core.index_version import IndexVersion
+from cart_core.store import Store
+from pipelines.queries import QueryRefused, check_k, normalize_query
 from pipelines.retrieve import load_retriever
 
-MAX_QUERIES = 1024
-MAX_K = 100
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="CART generative retrieval")
 
 
-class SearchRequest(BaseModel):
-    queries: list[str]
-    k: int = 10
+class Refused(Exception):
+    """A request refused before it reaches the model: HTTP status and reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class QueryFailed:
+    """The answer slot of a query whose search raised (the batch's other queries are answered)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 class Snapshot:
@@ -45,16 +72,82 @@ class Snapshot:
         self.retriever, self.table = load_retriever(version, device)
 
 
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def resolve_token(cfg: ServeConfig, token_file: str | None) -> str | None:
+    """The bearer token from --token-file, else from the `serve.token_env` variable, else None."""
+    if token_file:
+        path = Path(token_file)
+        if not path.is_file():
+            raise InputNotFound(f"{token_file}: token file not found")
+        token = path.read_text().strip()
+        if len(token) < 16:
+            raise BadInput(f"{token_file}: the token must be at least 16 characters, got {len(token)}")
+        return token
+    return os.environ.get(cfg.token_env) or None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (header or stream)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"request body is {int(declared)} bytes; at most {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(413, f"request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+def parse_search(body: bytes, rules: QueryConfig) -> tuple[list[str], int]:
+    """(normalised queries, k) of a /search body, or Refused with the first reason."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Refused(400, f"body is not JSON ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(payload, dict):
+        raise Refused(400, "body must be a JSON object {\"queries\": [...], \"k\": 10}")
+    unknown = sorted(set(payload) - {"queries", "k"})
+    if unknown:
+        raise Refused(400, f"unknown field(s) {unknown[:5]}; expected queries, k")
+    queries = payload.get("queries")
+    if not isinstance(queries, list) or not queries:
+        raise Refused(400, "queries must be a non-empty list of strings")
+    if len(queries) > rules.max_per_request:
+        raise Refused(413, f"at most {rules.max_per_request} queries per request, got {len(queries)}")
+    try:
+        k = check_k(payload.get("k", 10), rules)
+    except QueryRefused as exc:
+        raise Refused(400, exc.reason) from None
+    texts = []
+    for i, query in enumerate(queries):
+        try:
+            texts.append(normalize_query(query, rules))
+        except QueryRefused as exc:
+            raise Refused(400, f"query {i}: {exc.reason}") from None
+    return texts, k
+
+
 @serve.deployment(name="cart-search")
 @serve.ingress(api)
 class CartSearch:
     def __init__(self, store_url: str, beam_size: int = 20, device: str = "cpu", poll_s: float = 2.0,
-                 max_batch_size: int = 32, batch_wait_s: float = 0.01):
+                 max_batch_size: int = 32, batch_wait_s: float = 0.01, limits: dict | None = None,
+                 token_sha256: str | None = None):
+        limits = limits or {}
+        self.rules = QueryConfig(**limits.get("queries", {}))
+        self.serve_cfg = ServeConfig(**limits.get("serve", {}))
+        env_token = os.environ.get(self.serve_cfg.token_env)
+        self.token = token_sha256 or (token_digest(env_token) if env_token else None)
         self.store = Store(store_url)
         self.device, self.beam, self.poll_s = device, beam_size, poll_s
         self.current = Snapshot(self.store, device)
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
+        self.watch_failures, self.watch_error = 0, ""
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="cart-manifest-watch", daemon=True).start()
 
@@ -69,56 +162,86 @@ class CartSearch:
                     logger.info("cart serve: switched to version %s", new.version)
                 elif manifest.version != self.current.version:
                     self.current.version = manifest.version
+                self.watch_failures, self.watch_error = 0, ""
             except Exception as exc:  # keep serving the loaded version; retry next poll
-                logger.warning("cart serve: cannot load the committed version yet: %s", exc)
+                self.watch_failures += 1
+                self.watch_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                logger.warning("cart serve: cannot load the committed version (%d in a row): %s",
+                               self.watch_failures, self.watch_error)
+
+    def _authorized(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token_digest(given.strip()), self.token)
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self) -> JSONResponse:
         snap = self.current
-        return {"status": "ok", "version": snap.version, "items": int(snap.table.live.sum())}
+        body = {"status": "ok", "version": snap.version, "items": int(snap.table.live.sum())}
+        if self.watch_failures >= self.serve_cfg.watcher_failures:
+            body.update(status="unhealthy", reason=f"the store could not be read {self.watch_failures} times "
+                                                   f"in a row: {self.watch_error}")
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
 
     @api.post("/search")
-    async def search(self, request: SearchRequest) -> dict:
-        if not request.queries:
-            raise HTTPException(400, "queries must be a non-empty list of strings")
-        if len(request.queries) > MAX_QUERIES:
-            raise HTTPException(400, f"at most {MAX_QUERIES} queries per request, got {len(request.queries)}")
-        blank = [i for i, q in enumerate(request.queries) if not q.strip()]
-        if blank:
-            raise HTTPException(400, f"query {blank[0]} is empty")
-        if not 1 <= request.k <= MAX_K:
-            raise HTTPException(400, f"k must be in [1, {MAX_K}], got {request.k}")
-        answers = await asyncio.gather(*[self.search_one((q, request.k)) for q in request.queries])
-        version = answers[0][0]
-        return {"version": version, "results": [{"query": q, "items": items}
-                                                for q, (_, items) in zip(request.queries, answers)]}
+    async def search(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            queries, k = parse_search(await read_body(request, self.serve_cfg.max_body_bytes), self.rules)
+        except Refused as exc:
+            return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+        answers = await asyncio.gather(*[self.search_one((q, k)) for q in queries])
+        failed = [(i, a) for i, a in enumerate(answers) if isinstance(a, QueryFailed)]
+        if failed:
+            i, answer = failed[0]
+            return JSONResponse({"detail": f"query {i}: search failed ({answer.reason})"}, status_code=500)
+        return JSONResponse({"version": answers[0][0], "results": [
+            {"query": q, "items": items} for q, (_, items) in zip(queries, answers)]})
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def search_one(self, calls: list[tuple[str, int]]) -> list[tuple[int, list[dict]]]:
+    async def search_one(self, calls: list[tuple[str, int]]) -> list:
         snap = self.current
+        try:
+            return await asyncio.to_thread(self._search, snap, calls)
+        except Exception:  # one query broke the shared batch: answer the others, fail only its own
+            out = []
+            for call in calls:
+                try:
+                    out += await asyncio.to_thread(self._search, snap, [call])
+                except Exception as exc:
+                    logger.warning("cart serve: a query failed inside the model: %s", exc)
+                    out.append(QueryFailed(exc))
+            return out
+
+    def _search(self, snap: Snapshot, calls: list[tuple[str, int]]) -> list[tuple[int, list[dict]]]:
         k = max(k for _, k in calls)
-        rows, scores = await asyncio.to_thread(
-            snap.retriever.search_batch, [q for q, _ in calls], k, max(self.beam, k))
-        out = []
-        for (_, want), r, s in zip(calls, rows, scores):
-            items = [{"item_id": str(snap.table.item_ids[i]), "score": float(v)}
-                     for i, v in zip(r[:want], s[:want]) if i >= 0]
-            out.append((snap.version, items))
-        return out
+        rows, scores = snap.retriever.search_batch([q for q, _ in calls], k, max(self.beam, k))
+        return [(snap.version, [{"item_id": str(snap.table.item_ids[i]), "score": float(v)}
+                                for i, v in zip(r[:want], s[:want]) if i >= 0])
+                for (_, want), r, s in zip(calls, rows, scores)]
 
 
-def build_app(store_url: str, cfg: CartConfig):
+def build_app(store_url: str, cfg: CartConfig, token: str | None = None):
+    from dataclasses import asdict
+
     device = "cuda" if cfg.jobs.retrieve_num_gpus > 0 else "cpu"
+    limits = {"queries": asdict(cfg.queries), "serve": asdict(cfg.serve)}
     return CartSearch.options(
         num_replicas=cfg.jobs.serve_replicas,
         max_ongoing_requests=max(64, 4 * cfg.jobs.serve_max_batch_size),
         ray_actor_options={"num_cpus": cfg.jobs.retrieve_num_cpus, "num_gpus": cfg.jobs.retrieve_num_gpus},
-    ).bind(store_url, cfg.eval.beam_size, device, 2.0, cfg.jobs.serve_max_batch_size, cfg.jobs.serve_batch_wait_s)
+    ).bind(store_url, cfg.eval.beam_size, device, 2.0, cfg.jobs.serve_max_batch_size, cfg.jobs.serve_batch_wait_s,
+           limits, token_digest(token) if token else None)
 
 
 def app_builder(args: dict):
     """Import path for `serve run` / KubeRay RayService: args {"store": URL, "config": YAML path,
-    "overrides": ["key=value", ...]}."""
+    "overrides": ["key=value", ...]}. The token, if any, comes from the `serve.token_env` variable
+    (default CART_SERVE_TOKEN) in the replicas' environment, e.g. from a Kubernetes Secret."""
     from cart_core.config import load_config
     from pipelines.data_paths import REPO_ROOT
 
@@ -127,13 +250,20 @@ def app_builder(args: dict):
 
 
 def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int = 8000,
-              address: str | None = None, block: bool = True) -> None:
+              address: str | None = None, block: bool = True, token_file: str | None = None) -> None:
     from pipelines.runtime import init_ray, log
 
+    token = resolve_token(cfg.serve, token_file)
+    if token is None and host not in LOOPBACK:
+        raise BadInput(f"--host {host}: refusing to serve beyond this machine without a token; give "
+                       f"--token-file or set {cfg.serve.token_env} (and put a TLS proxy in front)")
+    if not 1 <= port <= 65535:
+        raise BadInput(f"--port must be in [1, 65535], got {port}")
     IndexVersion.newest_servable(store).ids()  # fail fast, with the reason, before starting anything
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(store.url, cfg), name="cart", route_prefix="/")
-    log("serve", f"serving {store.url} at http://{host}:{port} (POST /search, GET /healthz); Ctrl-C stops")
+    serve.run(build_app(store.url, cfg, token), name="cart", route_prefix="/")
+    auth = "bearer token required on /search" if token else "no token: bound to this machine only"
+    log("serve", f"serving {store.url} at http://{host}:{port} (POST /search, GET /healthz; {auth}); Ctrl-C stops")
     while block:
         time.sleep(3600)

@@ -1,6 +1,10 @@
-"""`cart serve` over real HTTP: answers, input errors, and a version switch under live traffic."""
+"""`cart serve` over real HTTP: answers, input errors, limits, the bearer token, isolation of one
+client's bad queries from the others, /healthz when the store cannot be read, and a version switch
+under live traffic."""
 from __future__ import annotations
 
+import json
+import secrets
 import threading
 import time
 
@@ -32,16 +36,22 @@ def served(tmp_path_factory, ray_local):
     import_and_quantize(store, folder / "corpus")
     run_train(store, small_config("train.epochs=1"))
     port = free_port()
-    run_serve(store, small_config(), host="127.0.0.1", port=port, block=False)
+    (folder / "token").write_text(TOKEN + "\n")
+    run_serve(store, small_config("serve.watcher_failures=2"), host="127.0.0.1", port=port, block=False,
+              token_file=str(folder / "token"))
     yield store, f"http://127.0.0.1:{port}", folder
     serve.shutdown()
+
+
+TOKEN = secrets.token_hex(16)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def traffic(url: str, queries: list[str], versions: set, failures: list, stop: threading.Event) -> None:
     """Search until stopped; record the version of every answer and every failed request."""
     while not stop.is_set():
         try:
-            r = requests.post(f"{url}/search", json={"queries": queries, "k": 10}, timeout=60)
+            r = requests.post(f"{url}/search", json={"queries": queries, "k": 10}, headers=AUTH, timeout=60)
             if r.status_code != 200:
                 failures.append(r.status_code)
             else:
@@ -55,22 +65,107 @@ def test_search_and_health(served):
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert health == {"status": "ok", "version": store.manifest().version, "items": 120}
     body = requests.post(f"{url}/search", json={"queries": ["a red dog on the beach", "a cat"], "k": 4},
-                         timeout=60).json()
+                         headers=AUTH, timeout=60).json()
+    assert "results" in body, body
     assert [r["query"] for r in body["results"]] == ["a red dog on the beach", "a cat"]
     for result in body["results"]:
         scores = [item["score"] for item in result["items"]]
         assert len(result["items"]) == 4 and scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"queries": [], "k": 3}, "non-empty list"),
-    ({"queries": ["ok", "  "], "k": 3}, "query 1 is empty"),
-    ({"queries": ["ok"], "k": 0}, "k must be in"),
+@pytest.mark.parametrize("payload, status, message", [
+    ({"queries": [], "k": 3}, 400, "non-empty list"),
+    ({"queries": ["ok", "  "], "k": 3}, 400, "query 1: query is empty"),
+    ({"queries": ["ok", "\ud800 lone surrogate"], "k": 3}, 400, "query 1: query is not valid Unicode"),
+    ({"queries": ["ok", 7], "k": 3}, 400, "query 1: query must be text, got int"),
+    ({"queries": ["x" * 1001], "k": 3}, 400, "query 0: query is 1001 characters; at most 1000"),
+    ({"queries": ["ok"] * 257}, 413, "at most 256 queries per request, got 257"),
+    ({"queries": ["ok"], "k": 0}, 400, "k must be an integer in [1, 100], got 0"),
+    ({"queries": ["ok"], "k": 101}, 400, "raise queries.max_k"),
+    ({"queries": ["ok"], "k": "3"}, 400, "k must be an integer"),
+    ({"query": ["ok"]}, 400, "unknown field(s) ['query']"),
+    (["ok"], 400, "body must be a JSON object"),
 ])
-def test_bad_requests_get_400_with_reason(served, payload, message):
+def test_bad_requests_get_4xx_with_reason(served, payload, status, message):
     _, url, _ = served
-    response = requests.post(f"{url}/search", json=payload, timeout=30)
-    assert response.status_code == 400 and message in response.json()["detail"]
+    response = requests.post(f"{url}/search", json=payload, headers=AUTH, timeout=30)
+    assert response.status_code == status and message in response.json()["detail"]
+    assert len(response.content) < 400, "the answer never echoes the request"
+
+
+def test_not_json_and_oversized_bodies_are_refused_fast(served):
+    _, url, _ = served
+    response = requests.post(f"{url}/search", data=b"{not json", headers=AUTH, timeout=30)
+    assert response.status_code == 400 and "not JSON" in response.json()["detail"]
+    big = json.dumps({"queries": ["a dog " * 1000] * 1000, "k": 3}).encode()  # 6 MB
+    t0 = time.perf_counter()
+    response = requests.post(f"{url}/search", data=big, headers={**AUTH, "Content-Type": "application/json"},
+                             timeout=30)
+    assert response.status_code == 413 and "at most 1000000" in response.json()["detail"], response.text[:300]
+    assert time.perf_counter() - t0 < 1.0
+
+    def chunks():  # no Content-Length: refused while it streams
+        for _ in range(60):
+            yield b" " * 100_000
+    response = requests.post(f"{url}/search", data=chunks(), headers=AUTH, timeout=30)
+    assert response.status_code == 413 and "exceeds 1000000 bytes" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN}])
+def test_search_needs_the_token(served, headers):
+    _, url, _ = served
+    response = requests.post(f"{url}/search", json={"queries": ["a dog"], "k": 3}, headers=headers, timeout=30)
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no token
+
+
+def test_one_clients_bad_queries_fail_no_other_request(served):
+    """The issue's case: 16 clients searching while one sends a lone surrogate in every request."""
+    _, url, _ = served
+    bad_statuses, failures = [], []
+
+    def good(i: int) -> None:
+        for _ in range(5):
+            r = requests.post(f"{url}/search", json={"queries": [f"a dog number {i}", "a boat"], "k": 5},
+                              headers=AUTH, timeout=120)
+            if r.status_code != 200 or len(r.json()["results"]) != 2:
+                failures.append(r.status_code)
+
+    def bad() -> None:
+        for _ in range(20):
+            r = requests.post(f"{url}/search", json={"queries": ["a cat", "\ud800"], "k": 5}, headers=AUTH,
+                              timeout=120)
+            bad_statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=good, args=(i,)) for i in range(16)] + [threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and set(bad_statuses) == {400}
+
+
+def test_healthz_turns_unhealthy_when_the_store_cannot_be_read(served):
+    store, url, _ = served
+    manifest = store.root.rstrip("/") + "/manifest.json"
+    saved = store.fs.cat_file(manifest)
+    try:
+        store.fs.pipe_file(manifest, b"{ damaged")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            health = requests.get(f"{url}/healthz", timeout=30)
+            if health.status_code == 503:
+                break
+            time.sleep(0.5)
+        assert health.status_code == 503 and "could not be read 2 times in a row" in health.json()["reason"]
+        search = requests.post(f"{url}/search", json={"queries": ["a dog"], "k": 3}, headers=AUTH, timeout=60)
+        assert search.status_code == 200  # the loaded version keeps serving
+    finally:
+        store.fs.pipe_file(manifest, saved)
+    deadline = time.time() + 30
+    while time.time() < deadline and requests.get(f"{url}/healthz", timeout=30).status_code != 200:
+        time.sleep(0.5)
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
 
 
 def test_switches_version_without_dropping_requests(served):
@@ -117,5 +212,5 @@ def test_reindex_under_live_traffic(served):
     thread.join()
     assert not failures and new in versions
     assert requests.get(f"{url}/healthz", timeout=30).json()["items"] == 150
-    body = requests.post(f"{url}/search", json={"queries": [probe], "k": 10}, timeout=60).json()
+    body = requests.post(f"{url}/search", json={"queries": [probe], "k": 10}, headers=AUTH, timeout=60).json()
     assert target in [item["item_id"] for item in body["results"][0]["items"]]

@@ -1,0 +1,44 @@
+"""The one exception type for bad input.
+
+`cart` exits 2 with the message of a `BadInput` (one line naming the file, the row and the
+reason) and 1 with anything else, so a bug raising `ValueError` deep in a library is reported as a
+failed job, not blamed on the user's file. It subclasses ValueError so library callers that
+catch ValueError keep working.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+MAX_SHOWN = 60  # characters of a user's value quoted in a message: messages never echo unbounded input
+
+
+class BadInput(ValueError):
+    """The user's file, argument or configuration is wrong; the message says where and why."""
+
+
+class InputNotFound(BadInput, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class ConfigError(BadInput):
+    """A configuration key or value is wrong: the message names the key, the value and the choices."""
+
+
+class LocatedError(BadInput):
+    """Bad input at a known place: `<file>: row <r>: <reason>` (row 0-based, when there is one)."""
+
+    def __init__(self, path: str | Path, row: int | None, reason: str) -> None:
+        self.path = str(path)
+        self.row = None if row is None else int(row)
+        self.reason = reason
+        where = self.path if self.row is None else f"{self.path}: row {self.row}"
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # picklable: Ray ships exceptions between processes
+        return (type(self), (self.path, self.row, self.reason))
+
+
+def shown(value: object) -> str:
+    """A user's value quoted in a message, cut to MAX_SHOWN characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(str(value))} characters)"
