@@ -52,13 +52,21 @@ def crash_point(name: str) -> None:
         raise RuntimeError(f"injected crash at {name}")
 
 
+def read_parquet(path: str, local) -> pa.Table:
+    """A user's Parquet file; pyarrow's reason comes back with the file it was about."""
+    try:
+        return pq.read_table(local)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorpusError(path, None, f"cannot read parquet file ({str(exc).splitlines()[0][:200]})") from None
+
+
 def read_delete_list(path: str) -> list[str]:
     """item_ids to delete: a text file (one per line) or a Parquet table with an item_id column."""
     with local_copy(path) as local:
         if not local.is_file():
             raise CorpusError(path, None, "file not found")
         if local.suffix == ".parquet":
-            table = pq.read_table(local)
+            table = read_parquet(path, local)
             if "item_id" not in table.column_names:
                 raise CorpusError(path, None, "missing required column item_id")
             return [str(i) for i in table.column("item_id").to_pylist() if i is not None]
@@ -71,7 +79,7 @@ def read_captions(path: str, known: Callable[[list[str]], set[str]]) -> tuple[li
     with local_copy(path) as local:
         if not local.is_file():
             raise CorpusError(path, None, "file not found")
-        table = pq.read_table(local)
+        table = read_parquet(path, local)
     missing = [c for c in ("item_id", "caption") if c not in table.column_names]
     if missing:
         raise CorpusError(path, None, f"missing required column(s) {', '.join(missing)}")
@@ -267,7 +275,6 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
                 address: str | None = None) -> dict:
     from pipelines.train import Finetune, run_train
 
-    init_ray(address)
     summary = JobSummary("reindex", store.url)
     run = summary.run
     version = IndexVersion.current(store)
@@ -285,6 +292,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.time("plan_s", t0)
     cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"])) \
         if captions else ([], [])
+    init_ray(address)  # after every input check: a wrong file costs seconds, not a cluster start
     new_caps = list(zip(*version.new_captions(cap_ids, cap_texts)))  # each (item, text) is stored once
     owners_caps = set(plan["encode_ids"])
     if id_cfg.source != "features" and plan["encode_ids"]:  # captions already in the store count too

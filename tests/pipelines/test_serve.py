@@ -74,7 +74,7 @@ def test_search_and_health(served):
 
 
 @pytest.mark.parametrize("payload, status, message", [
-    ({"queries": [], "k": 3}, 400, "non-empty list"),
+    ({"queries": [], "k": 3}, 400, "queries must be a non-empty list of strings"),
     ({"queries": ["ok", "  "], "k": 3}, 400, "query 1: query is empty"),
     ({"queries": ["ok", "\ud800 lone surrogate"], "k": 3}, 400, "query 1: query is not valid Unicode"),
     ({"queries": ["ok", 7], "k": 3}, 400, "query 1: query must be text, got int"),
@@ -96,7 +96,7 @@ def test_bad_requests_get_4xx_with_reason(served, payload, status, message):
 def test_not_json_and_oversized_bodies_are_refused_fast(served):
     _, url, _ = served
     response = requests.post(f"{url}/search", data=b"{not json", headers=AUTH, timeout=30)
-    assert response.status_code == 400 and "not JSON" in response.json()["detail"]
+    assert response.status_code == 400 and "body is not JSON" in response.json()["detail"]
     big = json.dumps({"queries": ["a dog " * 1000] * 1000, "k": 3}).encode()  # 6 MB
     t0 = time.perf_counter()
     response = requests.post(f"{url}/search", data=big, headers={**AUTH, "Content-Type": "application/json"},
@@ -116,6 +116,7 @@ def test_search_needs_the_token(served, headers):
     _, url, _ = served
     response = requests.post(f"{url}/search", json={"queries": ["a dog"], "k": 3}, headers=headers, timeout=30)
     assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.json()["detail"] == "missing or wrong bearer token"
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no token
 
 

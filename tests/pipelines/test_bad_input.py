@@ -1,0 +1,243 @@
+"""The bad-input catalogue (docs/bad-input.md), run row by row.
+
+Each `test_bad_input.py` row of the table names an input; `CASES` builds it and the command line.
+The test runs `cart` in-process, then checks the last stderr line holds the row's message, the exit
+code is the row's, and the store is byte-for-byte unchanged. The rows are read from the doc, so
+the doc cannot drift from what the code says.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cart_core.corpus import synthetic_corpus, write_corpus
+from cart_core.store import Store
+from pipelines.cli import main
+from pipelines.data_paths import REPO_ROOT
+
+CATALOGUE = REPO_ROOT / "docs" / "bad-input.md"
+SMALL = str(REPO_ROOT / "configs" / "small.yaml")
+
+
+def catalogue_rows() -> list[dict]:
+    """The table of docs/bad-input.md as dicts (message without its backticks, `\\|` unescaped)."""
+    rows = []
+    for line in CATALOGUE.read_text().splitlines():
+        if not line.startswith("| ") or line.startswith("| id ") or line.startswith("| ---"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        rid, verb, what, message, code, test = cells
+        rows.append({"id": rid, "verb": verb, "input": what, "message": message.strip("`"),
+                     "code": int(code), "test": test})
+    return rows
+
+
+ROWS = catalogue_rows()
+CLI_ROWS = [r for r in ROWS if r["test"] == "test_bad_input.py"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    """A trained store over 60 synthetic items (32-d), an empty store, and the files they came from."""
+    from pipelines.importer import run_import
+    from pipelines.quantize import run_quantize
+    from pipelines.train import run_train
+    from cart_core.config import load_config
+
+    root = tmp_path_factory.mktemp("badinput")
+    write_corpus(synthetic_corpus(n_items=60, dim=32, n_captions=5, seed=8), root / "corpus")
+    store = Store(root / "store")
+    run_import(store, str(root / "corpus" / "items.parquet"), str(root / "corpus" / "captions.parquet"),
+               holdout_caption_index=4)
+    cfg = load_config(SMALL, ["identifiers.n_clusters=4", "train.epochs=1"])
+    run_quantize(store, cfg)
+    run_train(store, cfg)
+    return {"root": root, "store": store, "corpus": root / "corpus"}
+
+
+class Case:
+    """Files for one row under `folder`, and the `cart` arguments that use them."""
+
+    def __init__(self, world: dict, folder: Path):
+        self.world, self.folder = world, folder
+        self.store = world["store"]
+
+    def items(self, n: int = 5, dim: int = 32, start: int = 0) -> pa.Table:
+        t = pq.read_table(self.world["corpus"] / "items.parquet").slice(start, n)
+        if dim != 32:
+            emb = np.ones((t.num_rows, dim), np.float32)
+            t = t.set_column(t.schema.get_field_index("embedding"), "embedding",
+                             pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim))
+        return t
+
+    def write(self, name: str, table: pa.Table | bytes | str) -> str:
+        path = self.folder / name
+        if isinstance(table, pa.Table):
+            pq.write_table(table, path)
+        elif isinstance(table, bytes):
+            path.write_bytes(table)
+        else:
+            path.write_text(table)
+        return str(path)
+
+    def queries(self, name: str = "queries.parquet", **columns) -> str:
+        columns = columns or {"query_id": ["q0", "q1"], "text": ["a dog", "a cat"]}
+        return self.write(name, pa.table(columns))
+
+    def job(self, verb: str, *args: str, store: Store | None = None) -> list[str]:
+        return [verb, "--store", (store or self.store).url, "--config", SMALL, *args]
+
+    def retrieve(self, *args: str, queries: str | None = None, store: Store | None = None) -> list[str]:
+        return self.job("retrieve", "--queries", queries or self.queries(), "--out",
+                        str(self.folder / "out.parquet"), *args, store=store)
+
+    def evaluate(self, *args: str, queries: str | None = None) -> list[str]:
+        return self.job("evaluate", "--out", str(self.folder / "eval"), *args,
+                        *(["--queries", queries] if queries else []))
+
+
+def _nan_items(c: Case) -> str:
+    t = c.items(n=10)
+    emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    emb[7, 2] = np.nan
+    return c.write("items.parquet", t.set_column(t.schema.get_field_index("embedding"), "embedding",
+                                                 pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 32)))
+
+
+def _duplicate_items(c: Case) -> str:
+    t = c.items(n=4)
+    ids = t.column("item_id").to_pylist()
+    return c.write("items.parquet", t.set_column(0, "item_id", pa.array([*ids[:3], ids[0]])))
+
+
+def _changed_add(c: Case) -> str:
+    t = c.items(n=1)
+    emb = np.full((1, 32), 0.5, np.float32)
+    return c.write("items.parquet", t.set_column(t.schema.get_field_index("embedding"), "embedding",
+                                                 pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 32)))
+
+
+def _ghost_items(c: Case) -> str:
+    t = c.items(n=1)
+    return c.write("items.parquet", t.set_column(0, "item_id", pa.array(["ghost"])))
+
+
+CASES: dict[str, Callable[[Case], list[str]]] = {
+    "import-missing-items": lambda c: c.job("import", "--items", str(c.folder / "missing.parquet")),
+    "import-not-parquet": lambda c: c.job("import", "--items", c.write("items.parquet", "not parquet")),
+    "import-missing-column": lambda c: c.job("import", "--items", c.write("items.parquet", c.items().drop(["embedding"]))),
+    "import-duplicate-id": lambda c: c.job("import", "--items", _duplicate_items(c)),
+    "import-nan": lambda c: c.job("import", "--items", _nan_items(c)),
+    "import-dim-mismatch": lambda c: c.job("import", "--items", c.write("items.parquet", c.items(dim=16))),
+    "import-caption-unknown-item": lambda c: c.job(
+        "import", "--items", c.write("items.parquet", c.items()),
+        "--captions", c.write("captions.parquet", pa.table({"item_id": ["ghost"], "caption": ["a ghost"]}))),
+    "config-unknown-key": lambda c: c.job("quantize", "--set", "train.epochz=3"),
+    "config-bad-type": lambda c: c.job("quantize", "--set", "train.epochs=many"),
+    "config-bad-enum": lambda c: c.job("quantize", "--set", "verify.mode=fancy"),
+    "config-missing-file": lambda c: ["quantize", "--store", c.store.url, "--config", str(c.folder / "nope.yaml")],
+    "config-not-yaml": lambda c: ["quantize", "--store", c.store.url, "--config", c.write("bad.yaml", "train: [1,\n")],
+    "config-override-syntax": lambda c: c.job("quantize", "--set", "train.epochs"),
+    "retrieve-missing-queries": lambda c: c.retrieve(queries=str(c.folder / "missing.parquet")),
+    "retrieve-not-parquet": lambda c: c.retrieve(queries=c.write("queries.parquet", b"PAR1 but not really")),
+    "retrieve-missing-text": lambda c: c.retrieve(queries=c.queries(query_id=["q0"], query=["a dog"])),
+    "retrieve-int-text": lambda c: c.retrieve(queries=c.queries(query_id=["q0", "q1"], text=[1, 2])),
+    "retrieve-duplicate-query-id": lambda c: c.retrieve(queries=c.queries(query_id=["q0", "q0"], text=["a", "b"])),
+    "retrieve-null-query-id": lambda c: c.retrieve(queries=c.queries(query_id=["q0", None], text=["a", "b"])),
+    "retrieve-k-zero": lambda c: c.retrieve("--k", "0"),
+    "retrieve-k-negative": lambda c: c.retrieve("--k", "-3"),
+    "retrieve-k-huge": lambda c: c.retrieve("--k", "1000000000"),
+    "retrieve-all-blank": lambda c: c.retrieve(queries=c.queries(query_id=["a", "b", "c"],
+                                                                 text=[None, " \t\n", "\x00\x07"])),
+    "retrieve-out-folder": lambda c: c.job("retrieve", "--queries", c.queries(), "--out", str(c.folder)),
+    "retrieve-untrained-store": lambda c: c.retrieve(store=Store(c.folder / "empty")),
+    "evaluate-unknown-item": lambda c: c.evaluate(queries=c.queries(query_id=["q0"], text=["a dog"], item_id=["ghost"])),
+    "evaluate-out-file": lambda c: c.job("evaluate", "--out", c.write("metrics.json", "{}")),
+    "reindex-nothing": lambda c: c.job("reindex"),
+    "reindex-update-unknown": lambda c: c.job("reindex", "--update", _ghost_items(c)),
+    "reindex-add-changed": lambda c: c.job("reindex", "--add", _changed_add(c)),
+    "reindex-delete-missing-file": lambda c: c.job("reindex", "--delete", str(c.folder / "gone.txt")),
+    "reindex-delete-not-parquet": lambda c: c.job("reindex", "--delete", c.write("delete.parquet", "item-1\n")),
+    "reindex-caption-unknown-item": lambda c: c.job(
+        "reindex", "--captions", c.write("captions.parquet", pa.table({"item_id": ["ghost"], "caption": ["boo"]}))),
+    "train-workers-zero": lambda c: c.job("train", "--workers", "0"),
+    "serve-public-no-token": lambda c: c.job("serve", "--host", "0.0.0.0"),
+    "serve-token-missing": lambda c: c.job("serve", "--token-file", str(c.folder / "token")),
+    "serve-token-short": lambda c: c.job("serve", "--token-file", c.write("token", "short\n")),
+}
+
+
+def snapshot(store: Store) -> dict[str, str]:
+    """Every file of the store with its content hash."""
+    root = Path(store.root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_catalogue_has_enough_rows_and_every_row_a_test():
+    assert len(ROWS) >= 25
+    assert {r["id"] for r in CLI_ROWS} == set(CASES), "a row without a case, or a case without a row"
+    verbs = {r["verb"] for r in ROWS}
+    assert {"import", "reindex", "retrieve", "serve", "quantize"} <= verbs
+    serve_tests = (REPO_ROOT / "tests" / "pipelines" / "test_serve.py").read_text()
+    for row in ROWS:
+        if row["test"] == "test_bad_input.py":
+            continue
+        module, _, function = row["test"].partition("::")
+        assert module == "test_serve.py" and f"def {function}(" in serve_tests, row["id"]
+        assert row["message"] in serve_tests, f"{row['id']}: the test does not check the message"
+        assert str(row["code"]) in serve_tests, row["id"]
+
+
+@pytest.mark.parametrize("row", CLI_ROWS, ids=[r["id"] for r in CLI_ROWS])
+def test_catalogue_row(row, world, tmp_path, capsys):
+    case = Case(world, tmp_path)
+    argv = CASES[row["id"]](case)
+    before = snapshot(world["store"])
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing said"
+    assert row["message"] in err[-1], err[-1]
+    assert code == row["code"], err[-1]
+    assert err[-1].startswith(f"cart {row['verb']}: error: "), "one line, with the verb"
+    assert snapshot(world["store"]) == before, "the store changed"
+    assert not list(tmp_path.glob("*.tmp-*")), "a temporary output was left behind"
+
+
+def test_missing_queries_fail_fast(tmp_path):
+    """The issue's case: a typo in --queries must not cost a Ray start-up."""
+    t0 = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "cart"), "retrieve", "--store", str(tmp_path / "s"),
+                             "--queries", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o.parquet")],
+                            capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert result.returncode == 2 and f"{tmp_path / 'missing.parquet'}: file not found" in result.stderr
+    assert elapsed < 5.0, f"{elapsed:.1f} s"
+
+
+def test_retrieve_skips_and_counts_bad_queries(world, tmp_path):
+    """Blank, null and over-long queries are skipped and counted; the others are answered."""
+    from cart_core.config import load_config
+    from pipelines.retrieve import run_retrieve
+
+    queries = tmp_path / "queries.parquet"
+    pq.write_table(pa.table({"query_id": ["q0", "q1", "q2", "q3"],
+                             "text": ["a dog", "   ", "a\u00a0cat\x00", "x" * 1001]}), queries)
+    out = tmp_path / "results.parquet"
+    summary = run_retrieve(world["store"], str(queries), str(out), load_config(SMALL), k=3)
+    results = pq.read_table(out)
+    assert sorted(set(results.column("query_id").to_pylist())) == ["q0", "q2"]
+    assert results.num_rows == 6
+    assert summary["counts"]["queries"] == 2 and summary["counts"]["queries_skipped"] == 2
+    assert summary["skipped"] == {"query is empty": {"count": 1, "first_row": 1},
+                                  "query is 1001 characters; at most 1000": {"count": 1, "first_row": 3}}
