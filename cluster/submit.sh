@@ -61,7 +61,7 @@ examples:
   cluster/submit.sh train    --store s3://my-bucket/cart --workers 2 --set jobs.use_gpu=true --resume
   cluster/submit.sh retrieve --store s3://my-bucket/cart --queries s3://my-bucket/in/q.parquet \
       --out s3://my-bucket/out/results.parquet --k 10
-  cluster/submit.sh --no-wait serve --store s3://my-bucket/cart --host 0.0.0.0 --port 8000
+  cluster/submit.sh --no-wait serve --store s3://my-bucket/cart --port 8000 --token-file /home/ray/serve-token
   cluster/submit.sh versions --store s3://my-bucket/cart
 EOF
 }
@@ -134,7 +134,7 @@ if [[ "$verb" == serve ]]; then
   for arg in ${cart_args[@]+"${cart_args[@]}"}; do
     [[ "$arg" == --host || "$arg" == --host=* ]] && host_given=1
   done
-  [[ $host_given -eq 1 ]] || note "note: without --host 0.0.0.0, cart serve listens on the head's 127.0.0.1 only"
+  [[ $host_given -eq 1 ]] || note "note: cart serve listens on the head's 127.0.0.1 (reach it through a tunnel or proxy; any other --host needs --token-file, see cluster/README.md)"
   [[ $no_wait -eq 1 ]] || note "note: serve runs until stopped; pass --no-wait to return after submission"
 fi
 
