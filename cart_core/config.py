@@ -81,7 +81,6 @@ class JobsConfig:
     serve_batch_wait_s: float = 0.01
     serve_replicas: int = 1
     train_max_failures: int = 2     # Ray Train restarts from the last checkpoint after a lost worker / node
-    task_retries: int = 3           # Ray Data retries of a task whose node died (quantize, extract, retrieve)
 
 
 @dataclass

@@ -132,8 +132,14 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
     resume = None
-    if config["resume_from"]:
-        with store.local_dir(config["resume_from"]) as folder:
+    # Ray Train restarts this loop after a lost worker or node (jobs.train_max_failures): the
+    # run's newest complete checkpoint in the store is then where it left off, so a restart costs
+    # at most `jobs.checkpoint_every` epochs
+    resume_from = latest_checkpoint(store, config["run"]) or config["resume_from"]
+    if resume_from:
+        if rank == 0 and resume_from != config["resume_from"]:
+            print(f"[cart train] restarted: resuming from {resume_from}", flush=True)
+        with store.local_dir(resume_from) as folder:
             generator, resume = load_checkpoint(folder)
     elif config.get("init_from"):
         with store.local_dir(config["init_from"]) as folder:
@@ -226,7 +232,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
                                      resources_per_worker={"CPU": cfg.jobs.cpus_per_worker}),
         datasets={"train": ray.data.from_arrow(pairs.filter(pa.array(~holdout)))},
-        run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=0)),
+        run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=cfg.jobs.train_max_failures)),
     )
     summary.time("prepare_s", t0)
     t0 = time.perf_counter()

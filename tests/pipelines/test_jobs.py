@@ -129,7 +129,7 @@ def test_train_resumes_after_a_crash(tmp_path, corpus_dir, ray_local, monkeypatc
     before = store.manifest()
     monkeypatch.setenv("CART_CRASH_AFTER_EPOCH", "2")
     with pytest.raises(Exception, match="injected crash after epoch 2"):
-        run_train(store, small_config())
+        run_train(store, small_config("jobs.train_max_failures=0"))  # no restart: the manual --resume path
     assert store.manifest() == before  # nothing committed
     pending = store.read_json(PENDING)
     assert store.listdir(f"generator/{pending['run']}/checkpoints") == ["epoch-0001", "epoch-0002"]
@@ -139,6 +139,20 @@ def test_train_resumes_after_a_crash(tmp_path, corpus_dir, ray_local, monkeypatc
     assert summary["final_metrics"]["epochs"] == 3
     assert store.manifest().generator == f"generator/{pending['run']}"
     assert not store.exists(PENDING)
+
+
+def test_train_restarts_itself_from_the_last_checkpoint(tmp_path, corpus_dir, ray_local, monkeypatch):
+    """A worker failure mid-run (jobs.train_max_failures > 0): Ray Train restarts the loop, which
+    continues from the run's newest checkpoint in the store, and the run commits on its own."""
+    from pipelines.train import run_train
+
+    store = Store(tmp_path / "store")
+    import_and_quantize(store, corpus_dir)
+    monkeypatch.setenv("CART_CRASH_AFTER_EPOCH", "2")
+    summary = run_train(store, small_config("jobs.train_max_failures=1"))
+    assert summary["final_metrics"]["epochs"] == 3  # epochs 1-2 kept, epoch 3 after the restart
+    assert store.listdir(f"generator/{summary['run']}/checkpoints") == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert store.manifest().generator == f"generator/{summary['run']}"
 
 
 def test_s3_chain(s3_server, tmp_path, corpus_dir, ray_local):
