@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 OUT ?= out/demo
 
-.PHONY: install demo demo-quick test bench clean
+.PHONY: install demo demo-quick test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo-quick: install
 	$(VENV)/bin/cart demo --quick --out $(OUT)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+# whole Ray clusters started with `ray start`: node-kill faults, the chain through `ray job submit`
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
 
 bench: install
 	$(PY) benchmarks/quality.py --out out/bench

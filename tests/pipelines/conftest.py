@@ -25,7 +25,7 @@ def _is_free(port: int) -> bool:
     return True
 
 
-def ray_node_ports(names: tuple[str, ...], workers: int = 200) -> tuple[dict[str, int], int]:
+def ray_node_ports(names: tuple[str, ...], workers: int = 200, start: int = 20000) -> tuple[dict[str, int], int]:
     """Distinct free ports for a `ray start` node, plus a worker-port range that overlaps none of them.
 
     Picking the worker range as `free_port() .. +200` collided with the other picks (Ray refuses to
@@ -38,11 +38,11 @@ def ray_node_ports(names: tuple[str, ...], workers: int = 200) -> tuple[dict[str
         if port not in ports.values():
             ports[names[len(ports)]] = port
     taken = set(ports.values())
-    for start in range(20000, 30000, workers + 1):
-        span = range(start, start + workers + 1)
+    for first in range(start, start + 10000, workers + 1):
+        span = range(first, first + workers + 1)
         if not taken.intersection(span) and all(_is_free(p) for p in span):
-            return ports, start
-    raise RuntimeError("no free worker-port range between 20000 and 30000")
+            return ports, first
+    raise RuntimeError(f"no free worker-port range between {start} and {start + 10000}")
 
 
 # The S3 endpoint and credentials are fixed before any Ray worker starts, so workers inherit

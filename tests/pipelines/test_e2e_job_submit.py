@@ -24,6 +24,8 @@ import pytest
 from pipelines.data_paths import REPO_ROOT, default_dataset
 from tests.pipelines.conftest import ray_node_ports
 
+pytestmark = pytest.mark.slow  # its own `ray start --head`: `make test-slow`
+
 BIN = Path(sys.executable).parent
 N_ITEMS = 150
 
