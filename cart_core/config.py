@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -17,12 +17,12 @@ from cart_core.training import TrainConfig
 
 @dataclass
 class IdentifierConfig:
-    source: str = "features"      # what ids are built from: features | captions | both
+    source: Literal["features", "captions", "both"] = "features"  # what ids are built from
     coarse: bool = True           # K-Means first token (off = "RQ-VAE only" ablation)
     n_clusters: int = 32
     spherical: bool = True
     kmeans_sample: int = 65536
-    fine: str = "rqvae"           # rqvae | residual_kmeans ("K-Means only" ablation) | none
+    fine: Literal["rqvae", "residual_kmeans", "none"] = "rqvae"  # residual_kmeans: the "K-Means only" ablation
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
     seed: int = 0
 
@@ -136,18 +136,26 @@ class CartConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
-def _build(cls, data: dict[str, Any], where: str):
+def _build(cls, data: dict[str, Any], source: str, key: str = ""):
+    """The dataclass `cls` from plain data; every error names the source, the dotted key, the value
+    and, for a field with choices, the choices. Raised at load time, before any job starts."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {key or 'the config'} must be a section of key: value lines, got {data!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(known)
+    hints = get_type_hints(cls)
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        dotted = [f"{key}.{u}" if key else u for u in unknown]
+        raise ConfigError(f"{source}: unknown config key(s) {dotted}; {key or 'the top level'} has: {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
+        path = f"{key}.{name}" if key else name
         sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value, source, path)
         else:
-            kwargs[name] = _coerce(value, known[name], f"{where}.{name}")
+            kwargs[name] = _check_choice(_coerce(value, known[name], f"{source}: {path}"), hints.get(name),
+                                         f"{source}: {path}")
     return cls(**kwargs)
 
 
@@ -172,6 +180,13 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
+    return value
+
+
+def _check_choice(value: Any, hint: Any, where: str) -> Any:
+    """A `Literal[...]` field takes one of its choices; the error lists them."""
+    if get_origin(hint) is Literal and value not in get_args(hint):
+        raise ConfigError(f"{where}: {value!r} is not one of {' | '.join(map(str, get_args(hint)))}")
     return value
 
 
@@ -211,7 +226,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
-    return _build(CartConfig, data, str(path or "config"))
+    source = str(path or "config") + (" with --set" if overrides else "")
+    return _build(CartConfig, data, source)
 
 
 def config_dict(cfg: CartConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from cart_core.text import DEFAULT_TEXT_ENCODER, TextEncoder
 @dataclass
 class GeneratorConfig:
     vocab_sizes: list[int] = field(default_factory=list)  # per identifier position
-    query: str = "text"                 # "text" (HF encoder) or "vector" (precomputed vectors)
+    query: Literal["text", "vector"] = "text"  # HF encoder, or precomputed vectors
     text_encoder: str = DEFAULT_TEXT_ENCODER
     max_query_tokens: int = 32
     query_dim: int = 0                  # vector queries: input dimension
@@ -41,7 +42,7 @@ class GeneratorConfig:
     # "linear": logits = W y. "prototype": logits also get scale * (pooled query + delta(y)) . E_tok,
     # with E initialised so that summing token scores along an identifier approximates the
     # cosine between the query and the item's caption centroid (see prototypes.py)
-    output_head: str = "linear"
+    output_head: Literal["linear", "prototype"] = "linear"
     finetune_layers: int = 0            # top text-encoder layers trained with the decoder (0 = frozen)
     prototype_scale: float = 20.0
 

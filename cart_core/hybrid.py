@@ -8,6 +8,7 @@ mean-pooled last layer is the query's sentence vector for the text side of verif
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from cart_core.verify import DEFAULT_SIGNALS, SIGNALS, ItemVectors, caption_sums
 
 @dataclass
 class VerifyConfig:
-    mode: str = "hybrid"         # hybrid (generate, then verify) | generative (beam order only: the ablation)
+    mode: Literal["hybrid", "generative"] = "hybrid"  # generative: beam order only (the ablation)
     candidates: int = 300        # candidates verified per query (beam items first, then their prefixes' items)
     expand_depth: int = 1        # shallowest beam prefix whose items become candidates (L = no expansion)
     clusters: int = 60           # depth 1: this many best first tokens instead of the beam's (0 = the beam's)

@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config value, e.g. --set train.epochs=5")
     demo.add_argument("--debug", action="store_true")
 
+    p = sub.add_parser("config", help="print the effective config (defaults, --config file, --set overrides)")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--debug", action="store_true")
+
     p = sub.add_parser("scan", help="list a folder of media files (local or s3://) as a media table for extract")
     p.add_argument("--media-dir", required=True, help="folder of images / videos / audio files")
     p.add_argument("--out", required=True, help="media.parquet to write: item_id, uri, modality")
@@ -118,6 +125,13 @@ def run_command(args) -> None:
         from pipelines.demo import run_demo
 
         run_demo(args.data, args.out, quick=args.quick, config=args.config, overrides=args.overrides)
+        return
+    if args.command == "config":
+        import yaml
+
+        from cart_core.config import config_dict
+
+        print(yaml.safe_dump(config_dict(_config(args)), sort_keys=False), end="")
         return
     if args.command == "scan":
         from pipelines.scan import scan_media

@@ -87,12 +87,12 @@ def test_invalid_arguments_exit_non_zero(tmp_path, args):
 
 
 def test_failed_arm_fails_loudly(tmp_path):
-    # an unknown fine quantizer passes the config types but fit_codebooks refuses it inside the Ray job
+    # a one-vector K-Means sample passes the config checks, and K-Means refuses it inside the Ray job
     result = run("--out", str(tmp_path), "--skip", "retrieve", "--n", "500", "--dim", "32", "--components", "8",
-                 "--set", "identifiers.n_clusters=8", "--set", "identifiers.fine=bogus", timeout=120)
+                 "--set", "identifiers.n_clusters=8", "--set", "identifiers.kmeans_sample=1", timeout=120)
     assert result.returncode != 0
     assert "arm quantize_ray failed" in result.stderr
-    assert "identifiers.fine must be rqvae" in result.stderr
+    assert "cannot fit 8 clusters on 1 vectors" in result.stderr
     assert not (tmp_path / "pipeline_speed.json").exists()
 
 

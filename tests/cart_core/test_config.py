@@ -1,6 +1,11 @@
-import pytest
+import dataclasses
+from typing import Literal, get_args, get_origin, get_type_hints
 
-from cart_core.config import load_config
+import pytest
+import yaml
+
+from cart_core.config import CartConfig, config_dict, load_config
+from cart_core.errors import ConfigError
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -36,3 +41,62 @@ def test_values_take_their_field_type():
 def test_values_of_the_wrong_type_are_refused(override):
     with pytest.raises(ValueError, match="is not a valid"):
         load_config(None, [override])
+
+
+SECTIONS = [f.name for f in dataclasses.fields(CartConfig)]
+
+
+def _fields(cls, prefix=""):
+    """(dotted key, type hint, default) of every leaf field."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            yield from _fields(sub, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], f.default
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_section_refuses_an_unknown_key_and_a_bad_value(section):
+    with pytest.raises(ConfigError, match=rf"unknown config key\(s\) \['{section}.colour'\]; {section} has: "):
+        load_config(None, [f"{section}.colour=1"])
+    key = next(k for k, hint, default in _fields(CartConfig) if k.startswith(section + ".")
+               and type(default) in (int, float, bool))
+    with pytest.raises(ConfigError, match=rf"with --set: {key}: 'plenty' is not a valid"):
+        load_config(None, [f"{key}=plenty"])
+
+
+CHOICES = [(k, get_args(h)) for k, h, _ in _fields(CartConfig) if get_origin(h) is Literal]
+
+
+def test_choice_fields_are_declared():
+    assert {k for k, _ in CHOICES} >= {"identifiers.source", "identifiers.fine", "generator.query",
+                                        "generator.output_head", "verify.mode"}
+
+
+@pytest.mark.parametrize("key, choices", CHOICES, ids=[k for k, _ in CHOICES])
+def test_a_bad_choice_is_refused_naming_the_choices(key, choices, tmp_path):
+    section, name = key.rsplit(".", 1)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({section: {name: "bogus"}}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value) == f"{path}: {key}: 'bogus' is not one of {' | '.join(choices)}"
+    for choice in choices:
+        assert getattr(getattr(load_config(None, [f"{key}={choice}"]), section), name) == choice
+
+
+def test_a_section_given_a_value_is_refused():
+    with pytest.raises(ConfigError, match="train must be a section"):
+        load_config(None, ["train=3"])
+
+
+def test_shown_config_loads_back_to_the_same_config(tmp_path):
+    from pipelines.data_paths import REPO_ROOT
+
+    for name in ("default.yaml", "small.yaml", "demo.yaml", "demo-quick.yaml"):
+        cfg = load_config(REPO_ROOT / "configs" / name)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        assert load_config(path) == cfg

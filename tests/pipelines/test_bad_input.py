@@ -148,6 +148,9 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "config-missing-file": lambda c: ["quantize", "--store", c.store.url, "--config", str(c.folder / "nope.yaml")],
     "config-not-yaml": lambda c: ["quantize", "--store", c.store.url, "--config", c.write("bad.yaml", "train: [1,\n")],
     "config-override-syntax": lambda c: c.job("quantize", "--set", "train.epochs"),
+    "config-bad-enum-yaml": lambda c: ["quantize", "--store", c.store.url, "--config",
+                                       c.write("bad.yaml", "identifiers: {source: feature}\n")],
+    "config-section-value": lambda c: ["config", "show", "--set", "train=3"],
     "retrieve-missing-queries": lambda c: c.retrieve(queries=str(c.folder / "missing.parquet")),
     "retrieve-not-parquet": lambda c: c.retrieve(queries=c.write("queries.parquet", b"PAR1 but not really")),
     "retrieve-missing-text": lambda c: c.retrieve(queries=c.queries(query_id=["q0"], query=["a dog"])),
@@ -241,3 +244,25 @@ def test_retrieve_skips_and_counts_bad_queries(world, tmp_path):
     assert summary["counts"]["queries"] == 2 and summary["counts"]["queries_skipped"] == 2
     assert summary["skipped"] == {"query is empty": {"count": 1, "first_row": 1},
                                   "query is 1001 characters; at most 1000": {"count": 1, "first_row": 3}}
+
+
+def test_config_typo_fails_fast(tmp_path):
+    """A mistyped value is refused at load time, before any store or Ray work, naming the choices."""
+    t0 = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "cart"), "quantize", "--store", str(tmp_path / "s"),
+                             "--set", "identifiers.fine=rq-vae"], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert result.returncode == 2
+    assert "identifiers.fine: 'rq-vae' is not one of rqvae | residual_kmeans | none" in result.stderr
+    assert elapsed < 2.5, f"{elapsed:.1f} s"  # the target is 2 s; the margin is this box's load
+    assert not (tmp_path / "s").exists()
+
+
+def test_config_show_prints_the_effective_config(capsys):
+    import yaml
+
+    from cart_core.config import config_dict, load_config
+
+    assert main(["config", "show", "--config", SMALL, "--set", "train.epochs=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == config_dict(load_config(SMALL, ["train.epochs=7"])) and shown["train"]["epochs"] == 7
