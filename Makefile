@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 OUT ?= out/demo
 
-.PHONY: install demo demo-quick test test-slow bench clean
+.PHONY: install demo demo-quick test test-fast test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo-quick: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# the edit loop: the algorithm library, query rules, cluster manifests + CLI parsing; no Ray (~30 s)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests/cart_core tests/cluster tests/pipelines/test_queries.py
 
 # whole Ray clusters started with `ray start`: node-kill faults, the chain through `ray job submit`
 test-slow: install
