@@ -65,7 +65,7 @@ QUANTIZE_DEFAULTS = [
     "identifiers.n_clusters=256", "identifiers.kmeans_sample=65536",
     "identifiers.rqvae.levels=2", "identifiers.rqvae.codebook_size=64", "identifiers.rqvae.epochs=10",
     # a 2-core box: actors must not take every CPU or Ray Data's read tasks never get one
-    "jobs.retrieve_num_cpus=0.5", "jobs.cpus_per_worker=0.5", "jobs.retrieve_actors=2",
+    "jobs.quantize_num_cpus=0.5", "jobs.cpus_per_worker=0.5", "jobs.quantize_actors=2",
 ]
 RETRIEVE_DEFAULTS = [
     "identifiers.source=features", "train.epochs=1",

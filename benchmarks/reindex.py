@@ -232,6 +232,7 @@ def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> d
     if data is None:
         sys.exit("error: ../shared/data/flickr8k-clip-vitb32 is missing (set CART_SHARED_DATA)")
     cfg = load_config(REPO_ROOT / "configs" / "default.yaml", ["jobs.retrieve_num_cpus=0.5",
+                                                               "jobs.quantize_num_cpus=0.5",
                                                                "jobs.cpus_per_worker=0.5", *overrides])
     ids = pq.read_table(data / "items.parquet").column("item_id").to_pylist()
     rng = np.random.default_rng(0)
@@ -302,7 +303,7 @@ def part_scale(out: Path, n: int, n_add: int, overrides: list[str], reuse: Path 
     cfg = load_config(REPO_ROOT / "configs" / "default.yaml", [
         "identifiers.source=features", "identifiers.n_clusters=256", "identifiers.rqvae.codebook_size=64",
         "identifiers.rqvae.epochs=10", "train.epochs=1", "reindex.finetune_epochs=1",
-        "jobs.retrieve_num_cpus=0.5", "jobs.cpus_per_worker=0.5", *overrides])
+        "jobs.retrieve_num_cpus=0.5", "jobs.quantize_num_cpus=0.5", "jobs.cpus_per_worker=0.5", *overrides])
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(1024, dim)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)

@@ -73,6 +73,8 @@ class JobsConfig:
     checkpoint_every: int = 1       # epochs between training checkpoints in the store
     pseudo_query_weight: float = 0.5  # loss weight of `source = pseudo` training pairs
     quantize_batch_size: int = 8192
+    quantize_actors: int = 2        # `cart quantize`: actors that embed captions and assign codes
+    quantize_num_cpus: float = 1.0
     retrieve_batch_size: int = 64
     retrieve_actors: int = 1
     retrieve_num_cpus: float = 1.0

@@ -10,6 +10,7 @@
 set -euo pipefail
 
 VERBS="import extract caption quantize reindex train retrieve serve evaluate versions rollback compact check"
+NO_RAY_VERBS="import versions rollback compact check"   # no Ray: cart takes no --address for these
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 
@@ -215,7 +216,10 @@ fi
 [[ -z "$submission_id" ]] || cmd+=(--submission-id "$submission_id")
 [[ -z "$entrypoint_gpus" ]] || cmd+=(--entrypoint-num-gpus "$entrypoint_gpus")
 [[ $no_wait -eq 0 ]] || cmd+=(--no-wait)
-cmd+=(-- cart "$verb" --address auto ${cart_args[@]+"${cart_args[@]}"})
+case " $NO_RAY_VERBS " in
+  *" $verb "*) cmd+=(-- cart "$verb" ${cart_args[@]+"${cart_args[@]}"}) ;;   # reads / writes the store only
+  *) cmd+=(-- cart "$verb" --address auto ${cart_args[@]+"${cart_args[@]}"}) ;;
+esac
 
 if [[ $dry_run -eq 1 ]]; then
   printf 'RAY_AUTH_MODE=%q ' "$RAY_AUTH_MODE"

@@ -25,13 +25,16 @@ class StoreDamaged(RuntimeError):
 JOB_VERBS = ("reindex", "rollback", "compact", "import", "extract", "caption", "quantize", "train", "retrieve", "serve", "evaluate", "versions", "check")
 
 
-def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+def _job_parser(sub, name: str, help: str, config: bool = True, ray: bool = True) -> argparse.ArgumentParser:
+    """A verb's parser: --store always; --config / --set and --address only where the verb uses them."""
     p = sub.add_parser(name, help=help)
     p.add_argument("--store", required=True, help="index store: a local folder or s3://bucket/prefix")
-    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--address", help="Ray cluster: auto, ray://host:10001, host:6379 (default: local Ray)")
+    if config:
+        p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    if ray:
+        p.add_argument("--address", help="Ray cluster: auto, ray://host:10001, host:6379 (default: local Ray)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
     return p
 
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="media.parquet to write: item_id, uri, modality")
     p.add_argument("--debug", action="store_true")
 
-    p = _job_parser(sub, "import", "bring your own features (+ captions) into the store")
+    p = _job_parser(sub, "import", "bring your own features (+ captions) into the store", config=False, ray=False)
     p.add_argument("--items", required=True, help="items.parquet: item_id, embedding [, modality]")
     p.add_argument("--captions", help="captions.parquet: item_id, caption [, caption_index]")
     p.add_argument("--holdout-caption-index", type=int,
@@ -81,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--finetune", action="store_true",
                       help="also fine-tune the generator on the pending items (default: reindex.finetune)")
     tune.add_argument("--no-finetune", action="store_true", help="commit identifiers only; fine-tune later")
-    p = _job_parser(sub, "rollback", "make an earlier committed version the current one")
+    p = _job_parser(sub, "rollback", "make an earlier committed version the current one", config=False, ray=False)
     p.add_argument("version", type=int)
-    p = _job_parser(sub, "compact", "reclaim storage of deleted items and of versions older than the last N")
+    p = _job_parser(sub, "compact", "reclaim storage of deleted items and of versions older than the last N", ray=False)
     p.add_argument("--keep", type=int, help="versions to keep (default: reindex.keep_versions)")
     p = _job_parser(sub, "train", "train the generator (Ray Train)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default: jobs.train_workers)")
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _job_parser(sub, "retrieve", "batch offline retrieval (Ray Data)")
     p.add_argument("--queries", required=True, help="queries.parquet: query_id, text")
     p.add_argument("--out", required=True, help="results.parquet: query_id, rank, item_id, score")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, help="results per query (default: eval.k)")
     p = _job_parser(sub, "serve", "online retrieval over HTTP (Ray Serve)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1); any other needs a token (--token-file or "
@@ -102,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _job_parser(sub, "evaluate", "R@K / MdR / MRR beside the faiss baseline")
     p.add_argument("--queries", help="queries.parquet: query_id, text, item_id (default: the store's held-out captions)")
     p.add_argument("--out", required=True, help="output folder for metrics.json and recall.png")
-    p.add_argument("--k", type=int, default=10)
-    _job_parser(sub, "versions", "list the committed versions of the store")
-    p = _job_parser(sub, "check", "verify the store: the current manifest and every file it names, orphans of killed jobs")
+    p.add_argument("--k", type=int, help="results per query (default: eval.k)")
+    _job_parser(sub, "versions", "list the committed versions of the store", config=False, ray=False)
+    p = _job_parser(sub, "check", "verify the store: the current manifest and every file it names, orphans of killed jobs",
+                    config=False, ray=False)
     p.add_argument("--repair", action="store_true",
                    help="restore manifest.json from the newest intact manifests/v*.json")
     return parser
@@ -138,7 +142,8 @@ def run_command(args) -> None:
 
         scan_media(args.media_dir, args.out)
         return
-    store, cfg = Store(args.store), _config(args)
+    store = Store(args.store)
+    cfg = _config(args) if hasattr(args, "overrides") else None
     if args.command == "import":
         from pipelines.importer import run_import
 
@@ -158,8 +163,8 @@ def run_command(args) -> None:
     elif args.command == "reindex":
         from pipelines.reindex import run_reindex
 
-        if not (args.add or args.update or args.delete or args.captions):
-            raise BadInput("nothing to do: give --add, --update, --delete and/or --captions")
+        if not (args.add or args.update or args.delete or args.captions or args.finetune):
+            raise BadInput("nothing to do: give --add, --update, --delete, --captions and/or --finetune")
         run_reindex(store, cfg, add=args.add, captions=args.captions, delete=args.delete, update=args.update,
                     finetune=False if args.no_finetune else (True if args.finetune else None),
                     address=args.address)
@@ -180,7 +185,8 @@ def run_command(args) -> None:
     elif args.command == "retrieve":
         from pipelines.retrieve import run_retrieve
 
-        run_retrieve(store, args.queries, args.out, cfg, k=args.k, address=args.address)
+        run_retrieve(store, args.queries, args.out, cfg, k=cfg.eval.k if args.k is None else args.k,
+                     address=args.address)
     elif args.command == "serve":
         from pipelines.serve import run_serve
 
@@ -188,7 +194,8 @@ def run_command(args) -> None:
     elif args.command == "evaluate":
         from pipelines.evaluate import run_evaluate
 
-        run_evaluate(store, args.queries, args.out, cfg, k=args.k, address=args.address)
+        run_evaluate(store, args.queries, args.out, cfg, k=cfg.eval.k if args.k is None else args.k,
+                     address=args.address)
     elif args.command == "check":
         from pipelines.check import run_check
 

@@ -77,8 +77,8 @@ def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tupl
     files = store.parquet_files(store.require(manifest, "queries", "cart import --captions` or `cart caption"))
     ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem()).select_columns(["item_id", "text"])
     ds = ds.map_batches(CaptionEmbedder, fn_constructor_args=(cfg.generator.text_encoder, cfg.generator.max_query_tokens),
-                        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.jobs.retrieve_actors),
-                        num_cpus=cfg.jobs.retrieve_num_cpus)
+                        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.quantize_actors)),
+                        num_cpus=cfg.jobs.quantize_num_cpus)
     ids, vecs = [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
         ids.append(np.asarray(batch["item_id"], dtype=object))
@@ -197,8 +197,8 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
     coded = ds.map_batches(
         AssignCodes, fn_constructor_args=(store.url, f"codebooks/{run}", cfg.identifiers.source, centroids_ref),
         batch_size=cfg.jobs.quantize_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.retrieve_actors)),
-        num_cpus=cfg.jobs.retrieve_num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.quantize_actors)),
+        num_cpus=cfg.jobs.quantize_num_cpus,
     )
     cols = {"item_id": [], "coarse": [], "fine": [], "assign_sq_distance": [], "recon_error": []}
     for batch in coded.iter_batches(batch_format="numpy", batch_size=65536):

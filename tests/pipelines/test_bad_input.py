@@ -95,7 +95,8 @@ class Case:
         return self.write(name, pa.table(columns))
 
     def job(self, verb: str, *args: str, store: Store | None = None) -> list[str]:
-        return [verb, "--store", (store or self.store).url, "--config", SMALL, *args]
+        config = [] if verb in ("import", "versions", "rollback", "check") else ["--config", SMALL]
+        return [verb, "--store", (store or self.store).url, *config, *args]
 
     def retrieve(self, *args: str, queries: str | None = None, store: Store | None = None) -> list[str]:
         return self.job("retrieve", "--queries", queries or self.queries(), "--out",
@@ -266,3 +267,12 @@ def test_config_show_prints_the_effective_config(capsys):
     assert main(["config", "show", "--config", SMALL, "--set", "train.epochs=7"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown == config_dict(load_config(SMALL, ["train.epochs=7"])) and shown["train"]["epochs"] == 7
+
+
+def test_reindex_finetune_alone_is_a_valid_command(world, capsys):
+    """The README's `cart reindex --store idx/ --finetune` (teach pending items) is accepted; with
+    nothing pending it changes nothing."""
+    before = world["store"].manifest()
+    assert main(["reindex", "--store", world["store"].url, "--config", SMALL, "--finetune"]) == 0
+    assert world["store"].manifest() == before
+    assert "nothing to change" in capsys.readouterr().err

@@ -102,7 +102,7 @@ def test_whole_chain_through_ray_job_submit(ray_head, tmp_path):
     cart = f"{BIN / 'cart'}"
     common = f"--store {store} --config {REPO_ROOT / 'configs' / 'small.yaml'} --address auto"
     chain = " && ".join([
-        f"{cart} import {common} --items {tmp_path / 'items.parquet'} --captions {tmp_path / 'captions.parquet'} "
+        f"{cart} import --store {store} --items {tmp_path / 'items.parquet'} --captions {tmp_path / 'captions.parquet'} "
         "--holdout-caption-index 4",
         f"{cart} quantize {common}",
         f"{cart} train {common} --workers 2 --set train.epochs=4",

@@ -148,7 +148,9 @@ def wait_for_nodes(gcs: str, env: dict, n: int, nodes: list[Node], timeout: floa
 
 
 def cart(cluster: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "cart"), *args, "--config", SMALL, "--address", cluster["gcs"]],
+    """A `cart` verb as a driver of the cluster (`import` reads and writes the store only: no Ray)."""
+    ray_args = [] if args[0] == "import" else ["--config", SMALL, "--address", cluster["gcs"]]
+    return subprocess.Popen([str(BIN / "cart"), *args, *ray_args],
                             env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
