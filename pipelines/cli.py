@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args):
     from cart_core.config import load_config
-    from pipelines.data_paths import REPO_ROOT
+    from pipelines.data_paths import packaged_config
 
-    path = args.config or REPO_ROOT / "configs" / "default.yaml"
+    path = args.config or packaged_config()
     return load_config(path, args.overrides)
 
 

@@ -1,10 +1,21 @@
-"""Where the shared real data lives, and the fallback when it is absent."""
+"""Where the configs and the shared real data live, and the fallback when data is absent."""
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def packaged_config(name: str = "default.yaml") -> Path:
+    """A config shipped with the package (configs/ installed as `cart_configs`): found after a
+    wheel install from any directory; a bare checkout on PYTHONPATH falls back to its configs/."""
+    try:
+        path = Path(str(resources.files("cart_configs") / name))
+    except ModuleNotFoundError:
+        path = REPO_ROOT / "configs" / name
+    return path
 
 
 def shared_data_dir() -> Path:

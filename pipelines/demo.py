@@ -12,7 +12,7 @@ from pathlib import Path
 from cart_core.config import CartConfig, config_dict, load_config
 from cart_core.corpus import Corpus, load_corpus, synthetic_corpus
 from cart_core.experiment import dense_baselines, prepare, run_generative, run_hybrid
-from pipelines.data_paths import REPO_ROOT, default_dataset
+from pipelines.data_paths import default_dataset, packaged_config
 from pipelines.report import format_table, plot_recall, write_metrics
 
 
@@ -31,7 +31,7 @@ def resolve_corpus(data: str | None) -> tuple[Corpus, str]:
 
 def demo_config(config: str | None, quick: bool, overrides: list[str]) -> CartConfig:
     name = "demo-quick.yaml" if quick else "demo.yaml"
-    return load_config(config or REPO_ROOT / "configs" / name, overrides)
+    return load_config(config or packaged_config(name), overrides)
 
 
 def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | None = None,

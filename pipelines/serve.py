@@ -243,9 +243,9 @@ def app_builder(args: dict):
     "overrides": ["key=value", ...]}. The token, if any, comes from the `serve.token_env` variable
     (default CART_SERVE_TOKEN) in the replicas' environment, e.g. from a Kubernetes Secret."""
     from cart_core.config import load_config
-    from pipelines.data_paths import REPO_ROOT
+    from pipelines.data_paths import packaged_config
 
-    config = args.get("config") or REPO_ROOT / "configs" / "default.yaml"  # as the CLI
+    config = args.get("config") or packaged_config()  # as the CLI
     return build_app(args["store"], load_config(config, args.get("overrides") or []))
 
 

@@ -370,11 +370,12 @@ def test_ray_up_passes_ray_validation():
     util.validate_config(util.prepare_config(ray_up_config()))
 
 
-def test_dockerfile_ray_version():
+def test_dockerfile_ray_version_and_wheel_install():
     text = (CLUSTER / "docker" / "Dockerfile").read_text()
     assert f"rayproject/ray:{RAY_VERSION}" in text
-    assert '".[gpu]"' in text
-    assert f"WORKDIR {IMAGE_REPO}" in text
+    assert "pip wheel --no-cache-dir --no-deps" in text and 'cart_ray-*.whl)[gpu]"' in text
+    assert "pip install --no-cache-dir -e" not in text, "the image installs the wheel, not the source tree"
+    assert f"WORKDIR {IMAGE_REPO}" in text and "COPY --chown=ray:users configs ./configs" in text
 
 
 # ---------------------------------------------------------------------------- submit.sh
