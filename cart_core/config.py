@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from cart_core.errors import ConfigError, InputNotFound
+from cart_core.errors import ConfigError, InputNotFound, first_line
 from cart_core.generator import GeneratorConfig
 from cart_core.hybrid import VerifyConfig
 from cart_core.rqvae import RQVAEConfig
@@ -224,7 +224,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])

@@ -38,6 +38,13 @@ class LocatedError(BadInput):
         return (type(self), (self.path, self.row, self.reason))
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A library error's first non-empty line, cut to `limit` characters (its type when it has none),
+    for one-line messages that name our file around it."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 def shown(value: object) -> str:
     """A user's value quoted in a message, cut to MAX_SHOWN characters."""
     text = repr(value)

@@ -25,19 +25,11 @@ from cart_core.store import Manifest, Store, StoreError
 from cart_core.text import TextEncoder
 from pipelines.quantize import stack_column
 from pipelines.report import format_table, plot_recall, write_metrics
-from pipelines.queries import QueryTable, check_k, check_query_rows
+from pipelines.queries import check_k, check_query_rows
 from pipelines.retrieve import load_queries, retrieve_dataset
 from pipelines.runtime import JobSummary, init_ray, log
 
 PROTOCOL = "store"  # queries come from the user or the store's held-out captions
-
-
-def load_eval_queries(version: IndexVersion, queries: str | None, cfg: CartConfig) -> QueryTable:
-    """query_id, text, item_id from a file, or the store's held-out captions, by the query rules
-    `cart retrieve` and `cart serve` apply (pipelines/queries.py)."""
-    if queries is not None:
-        return load_queries(queries, cfg, "evaluate", need_item=True)
-    return check_query_rows(version.eval_queries(), version.store.uri("eval"), cfg.queries, need_item=True)
 
 
 def gold_rows(item_ids: np.ndarray, catalog: dict[str, int], where: str,
@@ -102,23 +94,24 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     check_k(k, cfg.queries)
     if Path(out).exists() and not Path(out).is_dir():
         raise BadInput(f"{out}: is a file; give the folder to write metrics.json and recall.png in")
-    checked = load_eval_queries(None, queries, cfg) if queries is not None else None
+    # a user's file is checked first; the store's held-out captions by the same rules once it is open
+    checked = load_queries(queries, cfg, "evaluate", need_item=True) if queries is not None else None
     version = IndexVersion.newest_servable(store)
     manifest = version.manifest
     table, _ = version.ids()  # before Ray starts: a damaged store fails at once
     catalog = {str(i): r for r, i in enumerate(table.item_ids[table.live])}  # deleted items are not answers
-    checked = checked or load_eval_queries(version, None, cfg)
+    if checked is None:
+        checked = check_query_rows(version.eval_queries(), store.uri("eval"), cfg.queries, need_item=True)
     q = checked.table
     dropped = 0
     if queries is None:  # the store's held-out captions of deleted items ask for nothing that exists
         live = pc.is_in(q.column("item_id"), value_set=pa.array(sorted(catalog), pa.string()))
         dropped = q.num_rows - int(pc.sum(live.cast(pa.int64())).as_py() or 0)
         q = q.filter(live)
-        checked.source_rows = []  # rows of the store's table no longer line up; none is named below
     if q.num_rows == 0:
         raise StoreError(f"{queries or store.url}: no evaluation queries")
     gold = gold_rows(np.asarray(q.column("item_id").to_pylist(), dtype=object), catalog, queries or "eval queries",
-                     checked.source_rows or None)
+                     checked.source_rows if queries is not None else None)
     init_ray(address)
     summary = JobSummary("evaluate", store.url)
     summary.counts.update(eval_queries_of_deleted_items=dropped, queries_skipped=sum(checked.skipped.values()))

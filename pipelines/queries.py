@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cart_core.config import QueryConfig
-from cart_core.errors import BadInput, InputNotFound, LocatedError, shown
+from cart_core.errors import BadInput, InputNotFound, LocatedError, first_line, shown
 
 _SPACES = re.compile(r"\s+")
 
@@ -99,7 +99,7 @@ def read_query_table(path: str, rules: QueryConfig, need_item: bool = False) -> 
         fs, fpath = fsspec.core.url_to_fs(path)
         exists = fs.exists(fpath)
     except Exception as exc:  # a malformed URL, unreachable endpoint, missing credentials
-        raise BadInput(f"{path}: cannot open ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise BadInput(f"{path}: cannot open ({type(exc).__name__}: {first_line(exc)})") from None
     if not exists:
         raise InputNotFound(f"{path}: file not found")
     if fs.isdir(fpath):
@@ -117,7 +117,7 @@ def read_query_table(path: str, rules: QueryConfig, need_item: bool = False) -> 
     except BadInput:
         raise
     except Exception as exc:  # pyarrow's own reason, with the file it was about
-        raise BadInput(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        raise BadInput(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     return check_query_rows(table, path, rules, need_item)
 
 
@@ -166,8 +166,3 @@ def _first_duplicate(values: list[str]) -> tuple[int, int] | None:
             return row, seen[value]
         seen[value] = row
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__

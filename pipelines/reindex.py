@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig, config_from_dict
 from cart_core.corpus import Corpus, CorpusError, load_corpus_files
+from cart_core.errors import first_line
 from cart_core.fallback import acceptance_threshold
 from cart_core.identifiers import IdentifierTable, extend_identifiers, live_rows
 from cart_core.indexing import encode, identifier_inputs, load_codebooks
@@ -57,7 +58,7 @@ def read_parquet(path: str, local) -> pa.Table:
     try:
         return pq.read_table(local)
     except (pa.ArrowException, OSError) as exc:
-        raise CorpusError(path, None, f"cannot read parquet file ({str(exc).splitlines()[0][:200]})") from None
+        raise CorpusError(path, None, f"cannot read parquet file ({first_line(exc)})") from None
 
 
 def read_delete_list(path: str) -> list[str]:

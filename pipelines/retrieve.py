@@ -1,7 +1,8 @@
 """`cart retrieve`: batch offline retrieval as a streaming Ray Data job.
 
 Queries (query_id, text[, item_id]) are read from Parquet (local or S3) and checked by the rules
-`cart serve` applies (pipelines/queries.py) before Ray starts; then they flow through an actor pool; each actor loads the committed generator + identifier table once and runs
+`cart serve` applies (pipelines/queries.py) before Ray starts; then they flow through an actor
+pool; each actor loads the committed generator + identifier table once and runs
 constrained beam search per batch. Results (query_id, rank, item_id, score) stream back to the
 driver, which appends them to one Parquet file, so memory stays flat for millions of queries.
 """
@@ -106,13 +107,6 @@ class RetrieveBatch:
         texts = [str(t) for t in batch["text"]]
         rows, scores = self.retriever.search_batch(texts, k=self.k, beam_size=self.beam)
         return ranked_rows(batch["query_id"], rows, scores, self.table.item_ids)
-
-
-def arrow_filesystem(fs):
-    """pyarrow view of an fsspec filesystem (so S3 settings come from one place: fsspec/s3fs)."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
-
-    return LocalFileSystem() if "file" in fs.protocol else PyFileSystem(FSSpecHandler(fs))
 
 
 def retrieve_dataset(store: Store, queries_ds, cfg: CartConfig, k: int, manifest: Manifest):

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from cart_core.config import CartConfig, QueryConfig, ServeConfig
-from cart_core.errors import BadInput, InputNotFound
+from cart_core.errors import BadInput, InputNotFound, first_line
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import QueryRefused, check_k, normalize_query
@@ -59,7 +59,7 @@ class QueryFailed:
     """The answer slot of a query whose search raised (the batch's other queries are answered)."""
 
     def __init__(self, exc: BaseException) -> None:
-        self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.reason = f"{type(exc).__name__}: {first_line(exc)}"
 
 
 class Snapshot:
@@ -107,7 +107,7 @@ def parse_search(body: bytes, rules: QueryConfig) -> tuple[list[str], int]:
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Refused(400, f"body is not JSON ({str(exc).splitlines()[0][:120]})") from None
+        raise Refused(400, f"body is not JSON ({first_line(exc, 120)})") from None
     if not isinstance(payload, dict):
         raise Refused(400, "body must be a JSON object {\"queries\": [...], \"k\": 10}")
     unknown = sorted(set(payload) - {"queries", "k"})
@@ -165,7 +165,7 @@ class CartSearch:
                 self.watch_failures, self.watch_error = 0, ""
             except Exception as exc:  # keep serving the loaded version; retry next poll
                 self.watch_failures += 1
-                self.watch_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                self.watch_error = f"{type(exc).__name__}: {first_line(exc, 300)}"
                 logger.warning("cart serve: cannot load the committed version (%d in a row): %s",
                                self.watch_failures, self.watch_error)
 
