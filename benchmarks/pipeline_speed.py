@@ -276,7 +276,7 @@ def stage_prepare_features(p: dict) -> dict:
     import numpy as np
 
     from cart_core.store import Manifest, Store, features_table
-    from pipelines.importer import write_parts
+    from pipelines.parts import write_parts
 
     t0 = time.perf_counter()
     emb = mixture_features(p["n"], p["dim"], p["components"], p["seed"])
@@ -477,7 +477,8 @@ def stage_retrieve_direct(p: dict) -> dict:
 
     from cart_core.index_version import IndexVersion
     from cart_core.store import Store
-    from pipelines.retrieve import RESULT_SCHEMA, load_retriever, ranked_rows
+    from pipelines.retrieve import RESULT_SCHEMA
+    from pipelines.search import load_retriever, ranked_rows
 
     if p.get("threads"):
         torch.set_num_threads(p["threads"])

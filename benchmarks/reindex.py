@@ -65,7 +65,7 @@ def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str
     from dataclasses import replace
 
     from cart_core.index_version import IndexVersion
-    from pipelines.retrieve import load_retriever
+    from pipelines.search import load_retriever
 
     manifest = IndexVersion.newest_servable(store).manifest
     if not fallback:
@@ -111,7 +111,7 @@ def gate_thresholds(store: Store, cfg) -> dict[float, float]:
     """The fallback's acceptance threshold at other false-positive rates than the configured one
     (same impostor captions and pending vectors as the committed threshold)."""
     from cart_core.fallback import acceptance_threshold
-    from pipelines.quantize import stack_column
+    from pipelines.stages import stack_column
     from cart_core.index_version import IndexVersion
     from pipelines.reindex import impostor_queries
 

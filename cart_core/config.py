@@ -67,8 +67,8 @@ class CaptionConfig:
 class JobsConfig:
     """How the Ray jobs use the cluster: workers, resources, checkpoints, batch sizes."""
 
-    train_workers: int = 1          # Ray Train workers (`cart train --workers` overrides)
-    cpus_per_worker: float = 1.0
+    train_workers: int = 0          # Ray Train workers (`cart train --workers` overrides); 0 = one per node (GPU: per GPU)
+    cpus_per_worker: float = 0.0    # 0 = every CPU of the smallest node; torch runs one thread per CPU
     use_gpu: bool = False
     checkpoint_every: int = 1       # epochs between training checkpoints in the store
     pseudo_query_weight: float = 0.5  # loss weight of `source = pseudo` training pairs
@@ -156,8 +156,9 @@ def _build(cls, data: dict[str, Any], source: str, key: str = ""):
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[name] = _build(sub, value, source, path)
         else:
-            kwargs[name] = _check_choice(_coerce(value, known[name], f"{source}: {path}"), hints.get(name),
-                                         f"{source}: {path}")
+            where = f"{source}: {path}"
+            kwargs[name] = _check_range(_check_choice(_coerce(value, known[name], where), hints.get(name), where),
+                                        path, where)
     return cls(**kwargs)
 
 
@@ -189,6 +190,52 @@ def _check_choice(value: Any, hint: Any, where: str) -> Any:
     """A `Literal[...]` field takes one of its choices; the error lists them."""
     if get_origin(hint) is Literal and value not in get_args(hint):
         raise ConfigError(f"{where}: {value!r} is not one of {' | '.join(map(str, get_args(hint)))}")
+    return value
+
+
+# ---- ranges: every number is checked at load time ---------------------------------------------
+# A count or a size must be >= 1 (a float rate or scale > 0); a share lies in [0, 1] (or [0, 1));
+# every other number must be >= 0 (seeds, weights, indices; 0 = "auto" where a comment says so).
+AT_LEAST_ONE = {
+    "identifiers.n_clusters", "identifiers.kmeans_sample", "identifiers.rqvae.levels",
+    "identifiers.rqvae.codebook_size", "identifiers.rqvae.latent_dim", "identifiers.rqvae.hidden_dim",
+    "identifiers.rqvae.epochs", "identifiers.rqvae.batch_size",
+    "generator.max_query_tokens", "generator.vector_layers", "generator.vector_slots", "generator.vector_hidden",
+    "generator.d_model", "generator.n_layers", "generator.n_heads", "generator.ff_dim",
+    "train.epochs", "train.batch_size", "eval.beam_size", "eval.k", "eval.batch_size",
+    "extract.frames", "extract.sample_rate", "extract.batch_size", "extract.actors",
+    "caption.frames", "caption.max_new_tokens", "caption.batch_size", "caption.actors",
+    "jobs.checkpoint_every", "jobs.quantize_batch_size", "jobs.quantize_actors", "jobs.retrieve_batch_size",
+    "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
+    "reindex.finetune_epochs", "reindex.keep_versions", "reindex.fallback_impostors", "reindex.id_deltas",
+    "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
+    "verify.candidates", "verify.clusters", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
+}
+ABOVE_ZERO = {
+    "identifiers.rqvae.lr", "generator.prototype_scale", "train.lr", "extract.max_audio_s", "reindex.finetune_lr",
+    "reindex.drift_factor", "verify.align.lr", "verify.align.temperature",
+}
+SHARES = {  # key: whether 1 itself is allowed
+    "generator.dropout": False, "train.warmup_frac": True, "verify.holdout": False, "verify.mask_captions": True,
+    "reindex.fallback_fpr": True,
+}
+
+
+def _check_range(value: Any, path: str, where: str) -> Any:
+    """Numbers outside their key's range are refused with the range (see AT_LEAST_ONE / SHARES)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if path in AT_LEAST_ONE:
+        ok, rule = value >= 1, ">= 1"
+    elif path in ABOVE_ZERO:
+        ok, rule = value > 0, "> 0"
+    elif path in SHARES:
+        closed = SHARES[path]
+        ok, rule = (0 <= value <= 1, "in [0, 1]") if closed else (0 <= value < 1, "in [0, 1)")
+    else:
+        ok, rule = value >= 0, ">= 0"
+    if not ok or value != value:  # NaN is never in range
+        raise ConfigError(f"{where}: {value!r} is out of range; must be {rule}")
     return value
 
 

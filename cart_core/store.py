@@ -167,6 +167,9 @@ class Store:
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        if self.is_local and "://" not in self.url:
+            # absolute, so that Ray workers (other working directories) open the same folder
+            self.url = self.root
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

@@ -161,6 +161,7 @@ def train_generator(
     bar = tqdm(range(first, cfg.epochs), desc="train generator", disable=not progress,
                initial=first, total=cfg.epochs)
     for epoch in bar:
+        epoch_start = time.perf_counter()
         generator.train()
         torch.manual_seed(cfg.seed + 7919 * epoch)
         gen = torch.Generator().manual_seed(cfg.seed + epoch)
@@ -204,6 +205,7 @@ def train_generator(
             seen += len(y)
         for key, value in zip(("loss", "nll", "kl"), sums / max(seen, 1)):
             history[key].append(float(value))
+        history.setdefault("epoch_s", []).append(round(time.perf_counter() - epoch_start, 4))  # steps only
         bar.set_postfix(nll=f"{history['nll'][-1]:.3f}", kl=f"{history['kl'][-1]:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
@@ -212,6 +214,7 @@ def train_generator(
     generator.eval()
     history["train_s"] = time.perf_counter() - start_time
     history["pairs"] = int(len(targets))
+    history["steps_per_epoch"] = int(min(steps_per_epoch, math.ceil(len(targets) / cfg.batch_size)))
     return history
 
 

@@ -9,7 +9,7 @@ them; items that already have pseudo-queries are skipped, so a rerun only captio
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,33 +17,41 @@ import pyarrow.compute as pc
 from cart_core.config import CartConfig
 from cart_core.media import MediaError, decode_image, decode_video_frames, read_bytes, shrink
 from cart_core.index_version import IndexVersion
-from cart_core.store import Store, errors_table, queries_table
-from pipelines.extract import MAX_ERROR_EXAMPLES, PartWriter, apply_env, block_rows, known_errors, progress, \
-    storage_env, unseen
+from cart_core.store import Store, queries_table
+from pipelines.parts import ErrorLog, PartWriter
 from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.stages import Resources, Stage, run_stage, stream
 
 RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("uri", pa.string()), ("text", pa.string()),
                            ("status", pa.string()), ("reason", pa.string())])
 MAX_SIDE = 768   # frames are shrunk to this shorter side before the processor (memory, not quality)
 
 
-class CaptionWorker:
-    """Loads the captioner once; turns a block of (item_id, modality, uri) rows into captions."""
+@dataclass
+class CaptionStage(Stage):
+    """Loads the captioner once per actor; turns a block of (item_id, modality, uri) rows into captions."""
 
-    def __init__(self, model: str, max_new_tokens: int, frames: int, batch_size: int, use_gpu: bool,
-                 env: dict[str, str] | None = None):
+    name = "caption"
+    inputs = ("item_id", "modality", "uri")
+    outputs = tuple(RESULT_SCHEMA.names)
+
+    resources: Resources
+    model: str
+    max_new_tokens: int
+    frames: int
+
+    def setup(self) -> None:
         from cart_core.captioner import Captioner
 
-        apply_env(env)
-        self.captioner = Captioner(model, max_new_tokens, "cuda" if use_gpu else "cpu", batch_size=batch_size)
-        self.frames = frames
+        self.captioner = Captioner(self.model, self.max_new_tokens, self.resources.device,
+                                   batch_size=self.resources.batch_size)
 
     def _frames(self, modality: str, data: bytes) -> list:
         if modality == "video":
             return [shrink(f, MAX_SIDE) for f in decode_video_frames(data, self.frames)]
         return [shrink(decode_image(data), MAX_SIDE)]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process_batch(self, batch: pa.Table) -> pa.Table:
         out, owners, images = [], [], []
         for r in batch.to_pylist():
             try:
@@ -74,6 +82,11 @@ class CaptionWorker:
         return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
 
 
+def _items(batch: pa.Table) -> int:
+    """Items in a result batch (an item has one row per caption): what the progress bar counts."""
+    return len(set(batch.column("item_id").to_pylist()))
+
+
 def _row(r: dict) -> dict:
     return {"item_id": r["item_id"], "uri": r["uri"], "text": None, "reason": None}
 
@@ -102,22 +115,10 @@ def candidates(version: IndexVersion) -> tuple[pa.Table, dict[str, int]]:
     return pa.Table.from_pylist(keep, schema=schema), counts
 
 
-def _caption_stream(table: pa.Table, cfg: CartConfig, address: str | None):
-    import ray
-
-    init_ray(address)
+def caption_stage(cfg: CartConfig) -> CaptionStage:
     cap = cfg.caption
-    step = block_rows(table.num_rows, cap.batch_size, cap.actors)
-    ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)]).map_batches(
-        CaptionWorker, batch_size=cap.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cap.actors)),
-        num_cpus=cap.num_cpus, num_gpus=cap.num_gpus,
-        fn_constructor_kwargs=dict(model=cap.model, max_new_tokens=cap.max_new_tokens, frames=cap.frames,
-                                   batch_size=cap.batch_size, use_gpu=cap.num_gpus > 0, env=storage_env()))
-    with progress(table.num_rows, "caption") as bar:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            bar.update(len(set(batch.column("item_id").to_pylist())))
-            yield batch
+    return CaptionStage(Resources(cap.actors, cap.num_cpus, cap.num_gpus, cap.batch_size), model=cap.model,
+                        max_new_tokens=cap.max_new_tokens, frames=cap.frames)
 
 
 def run_caption(store: Store, cfg: CartConfig, address: str | None = None) -> dict:
@@ -130,43 +131,34 @@ def run_caption(store: Store, cfg: CartConfig, address: str | None = None) -> di
     summary.time("prepare_s", t0)
     log("caption", f"{table.num_rows} items to caption with {cfg.caption.model} ({counts['skipped_audio']} audio, "
                    f"{counts['skipped_no_media']} without a media file, {counts['skipped_captioned']} already done)")
-    queries, errors = PartWriter(store, f"queries/{run}"), PartWriter(store, f"errors/{run}")
+    queries, errors = PartWriter(store, f"queries/{run}"), ErrorLog(store, manifest, run, "caption")
     captioned: set[str] = set()
-    seen = known_errors(store, manifest, "caption")
-    n_errors = 0
-    examples: list[dict] = []
     t0 = time.perf_counter()
     if table.num_rows:
-        for batch in _caption_stream(table, cfg, address):
+        init_ray(address)
+        for batch in stream(run_stage(caption_stage(cfg), table), table.num_rows, "caption", count=_items):
             ok = batch.filter(pc.equal(batch.column("status"), "ok"))
-            bad = batch.filter(pc.equal(batch.column("status"), "error"))
             if ok.num_rows:
                 queries.add(queries_table(ok.column("item_id").to_pylist(), ok.column("text").to_pylist(), "pseudo"))
                 captioned.update(ok.column("item_id").to_pylist())
-            if bad.num_rows:
-                errors.add(unseen(errors_table(bad.column("item_id").to_pylist(), bad.column("uri").to_pylist(),
-                                               "caption", bad.column("reason").to_pylist()), seen))
-                n_errors += bad.num_rows
-                examples += bad.select(["item_id", "uri", "reason"]).to_pylist()[:MAX_ERROR_EXAMPLES - len(examples)]
+            errors.add_rows(batch.filter(pc.equal(batch.column("status"), "error")))
     queries.flush()
-    errors.flush()
+    summary.errors = errors.close()
     caption_s = summary.time("caption_s", t0)
-    counts.update(captioned=len(captioned), queries=queries.total, errors=n_errors, new_errors=errors.total)
+    counts.update(captioned=len(captioned), queries=queries.total, errors=errors.count, new_errors=errors.new)
     summary.counts.update(counts)
-    summary.errors = {"count": n_errors, "examples": examples,
-                      "table": store.uri("errors", run) if errors.total else None}
     summary.extra.update(items_per_s=round(len(captioned) / max(caption_s, 1e-9), 2), model=cfg.caption.model)
     update = {}
     if queries.total:
         update["queries"] = manifest.queries + [f"queries/{run}"]
-    if errors.total:
+    if errors.new:
         update["errors"] = manifest.errors + [f"errors/{run}"]
     if update:  # replayed on whatever was committed meanwhile, unless that captioned the same items
         new = store.commit(replace(manifest, **update), f"caption {run}: {queries.total} pseudo-queries",
                            base=manifest, reads={"extra.tombstones"})
         summary.extra["version"] = new.version
         log("caption", f"committed version {new.version}: {queries.total} pseudo-queries for {len(captioned)} items, "
-                       f"{n_errors} errors")
+                       f"{errors.count} errors")
     else:
         summary.extra["version"] = manifest.version
         log("caption", f"nothing new to caption; version {manifest.version} stays")

@@ -30,7 +30,7 @@ def _job_parser(sub, name: str, help: str, config: bool = True, ray: bool = True
     p = sub.add_parser(name, help=help)
     p.add_argument("--store", required=True, help="index store: a local folder or s3://bucket/prefix")
     if config:
-        p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+        p.add_argument("--config", help="YAML config (default: $CART_CONFIG, else the packaged configs/default.yaml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     if ray:
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the effective config (defaults, --config file, --set overrides)")
     p.add_argument("action", choices=["show"])
-    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--config", help="YAML config (default: $CART_CONFIG, else the packaged configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--debug", action="store_true")
@@ -116,10 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args):
     from cart_core.config import load_config
-    from pipelines.data_paths import packaged_config
+    from pipelines.data_paths import default_config
 
-    path = args.config or packaged_config()
-    return load_config(path, args.overrides)
+    return load_config(args.config or default_config(), args.overrides)
 
 
 def run_command(args) -> None:

@@ -18,6 +18,13 @@ def packaged_config(name: str = "default.yaml") -> Path:
     return path
 
 
+def default_config() -> Path:
+    """The config a job uses without --config: $CART_CONFIG (a cluster image or a test points it
+    at its own file), else the packaged default.yaml."""
+    env = os.environ.get("CART_CONFIG")
+    return Path(env) if env else packaged_config()
+
+
 def shared_data_dir() -> Path:
     """$CART_SHARED_DATA, else ../shared/data beside the checkout."""
     return Path(os.environ.get("CART_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

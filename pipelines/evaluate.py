@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from cart_core.config import CartConfig, config_dict
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
@@ -23,11 +22,11 @@ from cart_core.metrics import retrieval_metrics
 from cart_core.errors import BadInput, LocatedError, shown
 from cart_core.store import Manifest, Store, StoreError
 from cart_core.text import TextEncoder
-from pipelines.quantize import stack_column
 from pipelines.report import format_table, plot_recall, write_metrics
-from pipelines.queries import check_k, check_query_rows
-from pipelines.retrieve import load_queries, retrieve_dataset
+from pipelines.queries import check_k, check_query_rows, load_queries
 from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.search import retrieve_dataset
+from pipelines.stages import stack_column
 
 PROTOCOL = "store"  # queries come from the user or the store's held-out captions
 
@@ -45,7 +44,7 @@ def gold_rows(item_ids: np.ndarray, catalog: dict[str, int], where: str,
 def generative_record(store: Store, queries: pa.Table, manifest: Manifest, cfg: CartConfig, k: int,
                       catalog: dict[str, int], gold: np.ndarray) -> dict:
     t0 = time.perf_counter()
-    results = retrieve_dataset(store, ray.data.from_arrow(queries.select(["query_id", "text"])), cfg, k, manifest)
+    results = retrieve_dataset(store, queries, cfg, k, manifest)
     ranked = np.full((queries.num_rows, k), -1, dtype=np.int64)
     position = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())}
     for batch in results.iter_batches(batch_format="numpy", batch_size=65536):
@@ -95,7 +94,7 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     if Path(out).exists() and not Path(out).is_dir():
         raise BadInput(f"{out}: is a file; give the folder to write metrics.json and recall.png in")
     # a user's file is checked first; the store's held-out captions by the same rules once it is open
-    checked = load_queries(queries, cfg, "evaluate", need_item=True) if queries is not None else None
+    checked = load_queries(queries, cfg.queries, "evaluate", need_item=True) if queries is not None else None
     version = IndexVersion.newest_servable(store)
     manifest = version.manifest
     table, _ = version.ids()  # before Ray starts: a damaged store fails at once

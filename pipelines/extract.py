@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import posixpath
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +25,11 @@ from cart_core.config import CartConfig
 from cart_core.media import MODALITIES, MediaError, content_hash, decode_audio, decode_image, \
     decode_video_frames, infer_modality, read_bytes, resolve_uri, shrink
 from cart_core.index_version import IndexVersion
-from cart_core.store import Store, StoreError, errors_table, features_table
+from cart_core.store import Store, StoreError, features_table
+from pipelines.parts import ErrorLog, PartWriter
 from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.stages import Resources, Stage, run_stage, stream
 
-PART_ROWS = 20_000        # rows per Parquet part (about 40 MB at 512 dims)
-MAX_ERROR_EXAMPLES = 20   # error reasons repeated in the job summary (all are in errors/<run>/)
 VISUAL = ("image", "video")
 CHANGED = "item_id is already in the store with other content; use `cart reindex --update` to replace it"
 
@@ -99,33 +99,30 @@ def resolve_modalities(table: pa.Table) -> tuple[pa.Table, list[tuple[str, str, 
     return kept.set_column(kept.schema.get_field_index("modality"), "modality", pa.array(out_mod, pa.string())), bad
 
 
-def storage_env() -> dict[str, str]:
-    """The driver's S3 settings (endpoint, region, credentials from AWS_* variables), handed to
-    the actors as a constructor argument (not a runtime_env, which the dashboard displays) so
-    they open s3:// media exactly as the driver does. Empty when none are set: the workers then
-    use their own credentials (e.g. an instance role)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-
-
-def apply_env(env: dict[str, str] | None) -> None:
-    """In an actor: take the driver's storage settings (see storage_env) before opening files."""
-    os.environ.update(env or {})
-
-
 # ---- the actor -------------------------------------------------------------------------------
-class ExtractWorker:
-    """Loads the embedding models once; turns a block of media rows into result rows."""
+@dataclass
+class ExtractStage(Stage):
+    """Loads the embedding models once per actor; turns a block of media rows into result rows."""
 
-    def __init__(self, image_model: str | None, audio_model: str | None, frames: int, sample_rate: int,
-                 max_audio_s: float, batch_size: int, use_gpu: bool, env: dict[str, str] | None = None):
+    name = "extract"
+    inputs = ("item_id", "modality", "uri", "known_hash")
+    outputs = tuple(RESULT_SCHEMA.names)
+
+    resources: Resources
+    image_model: str | None
+    audio_model: str | None
+    frames: int
+    sample_rate: int
+    max_audio_s: float
+
+    def setup(self) -> None:
         from cart_core.embedders import AudioEmbedder, ImageEmbedder
 
-        apply_env(env)
-        device = "cuda" if use_gpu else "cpu"
-        self.image = ImageEmbedder(image_model, device, batch_size=max(batch_size, 1) * 4) if image_model else None
-        self.audio = AudioEmbedder(audio_model, sample_rate, device, batch_size=batch_size) if audio_model else None
+        device, batch = self.resources.device, max(self.resources.batch_size, 1)
+        self.image = ImageEmbedder(self.image_model, device, batch_size=batch * 4) if self.image_model else None
+        self.audio = AudioEmbedder(self.audio_model, self.sample_rate, device, batch_size=batch) \
+            if self.audio_model else None
         self.max_side = 2 * int(self.image.model.config.image_size) if self.image else None
-        self.frames, self.sample_rate, self.max_audio_s = frames, sample_rate, max_audio_s
 
     def _decode(self, modality: str, data: bytes):
         if modality == "image":
@@ -134,7 +131,7 @@ class ExtractWorker:
             return [shrink(f, self.max_side) for f in decode_video_frames(data, self.frames)]
         return decode_audio(data, self.sample_rate, self.max_audio_s)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process_batch(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         out = [{"item_id": r["item_id"], "modality": r["modality"], "uri": r["uri"], "content_hash": None,
                 "embedding": None, "status": "ok", "reason": None} for r in rows]
@@ -183,47 +180,6 @@ class ExtractWorker:
 
 
 # ---- the driver ------------------------------------------------------------------------------
-def known_errors(store: Store, manifest, stage: str) -> set[tuple]:
-    """(item_id, uri, reason) of the committed errors of one stage: a rerun that fails the same
-    way records nothing new, so it commits nothing and the version stays."""
-    if not manifest.errors:
-        return set()
-    t = store.read_table(manifest.errors, columns=["item_id", "uri", "stage", "reason"])
-    return {(r["item_id"], r["uri"], r["reason"]) for r in t.to_pylist() if r["stage"] == stage}
-
-
-def unseen(table: pa.Table, seen: set[tuple]) -> pa.Table:
-    """The rows of an errors table that are not already in `seen`."""
-    cols = (table.column(c).to_pylist() for c in ("item_id", "uri", "reason"))
-    keep = [(i, u, r) not in seen for i, u, r in zip(*cols)]
-    return table.filter(pa.array(keep, pa.bool_()))
-
-
-class PartWriter:
-    """Buffers rows and writes `<folder>/part-NNNNN.parquet` files of at most PART_ROWS rows."""
-
-    def __init__(self, store: Store, folder: str, rows: int = PART_ROWS):
-        self.store, self.folder, self.rows = store, folder, rows
-        self.pending: list[pa.Table] = []
-        self.parts = self.total = 0
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.pending.append(table)
-            self.total += table.num_rows
-            if sum(t.num_rows for t in self.pending) >= self.rows:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        table = pa.concat_tables(self.pending)
-        self.pending = []
-        for start in range(0, table.num_rows, self.rows):
-            self.store.write_table(table.slice(start, self.rows), f"{self.folder}/part-{self.parts:05d}.parquet")
-            self.parts += 1
-
-
 def model_dims(cfg: CartConfig, modalities: set[str]) -> dict[str, int]:
     """Embedding size per modality group present, read from the model configs (no weights)."""
     from cart_core.embedders import projection_dim
@@ -249,23 +205,6 @@ def check_dims(dims: dict[str, int], store_dim: int | None, cfg: CartConfig) -> 
     return dim
 
 
-def progress(total: int, desc: str):
-    """An items progress bar on a terminal (or with CART_PROGRESS=1, like Ray Data's own bars)."""
-    import sys
-
-    from tqdm import tqdm
-
-    show = sys.stderr.isatty() or os.environ.get("CART_PROGRESS") == "1"
-    return tqdm(total=total, desc=desc, unit="item", disable=not show)
-
-
-def block_rows(n: int, batch_size: int, actors: int) -> int:
-    """Rows per Ray block: several blocks per actor (so the pool scales and progress moves),
-    whole batches each, and small enough that a block's results stream back early."""
-    per = -(-n // max(1, actors * 4))
-    return int(min(max(batch_size, per), max(batch_size, 256)) // batch_size * batch_size)
-
-
 def _result_tables(batch: pa.Table) -> dict[str, pa.Table]:
     status = batch.column("status")
     return {s: batch.filter(pc.equal(status, s)) for s in ("ok", "error", "skipped")}
@@ -289,17 +228,15 @@ def run_extract(store: Store, media: str, cfg: CartConfig, address: str | None =
                    f"{sum(v is not None for v in table.column('known_hash').to_pylist())} already in the store")
 
     features = PartWriter(store, f"features/{run}")
-    errors = PartWriter(store, f"errors/{run}")
-    seen = known_errors(store, manifest, "extract")
+    errors = ErrorLog(store, manifest, run, "extract")
     if unusable:
-        errors.add(unseen(errors_table(*zip(*[(i, u) for i, u, _ in unusable]), "extract",
-                                       [r for *_, r in unusable]), seen))
+        errors.add(*map(list, zip(*unusable)))
     counts = {"items": n_items, "extracted": 0, "errors": len(unusable), "skipped": 0,
               **{m: 0 for m in MODALITIES}}
-    examples = [{"item_id": i, "uri": u, "reason": r} for i, u, r in unusable[:MAX_ERROR_EXAMPLES]]
     t0 = time.perf_counter()
     if table.num_rows:
-        for batch in _extract_stream(table, cfg, address):
+        init_ray(address)
+        for batch in stream(run_stage(extract_stage(cfg, table), table), table.num_rows, "extract"):
             parts = _result_tables(batch)
             ok = parts["ok"]
             if ok.num_rows:
@@ -311,50 +248,31 @@ def run_extract(store: Store, media: str, cfg: CartConfig, address: str | None =
                                             ok.column("uri").to_pylist(), ok.column("content_hash").to_pylist()))
                 for m in ok.column("modality").to_pylist():
                     counts[m] += 1
-            bad = parts["error"]
-            if bad.num_rows:
-                errors.add(unseen(errors_table(bad.column("item_id").to_pylist(), bad.column("uri").to_pylist(),
-                                               "extract", bad.column("reason").to_pylist()), seen))
-                examples += bad.select(["item_id", "uri", "reason"]).to_pylist()[:MAX_ERROR_EXAMPLES - len(examples)]
+            errors.add_rows(parts["error"])
             counts["extracted"] += ok.num_rows
-            counts["errors"] += bad.num_rows
+            counts["errors"] += parts["error"].num_rows
             counts["skipped"] += parts["skipped"].num_rows
     features.flush()
-    errors.flush()
+    summary.errors = errors.close()
     extract_s = summary.time("extract_s", t0)
     summary.counts.update(counts)
-    summary.counts["new_errors"] = errors.total
-    summary.errors = {"count": counts["errors"], "examples": examples,
-                      "table": store.uri("errors", run) if errors.total else None}
+    summary.counts["new_errors"] = errors.new
     summary.extra.update(items_per_s=round((counts["extracted"] + counts["skipped"]) / max(extract_s, 1e-9), 2),
                          dim=dim, media=media)
     t0 = time.perf_counter()
-    _commit(store, manifest, summary, features.total, errors.total, dim)
+    _commit(store, manifest, summary, features.total, errors.new, dim)
     summary.time("commit_s", t0)
     return summary.write(store)
 
 
-def _extract_stream(table: pa.Table, cfg: CartConfig, address: str | None):
-    """The Ray Data pipeline; yields result blocks (pyarrow) as actors finish them."""
-    import ray
-
-    init_ray(address)
+def extract_stage(cfg: CartConfig, table: pa.Table) -> ExtractStage:
+    """The stage for these rows: only the towers their modalities need are loaded."""
     ex = cfg.extract
     mods = set(table.column("modality").to_pylist())
-    step = block_rows(table.num_rows, ex.batch_size, ex.actors)
-    blocks = [table.slice(s, step) for s in range(0, table.num_rows, step)]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        ExtractWorker, batch_size=ex.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ex.actors)),
-        num_cpus=ex.num_cpus, num_gpus=ex.num_gpus,
-        fn_constructor_kwargs=dict(image_model=ex.image_model if mods & set(VISUAL) else None,
-                                   audio_model=ex.audio_model if "audio" in mods else None,
-                                   frames=ex.frames, sample_rate=ex.sample_rate, max_audio_s=ex.max_audio_s,
-                                   batch_size=ex.batch_size, use_gpu=ex.num_gpus > 0, env=storage_env()))
-    with progress(table.num_rows, "extract") as bar:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            bar.update(batch.num_rows)
-            yield batch
+    return ExtractStage(Resources(ex.actors, ex.num_cpus, ex.num_gpus, ex.batch_size),
+                        image_model=ex.image_model if mods & set(VISUAL) else None,
+                        audio_model=ex.audio_model if "audio" in mods else None,
+                        frames=ex.frames, sample_rate=ex.sample_rate, max_audio_s=ex.max_audio_s)
 
 
 def _commit(store: Store, manifest, summary: JobSummary, n_features: int, n_errors: int, dim: int | None) -> None:

@@ -7,51 +7,18 @@ out as an evaluation query table instead. Importing the same items again is a no
 """
 from __future__ import annotations
 
-import hashlib
-import tempfile
 import time
 from dataclasses import replace
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
 from cart_core.corpus import CorpusError, load_corpus_files
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store, StoreError, features_table, queries_table
+from pipelines.inputs import embedding_hashes, local_copy
+from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, log
-
-PART_ROWS = 200_000  # rows per Parquet part: parallel reads without tiny files
-
-
-@contextmanager
-def local_copy(uri: str | None) -> Iterator[Path | None]:
-    """A local path for a local or remote (s3://…) input file."""
-    if uri is None or "://" not in uri:
-        yield None if uri is None else Path(uri)
-        return
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        raise CorpusError(uri, None, "file not found")
-    with tempfile.TemporaryDirectory(prefix="cart-import-") as tmp:
-        dest = Path(tmp) / Path(path).name
-        fs.get_file(path, str(dest))
-        yield dest
-
-
-def embedding_hashes(embeddings: np.ndarray) -> list[str]:
-    """content_hash for imported features: sha256 of the float32 vector bytes."""
-    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    return [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in emb]
-
-
-def write_parts(store: Store, table: pa.Table, folder: str) -> None:
-    for i, start in enumerate(range(0, max(table.num_rows, 1), PART_ROWS)):
-        store.write_table(table.slice(start, PART_ROWS), f"{folder}/part-{i:05d}.parquet")
-
 
 def run_import(store: Store, items: str, captions: str | None = None, *,
                holdout_caption_index: int | None = None) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,14 +26,7 @@ from cart_core.kmeans import cluster_imbalance
 from cart_core.index_version import IndexVersion, save_ids
 from cart_core.store import Manifest, Store, StoreError
 from pipelines.runtime import JobSummary, init_ray, log
-
-
-def stack_column(values) -> np.ndarray:
-    """Fixed-size-list columns reach numpy batches as object arrays of rows: stack them."""
-    arr = np.asarray(values)
-    if arr.dtype == object:
-        arr = np.stack(list(arr)) if len(arr) else np.zeros((0, 0), np.float32)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+from pipelines.stages import Resources, Stage, run_stage, stack_column
 
 
 def read_features(version: IndexVersion, columns=("item_id", "embedding")):
@@ -57,17 +50,32 @@ def drop_dead_rows(batch: dict, dead: set) -> dict:
     return {k: v[keep] for k, v in batch.items()}
 
 
-class CaptionEmbedder:
-    """MiniLM sentence embeddings of training queries (model loaded once per actor)."""
+@dataclass
+class CaptionEmbedStage(Stage):
+    """MiniLM sentence embeddings of training queries (the encoder loaded once per actor)."""
 
-    def __init__(self, text_encoder: str, max_tokens: int):
+    name = "caption_embed"
+    inputs = ("item_id", "text")
+    outputs = ("item_id", "vector")
+    batch_format = "numpy"
+
+    resources: Resources
+    text_encoder: str
+    max_tokens: int
+
+    def setup(self) -> None:
         from cart_core.text import TextEncoder
 
-        self.encoder = TextEncoder(text_encoder, max_tokens)
+        self.encoder = TextEncoder(self.text_encoder, self.max_tokens)
 
-    def __call__(self, batch: dict) -> dict:
+    def process_batch(self, batch: dict) -> dict:
         texts = [str(t) for t in batch["text"]]
         return {"item_id": batch["item_id"], "vector": list(self.encoder.sentence_embeddings(texts))}
+
+
+def quantize_resources(cfg: CartConfig, batch_size: int) -> Resources:
+    """Both quantize stages share the `jobs.quantize_*` pool settings."""
+    return Resources(cfg.jobs.quantize_actors, cfg.jobs.quantize_num_cpus, 0.0, batch_size)
 
 
 def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +84,8 @@ def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tupl
 
     files = store.parquet_files(store.require(manifest, "queries", "cart import --captions` or `cart caption"))
     ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem()).select_columns(["item_id", "text"])
-    ds = ds.map_batches(CaptionEmbedder, fn_constructor_args=(cfg.generator.text_encoder, cfg.generator.max_query_tokens),
-                        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.quantize_actors)),
-                        num_cpus=cfg.jobs.quantize_num_cpus)
+    ds = run_stage(CaptionEmbedStage(quantize_resources(cfg, 256), cfg.generator.text_encoder,
+                                     cfg.generator.max_query_tokens), ds)
     ids, vecs = [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
         ids.append(np.asarray(batch["item_id"], dtype=object))
@@ -113,22 +120,31 @@ def batch_vectors(batch: dict, source: str, lookup: CentroidLookup | None) -> np
     return identifier_inputs(source, features, captions)
 
 
-class AssignCodes:
-    """Encodes a batch with the fitted codebooks (loaded once per actor from the store)."""
+@dataclass
+class AssignCodesStage(Stage):
+    """Encodes a batch with the fitted codebooks (read once per actor from the store)."""
 
-    def __init__(self, store_url: str, codebooks: str, source: str, centroids=None):
+    name = "assign_codes"
+    inputs = ("item_id", "embedding")
+    outputs = ("item_id", "coarse", "fine", "assign_sq_distance", "recon_error")
+    batch_format = "numpy"
+
+    resources: Resources
+    store_url: str
+    codebooks: str
+    source: str
+    centroids: object = None   # a Ray object ref of (item_ids, caption centroids), for caption sources
+
+    def setup(self) -> None:
         import ray
 
-        store = Store(store_url)
-        with store.local_dir(codebooks) as folder:
-            self.codebooks, _ = load_codebooks(folder)
-        self.source = source
-        if isinstance(centroids, ray.ObjectRef):
-            centroids = ray.get(centroids)
+        with Store(self.store_url).local_dir(self.codebooks) as folder:
+            self.fitted, _ = load_codebooks(folder)
+        centroids = ray.get(self.centroids) if isinstance(self.centroids, ray.ObjectRef) else self.centroids
         self.lookup = CentroidLookup(*centroids) if centroids is not None else None
 
-    def __call__(self, batch: dict) -> dict:
-        codes = encode(self.codebooks, batch_vectors(batch, self.source, self.lookup))
+    def process_batch(self, batch: dict) -> dict:
+        codes = encode(self.fitted, batch_vectors(batch, self.source, self.lookup))
         return {"item_id": batch["item_id"], "coarse": codes["coarse"], "fine": list(codes["fine"]),
                 "assign_sq_distance": codes["assign_sq_distance"], "recon_error": codes["recon_error"]}
 
@@ -194,12 +210,8 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
     summary.time("fit_s", t0)
     log("quantize", f"codebooks fitted on {summary.counts['fit_sample']} of {n_items} items; encoding all")
     t0 = time.perf_counter()
-    coded = ds.map_batches(
-        AssignCodes, fn_constructor_args=(store.url, f"codebooks/{run}", cfg.identifiers.source, centroids_ref),
-        batch_size=cfg.jobs.quantize_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.jobs.quantize_actors)),
-        num_cpus=cfg.jobs.quantize_num_cpus,
-    )
+    coded = run_stage(AssignCodesStage(quantize_resources(cfg, cfg.jobs.quantize_batch_size), store.url,
+                                       f"codebooks/{run}", cfg.identifiers.source, centroids_ref), ds)
     cols = {"item_id": [], "coarse": [], "fine": [], "assign_sq_distance": [], "recon_error": []}
     for batch in coded.iter_batches(batch_format="numpy", batch_size=65536):
         for key in cols:

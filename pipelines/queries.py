@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from cart_core.config import QueryConfig
 from cart_core.errors import BadInput, InputNotFound, LocatedError, first_line, shown
+from pipelines.runtime import log
 
 _SPACES = re.compile(r"\s+")
 
@@ -166,3 +167,14 @@ def _first_duplicate(values: list[str]) -> tuple[int, int] | None:
             return row, seen[value]
         seen[value] = row
     return None
+
+
+def load_queries(path: str, rules: QueryConfig, job: str, need_item: bool = False) -> QueryTable:
+    """The checked, normalised queries of a batch job; refused rows are logged per reason."""
+    queries = read_query_table(path, rules, need_item)
+    for line in queries.describe_skips(path):
+        log(job, line)
+    if queries.table.num_rows == 0:
+        raise BadInput(f"{path}: no query left to search ({queries.rows_read} rows, "
+                       f"{sum(queries.skipped.values())} skipped)")
+    return queries

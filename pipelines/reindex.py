@@ -41,7 +41,8 @@ from cart_core.indexing import encode, identifier_inputs, load_codebooks
 from cart_core.kmeans import cluster_imbalance
 from cart_core.index_version import IndexVersion, is_servable, pending_runs, referenced_paths, save_ids
 from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
-from pipelines.importer import embedding_hashes, local_copy, write_parts
+from pipelines.inputs import embedding_hashes, local_copy
+from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, init_ray, log
 
 CRASH_POINTS = ("after_features", "after_ids", "before_commit", "after_training")

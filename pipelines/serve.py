@@ -40,7 +40,7 @@ from cart_core.errors import BadInput, InputNotFound, first_line
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import QueryRefused, check_k, normalize_query
-from pipelines.retrieve import load_retriever
+from pipelines.search import load_retriever
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 logger = logging.getLogger("ray.serve")
@@ -243,9 +243,9 @@ def app_builder(args: dict):
     "overrides": ["key=value", ...]}. The token, if any, comes from the `serve.token_env` variable
     (default CART_SERVE_TOKEN) in the replicas' environment, e.g. from a Kubernetes Secret."""
     from cart_core.config import load_config
-    from pipelines.data_paths import packaged_config
+    from pipelines.data_paths import default_config
 
-    config = args.get("config") or packaged_config()  # as the CLI
+    config = args.get("config") or default_config()  # as the CLI
     return build_app(args["store"], load_config(config, args.get("overrides") or []))
 
 

@@ -9,6 +9,7 @@ last checkpoint. Only a finished run is committed to the manifest.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -111,6 +112,20 @@ def _collect_shard(shard) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray
     return texts, np.concatenate(codes), np.concatenate(weights), np.concatenate(distill)
 
 
+def average_grads_across_workers(world: int):
+    """The DataParallel hook: all-reduce every gradient and divide by the world size."""
+    import torch
+    import torch.distributed as dist
+
+    def sync(params: list[torch.Tensor]) -> None:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+    return sync
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker process."""
     import math
@@ -124,6 +139,8 @@ def train_loop_per_worker(config: dict) -> None:
     from cart_core.generator import Generator
     from cart_core.training import DataParallel, train_generator
 
+    # one thread per reserved CPU, never more than the node has (a 4-CPU logical node on 2 cores)
+    torch.set_num_threads(max(1, min(int(config.get("threads") or 1), os.cpu_count() or 1)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = config_from_dict(config["cfg"])
@@ -158,12 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
         t = torch.tensor([steps], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         steps = int(t.item())
-
-        def sync(params: list[torch.Tensor]) -> None:
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+        sync = average_grads_across_workers(world)
 
     run, every, epochs = config["run"], max(1, cfg.jobs.checkpoint_every), cfg.train.epochs
 
@@ -183,6 +195,42 @@ def train_loop_per_worker(config: dict) -> None:
     train_generator(generator, texts, codes, cfg.train, progress=rank == 0, weights=weights,
                     parallel=DataParallel(steps_per_epoch=steps, sync_grads=sync), resume=resume,
                     checkpoint=checkpoint, teacher=teacher, distill=distill, distill_weight=cfg.reindex.distill)
+
+
+@dataclass(frozen=True)
+class TrainScaling:
+    """How many Ray Train workers, the CPUs each reserves and the torch threads each runs."""
+
+    workers: int
+    cpus_per_worker: float
+    threads: int
+    chosen: str     # "config" | "auto: ..." (what Ray reported), for the log and the job summary
+
+
+def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
+    """`jobs.train_workers` / `jobs.cpus_per_worker` as given, or (0 = auto) sized from the
+    resources Ray reports: on CPUs one worker per node that offers CPUs, each taking every CPU
+    of the smallest such node (one process with all cores beats several with one each for a
+    model this size); on GPUs one worker per GPU. torch runs one thread per reserved CPU."""
+    import ray
+
+    jobs = cfg.jobs
+    n, cpus = workers or jobs.train_workers, jobs.cpus_per_worker
+    if n and cpus:
+        return TrainScaling(n, cpus, max(1, int(cpus)), "config")
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
+    if jobs.use_gpu:
+        nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
+    if not nodes:
+        raise RuntimeError(f"Ray reports no node with a CPU{' and a GPU' if jobs.use_gpu else ''} to train on")
+    if jobs.use_gpu:
+        n = n or int(sum(r["GPU"] for r in nodes))
+    else:
+        n = n or len(nodes)
+    per_node = -(-n // len(nodes))
+    cpus = cpus or max(1.0, min(r["CPU"] for r in nodes) // per_node)
+    how = f"auto: {len(nodes)} node(s) with {sorted({r['CPU'] for r in nodes})} CPUs"
+    return TrainScaling(n, cpus, max(1, int(cpus)), how)
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
@@ -217,7 +265,10 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         log("train", "nothing to resume; starting afresh")
     store.write_json(PENDING, {"run": run, "ids": info["ids"]})
     summary.run = run
-    workers = workers or cfg.jobs.train_workers
+    scaling = train_scaling(cfg, workers)
+    workers = scaling.workers
+    log("train", f"{workers} worker(s) x {scaling.cpus_per_worker:g} CPU, {scaling.threads} torch thread(s) each "
+                 f"({scaling.chosen})")
     # a full training keeps a seeded slice of the captions from the generator: the hybrid
     # retriever's fusion is fitted on them (pipelines/verify.py); a fine-tune keeps its verifier
     holdout = holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed) if finetune is None \
@@ -228,9 +279,10 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         train_loop_config={"cfg": config_dict(cfg), "store": store.url, "run": run, "resume_from": resume_from,
                            "vocab_sizes": info["vocab_sizes"],
                            "init_from": f"{finetune.init_from}/model" if finetune else None,
-                           "crash_after_epoch": int(os.environ.get("CART_CRASH_AFTER_EPOCH", "0")) or None},
+                           "crash_after_epoch": int(os.environ.get("CART_CRASH_AFTER_EPOCH", "0")) or None,
+                           "threads": scaling.threads},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
-                                     resources_per_worker={"CPU": cfg.jobs.cpus_per_worker}),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
         datasets={"train": ray.data.from_arrow(pairs.filter(pa.array(~holdout)))},
         run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=cfg.jobs.train_max_failures)),
     )
@@ -264,7 +316,12 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]
     metrics = {key: history[key][-1] for key in ("loss", "nll", "kl")} | {"epochs": len(history["loss"])}
-    summary.extra.update(version=new.version, workers=workers, final_metrics=metrics,
+    epoch_s = history.get("epoch_s", [])
+    steps = math.ceil(summary.counts["generator_pairs"] / workers / cfg.train.batch_size)
+    summary.extra.update(epoch_s=epoch_s, steps_per_epoch=steps,
+                         steps_per_s=round(steps / float(np.median(epoch_s)), 2) if epoch_s else None)
+    summary.extra.update(version=new.version, workers=workers, cpus_per_worker=scaling.cpus_per_worker,
+                         torch_threads=scaling.threads, scaling=scaling.chosen, final_metrics=metrics,
                          pairs_per_s=len(pairs) * cfg.train.epochs / max(summary.timings["train_s"], 1e-9))
     log("train", f"committed version {new.version}: generator/{run} (loss {metrics.get('loss', float('nan')):.3f})")
     return summary.write(store)

@@ -29,7 +29,7 @@ from pipelines.runtime import log
 
 def item_features(version: IndexVersion, table: IdentifierTable) -> np.ndarray | None:
     """Live feature of each identifier row (zero rows where an item has none)."""
-    from pipelines.quantize import stack_column
+    from pipelines.stages import stack_column
 
     feats = version.live_features(["item_id", "embedding"])
     if feats.num_rows == 0:
@@ -105,7 +105,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     from cart_core.fusion import Fusion
     from cart_core.hybrid import VerifiedRetriever, VerifyConfig
     from cart_core.verify import ItemVectors
-    from pipelines.quantize import stack_column
+    from pipelines.stages import stack_column
 
     store, manifest = version.store, version.manifest
     folder = f"{manifest.generator}/verify"

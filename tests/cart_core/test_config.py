@@ -1,3 +1,4 @@
+import re
 import dataclasses
 from typing import Literal, get_args, get_origin, get_type_hints
 
@@ -100,3 +101,44 @@ def test_shown_config_loads_back_to_the_same_config(tmp_path):
         path = tmp_path / name
         path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         assert load_config(path) == cfg
+
+
+def _numeric_keys(cls=CartConfig, prefix: str = "") -> dict[str, object]:
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(_numeric_keys(type(default), f"{prefix}{f.name}."))
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[f"{prefix}{f.name}"] = default
+    return out
+
+
+def test_range_tables_name_real_numeric_keys():
+    from cart_core.config import ABOVE_ZERO, AT_LEAST_ONE, SHARES
+
+    keys = _numeric_keys()
+    assert sorted((AT_LEAST_ONE | ABOVE_ZERO | set(SHARES)) - set(keys)) == []
+    assert not (AT_LEAST_ONE & ABOVE_ZERO) and not (AT_LEAST_ONE & set(SHARES))
+
+
+@pytest.mark.parametrize("key", sorted(_numeric_keys()))
+def test_every_number_has_a_range_and_a_negative_one_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"with --set: {re.escape(key)}: -1(\.0)? is out of range; must be "):
+        load_config(None, [f"{key}=-1"])
+
+
+@pytest.mark.parametrize("override, rule", [
+    ("train.epochs=0", ">= 1"), ("identifiers.n_clusters=0", ">= 1"), ("train.lr=0", "> 0"),
+    ("generator.dropout=1", r"in \[0, 1\)"), ("reindex.fallback_fpr=1.5", r"in \[0, 1\]"), ("train.lr=.nan", "> 0"),
+])
+def test_out_of_range_values_are_refused_with_the_range(override, rule):
+    with pytest.raises(ConfigError, match=rf"is out of range; must be {rule}"):
+        load_config(None, [override])
+
+
+def test_in_range_edges_are_accepted():
+    cfg = load_config(None, ["train.epochs=1", "generator.dropout=0", "reindex.fallback_fpr=1", "jobs.train_workers=0"])
+    assert cfg.train.epochs == 1 and cfg.generator.dropout == 0.0 and cfg.jobs.train_workers == 0

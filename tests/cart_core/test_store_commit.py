@@ -88,3 +88,10 @@ def test_a_corrupted_pointer_names_the_file_and_the_repair(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(StoreError, match=r"manifest.json: not valid JSON.*cart check --store .* --repair"):
         store.manifest()
+
+def test_a_relative_local_store_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    """Ray workers run in other folders: the URL they are handed must name the same store."""
+    monkeypatch.chdir(tmp_path)
+    store = Store("idx/")
+    assert store.url == str(tmp_path / "idx") and Store(store.url).root == store.root
+    assert Store("s3://bucket/prefix/").url == "s3://bucket/prefix"

@@ -105,7 +105,7 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     # a delete-only reindex keeps a calibrated fallback without the deleted item, and items the
     # fine-tune has taught stay decodable by the generator
     from cart_core.index_version import IndexVersion
-    from pipelines.retrieve import pending_fallback
+    from pipelines.search import pending_fallback
 
     (tmp_path / "gone.txt").write_text(base["new_ids"][0])
     run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
@@ -230,7 +230,7 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     from cart_core.hybrid import VerifiedRetriever
     from cart_core.index_version import IndexVersion
     from pipelines.reindex import run_reindex
-    from pipelines.retrieve import load_retriever
+    from pipelines.search import load_retriever
 
     store = fresh(base, tmp_path)
     manifest = store.manifest()

@@ -76,7 +76,7 @@ def base(tmp_path_factory, ray_local):
 
 def check_index(store: Store, deleted: set[str], captions: pa.Table) -> IndexVersion:
     """No deleted item live or returned; one live feature row and one live identifier per item."""
-    from pipelines.retrieve import load_retriever
+    from pipelines.search import load_retriever
 
     version = IndexVersion.current(store)
     rows = version.feature_rows()

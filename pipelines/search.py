@@ -1,0 +1,119 @@
+"""A committed version's retriever, and the Ray Data stage that runs it over batches of queries.
+
+`load_retriever` is what every job that answers queries builds on (`cart retrieve`, `cart evaluate`,
+`cart serve`, the benchmarks): generate, then verify when the version's generator carries a
+verifier (cart_core/hybrid.py), else the beam's ranking plus the dense fallback over pending items.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+
+from cart_core.config import CartConfig
+from cart_core.index_version import IndexVersion
+from cart_core.store import Manifest, Store
+from pipelines.stages import Resources, Stage, run_stage, stack_column
+
+
+def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None = None):
+    """(retriever, IdentifierTable) for one committed version: generate, then verify
+    (cart_core/hybrid.py) when its generator was fitted with a verifier; mode "generative" keeps
+    the beam's own ranking (the ablation). Versions trained before verification existed get the
+    generator plus the dense fallback over pending items (cart_core/fallback.py)."""
+    from cart_core.fallback import HybridRetriever
+    from cart_core.generator import Generator
+    from cart_core.retrieval import GenerativeRetriever
+    from pipelines.verify import load_verified
+
+    store, manifest = version.store, version.manifest
+    table, _ = version.ids()
+    with store.local_dir(f"{manifest.generator}/model") as folder:
+        generator = Generator.load(folder)
+    generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
+    verified = load_verified(version, generator, table, device, mode)
+    if verified is not None:
+        # pending items stay decodable: verification ranks them, expansion reaches them by prefix
+        return verified, table
+    pending = manifest.extra.get("pending")
+    if not (pending and generator.text_encoder is not None):
+        return GenerativeRetriever(generator, table, device=device), table
+    fallback, untrained_rows = pending_fallback(version)
+    decodable = table
+    if len(untrained_rows):
+        # the generator has never been trained on these pending items: until their fine-tune, only
+        # the dense fallback returns them, so they draw no probability from old items' prefixes
+        live = table.live.copy()
+        live[untrained_rows] = False
+        decodable = replace(table, live=live)
+    retriever = HybridRetriever(GenerativeRetriever(generator, decodable, device=device), fallback,
+                                generator.text_encoder.sentence_embeddings,
+                                manifest.extra.get("pending_threshold"), table=table,
+                                interleave=manifest.extra.get("pending_interleave"))
+    return retriever, table
+
+
+def pending_fallback(version: IndexVersion):
+    """The dense fallback over the live pending items (cart_core/fallback.py), and the rows of
+    those the generator has not been fine-tuned on yet."""
+    from cart_core.fallback import DenseFallback
+    from cart_core.identifiers import live_rows
+
+    table, _ = version.ids()
+    t = version.pending()
+    items = t.column("item_id").to_pylist()
+    live_row = live_rows(table, items)
+    keep = [j for j, i in enumerate(items) if i in live_row]
+    vectors = stack_column(t.column("vector").to_numpy(zero_copy_only=False))[keep] if keep else np.zeros((0, 1))
+    untrained = [live_row[i] for i in version.untrained_pending() if i in live_row]
+    return (DenseFallback(np.array([live_row[items[j]] for j in keep], dtype=np.int64), vectors),
+            np.array(untrained, dtype=np.int64))
+
+
+def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.ndarray) -> dict:
+    """Flatten [B, k] results into one row per (query, rank), skipping empty slots (-1)."""
+    b, k = rows.shape
+    valid = rows >= 0
+    qi, rank = np.nonzero(valid)
+    return {"query_id": np.asarray([str(q) for q in query_ids], dtype=object)[qi],
+            "rank": (rank + 1).astype(np.int32),
+            "item_id": item_ids[rows[valid]].astype(object),
+            "score": scores[valid].astype(np.float32)}
+
+
+@dataclass
+class RetrieveStage(Stage):
+    """The committed version's retriever, loaded once per actor; a batch of queries in, ranked rows out."""
+
+    name = "retrieve"
+    inputs = ("query_id", "text")
+    outputs = ("query_id", "rank", "item_id", "score")
+    batch_format = "numpy"
+
+    resources: Resources
+    store_url: str
+    version: int
+    k: int
+    beam_size: int
+    mode: str | None = None
+
+    def setup(self) -> None:
+        store = Store(self.store_url)
+        self.retriever, self.table = load_retriever(IndexVersion(store, store.version(self.version)),
+                                                    self.resources.device, self.mode)
+
+    def process_batch(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch["text"]]
+        # the beam must hold k distinct identifiers
+        rows, scores = self.retriever.search_batch(texts, k=self.k, beam_size=max(self.beam_size, self.k))
+        return ranked_rows(batch["query_id"], rows, scores, self.table.item_ids)
+
+
+def retrieve_dataset(store: Store, queries: pa.Table, cfg: CartConfig, k: int, manifest: Manifest):
+    """Ray dataset of ranked rows (query_id, rank, item_id, score) for a table of checked queries."""
+    jobs = cfg.jobs
+    stage = RetrieveStage(Resources(jobs.retrieve_actors, jobs.retrieve_num_cpus, jobs.retrieve_num_gpus,
+                                    jobs.retrieve_batch_size), store.url, manifest.version, k, cfg.eval.beam_size,
+                          cfg.verify.mode)
+    return run_stage(stage, queries.select(list(stage.inputs)))
