@@ -99,7 +99,7 @@ def folder(prepared: dict, name: str) -> Path:
     cwd.mkdir()
     (cwd / ".venv").symlink_to(prepared["venv"])
     (cwd / "token.txt").write_text("readme-test-token\n")
-    write_corpus(synthetic_corpus(n_items=120, dim=32, n_captions=5, seed=2), cwd / "DIR")
+    write_corpus(synthetic_corpus(n_items=600, dim=32, n_captions=5, seed=2), cwd / "DIR")  # > demo n_clusters
     mf.write_media_corpus(cwd / "photos", n_videos=2, n_images=8, n_audio=2, bad=False)
     (cwd / "photos" / "media.parquet").unlink()  # `cart scan` writes the media table
     corpus = synthetic_corpus(n_items=200, dim=DIM, n_captions=5, seed=3)

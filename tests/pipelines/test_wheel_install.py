@@ -8,6 +8,7 @@ run, so `cart_core`, `pipelines` and `cart_configs` can only come from the wheel
 """
 from __future__ import annotations
 
+import json
 import os
 import site
 import subprocess
@@ -40,9 +41,10 @@ def installed(tmp_path_factory) -> Path:
     return root / "venv" / "bin"
 
 
-def run(bin_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
+def run(bin_dir: Path, cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    extra = env or {}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "CART_SHARED_DATA")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0", **extra)
     return subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -75,3 +77,20 @@ def test_wheel_installs_and_runs_outside_the_checkout(installed, tmp_path):
         assert result.returncode == 0, f"{' '.join(step[:2])}: {result.stderr[-3000:]}"
     out = pq.read_table(tmp_path / "out.parquet")
     assert out.num_rows == 6 and sorted(set(out.column("query_id").to_pylist())) == ["q0", "q1"]
+
+
+def test_wheel_demo_quick_finds_the_shared_data(installed, tmp_path):
+    """`cart demo --quick` from the wheel, outside the checkout, on the data CART_SHARED_DATA names
+    (the real ../shared/data when it is there, else a generated corpus in the same layout)."""
+    from pipelines.data_paths import shared_data_dir
+
+    shared = shared_data_dir()
+    if not (shared / "flickr8k-clip-vitb32" / "items.parquet").exists():
+        shared = tmp_path / "shared"
+        write_corpus(synthetic_corpus(n_items=600, dim=64, n_captions=5, seed=5), shared / "flickr8k-clip-vitb32")
+    env_data = {"CART_SHARED_DATA": str(shared)}
+    result = run(installed, tmp_path, "cart", "demo", "--quick", "--out", "demo-out", env=env_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "corpus: flickr8k-clip-vitb32:" in result.stdout and "GENERATED" not in result.stdout
+    records = json.loads((tmp_path / "demo-out" / "metrics.json").read_text())
+    assert records[0]["method"].startswith("hybrid") and records[0]["dataset"] == "flickr8k-clip-vitb32"
