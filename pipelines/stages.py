@@ -32,12 +32,14 @@ MAX_BLOCK_ROWS = 256                 # rows per input block fed to the pool (mor
 
 @dataclass(frozen=True)
 class Resources:
-    """What one stage asks of the cluster: an autoscaling pool of 1..actors actors."""
+    """What one stage asks of the cluster: an autoscaling pool of 1..actors actors, each reserving
+    num_cpus / num_gpus, fed batch_size rows at a time. Every stage names all four (from its
+    config section), so no job runs on a size nobody chose."""
 
-    actors: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    batch_size: int = 64
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
 
     @property
     def device(self) -> str:

@@ -65,7 +65,7 @@ def test_stage_runs_setup_once_per_actor_and_streams_every_row(ray_local, monkey
     monkeypatch.setenv("AWS_CART_STAGE_TEST", "from-the-driver")
     x = list(range(-3, 297))
     table = pa.table({"item_id": [f"i{v}" for v in x], "x": x})
-    stage = Doubler(Resources(actors=2, num_cpus=0.5, batch_size=16), offset=1)
+    stage = Doubler(Resources(actors=2, num_cpus=0.5, num_gpus=0, batch_size=16), offset=1)
     out = pa.concat_tables(list(stream(run_stage(stage, table), table.num_rows, "test")))
     assert out.num_rows == len(x)
     got = dict(zip(out.column("item_id").to_pylist(), out.column("y").to_pylist()))
@@ -77,14 +77,14 @@ def test_stage_runs_setup_once_per_actor_and_streams_every_row(ray_local, monkey
 
 
 def test_stage_that_forgets_a_declared_column_fails_naming_it(ray_local):
-    stage = Forgetful(Resources(actors=1, num_cpus=0.5, batch_size=8))
+    stage = Forgetful(Resources(actors=1, num_cpus=0.5, num_gpus=0, batch_size=8))
     with pytest.raises(Exception, match=r"stage forgetful: process_batch returned no \['y'\]"):
         list(stream(run_stage(stage, pa.table({"x": list(range(10))})), 10, "test"))
 
 
 def test_stage_input_columns_checked_before_ray_work():
     with pytest.raises(KeyError, match=r"stage doubler: input table lacks column\(s\) \['x'\]"):
-        run_stage(Doubler(Resources()), pa.table({"item_id": ["a"]}))
+        run_stage(Doubler(Resources(1, 1.0, 0.0, 8)), pa.table({"item_id": ["a"]}))
 
 
 def test_error_log_skips_errors_the_store_already_records(tmp_path):
