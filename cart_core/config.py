@@ -120,7 +120,7 @@ class ReindexConfig:
     fallback_impostors: int = 1000  # old training captions that calibrate the fallback's threshold
     fallback_interleave: int = 1    # dense hits below the threshold merged into the ranking (rank 2, 4, ...)
     keep_fallback: bool = True      # keep the dense fallback after the fine-tune, until a full `cart train`
-    id_deltas: int = 16             # reindexes stored as id-table deltas before one rewrites it whole
+    id_deltas: int = 16             # reindexes stored as id-table deltas before one rewrites it whole (0: always whole)
 
 
 @dataclass
@@ -207,7 +207,7 @@ AT_LEAST_ONE = {
     "caption.frames", "caption.max_new_tokens", "caption.batch_size", "caption.actors",
     "jobs.checkpoint_every", "jobs.quantize_batch_size", "jobs.quantize_actors", "jobs.retrieve_batch_size",
     "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
-    "reindex.finetune_epochs", "reindex.keep_versions", "reindex.fallback_impostors", "reindex.id_deltas",
+    "reindex.finetune_epochs", "reindex.keep_versions", "reindex.fallback_impostors",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
     "verify.candidates", "verify.clusters", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
 }
