@@ -35,12 +35,7 @@ sys.path.insert(0, str(REPO))
 
 TARGET = 0.8   # ray_default steps/s >= 0.8 x in_process
 
-
-def steady(epoch_s: list[float]) -> float:
-    """Median epoch time, the first epoch left out when there are more (warm-up)."""
-    import numpy as np
-
-    return float(np.median(epoch_s[1:] if len(epoch_s) > 1 else epoch_s))
+from cart_core.training import steady_epoch_s  # noqa: E402
 
 
 def build_store(work: Path, cfg) -> tuple[str, str]:
@@ -71,7 +66,7 @@ def ray_arm(store_url: str, cfg, overrides: list[str], config_path: str) -> dict
     t0 = time.perf_counter()
     summary = run_train(Store(store_url), cfg)
     wall = time.perf_counter() - t0
-    step_s = steady(summary["epoch_s"])
+    step_s = steady_epoch_s(summary["epoch_s"])
     return {"wall_s": round(wall, 2), "train_s": summary["timings"]["train_s"], "epoch_s": summary["epoch_s"],
             "steps_per_epoch": summary["steps_per_epoch"], "steps_per_s": round(summary["steps_per_epoch"] / step_s, 2),
             "workers": summary["workers"], "cpus_per_worker": summary["cpus_per_worker"],
@@ -99,7 +94,7 @@ def in_process_arm(store_url: str, cfg) -> dict:
     t0 = time.perf_counter()
     history = train_generator(generator, texts, codes, cfg.train, progress=False, weights=weights)
     wall = time.perf_counter() - t0
-    step_s = steady(history["epoch_s"])
+    step_s = steady_epoch_s(history["epoch_s"])
     return {"wall_s": round(wall, 2), "epoch_s": history["epoch_s"], "steps_per_epoch": history["steps_per_epoch"],
             "steps_per_s": round(history["steps_per_epoch"] / step_s, 2), "torch_threads": torch.get_num_threads(),
             "start_and_cache_s": round(wall - sum(history["epoch_s"]), 2), "pairs": int(len(texts))}
@@ -170,7 +165,7 @@ def main(argv=None) -> int:
     plot(arms, out / "train_speed.png", f"{label}, {args.epochs} epochs: Ray Train vs in-process")
     for name, arm in arms.items():
         print(f"{name:12s} {arm['steps_per_s']:7.2f} steps/s  threads {arm.get('torch_threads')}  "
-              f"epoch {steady(arm['epoch_s']):.2f}s  start+cache {arm['start_and_cache_s']}s")
+              f"epoch {steady_epoch_s(arm['epoch_s']):.2f}s  start+cache {arm['start_and_cache_s']}s")
     print(f"ray_default / in_process = {ratio:.3f} (target >= {TARGET:g}: {'met' if ratio >= TARGET else 'MISSED'})")
     return 0 if math.isfinite(ratio) else 1
 

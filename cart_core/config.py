@@ -195,7 +195,8 @@ def _check_choice(value: Any, hint: Any, where: str) -> Any:
 
 # ---- ranges: every number is checked at load time ---------------------------------------------
 # A count or a size must be >= 1 (a float rate or scale > 0); a share lies in [0, 1] (or [0, 1));
-# every other number must be >= 0 (seeds, weights, indices; 0 = "auto" where a comment says so).
+# every other number must be >= 0 (seeds, weights, indices; 0 = "auto" or "off" where a comment
+# says so); jobs.train_max_failures also takes Ray's -1 (restart without limit).
 AT_LEAST_ONE = {
     "identifiers.n_clusters", "identifiers.kmeans_sample", "identifiers.rqvae.levels",
     "identifiers.rqvae.codebook_size", "identifiers.rqvae.latent_dim", "identifiers.rqvae.hidden_dim",
@@ -207,14 +208,15 @@ AT_LEAST_ONE = {
     "caption.frames", "caption.max_new_tokens", "caption.batch_size", "caption.actors",
     "jobs.checkpoint_every", "jobs.quantize_batch_size", "jobs.quantize_actors", "jobs.retrieve_batch_size",
     "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
-    "reindex.finetune_epochs", "reindex.keep_versions", "reindex.fallback_impostors",
+    "reindex.finetune_epochs", "reindex.keep_versions",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
-    "verify.candidates", "verify.clusters", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
+    "verify.candidates", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
 }
 ABOVE_ZERO = {
     "identifiers.rqvae.lr", "generator.prototype_scale", "train.lr", "extract.max_audio_s", "reindex.finetune_lr",
     "reindex.drift_factor", "verify.align.lr", "verify.align.temperature",
 }
+MINUS_ONE_ALLOWED = {"jobs.train_max_failures"}
 SHARES = {  # key: whether 1 itself is allowed
     "generator.dropout": False, "train.warmup_frac": True, "verify.holdout": False, "verify.mask_captions": True,
     "reindex.fallback_fpr": True,
@@ -229,6 +231,8 @@ def _check_range(value: Any, path: str, where: str) -> Any:
         ok, rule = value >= 1, ">= 1"
     elif path in ABOVE_ZERO:
         ok, rule = value > 0, "> 0"
+    elif path in MINUS_ONE_ALLOWED:
+        ok, rule = value >= -1, ">= -1 (-1: without limit)"
     elif path in SHARES:
         closed = SHARES[path]
         ok, rule = (0 <= value <= 1, "in [0, 1]") if closed else (0 <= value < 1, "in [0, 1)")

@@ -81,6 +81,12 @@ def _batches(n: int, batch_size: int, gen: torch.Generator, lengths: torch.Tenso
     return [batches[i] for i in order]
 
 
+def steady_epoch_s(epoch_s: list[float]) -> float:
+    """Median epoch time, the first epoch left out when there are more (its warm-up is not the
+    rate a long training runs at)."""
+    return float(np.median(epoch_s[1:] if len(epoch_s) > 1 else epoch_s))
+
+
 @dataclass
 class DataParallel:
     """This process's part in data-parallel training over its own shard of pairs: every process

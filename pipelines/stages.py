@@ -8,7 +8,7 @@ A stage declares what it needs and what it does, in the spirit of NVIDIA NeMo Cu
 - `process_batch(batch)`: one batch in (pyarrow or numpy, `batch_format`), one batch out.
 
 A stage whose rows can fail one by one (a file that does not decode) returns them with
-`status = "error"` and a `reason` (`ROW_STATUS`); the driver sends those to the errors table
+`status = "error"` and a `reason`; the driver sends those to the errors table
 through `pipelines.parts.ErrorLog`, the same way for every job. The stage object is built on
 the driver from the config, so it holds only small settings; `run_stage` ships it to each actor
 with the driver's storage settings (so actors open s3:// exactly as the driver does).
@@ -26,7 +26,6 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 import pyarrow as pa
 
-ROW_STATUS = ("status", "reason")   # per-row outcome columns: "ok" | "error" | "skipped", reason text
 MAX_BLOCK_ROWS = 256                 # rows per input block fed to the pool (more blocks than actors)
 
 
@@ -119,11 +118,10 @@ def run_stage(stage: Stage, source):
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, res.actors)))
 
 
-def stream(ds, total: int, desc: str, count=lambda batch: batch.num_rows, batch_format: str = "pyarrow",
-           batch_size: int | None = None) -> Iterator:
-    """Iterate a stage's results as they finish, with an items progress bar."""
+def stream(ds, total: int, desc: str, count=lambda batch: batch.num_rows) -> Iterator[pa.Table]:
+    """Iterate a stage's results (pyarrow) as they finish, with an items progress bar."""
     with progress(total, desc) as bar:
-        for batch in ds.iter_batches(batch_format=batch_format, batch_size=batch_size):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(count(batch))
             yield batch
 

@@ -25,6 +25,7 @@ from cart_core.config import CartConfig, config_dict, config_from_dict
 from cart_core.index_version import IndexVersion, is_servable
 from cart_core.store import Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
+from cart_core.training import steady_epoch_s
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.verify import copy_verifier, fit_verifier
 
@@ -208,10 +209,13 @@ class TrainScaling:
 
 
 def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
-    """`jobs.train_workers` / `jobs.cpus_per_worker` as given, or (0 = auto) sized from the
-    resources Ray reports: on CPUs one worker per node that offers CPUs, each taking every CPU
-    of the smallest such node (one process with all cores beats several with one each for a
-    model this size); on GPUs one worker per GPU. torch runs one thread per reserved CPU."""
+    """`jobs.train_workers` / `jobs.cpus_per_worker` as given, or (0 = auto) sized from the nodes
+    Ray reports alive: on CPUs one worker per CPU-only node (all nodes when none is CPU-only),
+    each taking every CPU of the smallest such node (one process with all cores beats several
+    with one each for a model this size); on GPUs one worker per GPU. torch runs one thread per
+    reserved CPU. With no matching node up yet (an autoscaling cluster whose workers start at
+    zero), 1 CPU per worker and one worker unless given: the request itself makes the autoscaler
+    start nodes."""
     import ray
 
     jobs = cfg.jobs
@@ -221,14 +225,19 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
     if jobs.use_gpu:
         nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
+    else:
+        nodes = [r for r in nodes if not r.get("GPU")] or nodes
     if not nodes:
-        raise RuntimeError(f"Ray reports no node with a CPU{' and a GPU' if jobs.use_gpu else ''} to train on")
+        return TrainScaling(n or 1, cpus or 1.0, max(1, int(cpus or 1)),
+                            f"auto: no node with a CPU{' and a GPU' if jobs.use_gpu else ''} is up yet; "
+                            "asking for what the autoscaler can start")
     if jobs.use_gpu:
         n = n or int(sum(r["GPU"] for r in nodes))
     else:
         n = n or len(nodes)
-    per_node = -(-n // len(nodes))
-    cpus = cpus or max(1.0, min(r["CPU"] for r in nodes) // per_node)
+    if not cpus:
+        share = min(r["CPU"] for r in nodes) / -(-n // len(nodes))   # CPUs a worker gets on the smallest node
+        cpus = float(int(share)) if share >= 1 else share
     how = f"auto: {len(nodes)} node(s) with {sorted({r['CPU'] for r in nodes})} CPUs"
     return TrainScaling(n, cpus, max(1, int(cpus)), how)
 
@@ -319,7 +328,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     epoch_s = history.get("epoch_s", [])
     steps = math.ceil(summary.counts["generator_pairs"] / workers / cfg.train.batch_size)
     summary.extra.update(epoch_s=epoch_s, steps_per_epoch=steps,
-                         steps_per_s=round(steps / float(np.median(epoch_s)), 2) if epoch_s else None)
+                         steps_per_s=round(steps / steady_epoch_s(epoch_s), 2) if epoch_s else None)
     summary.extra.update(version=new.version, workers=workers, cpus_per_worker=scaling.cpus_per_worker,
                          torch_threads=scaling.threads, scaling=scaling.chosen, final_metrics=metrics,
                          pairs_per_s=len(pairs) * cfg.train.epochs / max(summary.timings["train_s"], 1e-9))

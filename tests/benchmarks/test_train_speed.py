@@ -11,8 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_speed.py"
 
 def test_steady_rate_leaves_the_first_epoch_out():
     bench = load_script(SCRIPT, "train_speed_bench")
-    assert bench.steady([9.0, 2.0, 2.2, 1.8]) == 2.0
-    assert bench.steady([3.0]) == 3.0
+    assert bench.steady_epoch_s([9.0, 2.0, 2.2, 1.8]) == 2.0
+    assert bench.steady_epoch_s([3.0]) == 3.0
 
 
 def test_one_epoch_is_refused(tmp_path):

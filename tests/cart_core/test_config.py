@@ -125,9 +125,9 @@ def test_range_tables_name_real_numeric_keys():
 
 
 @pytest.mark.parametrize("key", sorted(_numeric_keys()))
-def test_every_number_has_a_range_and_a_negative_one_is_refused(key):
-    with pytest.raises(ConfigError, match=rf"with --set: {re.escape(key)}: -1(\.0)? is out of range; must be "):
-        load_config(None, [f"{key}=-1"])
+def test_every_number_has_a_range_and_a_negative_value_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"with --set: {re.escape(key)}: -2(\.0)? is out of range; must be "):
+        load_config(None, [f"{key}=-2"])
 
 
 @pytest.mark.parametrize("override, rule", [
@@ -140,5 +140,8 @@ def test_out_of_range_values_are_refused_with_the_range(override, rule):
 
 
 def test_in_range_edges_are_accepted():
-    cfg = load_config(None, ["train.epochs=1", "generator.dropout=0", "reindex.fallback_fpr=1", "jobs.train_workers=0"])
+    cfg = load_config(None, ["train.epochs=1", "generator.dropout=0", "reindex.fallback_fpr=1", "jobs.train_workers=0",
+                             "verify.clusters=0", "reindex.id_deltas=0", "reindex.fallback_impostors=0",
+                             "jobs.train_max_failures=-1"])
     assert cfg.train.epochs == 1 and cfg.generator.dropout == 0.0 and cfg.jobs.train_workers == 0
+    assert cfg.verify.clusters == 0 and cfg.reindex.id_deltas == 0 and cfg.jobs.train_max_failures == -1
