@@ -129,8 +129,6 @@ def average_grads_across_workers(world: int):
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker process."""
-    import math
-
     import ray.train
     import ray.train.torch
     import torch
@@ -204,8 +202,12 @@ class TrainScaling:
 
     workers: int
     cpus_per_worker: float
-    threads: int
     chosen: str     # "config" | "auto: ..." (what Ray reported), for the log and the job summary
+
+    @property
+    def threads(self) -> int:
+        """torch threads per worker: one per whole reserved CPU."""
+        return max(1, int(self.cpus_per_worker))
 
 
 def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
@@ -221,14 +223,14 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
     jobs = cfg.jobs
     n, cpus = workers or jobs.train_workers, jobs.cpus_per_worker
     if n and cpus:
-        return TrainScaling(n, cpus, max(1, int(cpus)), "config")
+        return TrainScaling(n, cpus, "config")
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
     if jobs.use_gpu:
         nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
     else:
         nodes = [r for r in nodes if not r.get("GPU")] or nodes
     if not nodes:
-        return TrainScaling(n or 1, cpus or 1.0, max(1, int(cpus or 1)),
+        return TrainScaling(n or 1, cpus or 1.0,
                             f"auto: no node with a CPU{' and a GPU' if jobs.use_gpu else ''} is up yet; "
                             "asking for what the autoscaler can start")
     if jobs.use_gpu:
@@ -239,7 +241,7 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
         share = min(r["CPU"] for r in nodes) / -(-n // len(nodes))   # CPUs a worker gets on the smallest node
         cpus = float(int(share)) if share >= 1 else share
     how = f"auto: {len(nodes)} node(s) with {sorted({r['CPU'] for r in nodes})} CPUs"
-    return TrainScaling(n, cpus, max(1, int(cpus)), how)
+    return TrainScaling(n, cpus, how)
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
