@@ -131,6 +131,7 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
     MiniLM -> feature ridge over all 976 items."""
     from dataclasses import replace
 
+    from cart_core.added_items import blend_added_features
     from cart_core.corpus import load_corpus
     from cart_core.dense import FlatIndex, apply_ridge, fit_ridge
     from cart_core.experiment import fit_verified, prepare
@@ -184,18 +185,28 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
     results = {"before_add": {"old_876": r1(base, old_rows, q_old)}}
     catalog = np.concatenate([old_rows, new_rows])
 
-    def added(with_captions: bool) -> VerifiedRetriever:
+    def added(with_captions: bool, calibrate: bool = True) -> VerifiedRetriever:
         cent = sums[new_rows] if with_captions else np.zeros_like(sums[new_rows])
         unit = cent / np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
         codes = encode(codebooks, identifier_inputs(cfg.identifiers.source, feats[new_rows], unit))
         prefix = np.concatenate([codes["coarse"][:, None], codes["fine"]], 1)
         table = extend_identifiers(base.table, corpus.item_ids[new_rows], prefix)
         base.generator.grow_last_vocab(table.vocab_sizes[-1])
-        items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), feats[catalog])
+        new_feats = feats[new_rows]
+        if with_captions and calibrate:  # what `cart reindex` does (cart_core/added_items.py)
+            own = np.isin(prep.train_item, new_rows)
+            position = {int(r): j for j, r in enumerate(new_rows)}
+            new_feats, alpha = blend_added_features(
+                base.aligner, new_feats, prep.train_vec[own], np.array([position[int(r)] for r in prep.train_item[own]]),
+                base.fusion.report["held_out_feature_cos"])
+            results["calibration"] = {"alpha": alpha, "target": base.fusion.report["held_out_feature_cos"]}
+        items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), np.concatenate([feats[old_rows], new_feats]))
         return VerifiedRetriever(base.generator, table, items, base.aligner, base.fusion, cfg.verify)
 
     with_caps = timed("reindex_add_with_captions", lambda: added(True))
     results["reindex_hybrid"] = {"added_100": r1(with_caps, catalog, q_new), "old_876": r1(with_caps, catalog, q_old)}
+    raw = timed("reindex_add_with_captions_uncalibrated", lambda: added(True, calibrate=False))
+    results["reindex_hybrid_uncalibrated"] = {"added_100": r1(raw, catalog, q_new), "old_876": r1(raw, catalog, q_old)}
     features_only = timed("reindex_add_features_only", lambda: added(False))
     results["reindex_hybrid_features_only"] = {"added_100": r1(features_only, catalog, q_new),
                                                "old_876": r1(features_only, catalog, q_old)}

@@ -120,6 +120,7 @@ class ReindexConfig:
     fallback_impostors: int = 1000  # old training captions that calibrate the fallback's threshold
     fallback_interleave: int = 1    # dense hits below the threshold merged into the ranking (rank 2, 4, ...)
     keep_fallback: bool = True      # keep the dense fallback after the fine-tune, until a full `cart train`
+    calibrate_added: bool = True    # added items with captions get a calibrated verification vector (cart_core/added_items.py)
     id_deltas: int = 16             # reindexes stored as id-table deltas before one rewrites it whole (0: always whole)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cart_core.added_items import held_out_feature_cos
 from cart_core.errors import ConfigError
 from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
 from cart_core.candidates import Candidates, expand_beam
@@ -162,6 +163,9 @@ def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], r
         raise ConfigError("verify.holdout leaves no training caption to fit the fusion on")
     retriever.fusion = fit_verification(retriever, [texts[i] for i in held], rows[held], sums[rows[held]] - vectors[held],
                                         beam_size, batch_size, progress)
+    if aligner is not None:  # what items added later are calibrated to (cart_core/added_items.py)
+        retriever.fusion.report["held_out_feature_cos"] = held_out_feature_cos(aligner, vectors[held],
+                                                                               features[rows[held]])
     return retriever
 
 

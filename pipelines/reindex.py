@@ -44,6 +44,7 @@ from cart_core.store import Manifest, Store, StoreError, features_table, queries
 from pipelines.inputs import embedding_hashes, local_copy
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.verify import added_features
 
 CRASH_POINTS = ("after_features", "after_ids", "before_commit", "after_training")
 
@@ -95,22 +96,22 @@ def read_captions(path: str, known: Callable[[list[str]], set[str]]) -> tuple[li
     return [str(i) for i in ids], [str(t) for t in texts]
 
 
-def caption_vectors(cfg: CartConfig, item_ids: list[str], cap_ids: list[str], cap_texts: list[str]) -> np.ndarray:
-    """Mean MiniLM embedding of each item's captions (zeros for items without any)."""
+def caption_vectors(cfg: CartConfig, item_ids: list[str], cap_ids: list[str],
+                    cap_texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean MiniLM embedding of each item's captions [n_items, D], zeros for items without any;
+    the vectors of the captions whose item is in item_ids [m, D]; the item row of each [m])."""
     from cart_core.text import TextEncoder
 
-    out = np.zeros((len(item_ids), 384), dtype=np.float32)
     if not cap_texts:
-        return out
+        return np.zeros((len(item_ids), 384), np.float32), np.zeros((0, 384), np.float32), np.zeros(0, np.int64)
     vecs = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens).sentence_embeddings(cap_texts)
-    out = np.zeros((len(item_ids), vecs.shape[1]), dtype=np.float32)
     index = {item: r for r, item in enumerate(item_ids)}
-    counts = np.zeros(len(item_ids))
-    for item, v in zip(cap_ids, vecs):
-        if item in index:
-            out[index[item]] += v
-            counts[index[item]] += 1
-    return out / np.maximum(counts, 1)[:, None]
+    keep = [j for j, item in enumerate(cap_ids) if item in index]
+    rows = np.array([index[cap_ids[j]] for j in keep], np.int64)
+    out = np.zeros((len(item_ids), vecs.shape[1]), dtype=np.float32)
+    np.add.at(out, rows, vecs[keep])
+    counts = np.bincount(rows, minlength=len(item_ids))
+    return out / np.maximum(counts, 1)[:, None], vecs[keep], rows
 
 
 def drift_report(codes: dict, fitted: dict, coarse_after: np.ndarray, n_clusters: int, factor: float) -> dict:
@@ -229,11 +230,14 @@ def apply_identifiers(table: IdentifierTable, plan: dict, prefix: np.ndarray) ->
 
 
 def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[str], vectors: np.ndarray,
-                  table: IdentifierTable) -> tuple[str | None, pa.Table | None]:
-    """The dense-fallback table: every item added since the last full training (carried over from
-    earlier reindexes) that is still live, with the reindex run that added it (`run`: a fine-tune
-    records which runs it has taught the generator, extra.pending_trained)."""
+                  table: IdentifierTable, features: np.ndarray | None = None) -> tuple[str | None, pa.Table | None]:
+    """The pending table: every item added since the last full training (carried over from earlier
+    reindexes) that is still live, with the reindex run that added it (`run`: a fine-tune records
+    which runs it has taught the generator, extra.pending_trained), its caption centroid (`vector`)
+    and, where the version has a verifier, its calibrated verification vector (`feature`,
+    cart_core/added_items.py; zeros for rows added before the verifier existed)."""
     ids, vecs, runs = list(item_ids), [v for v in vectors], [run] * len(item_ids)
+    feats = [f for f in features] if features is not None else [None] * len(ids)
     old = version.pending()
     if old is not None:
         old_ids = old.column("item_id").to_pylist()
@@ -242,14 +246,22 @@ def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[s
         replaced = set(ids)
         keep = [i for i, item in enumerate(old_ids) if item not in replaced and item in live]
         old_vecs = np.stack(old.column("vector").to_numpy(zero_copy_only=False)) if old.num_rows else None
+        old_feats = np.stack(old.column("feature").to_numpy(zero_copy_only=False)) \
+            if old.num_rows and "feature" in old.column_names else None
         ids = [old_ids[i] for i in keep] + ids
         vecs = [old_vecs[i] for i in keep] + vecs
+        feats = [None if old_feats is None else old_feats[i] for i in keep] + feats
         runs = [old_runs[i] for i in keep] + runs
     if not ids:
         return None, None
     stacked = np.asarray(np.stack(vecs), dtype=np.float32)
-    pending = pa.table({"item_id": ids, "run": runs,
-                        "vector": pa.FixedSizeListArray.from_arrays(pa.array(stacked.reshape(-1)), stacked.shape[1])})
+    columns = {"item_id": ids, "run": runs,
+               "vector": pa.FixedSizeListArray.from_arrays(pa.array(stacked.reshape(-1)), stacked.shape[1])}
+    dim = next((len(f) for f in feats if f is not None), None)
+    if dim is not None:
+        fstack = np.stack([np.zeros(dim, np.float32) if f is None else np.asarray(f, np.float32) for f in feats])
+        columns["feature"] = pa.FixedSizeListArray.from_arrays(pa.array(fstack.reshape(-1)), dim)
+    pending = pa.table(columns)
     version.store.write_table(pending, f"{folder}/pending.parquet")
     return f"{folder}/pending.parquet", pending
 
@@ -307,8 +319,14 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
                     cap_texts.append(text)
     emb = np.asarray(plan["encode_emb"], dtype=np.float32).reshape(len(plan["encode_ids"]), manifest.dim or 1)
     t0 = time.perf_counter()
-    cap_vec = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
+    cap_vec, each_vec, each_row = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
     summary.time("caption_embed_s", t0)  # for ids from captions and for the dense fallback
+    t0 = time.perf_counter()
+    verify_feats, calibration = added_features(version, emb, each_vec, each_row) if cfg.reindex.calibrate_added \
+        else (None, {})
+    summary.time("verify_calibration_s", t0)
+    if calibration:
+        summary.extra["added_items_calibration"] = calibration
     t0 = time.perf_counter()
     previous = version.pending()
     pending_before = set(previous.column("item_id").to_pylist()) if previous is not None else set()
@@ -334,7 +352,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.counts.update(plan["counts"], identifiers_added=len(learn), captions=len(new_caps))
     if changed:
         t0 = time.perf_counter()
-        commit_identifiers(version, run, plan, new_table, learn, cap_vec, new_caps, ids_meta, drift,
+        commit_identifiers(version, run, plan, new_table, learn, cap_vec, verify_feats, new_caps, ids_meta, drift,
                            base_rows=len(table.item_ids), id_deltas=cfg.reindex.id_deltas,
                            impostors=impostors, fallback_fpr=cfg.reindex.fallback_fpr,
                            fallback_interleave=cfg.reindex.fallback_interleave)
@@ -360,7 +378,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
 
 
 def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: IdentifierTable,
-                       learn: list[str], cap_vec: np.ndarray, new_caps: list, ids_meta: dict, drift: dict,
+                       learn: list[str], cap_vec: np.ndarray, verify_feats: np.ndarray | None, new_caps: list,
+                       ids_meta: dict, drift: dict,
                        base_rows: int, id_deltas: int, impostors: np.ndarray, fallback_fpr: float,
                        fallback_interleave: int) -> None:
     store, manifest = version.store, version.manifest
@@ -395,7 +414,8 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
         save_ids(store, table, f"ids/{run}", meta)
         extra["ids_chain"] = []
     pending, pending_table = write_pending(version, f"ids/{run}", run, [plan["encode_ids"][r] for r in has_caption],
-                                           cap_vec[has_caption], table)
+                                           cap_vec[has_caption], table,
+                                           None if verify_feats is None else verify_feats[has_caption])
     threshold = None
     if pending and len(impostors):
         vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))

@@ -7,8 +7,9 @@ generator, loaded by every job that answers queries (retrieve, evaluate, serve).
   * captions.parquet: item_id, centroid (mean MiniLM vector of the item's training captions);
   * verify.json: the VerifyConfig it was fitted with.
 Item features are not copied: they are the live feature rows of the version being served. Items
-added later by `cart reindex` take their caption centroid from the pending table, so they are
-verified like any other item, with no flat index over them.
+added later by `cart reindex` take their caption centroid, and their calibrated verification
+vector (cart_core/added_items.py), from the pending table, so they are verified like any other
+item, with no flat index over them.
 """
 from __future__ import annotations
 
@@ -128,5 +129,35 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         pvec = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
         has = np.abs(pvec).sum(1) > 0  # pending items added without captions keep no centroid
         _scatter(captions, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pvec[has])
-    items = ItemVectors.build(captions, item_features(version, table) if aligner is not None else None)
+    features = item_features(version, table) if aligner is not None else None
+    if features is not None and pending is not None and "feature" in pending.column_names:
+        pfeat = stack_column(pending.column("feature").to_numpy(zero_copy_only=False))
+        has = np.abs(pfeat).sum(1) > 0  # zero: added without captions, or before the verifier existed
+        _scatter(features, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pfeat[has])
+    items = ItemVectors.build(captions, features)
     return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device)
+
+
+def added_features(version: IndexVersion, features: np.ndarray, caption_vectors: np.ndarray,
+                   caption_rows: np.ndarray) -> tuple[np.ndarray | None, dict]:
+    """Calibrated verification vectors for items a reindex adds (cart_core/added_items.py), from the
+    version's aligner: (vectors [n, Df] or None when the version has no aligner or the items no
+    captions, what was fitted)."""
+    from cart_core.added_items import blend_added_features
+    from cart_core.alignment import QueryAligner
+
+    store, manifest = version.store, version.manifest
+    folder = f"{manifest.generator}/verify" if manifest.generator else None
+    if folder is None or len(caption_rows) == 0 or not store.exists(f"{folder}/aligner.json"):
+        return None, {}
+    target = store.read_json(f"{folder}/fusion.json").get("report", {}).get("held_out_feature_cos")
+    if target is None:
+        log("reindex", "the verifier predates added-item calibration: added items are verified by their raw "
+                       "feature until the next `cart train`")
+        return None, {}
+    with store.local_dir(folder) as local:
+        aligner = QueryAligner.load(local)
+    vectors, alpha = blend_added_features(aligner, features, caption_vectors, caption_rows, float(target))
+    log("reindex", f"added items' verification vectors: feature weight {alpha:.3f} (target cosine {target:.3f})")
+    return vectors, {"alpha": round(alpha, 4), "target_cos": round(float(target), 4),
+                     "captioned_items": int(len(np.unique(caption_rows)))}

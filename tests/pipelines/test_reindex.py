@@ -236,13 +236,23 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     manifest = store.manifest()
     for name in ("fusion.json", "verify.json", "captions.parquet", "aligner.safetensors"):
         assert store.exists(f"{manifest.generator}/verify/{name}"), name
-    run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
-                captions=str(base["new"] / "captions.parquet"), finetune=False)
+    assert "held_out_feature_cos" in store.read_json(f"{manifest.generator}/verify/fusion.json")["report"]
+    summary = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
+                          captions=str(base["new"] / "captions.parquet"), finetune=False)
     version = IndexVersion.newest_servable(store)
     retriever, table = load_retriever(version)
     assert isinstance(retriever, VerifiedRetriever)
     new_rows = [r for r, i in enumerate(table.item_ids) if i in set(base["new_ids"])]
     assert (np.abs(retriever.items.captions[new_rows].astype(np.float32)).sum(1) > 0).all()  # from the pending table
+    # added items are verified by their calibrated vector (cart_core/added_items.py), old ones by their feature
+    calibration = summary["added_items_calibration"]
+    assert 0.0 <= calibration["alpha"] <= 1.0 and calibration["captioned_items"] == N_NEW
+    pending = version.pending()
+    assert "feature" in pending.column_names
+    row_of = {i: r for r, i in enumerate(table.item_ids) if table.live[r]}
+    stored = np.stack(pending.column("feature").to_numpy(zero_copy_only=False))
+    used = retriever.items.features[[row_of[i] for i in pending.column("item_id").to_pylist()]].astype(np.float32)
+    assert np.allclose(used, stored, atol=2e-3)
     assert retriever.trie.live_sorted.numpy().sum() == table.live.sum()  # pending items decodable, no masking
     generative, _ = load_retriever(version, mode="generative")
     assert generative.cfg.mode == "generative" and generative.items.captions is None
