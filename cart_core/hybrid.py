@@ -100,7 +100,8 @@ class VerifiedRetriever(BatchedSearch):
         if self.cfg.mode == "generative":
             score = np.where(cands.valid, cands.logp[..., -1] - cands.rank * 1e-6, -np.inf)
         else:
-            score = self.fusion.score(candidate_signals(qvec, cands, self.items, self.aligner, fq), cands.valid)
+            score = self.fusion.score(candidate_signals(qvec, cands, self.items, self.aligner, fq, names=self.fusion.names),
+                                      cands.valid)
         order = np.argsort(-score, axis=1, kind="stable")[:, :k]
         rows = np.take_along_axis(cands.rows, order, 1)
         scores = np.take_along_axis(score, order, 1)

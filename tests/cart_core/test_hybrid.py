@@ -182,6 +182,8 @@ def test_fit_hybrid_weights_items_without_captions():
     hybrid = fit_hybrid(gen, table, list(vectors), rows, vectors, holdout, feats, cfg, beam_size=5)
     assert hybrid.fusion.names == ["caption_cos", "no_caption", "feature_cos", "feature_cos_uncaptioned"]
     assert hybrid.fusion.weights[3] > 0  # items without captions lean on their feature
-    hybrid.items.captions[:10] = 0  # ten items lose their captions: found by their feature alone
+    captions = hybrid.items.captions.copy()
+    captions[:10] = 0  # ten items lose their captions: found by their feature alone
+    hybrid.items = ItemVectors(captions, hybrid.items.features)
     found, _ = hybrid.search(feats[:10], k=10, beam_size=5)
     assert np.mean([r in f for r, f in zip(range(10), found)]) >= 0.8
