@@ -14,7 +14,8 @@ with one alpha per reindex, fitted so that an added item's caption that took no 
 vector (leave one out) scores it, on average, as high as a caption the aligner never trained on
 scores an old item (the held-out slice's mean, measured when the verifier was fitted). Old items'
 vectors do not change; added items without captions keep their feature. Cost: one aligner pass
-over the new captions, nothing per old item.
+over the new captions, nothing per old item. Fitting α needs items with at least two captions
+(one left out, one kept); when no added item has two, α stays 1 and the raw features are used.
 """
 from __future__ import annotations
 

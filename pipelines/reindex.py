@@ -104,6 +104,8 @@ def caption_vectors(cfg: CartConfig, item_ids: list[str], cap_ids: list[str],
 
     if not cap_texts:
         return np.zeros((len(item_ids), 384), np.float32), np.zeros((0, 384), np.float32), np.zeros(0, np.int64)
+    pairs = list(dict.fromkeys(zip(cap_ids, cap_texts)))  # a caption given twice counts once
+    cap_ids, cap_texts = [i for i, _ in pairs], [t for _, t in pairs]
     vecs = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens).sentence_embeddings(cap_texts)
     index = {item: r for r, item in enumerate(item_ids)}
     keep = [j for j, item in enumerate(cap_ids) if item in index]
@@ -230,12 +232,15 @@ def apply_identifiers(table: IdentifierTable, plan: dict, prefix: np.ndarray) ->
 
 
 def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[str], vectors: np.ndarray,
-                  table: IdentifierTable, features: np.ndarray | None = None) -> tuple[str | None, pa.Table | None]:
+                  table: IdentifierTable, features: np.ndarray | None = None,
+                  refreshed: dict[str, np.ndarray | None] | None = None) -> tuple[str | None, pa.Table | None]:
     """The pending table: every item added since the last full training (carried over from earlier
     reindexes) that is still live, with the reindex run that added it (`run`: a fine-tune records
     which runs it has taught the generator, extra.pending_trained), its caption centroid (`vector`)
     and, where the version has a verifier, its calibrated verification vector (`feature`,
-    cart_core/added_items.py; zeros for rows added before the verifier existed)."""
+    cart_core/added_items.py; zeros for rows added before the verifier existed). `refreshed`: items
+    whose features this run changed, with their new verification vector or None (zeros: the new
+    raw feature is used), so a kept row never verifies with a vector built from old features."""
     ids, vecs, runs = list(item_ids), [v for v in vectors], [run] * len(item_ids)
     feats = [f for f in features] if features is not None else [None] * len(ids)
     old = version.pending()
@@ -250,7 +255,9 @@ def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[s
             if old.num_rows and "feature" in old.column_names else None
         ids = [old_ids[i] for i in keep] + ids
         vecs = [old_vecs[i] for i in keep] + vecs
-        feats = [None if old_feats is None else old_feats[i] for i in keep] + feats
+        refreshed = refreshed or {}
+        feats = [refreshed[old_ids[i]] if old_ids[i] in refreshed else None if old_feats is None else old_feats[i]
+                 for i in keep] + feats
         runs = [old_runs[i] for i in keep] + runs
     if not ids:
         return None, None
@@ -413,9 +420,12 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
     else:  # the chain is long enough: write the whole table again
         save_ids(store, table, f"ids/{run}", meta)
         extra["ids_chain"] = []
+    refreshed = {plan["encode_ids"][r]: (verify_feats[r] if verify_feats is not None and np.linalg.norm(cap_vec[r]) > 0
+                                         else None)
+                 for r, new in enumerate(plan["new_feature_row"]) if new}
     pending, pending_table = write_pending(version, f"ids/{run}", run, [plan["encode_ids"][r] for r in has_caption],
                                            cap_vec[has_caption], table,
-                                           None if verify_feats is None else verify_feats[has_caption])
+                                           None if verify_feats is None else verify_feats[has_caption], refreshed)
     threshold = None
     if pending and len(impostors):
         vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))

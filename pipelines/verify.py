@@ -158,6 +158,9 @@ def added_features(version: IndexVersion, features: np.ndarray, caption_vectors:
     with store.local_dir(folder) as local:
         aligner = QueryAligner.load(local)
     vectors, alpha = blend_added_features(aligner, features, caption_vectors, caption_rows, float(target))
-    log("reindex", f"added items' verification vectors: feature weight {alpha:.3f} (target cosine {target:.3f})")
+    fitted_on = int((np.bincount(caption_rows) >= 2).sum())  # leave-one-out needs a second caption
+    log("reindex", f"added items' verification vectors: feature weight {alpha:.3f} (target cosine {target:.3f}, "
+                   f"fitted on {fitted_on} items with 2+ captions"
+                   + ("; none: raw features kept)" if fitted_on == 0 else ")"))
     return vectors, {"alpha": round(alpha, 4), "target_cos": round(float(target), 4),
-                     "captioned_items": int(len(np.unique(caption_rows)))}
+                     "captioned_items": int(len(np.unique(caption_rows))), "fitted_on_items": fitted_on}

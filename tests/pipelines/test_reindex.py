@@ -253,6 +253,28 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     stored = np.stack(pending.column("feature").to_numpy(zero_copy_only=False))
     used = retriever.items.features[[row_of[i] for i in pending.column("item_id").to_pylist()]].astype(np.float32)
     assert np.allclose(used, stored, atol=2e-3)
+    # new features for two pending items: their verification vectors, built from the old features,
+    # are replaced (recalibrated from the new features with the item's stored captions, or zeros
+    # so that the new raw feature is used)
+    before = dict(zip(pending.column("item_id").to_pylist(), stored))
+    items = pq.read_table(base["new"] / "items.parquet").slice(0, 2).to_pandas()
+    rng = np.random.default_rng(1)
+    items["embedding"] = [np.asarray(e + 0.05 * rng.normal(size=len(e)), dtype=np.float32) for e in items["embedding"]]
+    pq.write_table(pa.Table.from_pandas(items, preserve_index=False), tmp_path / "update.parquet")
+    run_reindex(store, small_config(), update=str(tmp_path / "update.parquet"), finetune=False)
+    version = IndexVersion.newest_servable(store)
+    retriever, table = load_retriever(version)
+    pending = version.pending()
+    feature_of = dict(zip(pending.column("item_id").to_pylist(),
+                          np.stack(pending.column("feature").to_numpy(zero_copy_only=False))))
+    row_of = {i: r for r, i in enumerate(table.item_ids) if table.live[r]}
+    for item, emb in zip(items["item_id"], items["embedding"]):
+        new = feature_of[item]
+        assert not np.allclose(new, before[item], atol=1e-3)
+        want = new if np.abs(new).any() else emb / np.linalg.norm(emb)
+        assert np.allclose(retriever.items.features[row_of[item]].astype(np.float32), want, atol=2e-3)
+    untouched = [i for i in base["new_ids"] if i not in set(items["item_id"])][0]
+    assert np.allclose(feature_of[untouched], before[untouched])
     assert retriever.trie.live_sorted.numpy().sum() == table.live.sum()  # pending items decodable, no masking
     generative, _ = load_retriever(version, mode="generative")
     assert generative.cfg.mode == "generative" and generative.items.captions is None
