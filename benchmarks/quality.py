@@ -132,7 +132,7 @@ def hybrid_ablation_rows(prep, run, cfg: CartConfig, fitted: VerifiedRetriever) 
         variant = replace(cfg, verify=replace(cfg.verify, **change))
         rows.append(run_hybrid(prep, run, variant, f"hybrid:{label}", progress=False).records[0])
     equal = VerifiedRetriever(run.generator, run.table, fitted.items, fitted.aligner,
-                              equal_weights(fitted.fusion.names), cfg.verify)
+                              equal_weights(fitted.fusion.names), cfg.verify, neighbors=fitted.neighbors)
     rows.append(run_hybrid(prep, run, cfg, "hybrid:equal_weights", progress=False, retriever=equal).records[0])
     return rows
 
@@ -230,7 +230,8 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
         records.append({"method": "generative", "protocol": protocol, **retrieval_metrics(found, gold),
                         "queries_per_s": qps, "index_s": index_s, "train_s": history["train_s"],
                         "beam_size": cfg.eval.beam_size, "generator_pairs": int(len(fit)), **extra})
-        verified = VerifiedRetriever(generator, scope, hybrid.items, hybrid.aligner, hybrid.fusion, cfg.verify)
+        verified = VerifiedRetriever(generator, scope, hybrid.items, hybrid.aligner, hybrid.fusion, cfg.verify,
+                                     neighbors=hybrid.neighbors)
         found, qps = _timed(lambda: verified.search(query_text, k=cfg.eval.k, beam_size=cfg.eval.beam_size,
                                                     batch_size=cfg.eval.batch_size)[0], len(rows))
         records.append({"method": "hybrid (generate + verify)", "protocol": protocol,

@@ -136,7 +136,7 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
     from cart_core.dense import FlatIndex, apply_ridge, fit_ridge
     from cart_core.experiment import fit_verified, prepare
     from cart_core.generator import Generator
-    from cart_core.hybrid import VerifiedRetriever, holdout_mask
+    from cart_core.hybrid import VerifiedRetriever, holdout_mask, item_neighbors
     from cart_core.identifiers import extend_identifiers
     from cart_core.indexing import build_index, encode, identifier_inputs
     from cart_core.training import train_generator
@@ -201,7 +201,8 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
                 base.fusion.report["held_out_feature_cos"])
             results["calibration"] = {"alpha": alpha, "target": base.fusion.report["held_out_feature_cos"]}
         items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), np.concatenate([feats[old_rows], new_feats]))
-        return VerifiedRetriever(base.generator, table, items, base.aligner, base.fusion, cfg.verify)
+        return VerifiedRetriever(base.generator, table, items, base.aligner, base.fusion, cfg.verify,
+                                 neighbors=item_neighbors(items, table, cfg.verify))
 
     with_caps = timed("reindex_add_with_captions", lambda: added(True))
     results["reindex_hybrid"] = {"added_100": r1(with_caps, catalog, q_new), "old_876": r1(with_caps, catalog, q_old)}

@@ -4,7 +4,9 @@ For every corpus size N a fresh worker process builds, on the same seeded corpus
 batch: the generative index (K-Means + RQ-VAE fitted on a seeded sample of <= 65,536 items with
 cart_core.indexing.fit_codebooks, every item encoded in batches, identifiers (k, v1, v2, u) -- what
 pipelines/quantize.py does at scale -- plus a `query: vector` generator trained briefly on noisy
-item features -> identifier), faiss IndexFlatIP
+item features -> identifier), the hybrid (the same beam, its candidates verified by the exact
+cosine to each candidate's fp16 feature, then the 24-item neighbour lists of its best 5 verified candidates
+followed and verified too: cart_core/neighbors.py, lists built once per corpus and timed), faiss IndexFlatIP
 (exact; its top-10 is the ground truth) and faiss IndexIVFFlat (nlist ~ 4 sqrt(N), nprobe raised
 from 1 until recall@10 against flat >= 0.95 on a separate tuning batch). Search is then timed batch
 by batch, the three methods interleaved, so all see the same machine state. On a shared machine
@@ -70,8 +72,10 @@ class Settings:
     batch: int = 64
     beam: int = 10
     k: int = 10
-    hybrid_candidates: int = 300  # verified per query: beam items, then items under its (k, v1) / (k, v1, v2) prefixes
+    hybrid_candidates: int = 100  # verified per query: beam items, then items under its (k, v1) / (k, v1, v2) prefixes
     hybrid_depth: int = 2         # shallowest prefix expanded: 2 = (k, v1)
+    hybrid_seeds: int = 5         # then the neighbour lists of the best verified 5 (cart_core/neighbors.py; 0 = off)
+    hybrid_neighbors: int = 24    # neighbour list length per item (100 + 5 x 24: chosen on 1M dev runs, docs/benchmarks.md)
     n_clusters: int = 256        # identifier (k, v1, v2, u): vocab [256, 64, 64, u]
     codebook: int = 64
     levels: int = 2
@@ -227,13 +231,23 @@ def build_generative(items: np.ndarray, s: Settings, log) -> tuple[object, dict]
         return retriever.search_batch(q, k=s.k, beam_size=s.beam)[0]
 
     from cart_core.fusion import Fusion
-    from cart_core.hybrid import VerifiedRetriever, VerifyConfig
+    from cart_core.hybrid import VerifiedRetriever, VerifyConfig, item_neighbors
     from cart_core.verify import ItemVectors
 
     # vector queries live in the feature space: verification is the exact cosine to each
     # candidate's stored fp16 feature (one signal, so no weights to fit)
-    hybrid = VerifiedRetriever(generator, table, ItemVectors.build(None, items), None, Fusion(["feature_cos"], [1.0]),
-                               VerifyConfig(candidates=s.hybrid_candidates, expand_depth=s.hybrid_depth))
+    vectors = ItemVectors.build(None, items)
+    verify_cfg = VerifyConfig(candidates=s.hybrid_candidates, expand_depth=s.hybrid_depth,
+                              neighbor_seeds=s.hybrid_seeds, neighbors=s.hybrid_neighbors)
+    wait_for_quiet(s.quiet_wait, log, "the neighbour lists")
+    with PeakRSS() as nb_mem, OtherLoad() as nb_load:
+        t0 = time.perf_counter()
+        neighbors = item_neighbors(vectors, table, verify_cfg)
+        neighbors_s = time.perf_counter() - t0
+    if neighbors is not None:
+        log(f"  neighbour lists: {neighbors.shape[1]} per item in {neighbors_s:.1f} s, peak {nb_mem.peak_mib:.0f} MiB")
+    hybrid = VerifiedRetriever(generator, table, vectors, None, Fusion(["feature_cos"], [1.0]), verify_cfg,
+                               neighbors=neighbors)
 
     def search_hybrid(q: np.ndarray) -> np.ndarray:
         return hybrid.search_batch(q, k=s.k, beam_size=s.beam)[0]
@@ -250,7 +264,11 @@ def build_generative(items: np.ndarray, s: Settings, log) -> tuple[object, dict]
         "kmeans_imbalance": report["kmeans"]["imbalance"], "collisions": table.collision_stats(),
     }
     hybrid_info = {**info, "candidates": s.hybrid_candidates, "expand_depth": s.hybrid_depth,
-                   "verify_bytes_per_item": hybrid.items.bytes_per_item()}
+                   "neighbor_seeds": s.hybrid_seeds, "neighbors_per_item": s.hybrid_neighbors,
+                   "neighbors_s": neighbors_s, "neighbors_peak_rss_mib": nb_mem.peak_mib,
+                   "neighbors_other_cpu_frac": nb_load.frac,
+                   "verify_bytes_per_item": hybrid.items.bytes_per_item()
+                   + (0 if neighbors is None else neighbors.shape[1] * neighbors.itemsize)}
     return search, info, search_hybrid, hybrid_info
 
 
@@ -480,7 +498,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    labels = {"generative": "generative (beam {beam})", "hybrid": "hybrid: beam {beam} + verify", "faiss_flat": "faiss IndexFlatIP",
+    labels = {"generative": "generative (beam {beam})", "hybrid": "hybrid: beam {beam} + verify + neighbour lists", "faiss_flat": "faiss IndexFlatIP",
               "faiss_ivf": "faiss IndexIVFFlat (recall@10 ≥ 0.95)"}
     for m, marker in zip(METHODS, "oDs^"):
         rows = sorted((r for r in records if r["method"] == m), key=lambda r: r["n"])

@@ -35,7 +35,12 @@ class Candidates:
 
     @classmethod
     def concat(cls, parts: list["Candidates"]) -> "Candidates":
+        """Batches of queries, one after the other."""
         return cls(*[np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)])
+
+    def join(self, more: "Candidates") -> "Candidates":
+        """The same queries with `more` candidates after these."""
+        return Candidates(*[np.concatenate([getattr(self, f.name), getattr(more, f.name)], axis=1) for f in fields(self)])
 
 
 def expand_beam(beam: BeamResult, trie: DecodingTrie, cap: int, min_depth: int | None = None,
@@ -49,13 +54,8 @@ def expand_beam(beam: BeamResult, trie: DecodingTrie, cap: int, min_depth: int |
     min_depth = length - 1 if min_depth is None else min_depth
     if not 1 <= min_depth <= length:
         raise ValueError(f"expansion depth must be in [1, {length}], got {min_depth}")
-    items, item_scores = beam.items.cpu().numpy(), beam.scores.cpu().numpy()
-    nodes = {d: beam.level_nodes[d].cpu().numpy() for d in range(1, length)}
-    scores = {d: beam.level_scores[d].cpu().numpy() for d in range(1, length)}
-    if clusters > 0 and length > 1 and beam.first_logp is not None:
-        top = beam.first_logp.topk(min(clusters, beam.first_logp.shape[1]), dim=1)
-        nodes[1] = trie.children[0][0][top.indices].clamp_min(0).cpu().numpy()
-        scores[1] = top.values.cpu().numpy()
+    prefixes = BeamPrefixes.of(beam, trie, clusters)
+    items, item_scores, nodes, scores = prefixes.items, prefixes.item_scores, prefixes.nodes, prefixes.scores
     sorted_items, live_sorted = trie.sorted_items.cpu().numpy(), trie.live_sorted.cpu().numpy()
     b = len(items)
     out = Candidates(np.full((b, cap), -1, np.int64), np.full((b, cap, length), -np.inf, np.float32),
@@ -76,12 +76,56 @@ def expand_beam(beam: BeamResult, trie: DecodingTrie, cap: int, min_depth: int |
         rows, depth_of = rows[first], depth_of[first]
         n = len(rows)
         out.rows[q, :n], out.depth[q, :n], out.rank[q, :n] = rows, depth_of, np.arange(n)
-        for depth in range(1, length):                    # log-prob of each candidate's kept prefixes
-            out.logp[q, :n, depth - 1] = _lookup(trie.node_of_row[depth][rows], nodes[depth][q], scores[depth][q])
-        in_beam = depth_of == length
-        if in_beam.any():
-            by_row = dict(zip(items[q][keep].tolist(), item_scores[q][keep].tolist()))
-            out.logp[q, :n, length - 1][in_beam] = [by_row[r] for r in rows[in_beam].tolist()]
+        out.logp[q, :n] = prefixes.logp(trie, q, rows)
+    return out
+
+
+@dataclass
+class BeamPrefixes:
+    """What the beam kept, per query: its items and their scores, and per depth d its prefix nodes
+    and their log-probabilities (depth 1 from the first decoding step when `clusters` > 0)."""
+
+    items: np.ndarray
+    item_scores: np.ndarray
+    nodes: dict[int, np.ndarray]
+    scores: dict[int, np.ndarray]
+
+    @classmethod
+    def of(cls, beam: BeamResult, trie: DecodingTrie, clusters: int = 0) -> "BeamPrefixes":
+        nodes = {d: beam.level_nodes[d].cpu().numpy() for d in range(1, trie.length)}
+        scores = {d: beam.level_scores[d].cpu().numpy() for d in range(1, trie.length)}
+        if clusters > 0 and trie.length > 1 and beam.first_logp is not None:
+            top = beam.first_logp.topk(min(clusters, beam.first_logp.shape[1]), dim=1)
+            nodes[1] = trie.children[0][0][top.indices].clamp_min(0).cpu().numpy()
+            scores[1] = top.values.cpu().numpy()
+        return cls(beam.items.cpu().numpy(), beam.scores.cpu().numpy(), nodes, scores)
+
+    def logp(self, trie: DecodingTrie, q: int, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), L]: log-prob of each row's first d+1 tokens where query q's beam kept
+        that prefix, the item's own score where the beam found the item, -inf elsewhere."""
+        out = np.full((len(rows), trie.length), -np.inf, np.float32)
+        for depth in range(1, trie.length):
+            out[:, depth - 1] = _lookup(trie.node_of_row[depth][rows], self.nodes[depth][q], self.scores[depth][q])
+        keep = (self.items[q] >= 0) & np.isfinite(self.item_scores[q])
+        by_row = dict(zip(self.items[q][keep].tolist(), self.item_scores[q][keep].tolist()))
+        out[:, -1] = [by_row.get(r, -np.inf) for r in rows.tolist()]
+        return out
+
+
+def rows_as_candidates(beam: BeamResult, trie: DecodingTrie, rows: np.ndarray, clusters: int = 0,
+                       first_rank: int = 0, logp: bool = True) -> Candidates:
+    """Candidates for rows found another way (item neighbour lists, cart_core/neighbors.py), with
+    the beam's log-probabilities of their prefixes (left -inf with logp=False, when no signal
+    reads them); depth 0 marks them, ranks follow first_rank."""
+    b, c = rows.shape
+    out = Candidates(np.asarray(rows, np.int64), np.full((b, c, trie.length), -np.inf, np.float32),
+                     np.zeros((b, c), np.int8), np.tile(np.arange(first_rank, first_rank + c, dtype=np.int32), (b, 1)))
+    if not logp:
+        return out
+    kept = BeamPrefixes.of(beam, trie, clusters)
+    for q in range(b):
+        n = int((rows[q] >= 0).sum())
+        out.logp[q, :n] = kept.logp(trie, q, rows[q, :n])
     return out
 
 

@@ -211,7 +211,7 @@ AT_LEAST_ONE = {
     "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
     "reindex.finetune_epochs", "reindex.keep_versions",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
-    "verify.candidates", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
+    "verify.candidates", "verify.neighbors", "verify.neighbor_probe", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
 }
 ABOVE_ZERO = {
     "identifiers.rqvae.lr", "generator.prototype_scale", "train.lr", "extract.max_audio_s", "reindex.finetune_lr",

@@ -17,14 +17,16 @@ from tqdm.auto import tqdm
 from cart_core.added_items import held_out_feature_cos
 from cart_core.errors import ConfigError
 from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
-from cart_core.candidates import Candidates, expand_beam
+from cart_core.candidates import Candidates, expand_beam, rows_as_candidates
 from cart_core.decoding import beam_search_with_prefixes
 from cart_core.fusion import Fusion, fit_fusion, fit_weights
 from cart_core.generator import Generator
 from cart_core.identifiers import IdentifierTable
+from cart_core.neighbors import build_neighbors, follow_neighbors
 from cart_core.retrieval import BatchedSearch
 from cart_core.trie import DecodingTrie
-from cart_core.verify import DEFAULT_SIGNALS, SIGNALS, ItemVectors, caption_sums, candidate_signals, mask_captions
+from cart_core.verify import (DEFAULT_SIGNALS, SIGNALS, ItemVectors, caption_sums, candidate_signals,
+                               generator_signals, mask_captions)
 
 
 @dataclass
@@ -33,6 +35,9 @@ class VerifyConfig:
     candidates: int = 300        # candidates verified per query (beam items first, then their prefixes' items)
     expand_depth: int = 1        # shallowest beam prefix whose items become candidates (L = no expansion)
     clusters: int = 60           # depth 1: this many best first tokens instead of the beam's (0 = the beam's)
+    neighbor_seeds: int = 0      # then follow the neighbour lists of this many best verified candidates (0 = off)
+    neighbors: int = 16          # neighbour list length per item (cart_core/neighbors.py)
+    neighbor_probe: int = 1      # neighbour lists searched in the item's cluster and this many - 1 nearest ones
     holdout: float = 0.15        # share of training captions kept from the generator to fit the fusion
     mask_captions: float = 0.2   # candidates shown captionless while fitting the weights of items without captions
     signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
@@ -61,7 +66,7 @@ class VerifiedRetriever(BatchedSearch):
 
     def __init__(self, generator: Generator, table: IdentifierTable, items: ItemVectors,
                  aligner: QueryAligner | None, fusion: Fusion, cfg: VerifyConfig | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", neighbors: np.ndarray | None = None):
         if list(generator.cfg.vocab_sizes) != list(table.vocab_sizes):
             raise ValueError(f"generator vocabulary {generator.cfg.vocab_sizes} does not match identifiers "
                              f"{table.vocab_sizes}")
@@ -71,12 +76,18 @@ class VerifiedRetriever(BatchedSearch):
         self.generator = generator.to(device).eval()
         self.table, self.items, self.aligner, self.fusion = table, items, aligner, fusion
         self.cfg = cfg or VerifyConfig()
+        if neighbors is not None and len(neighbors) != len(table.item_ids):
+            raise ValueError(f"{len(neighbors)} neighbour lists for {len(table.item_ids)} identifiers")
         self.trie = DecodingTrie(table.codes, table.vocab_sizes, table.live).to(device)
         self.device = device
+        self.neighbors = neighbors
 
-    @torch.no_grad()
     def candidates(self, queries, beam_size: int) -> tuple[Candidates, np.ndarray, np.ndarray | None]:
         """(candidates, query sentence vectors, queries in feature space or None) for one batch."""
+        return self._generate(queries, beam_size)[:3]
+
+    @torch.no_grad()
+    def _generate(self, queries, beam_size: int):
         states, mask = self.generator.encode_queries(queries)
         if self.generator.text_encoder is not None:
             qvec, feature_queries = sentence_vectors(states, mask), None
@@ -92,16 +103,18 @@ class VerifiedRetriever(BatchedSearch):
         depth = self.trie.length if self.cfg.mode == "generative" else self.cfg.expand_depth
         cands = expand_beam(beam, self.trie, max(self.cfg.candidates, beam_size), min(depth, self.trie.length),
                             self.cfg.clusters)
-        return cands, qvec, feature_queries
+        return cands, qvec, feature_queries, beam
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item rows int64 [B, k], -1 where fewer; fused scores [B, k])."""
-        cands, qvec, fq = self.candidates(queries, beam_size)
+        cands, qvec, fq, beam = self._generate(queries, beam_size)
         if self.cfg.mode == "generative":
             score = np.where(cands.valid, cands.logp[..., -1] - cands.rank * 1e-6, -np.inf)
         else:
-            score = self.fusion.score(candidate_signals(qvec, cands, self.items, self.aligner, fq, names=self.fusion.names),
-                                      cands.valid)
+            signals = candidate_signals(qvec, cands, self.items, self.aligner, fq, names=self.fusion.names)
+            score = self.fusion.score(signals, cands.valid)
+            if self.neighbors is not None and self.cfg.neighbor_seeds > 0:
+                cands, score = self._follow_neighbors(beam, cands, signals, score, qvec, fq)
         order = np.argsort(-score, axis=1, kind="stable")[:, :k]
         rows = np.take_along_axis(cands.rows, order, 1)
         scores = np.take_along_axis(score, order, 1)
@@ -110,6 +123,32 @@ class VerifiedRetriever(BatchedSearch):
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return np.where(np.isfinite(scores), rows, -1), scores
+
+
+    def _follow_neighbors(self, beam, cands: Candidates, signals: dict, score: np.ndarray, qvec: np.ndarray,
+                          fq: np.ndarray | None) -> tuple[Candidates, np.ndarray]:
+        """Add the live neighbours of the best `neighbor_seeds` verified candidates, verified the same
+        way: at most seeds x list length more rows per query, whatever N."""
+        best = np.argsort(-score, axis=1, kind="stable")[:, :self.cfg.neighbor_seeds]
+        seeds = np.where(np.isfinite(np.take_along_axis(score, best, 1)), np.take_along_axis(cands.rows, best, 1), -1)
+        found = follow_neighbors(self.neighbors, seeds, cands.rows, self.table.live)
+        more = rows_as_candidates(beam, self.trie, found, self.cfg.clusters, first_rank=cands.rows.shape[1],
+                                  logp=any(name.startswith("gen_") for name in self.fusion.names))
+        more_signals = candidate_signals(qvec, more, self.items, self.aligner, fq, names=self.fusion.names)
+        joined = cands.join(more)
+        signals = {name: np.concatenate([signals[name], more_signals[name]], axis=1) for name in signals}
+        signals.update(generator_signals(joined, self.fusion.names))  # floored over the joined set
+        return joined, self.fusion.score(signals, joined.valid)
+
+
+def item_neighbors(items: ItemVectors, table: IdentifierTable, cfg: VerifyConfig,
+                   progress: bool = False) -> np.ndarray | None:
+    """Neighbour lists for VerifiedRetriever (None when cfg.neighbor_seeds is 0): by item feature,
+    else by caption centroid, blocked by the identifier's coarse cluster."""
+    vectors = items.features if items.features is not None else items.captions
+    if cfg.neighbor_seeds <= 0 or vectors is None:
+        return None
+    return build_neighbors(vectors, table.codes[:, 0], cfg.neighbors, cfg.neighbor_probe, progress=progress)
 
 
 def holdout_mask(n_pairs: int, share: float, seed: int = 0) -> np.ndarray:
@@ -159,7 +198,9 @@ def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], r
     fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
     sums = caption_sums(rows, vectors, len(table.item_ids))
     aligner = train_aligner(vectors[fit_rows], rows[fit_rows], features, cfg, progress=progress)
-    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features), aligner, Fusion([], []), cfg)
+    items = ItemVectors.build(sums, features)
+    retriever = VerifiedRetriever(generator, table, items, aligner, Fusion([], []), cfg,
+                                  neighbors=item_neighbors(items, table, cfg, progress))
     if len(held) == 0:
         raise ConfigError("verify.holdout leaves no training caption to fit the fusion on")
     retriever.fusion = fit_verification(retriever, [texts[i] for i in held], rows[held], sums[rows[held]] - vectors[held],

@@ -126,11 +126,19 @@ def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemV
         out["feature_cos"] = gathered_dot(mapped, items.feature_tensor, rows)
         if "no_caption" in out:  # an item without captions leans on its feature alone: its own weight
             out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
-    if "gen_item_logp" in wanted:
-        out["gen_item_logp"] = _floored(cands.logp[..., -1], valid)
-    if "gen_cluster_logp" in wanted:
-        out["gen_cluster_logp"] = _floored(cands.logp[..., 0], valid)
+    out.update(generator_signals(cands, wanted))
     return {k: np.where(valid, v, 0.0).astype(np.float32) for k, v in out.items()}
+
+
+def generator_signals(cands: Candidates, names: set[str] | list[str]) -> dict[str, np.ndarray]:
+    """The generator's log-probability signals among `names`, floored per query over the whole
+    candidate set (recompute them when candidates are joined)."""
+    out = {}
+    if "gen_item_logp" in names:
+        out["gen_item_logp"] = _floored(cands.logp[..., -1], cands.valid)
+    if "gen_cluster_logp" in names:
+        out["gen_cluster_logp"] = _floored(cands.logp[..., 0], cands.valid)
+    return {k: np.where(cands.valid, v, 0.0).astype(np.float32) for k, v in out.items()}
 
 
 def dense_scores(query_vectors: np.ndarray, items: ItemVectors, aligner: QueryAligner | None, names: list[str],

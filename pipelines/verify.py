@@ -6,7 +6,8 @@ generator, loaded by every job that answers queries (retrieve, evaluate, serve).
   * fusion.json: the chosen signals and their weights, with the held-out report;
   * captions.parquet: item_id, centroid (mean MiniLM vector of the item's training captions);
   * verify.json: the VerifyConfig it was fitted with.
-Item features are not copied: they are the live feature rows of the version being served. Items
+Item features are not copied: they are the live feature rows of the version being served; with
+`verify.neighbor_seeds` > 0 the item neighbour lists are built from them at load. Items
 added later by `cart reindex` take their caption centroid, and their calibrated verification
 vector (cart_core/added_items.py), from the pending table, so they are verified like any other
 item, with no flat index over them.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +102,9 @@ def copy_verifier(store: Store, source_dir: str, generator_dir: str) -> bool:
 
 
 def load_verified(version: IndexVersion, generator, table: IdentifierTable, device: str = "cpu",
-                  mode: str | None = None):
-    """The VerifiedRetriever of a version whose generator has a verifier, else None."""
+                  mode: str | None = None, neighbor_seeds: int | None = None):
+    """The VerifiedRetriever of a version whose generator has a verifier, else None. mode and
+    neighbor_seeds, where given, replace what the verifier was fitted with (query-time choices)."""
     from cart_core.alignment import QueryAligner
     from cart_core.fusion import Fusion
     from cart_core.hybrid import VerifiedRetriever, VerifyConfig
@@ -116,6 +119,8 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         cfg = VerifyConfig(**json.loads((local / "verify.json").read_text()))
         if mode is not None:
             cfg = dataclasses.replace(cfg, mode=mode)
+        if neighbor_seeds is not None:
+            cfg = dataclasses.replace(cfg, neighbor_seeds=neighbor_seeds)
         fusion = Fusion.load(local / "fusion.json")
         aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
     if cfg.mode != "hybrid":
@@ -135,7 +140,22 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         has = np.abs(pfeat).sum(1) > 0  # zero: added without captions, or before the verifier existed
         _scatter(features, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pfeat[has])
     items = ItemVectors.build(captions, features)
-    return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device)
+    return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device, neighbors=_neighbors(items, table, cfg))
+
+
+def _neighbors(items, table: IdentifierTable, cfg) -> np.ndarray | None:
+    """Neighbour lists (cart_core/neighbors.py) when the verifier follows them (verify.neighbor_seeds
+    > 0), built from the version's own vectors at load, so they always match what it serves."""
+    from cart_core.hybrid import item_neighbors
+
+    if cfg.neighbor_seeds <= 0:
+        return None
+    t0 = time.perf_counter()
+    neighbors = item_neighbors(items, table, cfg, progress=True)
+    if neighbors is not None:
+        log("retrieve", f"neighbour lists: {neighbors.shape[1]} per item for {len(neighbors)} items in "
+                        f"{time.perf_counter() - t0:.1f} s")
+    return neighbors
 
 
 def added_features(version: IndexVersion, features: np.ndarray, caption_vectors: np.ndarray,

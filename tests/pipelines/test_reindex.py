@@ -278,3 +278,14 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     assert retriever.trie.live_sorted.numpy().sum() == table.live.sum()  # pending items decodable, no masking
     generative, _ = load_retriever(version, mode="generative")
     assert generative.cfg.mode == "generative" and generative.items.captions is None
+    # neighbour lists (cart_core/neighbors.py) are built at load from the served vectors, pending
+    # items included; following them adds candidates and never a deleted item
+    assert retriever.neighbors is None  # off unless asked for
+    followed, table = load_retriever(version, neighbor_seeds=3)
+    assert followed.neighbors.shape == (len(table.item_ids), followed.cfg.neighbors)
+    listed = set(followed.neighbors[[row_of[i] for i in base["new_ids"]]].ravel().tolist()) - {-1}
+    assert listed and all(table.live[r] for r in listed)
+    texts = [f"query {i}" for i in range(4)]
+    rows, scores = followed.search(texts, k=5, beam_size=5)
+    assert (rows >= 0).all() and np.all(np.diff(scores, axis=1) <= 1e-6)
+    assert all(table.live[r] for r in rows.ravel())
