@@ -16,7 +16,7 @@ from cart_core.corpus import Corpus, check_min_items, split_captions
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
 from cart_core.generator import Generator
 from cart_core.hybrid import VerifiedRetriever, holdout_mask
-from cart_core.hybrid import fit_hybrid
+from cart_core.hybrid import fit_hybrid, item_neighbors
 from cart_core.identifiers import IdentifierTable
 from cart_core.indexing import build_index, identifier_inputs
 from cart_core.metrics import retrieval_metrics
@@ -147,6 +147,7 @@ def fit_verified(generator: Generator, table: IdentifierTable, train_text: list[
     retriever = fit_hybrid(generator, table, train_text, train_item, train_vec, holdout, features, cfg.verify,
                                  cfg.eval.beam_size, cfg.eval.batch_size, progress)
     retriever.fusion.report["fit_s"] = time.perf_counter() - t0
+    retriever.neighbors = item_neighbors(retriever.items, table, cfg.verify, progress)  # None unless asked for
     return retriever
 
 

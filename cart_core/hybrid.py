@@ -7,6 +7,7 @@ mean-pooled last layer is the query's sentence vector for the text side of verif
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +28,8 @@ from cart_core.retrieval import BatchedSearch
 from cart_core.trie import DecodingTrie
 from cart_core.verify import (DEFAULT_SIGNALS, SIGNALS, ItemVectors, caption_sums, candidate_signals,
                                generator_signals, mask_captions)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class VerifiedRetriever(BatchedSearch):
         self.trie = DecodingTrie(table.codes, table.vocab_sizes, table.live).to(device)
         self.device = device
         self.neighbors = neighbors
+        self._warned_no_lists = False
 
     def candidates(self, queries, beam_size: int) -> tuple[Candidates, np.ndarray, np.ndarray | None]:
         """(candidates, query sentence vectors, queries in feature space or None) for one batch."""
@@ -113,8 +117,12 @@ class VerifiedRetriever(BatchedSearch):
         else:
             signals = candidate_signals(qvec, cands, self.items, self.aligner, fq, names=self.fusion.names)
             score = self.fusion.score(signals, cands.valid)
-            if self.neighbors is not None and self.cfg.neighbor_seeds > 0:
+            if self.cfg.neighbor_seeds > 0 and self.neighbors is not None:
                 cands, score = self._follow_neighbors(beam, cands, signals, score, qvec, fq)
+            elif self.cfg.neighbor_seeds > 0 and not self._warned_no_lists:
+                logger.warning("verify.neighbor_seeds is %d but the retriever has no neighbour lists "
+                               "(cart_core.hybrid.item_neighbors): not followed", self.cfg.neighbor_seeds)
+                self._warned_no_lists = True
         order = np.argsort(-score, axis=1, kind="stable")[:, :k]
         rows = np.take_along_axis(cands.rows, order, 1)
         scores = np.take_along_axis(score, order, 1)
@@ -198,9 +206,7 @@ def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], r
     fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
     sums = caption_sums(rows, vectors, len(table.item_ids))
     aligner = train_aligner(vectors[fit_rows], rows[fit_rows], features, cfg, progress=progress)
-    items = ItemVectors.build(sums, features)
-    retriever = VerifiedRetriever(generator, table, items, aligner, Fusion([], []), cfg,
-                                  neighbors=item_neighbors(items, table, cfg, progress))
+    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features), aligner, Fusion([], []), cfg)
     if len(held) == 0:
         raise ConfigError("verify.holdout leaves no training caption to fit the fusion on")
     retriever.fusion = fit_verification(retriever, [texts[i] for i in held], rows[held], sums[rows[held]] - vectors[held],

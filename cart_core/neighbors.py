@@ -10,8 +10,9 @@ the prefixes miss: at most T * m rows per query, whatever the catalog size (docs
 
 Built exactly, blocked by the identifier's coarse cluster k: an item's neighbours are searched
 among the items of its own cluster and of the probe-1 clusters whose centroids are nearest, one
-matrix product per block of rows. Work is O(N * N / K * probe), about 1.5 min for 1M items in
-256 clusters on 2 CPUs; memory is m int32 per item (64 bytes at m = 16).
+matrix product per block of rows. Work is O(N * N / K * probe), so it grows faster than N at a
+fixed K: 38 s for 1M items in K = 256 clusters on 2 vCPUs (docs/benchmarks.md §0); memory is m
+int32 per item (96 bytes at m = 24), and the rows are converted to float32 one block at a time.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def build_neighbors(vectors: np.ndarray, clusters: np.ndarray, m: int = 16, prob
     if m < 1 or probe < 1:
         raise ValueError(f"neighbours per item and probe must be >= 1, got m={m}, probe={probe}")
     out = np.full((len(vectors), m), -1, np.int32)
-    present = np.abs(vectors).sum(1) > 0
+    present = np.concatenate([np.abs(vectors[i:i + 65536]).sum(1) > 0 for i in range(0, len(vectors), 65536)]) \
+        if len(vectors) else np.zeros(0, bool)                      # in blocks: no [N, D] temporary
     ids = np.unique(clusters[present])
     if len(ids) == 0:
         return out
@@ -45,7 +47,9 @@ def build_neighbors(vectors: np.ndarray, clusters: np.ndarray, m: int = 16, prob
         return torch.from_numpy(l2_normalize(np.asarray(vectors[rows], np.float32)))
 
     centroids = l2_normalize(np.stack([unit(members[int(c)]).mean(0).numpy() for c in ids]))
-    nearest = np.argsort(-(centroids @ centroids.T), axis=1)[:, :probe]  # own cluster first (cos 1)
+    similarity = centroids @ centroids.T
+    np.fill_diagonal(similarity, np.inf)  # its own cluster first, even beside a twin centroid
+    nearest = np.argsort(-similarity, axis=1)[:, :probe]
     for i, c in enumerate(tqdm(ids, desc="neighbour lists", disable=not progress, leave=False)):
         rows = members[int(c)]
         pool = np.concatenate([members[int(ids[j])] for j in nearest[i]])

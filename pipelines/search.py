@@ -15,14 +15,16 @@ from cart_core.config import CartConfig
 from cart_core.index_version import IndexVersion
 from cart_core.store import Manifest, Store
 from pipelines.stages import Resources, Stage, run_stage, stack_column
+from pipelines.verify import query_time
 
 
 def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None = None,
-                   neighbor_seeds: int | None = None):
+                   query: dict | None = None):
     """(retriever, IdentifierTable) for one committed version: generate, then verify
     (cart_core/hybrid.py) when its generator was fitted with a verifier; mode "generative" keeps
-    the beam's own ranking (the ablation); neighbor_seeds > 0 follows item neighbour lists
-    (cart_core/neighbors.py). Both default to what the verifier was fitted with. Versions trained before verification existed get the
+    the beam's own ranking (the ablation); `query` (pipelines.verify.query_time of the job's
+    config) sets the item neighbour lists (cart_core/neighbors.py). Both default to what the
+    verifier was fitted with. Versions trained before verification existed get the
     generator plus the dense fallback over pending items (cart_core/fallback.py)."""
     from cart_core.fallback import HybridRetriever
     from cart_core.generator import Generator
@@ -34,7 +36,7 @@ def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None 
     with store.local_dir(f"{manifest.generator}/model") as folder:
         generator = Generator.load(folder)
     generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
-    verified = load_verified(version, generator, table, device, mode, neighbor_seeds)
+    verified = load_verified(version, generator, table, device, mode, query)
     if verified is not None:
         # pending items stay decodable: verification ranks them, expansion reaches them by prefix
         return verified, table
@@ -99,12 +101,12 @@ class RetrieveStage(Stage):
     k: int
     beam_size: int
     mode: str | None = None
-    neighbor_seeds: int | None = None
+    query: dict | None = None
 
     def setup(self) -> None:
         store = Store(self.store_url)
         self.retriever, self.table = load_retriever(IndexVersion(store, store.version(self.version)),
-                                                    self.resources.device, self.mode, self.neighbor_seeds)
+                                                    self.resources.device, self.mode, self.query)
 
     def process_batch(self, batch: dict) -> dict:
         texts = [str(t) for t in batch["text"]]
@@ -118,5 +120,5 @@ def retrieve_dataset(store: Store, queries: pa.Table, cfg: CartConfig, k: int, m
     jobs = cfg.jobs
     stage = RetrieveStage(Resources(jobs.retrieve_actors, jobs.retrieve_num_cpus, jobs.retrieve_num_gpus,
                                     jobs.retrieve_batch_size), store.url, manifest.version, k, cfg.eval.beam_size,
-                          cfg.verify.mode, cfg.verify.neighbor_seeds)
+                          cfg.verify.mode, query_time(cfg))
     return run_stage(stage, queries.select(list(stage.inputs)))

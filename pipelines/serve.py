@@ -41,6 +41,7 @@ from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import QueryRefused, check_k, normalize_query
 from pipelines.search import load_retriever
+from pipelines.verify import query_time
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 logger = logging.getLogger("ray.serve")
@@ -65,11 +66,11 @@ class QueryFailed:
 class Snapshot:
     """One servable version: what a batch searches against, swapped as a whole."""
 
-    def __init__(self, store: Store, device: str):
+    def __init__(self, store: Store, device: str, query: dict | None = None):
         version = IndexVersion.newest_servable(store)
         self.version = version.version
         self.ids = (version.manifest.ids, version.manifest.generator)
-        self.retriever, self.table = load_retriever(version, device)
+        self.retriever, self.table = load_retriever(version, device, query=query)
 
 
 def token_digest(token: str) -> str:
@@ -144,7 +145,8 @@ class CartSearch:
         self.token = token_sha256 or (token_digest(env_token) if env_token else None)
         self.store = Store(store_url)
         self.device, self.beam, self.poll_s = device, beam_size, poll_s
-        self.current = Snapshot(self.store, device)
+        self.query = limits.get("verify")  # neighbour lists, as `cart retrieve` (pipelines/verify.query_time)
+        self.current = Snapshot(self.store, device, self.query)
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
         self.watch_failures, self.watch_error = 0, ""
@@ -157,7 +159,7 @@ class CartSearch:
                 manifest = IndexVersion.newest_servable(self.store).manifest
                 if manifest.version != self.current.version and \
                         (manifest.ids, manifest.generator) != self.current.ids:
-                    new = Snapshot(self.store, self.device)
+                    new = Snapshot(self.store, self.device, self.query)
                     self.current = new  # one reference swap: in-flight batches keep the old one
                     logger.info("cart serve: switched to version %s", new.version)
                 elif manifest.version != self.current.version:
@@ -229,7 +231,7 @@ def build_app(store_url: str, cfg: CartConfig, token: str | None = None):
     from dataclasses import asdict
 
     device = "cuda" if cfg.jobs.retrieve_num_gpus > 0 else "cpu"
-    limits = {"queries": asdict(cfg.queries), "serve": asdict(cfg.serve)}
+    limits = {"queries": asdict(cfg.queries), "serve": asdict(cfg.serve), "verify": query_time(cfg)}
     return CartSearch.options(
         num_replicas=cfg.jobs.serve_replicas,
         max_ongoing_requests=max(64, 4 * cfg.jobs.serve_max_batch_size),

@@ -101,10 +101,20 @@ def copy_verifier(store: Store, source_dir: str, generator_dir: str) -> bool:
     return True
 
 
+QUERY_TIME_KEYS = ("neighbor_seeds", "neighbors", "neighbor_probe")
+
+
+def query_time(cfg: CartConfig) -> dict:
+    """The verify settings a job chooses when it loads a version, not when it trains: the item
+    neighbour lists are built at load, so retrieve, evaluate and serve all take them from the
+    config they run with."""
+    return {key: getattr(cfg.verify, key) for key in QUERY_TIME_KEYS}
+
+
 def load_verified(version: IndexVersion, generator, table: IdentifierTable, device: str = "cpu",
-                  mode: str | None = None, neighbor_seeds: int | None = None):
-    """The VerifiedRetriever of a version whose generator has a verifier, else None. mode and
-    neighbor_seeds, where given, replace what the verifier was fitted with (query-time choices)."""
+                  mode: str | None = None, query: dict | None = None):
+    """The VerifiedRetriever of a version whose generator has a verifier, else None. mode and the
+    `query_time` settings, where given, replace what the verifier was fitted with."""
     from cart_core.alignment import QueryAligner
     from cart_core.fusion import Fusion
     from cart_core.hybrid import VerifiedRetriever, VerifyConfig
@@ -119,8 +129,11 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         cfg = VerifyConfig(**json.loads((local / "verify.json").read_text()))
         if mode is not None:
             cfg = dataclasses.replace(cfg, mode=mode)
-        if neighbor_seeds is not None:
-            cfg = dataclasses.replace(cfg, neighbor_seeds=neighbor_seeds)
+        if query:
+            unknown = set(query) - set(QUERY_TIME_KEYS)
+            if unknown:
+                raise ValueError(f"not query-time verify settings: {sorted(unknown)}")
+            cfg = dataclasses.replace(cfg, **query)
         fusion = Fusion.load(local / "fusion.json")
         aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
     if cfg.mode != "hybrid":
@@ -152,7 +165,9 @@ def _neighbors(items, table: IdentifierTable, cfg) -> np.ndarray | None:
         return None
     t0 = time.perf_counter()
     neighbors = item_neighbors(items, table, cfg, progress=True)
-    if neighbors is not None:
+    if neighbors is None:
+        log("retrieve", "verify.neighbor_seeds is set but the version has no item vectors: no neighbour lists")
+    else:
         log("retrieve", f"neighbour lists: {neighbors.shape[1]} per item for {len(neighbors)} items in "
                         f"{time.perf_counter() - t0:.1f} s")
     return neighbors

@@ -281,8 +281,8 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     # neighbour lists (cart_core/neighbors.py) are built at load from the served vectors, pending
     # items included; following them adds candidates and never a deleted item
     assert retriever.neighbors is None  # off unless asked for
-    followed, table = load_retriever(version, neighbor_seeds=3)
-    assert followed.neighbors.shape == (len(table.item_ids), followed.cfg.neighbors)
+    followed, table = load_retriever(version, query={"neighbor_seeds": 3, "neighbors": 6, "neighbor_probe": 1})
+    assert followed.neighbors.shape == (len(table.item_ids), 6)  # the job's settings, not the fitted ones
     listed = set(followed.neighbors[[row_of[i] for i in base["new_ids"]]].ravel().tolist()) - {-1}
     assert listed and all(table.live[r] for r in listed)
     texts = [f"query {i}" for i in range(4)]
