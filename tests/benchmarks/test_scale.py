@@ -43,7 +43,10 @@ def test_tiny_run_writes_records_and_plot(tmp_path):
     assert by["generative", 4000]["beam_size"] == 10
     # verification re-scores the generator's candidates exactly: it can only add true neighbours
     assert by["hybrid", 4000]["recall@10"] >= by["generative", 4000]["recall@10"]
-    assert by["hybrid", 4000]["verify_bytes_per_item"] == 2 * by["hybrid", 4000]["dim"]  # fp16 features
+    hybrid = by["hybrid", 4000]
+    # fp16 features + an int32 neighbour list per item (cart_core/neighbors.py)
+    assert hybrid["verify_bytes_per_item"] == 2 * hybrid["dim"] + 4 * hybrid["neighbors_per_item"]
+    assert hybrid["neighbor_seeds"] == 5 and hybrid["neighbors_s"] > 0
     assert {"machine", "torch_threads", "faiss"} <= set(data["meta"])
     assert len(data["targets"]) == 7 and all(isinstance(t["met"], bool) for t in data["targets"])
     assert (tmp_path / "scale.png").stat().st_size > 0
