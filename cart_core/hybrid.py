@@ -132,7 +132,6 @@ class VerifiedRetriever(BatchedSearch):
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return np.where(np.isfinite(scores), rows, -1), scores
 
-
     def _follow_neighbors(self, beam, cands: Candidates, signals: dict, score: np.ndarray, qvec: np.ndarray,
                           fq: np.ndarray | None) -> tuple[Candidates, np.ndarray]:
         """Add the live neighbours of the best `neighbor_seeds` verified candidates, verified the same
