@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 import time
 import uuid
@@ -39,8 +40,16 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-COMMIT_ATTEMPTS = 20
+COMMIT_ATTEMPTS = 60       # lost races before a commit gives up (each retry waits longer; see _backoff)
+BACKOFF_FIRST_S, BACKOFF_CAP_S = 0.005, 1.0
 FALLBACK_KEYS = ("pending", "pending_threshold", "pending_interleave", "pending_trained")
+
+
+def _backoff(attempt: int) -> None:
+    """Full-jitter exponential backoff: committers that lost a race spread out instead of colliding
+    again in lock-step, so a slow one is not starved by fast ones (a fixed retry count without a
+    wait lost commits under load)."""
+    time.sleep(random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** attempt)))
 
 
 class StoreError(RuntimeError):
@@ -243,7 +252,9 @@ class Store:
         `manifest_keys`: "features", "extra.tombstones", or "*" for every key). Lists that both
         sides only appended to are merged. Without `base` the manifest is committed as given
         (tests and benchmarks building stores by hand)."""
-        for _ in range(COMMIT_ATTEMPTS):
+        for attempt in range(COMMIT_ATTEMPTS):
+            if attempt:
+                _backoff(attempt)
             current = self.manifest()
             merged = manifest if base is None else rebase(base, manifest, current, set(reads), self.url)
             new = replace(merged, version=current.version + 1, committed_at=time.time(), message=message)
@@ -344,7 +355,9 @@ class Store:
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(path)
-        for _ in range(COMMIT_ATTEMPTS):
+        for attempt in range(COMMIT_ATTEMPTS):
+            if attempt:
+                _backoff(attempt)
             try:
                 head = sync(self.fs.loop, self.fs._call_s3, "get_object", Bucket=bucket, Key=key)
                 current, condition = sync(self.fs.loop, head["Body"].read), {"IfMatch": head["ETag"]}
