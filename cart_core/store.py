@@ -45,11 +45,19 @@ BACKOFF_FIRST_S, BACKOFF_CAP_S = 0.005, 1.0
 FALLBACK_KEYS = ("pending", "pending_threshold", "pending_interleave", "pending_trained")
 
 
+_JITTER = random.Random()  # private: a library seeding the global generator must not re-synchronise committers
+
+
+def backoff_bound(attempt: int) -> float:
+    """The longest wait before retry `attempt` (1, 2, ...): doubles from 5 ms, at most 1 s."""
+    return min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** (attempt - 1))
+
+
 def _backoff(attempt: int) -> None:
     """Full-jitter exponential backoff: committers that lost a race spread out instead of colliding
     again in lock-step, so a slow one is not starved by fast ones (a fixed retry count without a
     wait lost commits under load)."""
-    time.sleep(random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** attempt)))
+    time.sleep(_JITTER.uniform(0, backoff_bound(attempt)))
 
 
 class StoreError(RuntimeError):
@@ -251,7 +259,8 @@ class Store:
         when they do, or when the newer version changed a key named in `reads` (keys as in
         `manifest_keys`: "features", "extra.tombstones", or "*" for every key). Lists that both
         sides only appended to are merged. Without `base` the manifest is committed as given
-        (tests and benchmarks building stores by hand)."""
+        (tests and benchmarks building stores by hand). Under heavy contention a commit may wait
+        up to about a minute in all before it gives up."""
         for attempt in range(COMMIT_ATTEMPTS):
             if attempt:
                 _backoff(attempt)
@@ -355,9 +364,7 @@ class Store:
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(path)
-        for attempt in range(COMMIT_ATTEMPTS):
-            if attempt:
-                _backoff(attempt)
+        for _ in range(COMMIT_ATTEMPTS):  # no wait: the commit is already durable, only the pointer lags
             try:
                 head = sync(self.fs.loop, self.fs._call_s3, "get_object", Bucket=bucket, Key=key)
                 current, condition = sync(self.fs.loop, head["Body"].read), {"IfMatch": head["ETag"]}

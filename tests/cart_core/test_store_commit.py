@@ -95,3 +95,23 @@ def test_a_relative_local_store_is_named_by_its_absolute_path(tmp_path, monkeypa
     store = Store("idx/")
     assert store.url == str(tmp_path / "idx") and Store(store.url).root == store.root
     assert Store("s3://bucket/prefix/").url == "s3://bucket/prefix"
+
+
+def test_a_committer_that_keeps_losing_backs_off_longer_then_gives_up(tmp_path, monkeypatch):
+    """Each lost race waits a random time under a bound that doubles (so racing committers spread out
+    instead of retrying in lock-step); after COMMIT_ATTEMPTS losses nothing is committed."""
+    import cart_core.store as store_module
+
+    store = Store(tmp_path)
+    base = store.commit(Manifest(features=["features/a"]), "a")
+    waits = []
+    monkeypatch.setattr(store_module.time, "sleep", waits.append)
+    monkeypatch.setattr(Store, "_create_exclusive", lambda self, path, data: False)  # every race is lost
+    with pytest.raises(CommitConflict, match=f"after {store_module.COMMIT_ATTEMPTS} attempts"):
+        store.commit(replace(base, ids="ids/x"), "x", base=base)
+    bounds = [store_module.backoff_bound(a) for a in range(1, store_module.COMMIT_ATTEMPTS)]
+    assert len(waits) == store_module.COMMIT_ATTEMPTS - 1  # none before the first attempt
+    assert all(0 <= w <= b for w, b in zip(waits, bounds))
+    assert bounds[0] == 0.005 and bounds[1] == 0.01 and bounds[-1] == 1.0
+    assert sum(waits[len(waits) // 2:]) > sum(waits[:8])  # later retries wait longer
+    assert Store(tmp_path).manifest().version == 1
