@@ -114,9 +114,11 @@ def dense_sum(prep) -> dict:
 
 HYBRID_ABLATIONS = {  # label -> verify.* overrides (each refits the aligner and fusion on the same generator)
     "no_prefix_expansion": {"expand_depth": 99},
-    "without_caption_cos": {"signals": ["feature_cos"]},
-    "without_feature_cos": {"signals": ["caption_cos"]},
-    "with_generator_logp": {"signals": ["caption_cos", "feature_cos", "gen_item_logp", "gen_cluster_logp"]},
+    "without_caption_cos": {"signals": ["caption_bm25", "feature_cos"]},
+    "without_caption_bm25": {"signals": ["caption_cos", "feature_cos"]},
+    "without_feature_cos": {"signals": ["caption_cos", "caption_bm25"]},
+    "with_generator_logp": {"signals": ["caption_cos", "caption_bm25", "feature_cos", "gen_item_logp",
+                                        "gen_cluster_logp"]},
     "candidates_200": {"candidates": 200},
 }
 
@@ -241,7 +243,7 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
         cat = np.arange(len(corpus)) if catalog is None else catalog
         def dense_fused(query_text=query_text, cat=cat):
             score = dense_scores(encoder.sentence_embeddings(query_text), hybrid.items, hybrid.aligner,
-                                 hybrid.fusion.names, hybrid.fusion.weights, rows=cat)
+                                 hybrid.fusion.names, hybrid.fusion.weights, rows=cat, query_texts=query_text)
             return cat[np.argsort(-score, axis=1)[:, :10]]
         found, qps = _timed(dense_fused, len(rows))
         records.append({"method": "dense: hybrid's signals and weights, all items", "protocol": protocol,

@@ -140,6 +140,7 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
     from cart_core.identifiers import extend_identifiers
     from cart_core.indexing import build_index, encode, identifier_inputs
     from cart_core.training import train_generator
+    from cart_core.lexical import ItemTerms, TermIndex
     from cart_core.verify import ItemVectors, caption_sums
 
     data = default_dataset()
@@ -200,7 +201,17 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
                 base.aligner, new_feats, prep.train_vec[own], np.array([position[int(r)] for r in prep.train_item[own]]),
                 base.fusion.report["held_out_feature_cos"])
             results["calibration"] = {"alpha": alpha, "target": base.fusion.report["held_out_feature_cos"]}
-        items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), np.concatenate([feats[old_rows], new_feats]))
+        terms = None
+        if base.items.terms is not None:  # old items' words as trained, added ones' from their captions (if any)
+            own = np.isin(prep.train_item, new_rows) & with_captions
+            position = {int(r): j for j, r in enumerate(new_rows)}
+            new_terms = ItemTerms.from_captions(np.array([position[int(r)] for r in prep.train_item[own]], np.int64),
+                                                [t for t, o in zip(prep.train_text, own) if o], len(new_rows))
+            old_lists, new_lists = base.items.terms.items.as_lists(np.arange(len(old_rows))), \
+                new_terms.as_lists(np.arange(len(new_rows)))
+            terms = TermIndex(ItemTerms.from_lists(old_lists[0] + new_lists[0], old_lists[1] + new_lists[1]))
+        items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), np.concatenate([feats[old_rows], new_feats]),
+                                  terms)
         return VerifiedRetriever(base.generator, table, items, base.aligner, base.fusion, cfg.verify,
                                  neighbors=item_neighbors(items, table, cfg.verify))
 

@@ -171,7 +171,8 @@ def dense_fused(prep: PreparedCorpus, retriever: VerifiedRetriever) -> dict:
     """The hybrid's dense signals and weights over the whole catalog (cart_core.verify.dense_scores)."""
     fusion = retriever.fusion
     t0 = time.perf_counter()
-    score = dense_scores(prep.query_vec, retriever.items, retriever.aligner, fusion.names, fusion.weights)
+    score = dense_scores(prep.query_vec, retriever.items, retriever.aligner, fusion.names, fusion.weights,
+                         query_texts=prep.query_text)
     rows = np.argsort(-score, axis=1)[:, :10]
     qps = _with_encode(len(prep.query_vec) / max(time.perf_counter() - t0, 1e-9), prep.timings["encode_queries_per_s"])
     dense_names = [n_ for n_ in fusion.names if not n_.startswith("gen_")]

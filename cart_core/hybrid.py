@@ -20,9 +20,10 @@ from cart_core.errors import ConfigError
 from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
 from cart_core.candidates import Candidates, expand_beam, rows_as_candidates
 from cart_core.decoding import beam_search_with_prefixes
-from cart_core.fusion import Fusion, fit_fusion, fit_weights
+from cart_core.fusion import TUNED_FOR_TOP1, Fusion, fit_fusion, fit_weights, tune_for_top1
 from cart_core.generator import Generator
 from cart_core.identifiers import IdentifierTable
+from cart_core.lexical import ItemTerms, TermIndex
 from cart_core.neighbors import build_neighbors, follow_neighbors
 from cart_core.retrieval import BatchedSearch
 from cart_core.trie import DecodingTrie
@@ -85,10 +86,25 @@ class VerifiedRetriever(BatchedSearch):
         self.device = device
         self.neighbors = neighbors
         self._warned_no_lists = False
+        self._warned_no_terms = False
 
-    def candidates(self, queries, beam_size: int) -> tuple[Candidates, np.ndarray, np.ndarray | None]:
-        """(candidates, query sentence vectors, queries in feature space or None) for one batch."""
-        return self._generate(queries, beam_size)[:3]
+    def candidates(self, queries, beam_size: int):
+        """(candidates, query sentence vectors, queries in feature space or None, the queries' words
+        for BM25 or None) for one batch."""
+        cands, qvec, fq, _, terms = self._generate(queries, beam_size)
+        return cands, qvec, fq, terms
+
+    def _query_terms(self, queries):
+        """The queries' words when the BM25 signal can be scored (text queries, items with terms)."""
+        wanted = not self.fusion.names or "caption_bm25" in self.fusion.names
+        if not wanted or self.generator.text_encoder is None:
+            return None
+        if self.items.terms is None:
+            if not self._warned_no_terms and self.fusion.names:
+                logger.warning("the fusion weighs caption_bm25 but the retriever has no item terms: scored as 0")
+                self._warned_no_terms = True
+            return None
+        return self.items.terms.queries(list(queries))
 
     @torch.no_grad()
     def _generate(self, queries, beam_size: int):
@@ -107,18 +123,19 @@ class VerifiedRetriever(BatchedSearch):
         depth = self.trie.length if self.cfg.mode == "generative" else self.cfg.expand_depth
         cands = expand_beam(beam, self.trie, max(self.cfg.candidates, beam_size), min(depth, self.trie.length),
                             self.cfg.clusters)
-        return cands, qvec, feature_queries, beam
+        return cands, qvec, feature_queries, beam, self._query_terms(queries)
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item rows int64 [B, k], -1 where fewer; fused scores [B, k])."""
-        cands, qvec, fq, beam = self._generate(queries, beam_size)
+        cands, qvec, fq, beam, terms = self._generate(queries, beam_size)
         if self.cfg.mode == "generative":
             score = np.where(cands.valid, cands.logp[..., -1] - cands.rank * 1e-6, -np.inf)
         else:
-            signals = candidate_signals(qvec, cands, self.items, self.aligner, fq, names=self.fusion.names)
+            signals = candidate_signals(qvec, cands, self.items, self.aligner, fq, names=self.fusion.names,
+                                        query_terms=terms)
             score = self.fusion.score(signals, cands.valid)
             if self.cfg.neighbor_seeds > 0 and self.neighbors is not None:
-                cands, score = self._follow_neighbors(beam, cands, signals, score, qvec, fq)
+                cands, score = self._follow_neighbors(beam, cands, signals, score, qvec, fq, terms)
             elif self.cfg.neighbor_seeds > 0 and not self._warned_no_lists:
                 logger.warning("verify.neighbor_seeds is %d but the retriever has no neighbour lists "
                                "(cart_core.hybrid.item_neighbors): not followed", self.cfg.neighbor_seeds)
@@ -133,7 +150,7 @@ class VerifiedRetriever(BatchedSearch):
         return np.where(np.isfinite(scores), rows, -1), scores
 
     def _follow_neighbors(self, beam, cands: Candidates, signals: dict, score: np.ndarray, qvec: np.ndarray,
-                          fq: np.ndarray | None) -> tuple[Candidates, np.ndarray]:
+                          fq: np.ndarray | None, terms=None) -> tuple[Candidates, np.ndarray]:
         """Add the live neighbours of the best `neighbor_seeds` verified candidates, verified the same
         way: at most seeds x list length more rows per query, whatever N."""
         best = np.argsort(-score, axis=1, kind="stable")[:, :self.cfg.neighbor_seeds]
@@ -141,7 +158,8 @@ class VerifiedRetriever(BatchedSearch):
         found = follow_neighbors(self.neighbors, seeds, cands.rows, self.table.live)
         more = rows_as_candidates(beam, self.trie, found, self.cfg.clusters, first_rank=cands.rows.shape[1],
                                   logp=any(name.startswith("gen_") for name in self.fusion.names))
-        more_signals = candidate_signals(qvec, more, self.items, self.aligner, fq, names=self.fusion.names)
+        more_signals = candidate_signals(qvec, more, self.items, self.aligner, fq, names=self.fusion.names,
+                                         query_terms=terms)
         joined = cands.join(more)
         signals = {name: np.concatenate([signals[name], more_signals[name]], axis=1) for name in signals}
         signals.update(generator_signals(joined, self.fusion.names))  # floored over the joined set
@@ -177,15 +195,20 @@ def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: 
     parts, sigs = [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="fit fusion", disable=not progress, leave=False):
         end = start + batch_size
-        cands, qvec, fq = retriever.candidates(texts[start:end], beam_size)
+        cands, qvec, fq, terms = retriever.candidates(texts[start:end], beam_size)
         gold = (np.asarray(gold_rows[start:end]), loo_captions[start:end]) if loo_captions is not None else None
+        gold_terms = retriever.items.terms.leave_one_out(texts[start:end], gold_rows[start:end]) \
+            if retriever.items.terms is not None and terms is not None else None
         parts.append(cands)
-        sigs.append(candidate_signals(qvec, cands, retriever.items, retriever.aligner, fq, gold))
+        sigs.append(candidate_signals(qvec, cands, retriever.items, retriever.aligner, fq, gold,
+                                      query_terms=terms, gold_terms=gold_terms))
     cands = Candidates.concat(parts)
     signals = {k: np.concatenate([s[k] for s in sigs]) for k in sigs[0]}
     hit = cands.rows == np.asarray(gold_rows)[:, None]
     target = np.where(hit.any(1), hit.argmax(1), -1)
     fusion = fit_fusion(signals, cands.valid, target, retriever.cfg.signals)
+    for name in TUNED_FOR_TOP1:
+        fusion = tune_for_top1(signals, fusion, cands.valid, target, name)
     share = retriever.cfg.mask_captions
     if "no_caption" in fusion.names and share > 0:
         masked = mask_captions(signals, share, seed=retriever.cfg.align.seed)
@@ -205,7 +228,10 @@ def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], r
     fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
     sums = caption_sums(rows, vectors, len(table.item_ids))
     aligner = train_aligner(vectors[fit_rows], rows[fit_rows], features, cfg, progress=progress)
-    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features), aligner, Fusion([], []), cfg)
+    terms = TermIndex(ItemTerms.from_captions(rows, texts, len(table.item_ids))) \
+        if "caption_bm25" in cfg.signals and generator.text_encoder is not None else None
+    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features, terms), aligner,
+                                  Fusion([], []), cfg)
     if len(held) == 0:
         raise ConfigError("verify.holdout leaves no training caption to fit the fusion on")
     retriever.fusion = fit_verification(retriever, [texts[i] for i in held], rows[held], sums[rows[held]] - vectors[held],

@@ -6,6 +6,8 @@ Per item the index keeps two vectors (both optional, fp16 in memory):
   * the item's own feature (CLIP / CLAP / VideoMAE, e.g. 512 dims, 1 KiB an item), scored against
     the query mapped into that space by the QueryAligner (cart_core/alignment.py), the
     cross-modal side that also finds items without captions.
+  * the BM25 weights of the words of the item's captions (cart_core/lexical.py, about 8 bytes a
+    distinct word), the exact-term side the centroid averages away.
 The generator's log-probabilities of the candidate's prefixes are signals too. Every signal is
 computed for at most C candidates per query, so its cost does not depend on the catalog size.
 """
@@ -20,30 +22,41 @@ import torch
 from cart_core.alignment import QueryAligner
 from cart_core.candidates import Candidates
 from cart_core.kmeans import l2_normalize
+from cart_core.lexical import TermIndex
 
-SIGNALS = ("caption_cos", "feature_cos", "gen_item_logp", "gen_cluster_logp")
+SIGNALS = ("caption_cos", "caption_bm25", "feature_cos", "gen_item_logp", "gen_cluster_logp")
 # measured on Flickr8k and VATEX (docs/benchmarks.md): the generator's log-probabilities win the
 # held-out slice's R@1 but lose on the evaluation captions, so by default the generator proposes
 # and the dense signals rank; the log-probabilities stay available (verify.signals) and ablated
-DEFAULT_SIGNALS = ("caption_cos", "feature_cos")
+DEFAULT_SIGNALS = ("caption_cos", "caption_bm25", "feature_cos")
 
 
 @dataclass
 class ItemVectors:
-    """Per catalog row: caption centroid (zero row = no caption) and feature, fp16, L2-normalised.
-    Read-only once built: the caption mask and torch views are derived once (build a new one to change it)."""
+    """Per catalog row: caption centroid (zero row = no caption) and feature, fp16, L2-normalised,
+    and the BM25 index of the captions' words. Read-only once built: the caption mask and torch
+    views are derived once (build a new one to change it)."""
 
     captions: np.ndarray | None   # [N, Dt]
     features: np.ndarray | None   # [N, Df]
+    terms: TermIndex | None = None
 
     @classmethod
-    def build(cls, captions: np.ndarray | None, features: np.ndarray | None) -> "ItemVectors":
+    def build(cls, captions: np.ndarray | None, features: np.ndarray | None,
+              terms: TermIndex | None = None) -> "ItemVectors":
         def half(x):
             return None if x is None else l2_normalize(np.asarray(x, np.float32)).astype(np.float16)
-        return cls(half(captions), half(features))
+        if terms is not None and len(terms.length) != len(captions if captions is not None else features):
+            raise ValueError(f"{len(terms.length)} item term rows for "
+                             f"{len(captions if captions is not None else features)} item vectors")
+        return cls(half(captions), half(features), terms)
 
     def bytes_per_item(self) -> int:
-        return sum(x.shape[1] * x.itemsize for x in (self.captions, self.features) if x is not None)
+        dense = sum(x.shape[1] * x.itemsize for x in (self.captions, self.features) if x is not None)
+        if self.terms is not None:
+            matrix = self.terms.matrix
+            dense += (matrix.data.nbytes + matrix.indices.nbytes) // max(matrix.shape[0], 1)
+        return dense
 
     @cached_property
     def has_caption(self) -> np.ndarray | None:
@@ -98,12 +111,15 @@ def _floored(logp: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemVectors,
                       aligner: QueryAligner | None = None, feature_queries: np.ndarray | None = None,
                       gold_captions: tuple[np.ndarray, np.ndarray] | None = None,
-                      names: list[str] | None = None) -> dict[str, np.ndarray]:
+                      names: list[str] | None = None, query_terms=None,
+                      gold_terms: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """name -> [B, C] float32. query_vectors: the queries' sentence vectors (text side).
     feature_queries: queries already in the feature space (vector queries); else the aligner maps
     query_vectors there. gold_captions (gold rows [B], leave-one-out centroids [B, Dt]) replaces the
     gold item's centroid when fitting on held-out training captions, so a query never meets itself.
-    names: compute only these signals (what a fitted fusion uses); None: every signal there is."""
+    names: compute only these signals (what a fitted fusion uses); None: every signal there is.
+    query_terms: the queries' words (TermIndex.queries) for the BM25 signal; gold_terms [B]: the
+    gold item's leave-one-out BM25, the lexical counterpart of gold_captions."""
     rows = cands.rows.clip(0)
     valid = cands.valid
     wanted = set(SIGNALS) | {"no_caption", "feature_cos_uncaptioned"} if names is None else set(names)
@@ -119,6 +135,12 @@ def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemV
             has = np.where(own, (np.abs(loo).sum(-1) > 0)[:, None], has)
         out["caption_cos"] = np.where(has, cos, 0.0).astype(np.float32)
         out["no_caption"] = (~has).astype(np.float32)
+    if items.terms is not None and query_terms is not None and "caption_bm25" in wanted:
+        bm25 = items.terms.score(query_terms, rows)
+        if gold_terms is not None and gold_captions is not None:
+            own = cands.rows == np.asarray(gold_captions[0])[:, None]
+            bm25 = np.where(own, np.asarray(gold_terms, np.float32)[:, None], bm25)
+        out["caption_bm25"] = bm25
     if items.features is not None and (aligner is not None or feature_queries is not None) \
             and wanted & {"feature_cos", "feature_cos_uncaptioned"}:
         mapped = feature_queries if feature_queries is not None else aligner.map(query_vectors)
@@ -142,10 +164,11 @@ def generator_signals(cands: Candidates, names: set[str] | list[str]) -> dict[st
 
 
 def dense_scores(query_vectors: np.ndarray, items: ItemVectors, aligner: QueryAligner | None, names: list[str],
-                 weights: list[float], rows: np.ndarray | None = None) -> np.ndarray:
+                 weights: list[float], rows: np.ndarray | None = None, query_texts: list[str] | None = None) -> np.ndarray:
     """The fused dense signals of every item (or of `rows`) [B, n], no generator and no cap: the
     dense look-up with the hybrid's own information and weights, the bar the hybrid is held to.
-    The generator's signals, which a dense look-up does not have, are left out."""
+    The generator's signals, which a dense look-up does not have, are left out; the BM25 signal
+    takes part when query_texts are given."""
     rows = np.arange(len(items.captions if items.captions is not None else items.features)) if rows is None else rows
     q = np.asarray(query_vectors, np.float32)
     weight = dict(zip(names, weights))
@@ -155,6 +178,8 @@ def dense_scores(query_vectors: np.ndarray, items: ItemVectors, aligner: QueryAl
         cent = items.captions[rows].astype(np.float32)
         no_caption = (np.abs(cent).sum(1) == 0)[None, :].astype(np.float32)
         score += weight.get("caption_cos", 0.0) * (q @ cent.T) + weight.get("no_caption", 0.0) * no_caption
+    if items.terms is not None and query_texts is not None and weight.get("caption_bm25", 0.0):
+        score += weight["caption_bm25"] * items.terms.score_all(items.terms.queries(query_texts), rows)
     if items.features is not None and aligner is not None:
         feature_cos = aligner.map(q) @ items.features[rows].astype(np.float32).T
         score += (weight.get("feature_cos", 0.0) + weight.get("feature_cos_uncaptioned", 0.0) * no_caption) * feature_cos
@@ -170,6 +195,8 @@ def mask_captions(signals: dict[str, np.ndarray], share: float, seed: int = 0) -
     out = dict(signals)
     out["caption_cos"] = np.where(drop, 0.0, signals["caption_cos"]).astype(np.float32)
     out["no_caption"] = np.where(drop, 1.0, signals["no_caption"]).astype(np.float32)
+    if "caption_bm25" in signals:
+        out["caption_bm25"] = np.where(drop, 0.0, signals["caption_bm25"]).astype(np.float32)
     if "feature_cos" in signals:
         out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
     return out

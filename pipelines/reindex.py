@@ -39,6 +39,7 @@ from cart_core.fallback import acceptance_threshold
 from cart_core.identifiers import IdentifierTable, extend_identifiers, live_rows
 from cart_core.indexing import encode, identifier_inputs, load_codebooks
 from cart_core.kmeans import cluster_imbalance
+from cart_core.lexical import ItemTerms
 from cart_core.index_version import IndexVersion, is_servable, pending_runs, referenced_paths, save_ids
 from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
@@ -114,6 +115,14 @@ def caption_vectors(cfg: CartConfig, item_ids: list[str], cap_ids: list[str],
     np.add.at(out, rows, vecs[keep])
     counts = np.bincount(rows, minlength=len(item_ids))
     return out / np.maximum(counts, 1)[:, None], vecs[keep], rows
+
+
+def caption_terms(item_ids: list[str], cap_ids: list[str], cap_texts: list[str]) -> ItemTerms:
+    """The words of each item's captions for the BM25 signal (cart_core/lexical.py), rows as
+    item_ids (empty for items without captions); a caption given twice counts once."""
+    index = {item: r for r, item in enumerate(item_ids)}
+    kept = [(index[i], t) for i, t in dict.fromkeys(zip(cap_ids, cap_texts)) if i in index]
+    return ItemTerms.from_captions(np.array([r for r, _ in kept], np.int64), [t for _, t in kept], len(item_ids))
 
 
 def drift_report(codes: dict, fitted: dict, coarse_after: np.ndarray, n_clusters: int, factor: float) -> dict:
@@ -233,15 +242,19 @@ def apply_identifiers(table: IdentifierTable, plan: dict, prefix: np.ndarray) ->
 
 def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[str], vectors: np.ndarray,
                   table: IdentifierTable, features: np.ndarray | None = None,
-                  refreshed: dict[str, np.ndarray | None] | None = None) -> tuple[str | None, pa.Table | None]:
+                  refreshed: dict[str, np.ndarray | None] | None = None,
+                  terms: ItemTerms | None = None) -> tuple[str | None, pa.Table | None]:
     """The pending table: every item added since the last full training (carried over from earlier
     reindexes) that is still live, with the reindex run that added it (`run`: a fine-tune records
     which runs it has taught the generator, extra.pending_trained), its caption centroid (`vector`)
     and, where the version has a verifier, its calibrated verification vector (`feature`,
     cart_core/added_items.py; zeros for rows added before the verifier existed). `refreshed`: items
     whose features this run changed, with their new verification vector or None (zeros: the new
-    raw feature is used), so a kept row never verifies with a vector built from old features."""
+    raw feature is used), so a kept row never verifies with a vector built from old features.
+    `terms`: the words of each item's captions (`term_ids`, `term_counts`: the BM25 signal)."""
     ids, vecs, runs = list(item_ids), [v for v in vectors], [run] * len(item_ids)
+    words = terms.as_lists(np.arange(len(ids))) if terms is not None else ([[]] * len(ids), [[]] * len(ids))
+    words = list(zip(*words)) if ids else []
     feats = [f for f in features] if features is not None else [None] * len(ids)
     old = version.pending()
     if old is not None:
@@ -259,11 +272,16 @@ def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[s
         feats = [refreshed[old_ids[i]] if old_ids[i] in refreshed else None if old_feats is None else old_feats[i]
                  for i in keep] + feats
         runs = [old_runs[i] for i in keep] + runs
+        old_words = list(zip(old.column("term_ids").to_pylist(), old.column("term_counts").to_pylist())) \
+            if "term_ids" in old.column_names else [([], [])] * old.num_rows
+        words = [old_words[i] for i in keep] + words
     if not ids:
         return None, None
     stacked = np.asarray(np.stack(vecs), dtype=np.float32)
     columns = {"item_id": ids, "run": runs,
-               "vector": pa.FixedSizeListArray.from_arrays(pa.array(stacked.reshape(-1)), stacked.shape[1])}
+               "vector": pa.FixedSizeListArray.from_arrays(pa.array(stacked.reshape(-1)), stacked.shape[1]),
+               "term_ids": pa.array([list(t) for t, _ in words], pa.list_(pa.int64())),
+               "term_counts": pa.array([list(c) for _, c in words], pa.list_(pa.int32()))}
     dim = next((len(f) for f in feats if f is not None), None)
     if dim is not None:
         fstack = np.stack([np.zeros(dim, np.float32) if f is None else np.asarray(f, np.float32) for f in feats])
@@ -327,6 +345,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     emb = np.asarray(plan["encode_emb"], dtype=np.float32).reshape(len(plan["encode_ids"]), manifest.dim or 1)
     t0 = time.perf_counter()
     cap_vec, each_vec, each_row = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
+    cap_terms = caption_terms(plan["encode_ids"], cap_ids, cap_texts)
     summary.time("caption_embed_s", t0)  # for ids from captions and for the dense fallback
     t0 = time.perf_counter()
     verify_feats, calibration = added_features(version, emb, each_vec, each_row) if cfg.reindex.calibrate_added \
@@ -359,7 +378,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.counts.update(plan["counts"], identifiers_added=len(learn), captions=len(new_caps))
     if changed:
         t0 = time.perf_counter()
-        commit_identifiers(version, run, plan, new_table, learn, cap_vec, verify_feats, new_caps, ids_meta, drift,
+        commit_identifiers(version, run, plan, new_table, learn, cap_vec, cap_terms, verify_feats, new_caps, ids_meta,
+                           drift,
                            base_rows=len(table.item_ids), id_deltas=cfg.reindex.id_deltas,
                            impostors=impostors, fallback_fpr=cfg.reindex.fallback_fpr,
                            fallback_interleave=cfg.reindex.fallback_interleave)
@@ -385,7 +405,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
 
 
 def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: IdentifierTable,
-                       learn: list[str], cap_vec: np.ndarray, verify_feats: np.ndarray | None, new_caps: list,
+                       learn: list[str], cap_vec: np.ndarray, cap_terms: ItemTerms, verify_feats: np.ndarray | None,
+                       new_caps: list,
                        ids_meta: dict, drift: dict,
                        base_rows: int, id_deltas: int, impostors: np.ndarray, fallback_fpr: float,
                        fallback_interleave: int) -> None:
@@ -425,7 +446,8 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
                  for r, new in enumerate(plan["new_feature_row"]) if new}
     pending, pending_table = write_pending(version, f"ids/{run}", run, [plan["encode_ids"][r] for r in has_caption],
                                            cap_vec[has_caption], table,
-                                           None if verify_feats is None else verify_feats[has_caption], refreshed)
+                                           None if verify_feats is None else verify_feats[has_caption], refreshed,
+                                           ItemTerms.from_lists(*cap_terms.as_lists(np.array(has_caption, np.int64))))
     threshold = None
     if pending and len(impostors):
         vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))

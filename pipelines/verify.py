@@ -5,6 +5,8 @@ generator, loaded by every job that answers queries (retrieve, evaluate, serve).
   * aligner.safetensors + aligner.json: the query -> item-feature map (cart_core/alignment.py);
   * fusion.json: the chosen signals and their weights, with the held-out report;
   * captions.parquet: item_id, centroid (mean MiniLM vector of the item's training captions);
+  * terms.parquet: item_id, term_ids, term_counts (the words of its training captions, hashed,
+    for the BM25 signal, cart_core/lexical.py);
   * verify.json: the VerifyConfig it was fitted with.
 Item features are not copied: they are the live feature rows of the version being served; with
 `verify.neighbor_seeds` > 0 the item neighbour lists are built from them at load. Items
@@ -84,6 +86,9 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
             "item_id": pa.array(table.item_ids[has].astype(str).tolist()),
             "centroid": pa.FixedSizeListArray.from_arrays(pa.array(centroids.reshape(-1)), vectors.shape[1]),
         }), f"{generator_dir}/verify/captions.parquet")
+        if retriever.items.terms is not None:
+            store.write_table(terms_table(table.item_ids, retriever.items.terms.items),
+                              f"{generator_dir}/verify/terms.parquet")
         (tmp / "verify.json").write_text(json.dumps(dataclasses.asdict(cfg.verify), indent=2))
         store.put_dir(tmp, f"{generator_dir}/verify")
     log("train", f"verification: {', '.join(f'{n} {w:+.2f}' for n, w in zip(fusion.names, fusion.weights))} "
@@ -152,8 +157,47 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         pfeat = stack_column(pending.column("feature").to_numpy(zero_copy_only=False))
         has = np.abs(pfeat).sum(1) > 0  # zero: added without captions, or before the verifier existed
         _scatter(features, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pfeat[has])
-    items = ItemVectors.build(captions, features)
+    items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending))
     return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device, neighbors=_neighbors(items, table, cfg))
+
+
+def terms_table(item_ids: np.ndarray, terms) -> pa.Table:
+    """The rows of an ItemTerms that have words, as Parquet list columns (no Python lists: 1M
+    items' words go straight from the CSR arrays)."""
+    sizes = np.diff(terms.indptr)
+    rows = np.flatnonzero(sizes > 0)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes[rows])]).astype(np.int32))
+    keep = np.repeat(sizes > 0, sizes)
+    return pa.table({"item_id": pa.array(np.asarray(item_ids)[rows].astype(str).tolist()),
+                     "term_ids": pa.ListArray.from_arrays(offsets, pa.array(terms.terms[keep], pa.int64())),
+                     "term_counts": pa.ListArray.from_arrays(offsets, pa.array(terms.counts[keep], pa.int32()))})
+
+
+def item_terms(store: Store, folder: str, table: IdentifierTable, pending: pa.Table | None):
+    """The BM25 index of every live item's caption words: the verifier's trained items, then the
+    items reindexes added (their pending rows win); None for a verifier fitted without the signal."""
+    from cart_core.identifiers import live_rows
+    from cart_core.lexical import ItemTerms, TermIndex
+
+    if not store.exists(f"{folder}/terms.parquet"):
+        return None
+    sources = [store.read_table(f"{folder}/terms.parquet")]
+    if pending is not None and "term_ids" in pending.column_names:
+        sources.append(pending)
+    rows, starts, lengths, flat_terms, flat_counts, base = [], [], [], [], [], 0
+    for source in sources:
+        ids = [str(i) for i in source.column("item_id").to_pylist()]
+        row_of = live_rows(table, ids)
+        term_ids, term_counts = (source.column(c).combine_chunks() for c in ("term_ids", "term_counts"))
+        offsets = term_ids.offsets.to_numpy().astype(np.int64)
+        rows.append(np.array([row_of.get(i, -1) for i in ids], np.int64))
+        starts.append(offsets[:-1] + base)
+        lengths.append(np.diff(offsets))
+        flat_terms.append(term_ids.values.to_numpy())
+        flat_counts.append(term_counts.values.to_numpy())
+        base += len(flat_terms[-1])
+    return TermIndex(ItemTerms.from_segments(len(table.item_ids), *(np.concatenate(x) for x in (
+        rows, starts, lengths, flat_terms, flat_counts))))
 
 
 def _neighbors(items, table: IdentifierTable, cfg) -> np.ndarray | None:

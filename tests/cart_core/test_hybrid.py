@@ -187,3 +187,52 @@ def test_fit_hybrid_weights_items_without_captions():
     hybrid.items = ItemVectors(captions, hybrid.items.features)
     found, _ = hybrid.search(feats[:10], k=10, beam_size=5)
     assert np.mean([r in f for r, f in zip(range(10), found)]) >= 0.8
+
+
+def test_bm25_signal_scores_candidates_and_takes_the_gold_leave_one_out_value():
+    from cart_core.lexical import ItemTerms, TermIndex
+
+    table = random_catalog(n=50, k=3, v=3)
+    trie, beam = beam_over(table, beam=4)
+    cands = expand_beam(beam, trie, cap=30, min_depth=1)
+    rows = np.repeat(np.arange(50), 2)
+    texts = [f"word{r} {'red car' if i == 0 else 'street'}" for r, i in zip(rows, np.tile([0, 1], 50))]
+    terms = TermIndex(ItemTerms.from_captions(rows, texts, 50))
+    items = ItemVectors.build(np.ones((50, 6), np.float32), None, terms)
+    target = cands.rows.clip(0)[:, 0]
+    queries = [f"word{t} red car" for t in target]
+    q = terms.queries(queries)
+    sig = candidate_signals(np.ones((3, 6), np.float32) / 6 ** 0.5, cands, items, query_terms=q)
+    assert np.allclose(sig["caption_bm25"], np.where(cands.valid, terms.score(q, cands.rows.clip(0)), 0))
+    assert (sig["caption_bm25"].argmax(1) == 0).all()  # the word only item t has decides
+    loo = np.array([0.5, 0.25, 0.125], np.float32)
+    gold = (target, np.ones((3, 6), np.float32))
+    sig = candidate_signals(np.ones((3, 6), np.float32) / 6 ** 0.5, cands, items, gold_captions=gold,
+                            query_terms=q, gold_terms=loo)
+    own = cands.rows == target[:, None]
+    assert np.allclose(sig["caption_bm25"][own], np.repeat(loo, own.sum(1)))
+    masked = mask_captions(sig, 0.5)
+    assert np.all(masked["caption_bm25"][masked["no_caption"] == 1] == 0)
+    with pytest.raises(ValueError, match="term rows"):
+        ItemVectors.build(np.ones((49, 6), np.float32), None, terms)
+
+
+def test_a_heavy_tailed_signal_is_rescaled_to_the_held_out_top1():
+    from cart_core.fusion import top1, tune_for_top1
+
+    rng = np.random.default_rng(2)
+    b, c = 600, 20
+    target = rng.integers(0, c, b)
+    cos = rng.normal(size=(b, c)).astype(np.float32)
+    cos[np.arange(b), target] += 2.0
+    bm25 = rng.exponential(3.0, size=(b, c)).astype(np.float32)  # no information, large values
+    signals = {"caption_cos": cos, "caption_bm25": bm25}
+    valid = np.ones((b, c), bool)
+    fitted = Fusion(["caption_cos", "caption_bm25"], [3.0, 1.0])
+    tuned = tune_for_top1(signals, fitted, valid, target, "caption_bm25")
+    report = tuned.report["tuned_for_top1"]["caption_bm25"]
+    assert tuned.weights[0] == 3.0 and tuned.weights[1] == pytest.approx(report["scale"], abs=1e-4)
+    assert report["scale"] < 0.1  # noise: the smallest weights rank best
+    assert 100 * top1(tuned.score(signals, valid), target) == pytest.approx(report["held_out_R@1_tuned"])
+    assert report["held_out_R@1_tuned"] > report["held_out_R@1_fitted"]
+    assert tune_for_top1({"caption_cos": cos}, fitted, valid, target, "caption_bm25") is fitted

@@ -234,7 +234,7 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
 
     store = fresh(base, tmp_path)
     manifest = store.manifest()
-    for name in ("fusion.json", "verify.json", "captions.parquet", "aligner.safetensors"):
+    for name in ("fusion.json", "verify.json", "captions.parquet", "terms.parquet", "aligner.safetensors"):
         assert store.exists(f"{manifest.generator}/verify/{name}"), name
     assert "held_out_feature_cos" in store.read_json(f"{manifest.generator}/verify/fusion.json")["report"]
     summary = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
@@ -244,6 +244,10 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     assert isinstance(retriever, VerifiedRetriever)
     new_rows = [r for r, i in enumerate(table.item_ids) if i in set(base["new_ids"])]
     assert (np.abs(retriever.items.captions[new_rows].astype(np.float32)).sum(1) > 0).all()  # from the pending table
+    # and their caption words (the BM25 signal, cart_core/lexical.py), from the pending table too
+    assert "caption_bm25" in retriever.fusion.names
+    words_per_row = np.diff(retriever.items.terms.matrix.indptr)
+    assert (words_per_row[new_rows] > 0).all() and (words_per_row[table.live] > 0).all()
     # added items are verified by their calibrated vector (cart_core/added_items.py), old ones by their feature
     calibration = summary["added_items_calibration"]
     assert 0.0 <= calibration["alpha"] <= 1.0 and calibration["captioned_items"] == N_NEW
@@ -273,6 +277,7 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
         assert not np.allclose(new, before[item], atol=1e-3)
         want = new if np.abs(new).any() else emb / np.linalg.norm(emb)
         assert np.allclose(retriever.items.features[row_of[item]].astype(np.float32), want, atol=2e-3)
+    assert (np.diff(retriever.items.terms.matrix.indptr)[[row_of[i] for i in base["new_ids"]]] > 0).all()  # kept
     untouched = [i for i in base["new_ids"] if i not in set(items["item_id"])][0]
     assert np.allclose(feature_of[untouched], before[untouched])
     assert retriever.trie.live_sorted.numpy().sum() == table.live.sum()  # pending items decodable, no masking
