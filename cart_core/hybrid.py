@@ -97,7 +97,7 @@ class VerifiedRetriever(BatchedSearch):
     def _query_terms(self, queries):
         """The queries' words when the BM25 signal can be scored (text queries, items with terms)."""
         wanted = not self.fusion.names or "caption_bm25" in self.fusion.names
-        if not wanted or self.generator.text_encoder is None:
+        if not wanted or self.generator.text_encoder is None or self.cfg.mode != "hybrid":
             return None
         if self.items.terms is None:
             if not self._warned_no_terms and self.fusion.names:

@@ -166,11 +166,10 @@ def terms_table(item_ids: np.ndarray, terms) -> pa.Table:
     items' words go straight from the CSR arrays)."""
     sizes = np.diff(terms.indptr)
     rows = np.flatnonzero(sizes > 0)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes[rows])]).astype(np.int32))
-    keep = np.repeat(sizes > 0, sizes)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes[rows])]).astype(np.int64))  # rows without words add none
     return pa.table({"item_id": pa.array(np.asarray(item_ids)[rows].astype(str).tolist()),
-                     "term_ids": pa.ListArray.from_arrays(offsets, pa.array(terms.terms[keep], pa.int64())),
-                     "term_counts": pa.ListArray.from_arrays(offsets, pa.array(terms.counts[keep], pa.int32()))})
+                     "term_ids": pa.LargeListArray.from_arrays(offsets, pa.array(terms.terms, pa.int64())),
+                     "term_counts": pa.LargeListArray.from_arrays(offsets, pa.array(terms.counts, pa.int32()))})
 
 
 def item_terms(store: Store, folder: str, table: IdentifierTable, pending: pa.Table | None):
@@ -190,6 +189,8 @@ def item_terms(store: Store, folder: str, table: IdentifierTable, pending: pa.Ta
         row_of = live_rows(table, ids)
         term_ids, term_counts = (source.column(c).combine_chunks() for c in ("term_ids", "term_counts"))
         offsets = term_ids.offsets.to_numpy().astype(np.int64)
+        if not np.array_equal(offsets, term_counts.offsets.to_numpy()):
+            raise ValueError(f"{folder}: term_ids and term_counts of different lengths in a row")
         rows.append(np.array([row_of.get(i, -1) for i in ids], np.int64))
         starts.append(offsets[:-1] + base)
         lengths.append(np.diff(offsets))
@@ -197,7 +198,7 @@ def item_terms(store: Store, folder: str, table: IdentifierTable, pending: pa.Ta
         flat_counts.append(term_counts.values.to_numpy())
         base += len(flat_terms[-1])
     return TermIndex(ItemTerms.from_segments(len(table.item_ids), *(np.concatenate(x) for x in (
-        rows, starts, lengths, flat_terms, flat_counts))))
+        rows, starts, lengths, flat_terms, flat_counts))), keep_items=False)
 
 
 def _neighbors(items, table: IdentifierTable, cfg) -> np.ndarray | None:

@@ -38,9 +38,16 @@ def bm25_by_hand(query: str, docs: list[list[str]], row: int) -> float:
 
 
 def test_words_are_lower_cased_split_and_stemmed():
-    assert words("Two Dogs, running!") == ["two", "dog", "runn"]
-    assert stem("is") == "is" and stem("bus") == "bus"  # too short to strip
-    assert words("") == []
+    assert words("Two Dogs, running!") == ["two", "dog", "run"]
+    assert words("Café: niños_y perros") == ["café", "niño", "y", "perro"]  # any script; _ splits
+    assert stem("is") == "is" and stem("bus") == "bus" and words("") == []
+
+
+@pytest.mark.parametrize("forms", [("horse", "horses"), ("run", "running"), ("smile", "smiling", "smiled"),
+                                   ("glass", "glasses"), ("box", "boxes"), ("baby", "babies"),
+                                   ("stop", "stopped"), ("fall", "falling"), ("play", "plays", "played")])
+def test_inflections_of_a_word_meet(forms):
+    assert len({stem(w) for w in forms}) == 1
 
 
 def test_term_ids_are_stable_across_processes():
