@@ -120,7 +120,7 @@ def tune_for_top1(signals: dict[str, np.ndarray], fusion: Fusion, valid: np.ndar
     dense over all items, development runs described in docs/benchmarks.md §0). The slice R@1
     figures in the report are in-sample (the scale was chosen on them)."""
     if name not in fusion.names or name not in signals or fusion.weights[fusion.names.index(name)] <= 0:
-        return fusion
+        return fusion  # a weight of 0 or below has no scale to search around
     i = fusion.names.index(name)
     rest = Fusion([n for n in fusion.names if n != name], [w for n, w in zip(fusion.names, fusion.weights) if n != name])
     base, sig, w0 = rest.score(signals, valid), signals[name], fusion.weights[i]
@@ -130,6 +130,7 @@ def tune_for_top1(signals: dict[str, np.ndarray], fusion: Fusion, valid: np.ndar
     weights = list(fusion.weights)
     weights[i] = float(w0 * scales[best])
     report = dict(fusion.report, tuned_for_top1={
+        **fusion.report.get("tuned_for_top1", {}),
         name: {"fitted_weight": round(w0, 4), "scale": round(float(scales[best]), 4),
                "slice_R@1_fitted_in_sample": round(100 * float(top1(base + np.float32(w0) * sig, target)), 2),
                "slice_R@1_tuned_in_sample": round(100 * float(r1[best]), 2)}})
