@@ -50,15 +50,15 @@ from cart_core.experiment import (  # noqa: E402
     run_generative,
     run_hybrid,
 )
-from cart_core.fusion import equal_weights  # noqa: E402
-from cart_core.hybrid import VerifiedRetriever, holdout_mask  # noqa: E402
+from cart_core.fusion import Fusion, equal_weights  # noqa: E402
+from cart_core.hybrid import VerifiedRetriever, fit_verification, holdout_mask  # noqa: E402
 from cart_core.generator import Generator  # noqa: E402
 from cart_core.identifiers import IdentifierTable  # noqa: E402
 from cart_core.indexing import build_index, identifier_inputs  # noqa: E402
 from cart_core.metrics import retrieval_metrics  # noqa: E402
 from cart_core.retrieval import GenerativeRetriever  # noqa: E402
 from cart_core.text import TextEncoder  # noqa: E402
-from cart_core.verify import dense_scores  # noqa: E402
+from cart_core.verify import caption_sums, dense_scores  # noqa: E402
 from cart_core.training import train_generator  # noqa: E402
 from pipelines.data_paths import shared_data_dir  # noqa: E402
 from pipelines.report import format_table, plot_recall  # noqa: E402
@@ -179,8 +179,10 @@ def _timed(fn, count: int) -> tuple[np.ndarray, float]:
     return rows, count / max(time.perf_counter() - t0, 1e-9)
 
 
-def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress: bool = True) -> list[dict]:
-    """Generative and ridge + faiss rows for the inductive protocol (see the module docstring)."""
+def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress: bool = True,
+                   captionless_shares: tuple[float, ...] = ()) -> list[dict]:
+    """Generative and ridge + faiss rows for the inductive protocol (see the module docstring);
+    with captionless_shares, the hybrid refitted at each `verify.captionless_query_share` too."""
     q = cfg.eval.query_caption_index
     item_unseen = unseen[corpus.caption_item]
     train_rows = np.flatnonzero(~item_unseen & (corpus.caption_index != q))
@@ -219,7 +221,8 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
 
     common = {"identifiers_source": "features", "holdout": float(unseen.mean()), "unseen_items": int(unseen.sum()),
               "train_captions": len(train_rows)}
-    records = []
+    records = tradeoff_rows(hybrid, cfg, (train_text, train_item, train_vec, holdout), corpus, query_sets,
+                            captionless_shares, common)
     for label, (rows, catalog, protocol) in query_sets.items():
         query_text = [texts[i] for i in rows.tolist()]
         gold = corpus.caption_item[rows]
@@ -262,11 +265,81 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
     return records
 
 
-def run_inductive(name: str, config: Path, overrides: list[str], holdout: float, seed: int) -> list[dict]:
+def tradeoff_rows(hybrid: VerifiedRetriever, cfg: CartConfig, training, corpus: Corpus, query_sets: dict,
+                  shares: tuple[float, ...], common: dict) -> list[dict]:
+    """The hybrid's fusion refitted on the same held-out slice at each captionless_query_share
+    (same generator, aligner and candidates), scored on the unseen and seen queries over the whole
+    catalog: how findable items without captions are against captioned ones, per setting."""
+    train_text, train_item, train_vec, holdout = training
+    held = np.flatnonzero(holdout)
+    loo = caption_sums(train_item, train_vec, len(corpus))[train_item[held]] - train_vec[held]
+    records = []
+    for share in shares:
+        verify_cfg = replace(cfg.verify, captionless_query_share=share)
+        refit = VerifiedRetriever(hybrid.generator, hybrid.table, hybrid.items, hybrid.aligner, Fusion([], []),
+                                  verify_cfg)
+        refit.fusion = fit_verification(refit, [train_text[i] for i in held], train_item[held], loo,
+                                        cfg.eval.beam_size, cfg.eval.batch_size)
+        for label, (rows, catalog, protocol) in query_sets.items():
+            if catalog is not None:
+                continue
+            found = refit.search([corpus.caption_text[i] for i in rows.tolist()], k=cfg.eval.k,
+                                 beam_size=cfg.eval.beam_size, batch_size=cfg.eval.batch_size)[0]
+            records.append({"method": f"hybrid, captionless_query_share={share}", "protocol": protocol,
+                            **retrieval_metrics(found, corpus.caption_item[rows]), "captionless_query_share": share,
+                            "weights": [round(w, 3) for w in refit.fusion.weights], "signals": refit.fusion.names,
+                            **common, "catalog": label, "catalog_items": len(corpus)})
+    return records
+
+
+def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Seen items' R@1 against unseen items' R@1 (whole catalog) for each captionless_query_share,
+    the default hybrid and the dense baselines: where on the trade-off each setting sits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def point(method: str):
+        """(seen R@1, unseen R@1) over the whole catalog, or None."""
+        got = {r["catalog"].split(" ")[0]: r["R@1"] for r in rows
+               if r["method"] == method and r["catalog"].endswith("whole catalog")}
+        return (got["seen"], got["unseen"]) if {"seen", "unseen"} <= got.keys() else None
+
+    shares = sorted({r["captionless_query_share"] for r in rows if "captionless_query_share" in r})
+    if not shares:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    curve = [(s, point(f"hybrid, captionless_query_share={s}")) for s in shares]
+    curve = [(s, p) for s, p in curve if p is not None]
+    default = point("hybrid (generate + verify)")
+    if default:
+        curve = sorted(curve + [("default", default)], key=lambda sp: sp[1][0], reverse=True)
+    ax.plot([p[0] for _, p in curve], [p[1] for _, p in curve], "o-", label="hybrid, by captionless_query_share")
+    for s, (x, y) in curve:
+        ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for method, marker in (("faiss_flat_ridge", "s"), ("dense: hybrid's signals and weights, all items", "^")):
+        p = point(method)
+        if p:
+            ax.plot(*p, marker, label=method)
+    ax.set_xlabel("seen items (captions trained on): R@1 over the whole catalog")
+    ax.set_ylabel("unseen items (no captions): R@1 over the whole catalog")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_inductive(name: str, config: Path, overrides: list[str], holdout: float, seed: int,
+                  captionless_shares: tuple[float, ...] = ()) -> list[dict]:
     folder = dataset_folder(name)
     cfg = load_config(config, [f"eval.query_caption_index={QUERY_CAPTION.get(name, 4)}", *overrides])
     corpus = load_corpus(folder)
-    records = inductive_rows(corpus, cfg, holdout_items(len(corpus), holdout, seed))
+    records = inductive_rows(corpus, cfg, holdout_items(len(corpus), holdout, seed),
+                             captionless_shares=captionless_shares)
     for rec in records:
         rec["dataset"] = name
     return records
@@ -299,6 +372,9 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.205,
                         help="inductive: share of items never trained on (0.205: 200 of Flickr8k's 976)")
     parser.add_argument("--holdout-seed", type=int, default=0)
+    parser.add_argument("--captionless-shares", default="0.3,0.4,0.5",
+                        help="inductive: also refit the hybrid at these verify.captionless_query_share values "
+                             "(comma-separated; empty: none) and plot the trade-off")
     parser.add_argument("--append", action="store_true", help="merge into an existing DIR/quality.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -307,6 +383,12 @@ def main() -> None:
         parser.error(f"--protocols must list transductive and/or inductive, got {args.protocols!r}")
     if not 0.0 < args.holdout < 1.0:
         parser.error(f"--holdout must be in (0, 1), got {args.holdout}")
+    try:
+        shares = tuple(float(x) for x in args.captionless_shares.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"--captionless-shares must be comma-separated numbers, got {args.captionless_shares!r}")
+    if any(not 0 < x < 1 for x in shares):
+        parser.error(f"--captionless-shares must lie in (0, 1), got {args.captionless_shares!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out / "quality.json").read_text()) if args.append and (out / "quality.json").exists() else []
@@ -326,8 +408,11 @@ def main() -> None:
                 plot_recall(rows, out / f"quality-{name}.png", f"{name}, transductive")
             save()
         if "inductive" in protocols and name in args.inductive_datasets.split(","):
-            rows = run_inductive(name, Path(args.config), args.overrides, args.holdout, args.holdout_seed)
+            rows = run_inductive(name, Path(args.config), args.overrides, args.holdout, args.holdout_seed, shares)
             records += rows
+            plot_tradeoff(rows, out / f"quality-{name}-captionless-tradeoff.png",
+                          f"{name}, inductive: items without captions against captioned ones")
+            rows = [r for r in rows if "captionless_query_share" not in r]
             for catalog in dict.fromkeys(r["catalog"] for r in rows):
                 print(format_table([r for r in rows if r["catalog"] == catalog], f"\n{name}: {catalog}"), flush=True)
             plot_recall([dict(r, method=f"{r['method']} | {r['catalog']}") for r in rows],

@@ -20,7 +20,7 @@ from cart_core.errors import ConfigError
 from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
 from cart_core.candidates import Candidates, expand_beam, rows_as_candidates
 from cart_core.decoding import beam_search_with_prefixes
-from cart_core.fusion import TUNED_FOR_TOP1, Fusion, fit_fusion, fit_weights, tune_for_top1
+from cart_core.fusion import TUNED_FOR_TOP1, Fusion, fit_fusion, fit_weights, tune_for_top1, tune_pair_for_top1
 from cart_core.generator import Generator
 from cart_core.identifiers import IdentifierTable
 from cart_core.lexical import ItemTerms, TermIndex
@@ -44,12 +44,19 @@ class VerifyConfig:
     neighbor_probe: int = 1      # neighbour lists searched in the item's cluster and this many - 1 nearest ones
     holdout: float = 0.15        # share of training captions kept from the generator to fit the fusion
     mask_captions: float = 0.2   # candidates shown captionless while fitting the weights of items without captions
+    # share of queries assumed to ask for an item without captions when those items' weights are
+    # tuned (None: as the masked slice has them, ~mask_captions); higher finds them more often and
+    # captioned items less often (docs/benchmarks.md §0, the trade-off plot)
+    captionless_query_share: float | None = None
     signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     align: AlignConfig = field(default_factory=AlignConfig)
 
     def __post_init__(self):
         if isinstance(self.align, dict):
             self.align = AlignConfig(**self.align)
+        share = self.captionless_query_share
+        if share is not None and not 0 < share < 1:
+            raise ConfigError(f"verify.captionless_query_share must be in (0, 1) or null, got {share!r}")
         if self.mode not in ("hybrid", "generative"):
             raise ConfigError(f"verify.mode must be hybrid | generative, got {self.mode!r}")
         unknown = set(self.signals) - set(SIGNALS)
@@ -187,10 +194,11 @@ def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: 
     """Fit the fusion on held-out training queries: candidates from the trained generator, signals
     with the gold item's leave-one-out caption centroid. The weights of items without captions
     (an offset, and their own feature weight) are then fitted with a seeded share of the
-    candidates shown captionless; the captioned weights stay as fitted. With BM25 among the
-    signals those two weights are then rescaled to the masked slice's R@1 as BM25's was: fitted
-    by the logit alone they left never-trained Flickr8k items at R@1 3.4 over the whole catalog
-    (5.5 before BM25), rescaled 5.4 / R@10 54.8, seen items 75.9 -> 75.6 (docs/benchmarks.md §0).
+    candidates shown captionless; the captioned weights stay as fitted. Those two weights are then
+    rescaled together to the masked slice's R@1 (fusion.tune_pair_for_top1), its queries weighed
+    by `verify.captionless_query_share`: with BM25 in the fusion, fitted by the logit alone they
+    left never-trained Flickr8k items at R@1 3.4 over the whole catalog, rescaled one after the
+    other 5.4 / R@10 54.8, together 6.6 / 55.9, seen items 75.6 in both (docs/benchmarks.md §0).
 
     Tried instead and measured worse (docs/benchmarks.md §0): hiding 20 % of the items from a
     second aligner and showing exactly those captionless (unseen Flickr8k items, whole catalog:
@@ -219,10 +227,26 @@ def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: 
         fusion.weights = fit_weights(masked, fusion.names + extra, cands.valid, target,
                                      frozen=dict(zip(fusion.names, fusion.weights)), free=["no_caption", *extra])
         fusion.names = fusion.names + extra
-        if "caption_bm25" in fusion.names:  # the words a captionless item lacks: calibrate by R@1 too
-            for name in ("no_caption", *extra):
-                fusion = tune_for_top1(masked, fusion, cands.valid, target, name)
+        weight = captionless_query_weights(masked, target, retriever.cfg.captionless_query_share)
+        fusion = tune_pair_for_top1(masked, fusion, cands.valid, target, ("no_caption", "feature_cos_uncaptioned"),
+                                    query_weight=weight)
     return fusion
+
+
+def captionless_query_weights(masked: dict[str, np.ndarray], target: np.ndarray,
+                              share: float | None) -> np.ndarray | None:
+    """Per held-out query, its weight in the R@1 the captionless weights are tuned to: `share` of
+    the total on the queries whose own item was shown captionless, the rest on the others.
+    None: every query weighs the same, i.e. items without captions are asked for as often as the
+    slice shows them (about `mask_captions`)."""
+    if share is None:
+        return None
+    known = target >= 0
+    captionless = np.zeros(len(target), bool)
+    captionless[known] = masked["no_caption"][np.flatnonzero(known), target[known]] > 0
+    if captionless.all() or not captionless.any():
+        return None
+    return np.where(captionless, share / captionless.sum(), (1 - share) / (~captionless).sum())
 
 
 def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], rows: np.ndarray,

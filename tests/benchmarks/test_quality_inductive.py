@@ -37,7 +37,7 @@ def test_paper_rows_are_marked_and_merge_replaces_by_key():
     assert len(merged) == 4  # transductive kept, inductive added, paper rows not duplicated
 
 
-def test_inductive_rows_never_train_on_held_out_items(monkeypatch):
+def test_inductive_rows_never_train_on_held_out_items(monkeypatch, tmp_path):
     quality = load_quality()
     corpus = synthetic_corpus(n_items=150, dim=16, n_captions=4, n_topics=6, seed=2)
     cfg = load_config(None, [
@@ -54,7 +54,14 @@ def test_inductive_rows_never_train_on_held_out_items(monkeypatch):
         return real_train(generator, queries, codes, train_cfg, **kwargs)
 
     monkeypatch.setattr(quality, "train_generator", spy)
-    records = quality.inductive_rows(corpus, cfg, unseen, progress=False)
+    records = quality.inductive_rows(corpus, cfg, unseen, progress=False, captionless_shares=(0.5,))
+    tradeoff = [r for r in records if "captionless_query_share" in r]
+    records = [r for r in records if "captionless_query_share" not in r]
+    # the fusion refitted to favour items without captions: scored on both query sets, whole catalog
+    assert sorted(r["catalog"] for r in tradeoff) == ["seen items (caption #3), whole catalog",
+                                                      "unseen items, whole catalog"]
+    assert all(r["method"] == "hybrid, captionless_query_share=0.5" for r in tradeoff)
+    assert quality.plot_tradeoff(tradeoff + records, tmp_path / "tradeoff.png", "t").stat().st_size > 0
     # the non-query captions of seen items, less the slice kept to fit the hybrid's fusion (texts
     # repeat across items here, so compare rows)
     expected = np.flatnonzero(~unseen[corpus.caption_item] & (corpus.caption_index != 3))

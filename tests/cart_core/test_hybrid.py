@@ -6,6 +6,7 @@ import torch
 from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
 from cart_core.candidates import expand_beam
 from cart_core.decoding import beam_search_with_prefixes, constrained_beam_search
+from cart_core.errors import ConfigError
 from cart_core.fusion import Fusion, equal_weights, fit_fusion
 from cart_core.generator import Generator, GeneratorConfig
 from cart_core.hybrid import VerifiedRetriever, VerifyConfig, fit_verification
@@ -236,3 +237,53 @@ def test_a_heavy_tailed_signal_is_rescaled_to_the_held_out_top1():
     assert 100 * top1(tuned.score(signals, valid), target) == pytest.approx(report["slice_R@1_tuned_in_sample"])
     assert report["slice_R@1_tuned_in_sample"] > report["slice_R@1_fitted_in_sample"]
     assert tune_for_top1({"caption_cos": cos}, fitted, valid, target, "caption_bm25") is fitted
+
+
+def _captionless_slice(seed: int = 3, b: int = 800, c: int = 20):
+    """A held-out slice where 20 % of candidates have no captions: their own feature score is
+    weaker evidence than a caption score, so where the offset sits decides who wins."""
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, c, b)
+    no_caption = (rng.random((b, c)) < 0.2).astype(np.float32)
+    gold = np.zeros((b, c), bool)
+    gold[np.arange(b), target] = True
+    caption = np.where(no_caption > 0, 0.0, rng.normal(size=(b, c)) + 2.0 * gold).astype(np.float32)
+    feature = np.where(no_caption > 0, rng.normal(size=(b, c)) + 1.5 * gold, 0.0).astype(np.float32)
+    signals = {"caption_cos": caption, "no_caption": no_caption, "feature_cos_uncaptioned": feature}
+    return signals, np.ones((b, c), bool), target
+
+
+def test_captionless_weights_are_tuned_together_and_trade_as_configured():
+    from cart_core.fusion import top1, tune_pair_for_top1
+    from cart_core.hybrid import captionless_query_weights
+
+    signals, valid, target = _captionless_slice()
+    captionless = signals["no_caption"][np.arange(len(target)), target] > 0
+    fitted = Fusion(["caption_cos", "no_caption", "feature_cos_uncaptioned"], [1.0, 0.3, 0.3])
+    pair = ("no_caption", "feature_cos_uncaptioned")
+    weight = captionless_query_weights(signals, target, 0.5)
+    assert weight.sum() == pytest.approx(1.0) and weight[captionless].sum() == pytest.approx(0.5)
+    assert captionless_query_weights(signals, target, None) is None
+
+    def recall(fusion, rows):
+        return top1(fusion.score(signals, valid)[rows], target[rows])
+
+    by_share = {}
+    for share in (None, 0.5, 0.8):
+        tuned = tune_pair_for_top1(signals, fitted, valid, target, pair,
+                                   captionless_query_weights(signals, target, share))
+        report = tuned.report["tuned_for_top1"]["no_caption+feature_cos_uncaptioned"]
+        assert tuned.weights[0] == 1.0  # the captioned weight is left as fitted
+        assert report["slice_R@1_tuned_in_sample"] >= report["slice_R@1_fitted_in_sample"]
+        by_share[share] = (recall(tuned, captionless), recall(tuned, ~captionless))
+    assert by_share[None][0] > recall(fitted, captionless)  # the misfit offset hid captionless items
+    # asking more often for captionless items finds them more often, captioned ones less often
+    assert by_share[0.8][0] >= by_share[0.5][0] >= by_share[None][0]
+    assert by_share[0.8][1] <= by_share[0.5][1] <= by_share[None][1]
+    assert by_share[0.8][0] > by_share[None][0]
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, 1.5])
+def test_captionless_query_share_outside_zero_one_is_refused(share):
+    with pytest.raises(ConfigError, match="captionless_query_share"):
+        VerifyConfig(captionless_query_share=share)
