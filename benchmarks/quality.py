@@ -292,7 +292,7 @@ def tradeoff_rows(hybrid: VerifiedRetriever, cfg: CartConfig, training, corpus: 
     return records
 
 
-def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path | None:
+def plot_tradeoff(rows: list[dict], path: Path, title: str, hybrid_share: float | None = None) -> Path | None:
     """Seen items' R@1 against unseen items' R@1 (whole catalog) for each captionless_query_share,
     the default hybrid and the dense baselines: where on the trade-off each setting sits."""
     import matplotlib
@@ -306,7 +306,7 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path | None:
                if r["method"] == method and r["catalog"].endswith("whole catalog")}
         return (got["seen"], got["unseen"]) if {"seen", "unseen"} <= got.keys() else None
 
-    shares = sorted({r["captionless_query_share"] for r in rows if "captionless_query_share" in r})
+    shares = list(dict.fromkeys(r["captionless_query_share"] for r in rows if "captionless_query_share" in r))
     if not shares:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -314,7 +314,8 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path | None:
     curve = [(s, p) for s, p in curve if p is not None]
     default = point("hybrid (generate + verify)")
     if default:
-        curve = sorted(curve + [("default", default)], key=lambda sp: sp[1][0], reverse=True)
+        curve = curve + [(f"default ({hybrid_share})", default)]
+    curve = sorted(curve, key=lambda sp: sp[1][0], reverse=True)
     ax.plot([p[0] for _, p in curve], [p[1] for _, p in curve], "o-", label="hybrid, by captionless_query_share")
     for s, (x, y) in curve:
         ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -372,9 +373,10 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.205,
                         help="inductive: share of items never trained on (0.205: 200 of Flickr8k's 976)")
     parser.add_argument("--holdout-seed", type=int, default=0)
-    parser.add_argument("--captionless-shares", default="0.3,0.4,0.5",
+    parser.add_argument("--captionless-shares", default="none,0.3,0.4",
                         help="inductive: also refit the hybrid at these verify.captionless_query_share values "
-                             "(comma-separated; empty: none) and plot the trade-off")
+                             "(comma-separated, 'none' for the slice's own share; empty: no refits) and plot "
+                             "the trade-off")
     parser.add_argument("--append", action="store_true", help="merge into an existing DIR/quality.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -384,10 +386,11 @@ def main() -> None:
     if not 0.0 < args.holdout < 1.0:
         parser.error(f"--holdout must be in (0, 1), got {args.holdout}")
     try:
-        shares = tuple(float(x) for x in args.captionless_shares.split(",") if x.strip())
+        shares = tuple(None if x.strip().lower() == "none" else float(x)
+                       for x in args.captionless_shares.split(",") if x.strip())
     except ValueError:
-        parser.error(f"--captionless-shares must be comma-separated numbers, got {args.captionless_shares!r}")
-    if any(not 0 < x < 1 for x in shares):
+        parser.error(f"--captionless-shares must be comma-separated numbers or none, got {args.captionless_shares!r}")
+    if any(x is not None and not 0 < x < 1 for x in shares):
         parser.error(f"--captionless-shares must lie in (0, 1), got {args.captionless_shares!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -411,7 +414,8 @@ def main() -> None:
             rows = run_inductive(name, Path(args.config), args.overrides, args.holdout, args.holdout_seed, shares)
             records += rows
             plot_tradeoff(rows, out / f"quality-{name}-captionless-tradeoff.png",
-                          f"{name}, inductive: items without captions against captioned ones")
+                          f"{name}, inductive: items without captions against captioned ones",
+                          load_config(Path(args.config), args.overrides).verify.captionless_query_share)
             rows = [r for r in rows if "captionless_query_share" not in r]
             for catalog in dict.fromkeys(r["catalog"] for r in rows):
                 print(format_table([r for r in rows if r["catalog"] == catalog], f"\n{name}: {catalog}"), flush=True)

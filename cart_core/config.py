@@ -165,6 +165,8 @@ def _build(cls, data: dict[str, Any], source: str, key: str = ""):
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     """Give a value its field's type ('1e-3' -> 0.001: YAML reads floats without a dot as text)."""
+    if value is None and "None" in str(f.type):  # an optional field (`float | None`) takes null
+        return None
     default = f.default if f.default is not dataclasses.MISSING else None
     kind = type(default) if default is not None else None
     try:
@@ -220,7 +222,7 @@ ABOVE_ZERO = {
 MINUS_ONE_ALLOWED = {"jobs.train_max_failures"}
 SHARES = {  # key: whether 1 itself is allowed
     "generator.dropout": False, "train.warmup_frac": True, "verify.holdout": False, "verify.mask_captions": True,
-    "reindex.fallback_fpr": True,
+    "reindex.fallback_fpr": True, "verify.captionless_query_share": True,
 }
 
 

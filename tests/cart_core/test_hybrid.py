@@ -283,7 +283,11 @@ def test_captionless_weights_are_tuned_together_and_trade_as_configured():
     assert by_share[0.8][0] > by_share[None][0]
 
 
-@pytest.mark.parametrize("share", [0.0, 1.0, 1.5])
-def test_captionless_query_share_outside_zero_one_is_refused(share):
-    with pytest.raises(ConfigError, match="captionless_query_share"):
-        VerifyConfig(captionless_query_share=share)
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "often"])
+def test_captionless_query_share_is_a_share_or_null(value):
+    from cart_core.config import load_config
+
+    assert load_config(None, ["verify.captionless_query_share=null"]).verify.captionless_query_share is None
+    assert load_config(None, ["verify.captionless_query_share=0.3"]).verify.captionless_query_share == 0.3
+    with pytest.raises(ConfigError, match="verify.captionless_query_share"):
+        load_config(None, [f"verify.captionless_query_share={value}"])
