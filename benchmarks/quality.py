@@ -293,40 +293,41 @@ def tradeoff_rows(hybrid: VerifiedRetriever, cfg: CartConfig, training, corpus: 
 
 
 def plot_tradeoff(rows: list[dict], path: Path, title: str, hybrid_share: float | None = None) -> Path | None:
-    """Seen items' R@1 against unseen items' R@1 (whole catalog) for each captionless_query_share,
-    the default hybrid and the dense baselines: where on the trade-off each setting sits."""
+    """Seen items' recall against unseen items' recall (whole catalog; R@1 and R@10 panels) for
+    each captionless_query_share, the default hybrid and the dense baselines: where on the
+    trade-off each setting sits."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def point(method: str):
-        """(seen R@1, unseen R@1) over the whole catalog, or None."""
-        got = {r["catalog"].split(" ")[0]: r["R@1"] for r in rows
+    def point(method: str, metric: str):
+        """(seen, unseen) recall over the whole catalog, or None."""
+        got = {r["catalog"].split(" ")[0]: r[metric] for r in rows
                if r["method"] == method and r["catalog"].endswith("whole catalog")}
         return (got["seen"], got["unseen"]) if {"seen", "unseen"} <= got.keys() else None
 
     shares = list(dict.fromkeys(r["captionless_query_share"] for r in rows if "captionless_query_share" in r))
     if not shares:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    curve = [(s, point(f"hybrid, captionless_query_share={s}")) for s in shares]
-    curve = [(s, p) for s, p in curve if p is not None]
-    default = point("hybrid (generate + verify)")
-    if default:
-        curve = curve + [(f"default ({hybrid_share})", default)]
-    curve = sorted(curve, key=lambda sp: sp[1][0], reverse=True)
-    ax.plot([p[0] for _, p in curve], [p[1] for _, p in curve], "o-", label="hybrid, by captionless_query_share")
-    for s, (x, y) in curve:
-        ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for method, marker in (("faiss_flat_ridge", "s"), ("dense: hybrid's signals and weights, all items", "^")):
-        p = point(method)
-        if p:
-            ax.plot(*p, marker, label=method)
-    ax.set_xlabel("seen items (captions trained on): R@1 over the whole catalog")
-    ax.set_ylabel("unseen items (no captions): R@1 over the whole catalog")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric in zip(axes, ("R@1", "R@10")):
+        curve = [(str(s), point(f"hybrid, captionless_query_share={s}", metric)) for s in shares]
+        default = point("hybrid (generate + verify)", metric)
+        curve = sorted([(s, p) for s, p in curve if p is not None]
+                       + ([(f"default ({hybrid_share})", default)] if default else []),
+                       key=lambda sp: sp[1][0], reverse=True)
+        ax.plot([p[0] for _, p in curve], [p[1] for _, p in curve], "o-", label="hybrid, by captionless_query_share")
+        for s, (x, y) in curve:
+            ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for method, marker in (("faiss_flat_ridge", "s"), ("dense: hybrid's signals and weights, all items", "^")):
+            p = point(method, metric)
+            if p:
+                ax.plot(*p, marker, label=method)
+        ax.set_xlabel(f"seen items (captions trained on): {metric}, whole catalog")
+        ax.set_ylabel(f"unseen items (no captions): {metric}, whole catalog")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

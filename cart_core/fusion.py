@@ -147,10 +147,11 @@ def tune_pair_for_top1(signals: dict[str, np.ndarray], fusion: Fusion, valid: np
     x each fitted weight, the R@1 surface smoothed over neighbouring cells (3 x 3).
 
     Why jointly: the weights of items without captions (their offset and their feature weight)
-    trade against each other; rescaled one after the other, never-trained Flickr8k items over the
-    whole catalog reached R@1 5.4, rescaled together 6.6 with seen items unchanged (75.6;
-    docs/benchmarks.md §0). `query_weight` [Q] weighs queries in the R@1 (None: equally); a
-    weight of 0 or below, or a missing signal, leaves the pair to tune_for_top1 one at a time."""
+    trade against each other, and which queries the R@1 counts (`query_weight` [Q], None:
+    equally) decides where they land: weighted towards queries for captionless items
+    (hybrid.captionless_query_weights), never-trained Flickr8k items over the whole catalog go
+    from R@1 3.4 to 18.0 (docs/benchmarks.md §0). A weight of 0 or below, or a missing signal,
+    leaves the pair to tune_for_top1 one at a time."""
     usable = [n for n in pair if n in fusion.names and n in signals and fusion.weights[fusion.names.index(n)] > 0]
     if len(usable) < 2:
         for name in usable:

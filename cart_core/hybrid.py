@@ -46,8 +46,9 @@ class VerifyConfig:
     mask_captions: float = 0.2   # candidates shown captionless while fitting the weights of items without captions
     # share of the held-out R@1 that queries for items without captions carry when those items'
     # weights are tuned: 0.5 = as findable as captioned items; None = as often as the masked slice
-    # asks for them (~mask_captions), which left them at R@1 5.4 against 16.0 (docs/benchmarks.md
-    # §0, the trade-off plot); no effect on a catalog whose items all have captions
+    # asks for them (~mask_captions), which left them at R@1 3.4 against 18.0 (Flickr8k; captioned
+    # items 75.9 against 73.8: docs/benchmarks.md §0, the trade-off plot); no effect on a catalog
+    # whose items all have captions
     captionless_query_share: float | None = 0.5
     signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -194,9 +195,9 @@ def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: 
     (an offset, and their own feature weight) are then fitted with a seeded share of the
     candidates shown captionless; the captioned weights stay as fitted. Those two weights are then
     rescaled together to the masked slice's R@1 (fusion.tune_pair_for_top1), its queries weighed
-    by `verify.captionless_query_share`: with BM25 in the fusion, fitted by the logit alone they
-    left never-trained Flickr8k items at R@1 3.4 over the whole catalog, rescaled one after the
-    other 5.4 / R@10 54.8, together 6.6 / 55.9, seen items 75.6 in both (docs/benchmarks.md §0).
+    by `verify.captionless_query_share`: never-trained Flickr8k items over the whole catalog,
+    R@1 / R@10, seen items' R@1: 3.4 / 51.6, 75.9 with the slice's own weighting (None), 18.0 /
+    62.6, 73.8 at the default 0.5 (docs/benchmarks.md §0, the trade-off plot).
 
     Tried instead and measured worse (docs/benchmarks.md §0): hiding 20 % of the items from a
     second aligner and showing exactly those captionless (unseen Flickr8k items, whole catalog:
