@@ -277,7 +277,7 @@ def tradeoff_rows(hybrid: VerifiedRetriever, cfg: CartConfig, training, corpus: 
     for share in shares:
         verify_cfg = replace(cfg.verify, captionless_query_share=share)
         refit = VerifiedRetriever(hybrid.generator, hybrid.table, hybrid.items, hybrid.aligner, Fusion([], []),
-                                  verify_cfg)
+                                  verify_cfg, neighbors=hybrid.neighbors)
         refit.fusion = fit_verification(refit, [train_text[i] for i in held], train_item[held], loo,
                                         cfg.eval.beam_size, cfg.eval.batch_size)
         for label, (rows, catalog, protocol) in query_sets.items():
@@ -391,8 +391,8 @@ def main() -> None:
                        for x in args.captionless_shares.split(",") if x.strip())
     except ValueError:
         parser.error(f"--captionless-shares must be comma-separated numbers or none, got {args.captionless_shares!r}")
-    if any(x is not None and not 0 < x < 1 for x in shares):
-        parser.error(f"--captionless-shares must lie in (0, 1), got {args.captionless_shares!r}")
+    if any(x is not None and not 0 <= x <= 1 for x in shares):
+        parser.error(f"--captionless-shares must lie in [0, 1], got {args.captionless_shares!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out / "quality.json").read_text()) if args.append and (out / "quality.json").exists() else []

@@ -165,7 +165,7 @@ def _build(cls, data: dict[str, Any], source: str, key: str = ""):
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     """Give a value its field's type ('1e-3' -> 0.001: YAML reads floats without a dot as text)."""
-    if value is None and "None" in str(f.type):  # an optional field (`float | None`) takes null
+    if value is None and "None" in str(f.type).replace(" ", "").split("|"):  # `float | None` takes null
         return None
     default = f.default if f.default is not dataclasses.MISSING else None
     kind = type(default) if default is not None else None

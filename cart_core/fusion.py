@@ -80,9 +80,14 @@ def fit_weights(signals: dict[str, np.ndarray], names: list[str], valid: np.ndar
     return [float(v) for v in weights().detach()]
 
 
-def top1(score: np.ndarray, target: np.ndarray) -> float:
-    """Share of queries whose right candidate scores highest (target -1: not a candidate)."""
-    return float(np.mean((target >= 0) & (score.argmax(1) == np.maximum(target, 0))))
+def top1(score: np.ndarray, target: np.ndarray, query_weight: np.ndarray | None = None) -> float:
+    """Share of queries whose right candidate scores highest (target -1: not a candidate), each
+    query counted by its `query_weight` (None: equally)."""
+    hit = (target >= 0) & (score.argmax(1) == np.maximum(target, 0))
+    if query_weight is None:
+        return float(np.mean(hit))
+    weight = np.asarray(query_weight, np.float64)
+    return float(weight @ hit / max(weight.sum(), 1e-12))
 
 
 def fit_fusion(signals: dict[str, np.ndarray], valid: np.ndarray, target: np.ndarray,
@@ -109,7 +114,7 @@ TOP1_SCALES = np.geomspace(0.03, 3.0, 25)
 
 
 def tune_for_top1(signals: dict[str, np.ndarray], fusion: Fusion, valid: np.ndarray, target: np.ndarray,
-                  name: str, scales: np.ndarray = TOP1_SCALES) -> Fusion:
+                  name: str, scales: np.ndarray = TOP1_SCALES, query_weight: np.ndarray | None = None) -> Fusion:
     """Rescale `name`'s weight to the held-out slice's best R@1 (over `scales` x the fitted weight,
     the R@1 curve smoothed over neighbouring scales so one lucky query does not decide).
 
@@ -118,13 +123,13 @@ def tune_for_top1(signals: dict[str, np.ndarray], fusion: Fusion, valid: np.ndar
     centroid alone on the evaluation captions (VATEX 79.6 against 80.7); picking the weight by
     the caption before the query one's R@1 instead gave 82.6 and 72.0 (Flickr8k, against 70.7;
     dense over all items, development runs described in docs/benchmarks.md §0). The slice R@1
-    figures in the report are in-sample (the scale was chosen on them)."""
+    figures in the report are in-sample (the scale was chosen on them). `query_weight`: as top1."""
     if name not in fusion.names or name not in signals or fusion.weights[fusion.names.index(name)] <= 0:
         return fusion  # a weight of 0 or below has no scale to search around
     i = fusion.names.index(name)
     rest = Fusion([n for n in fusion.names if n != name], [w for n, w in zip(fusion.names, fusion.weights) if n != name])
     base, sig, w0 = rest.score(signals, valid), signals[name], fusion.weights[i]
-    r1 = np.array([top1(base + np.float32(w0 * s) * sig, target) for s in scales])
+    r1 = np.array([top1(base + np.float32(w0 * s) * sig, target, query_weight) for s in scales])
     smooth = np.convolve(np.pad(r1, 1, mode="edge"), np.ones(3) / 3, mode="valid")
     best = int(np.argmax(smooth))
     weights = list(fusion.weights)
@@ -132,7 +137,7 @@ def tune_for_top1(signals: dict[str, np.ndarray], fusion: Fusion, valid: np.ndar
     report = dict(fusion.report, tuned_for_top1={
         **fusion.report.get("tuned_for_top1", {}),
         name: {"fitted_weight": round(w0, 4), "scale": round(float(scales[best]), 4),
-               "slice_R@1_fitted_in_sample": round(100 * float(top1(base + np.float32(w0) * sig, target)), 2),
+               "slice_R@1_fitted_in_sample": round(100 * top1(base + np.float32(w0) * sig, target, query_weight), 2),
                "slice_R@1_tuned_in_sample": round(100 * float(r1[best]), 2)}})
     return Fusion(list(fusion.names), weights, report)
 
@@ -151,34 +156,34 @@ def tune_pair_for_top1(signals: dict[str, np.ndarray], fusion: Fusion, valid: np
     equally) decides where they land: weighted towards queries for captionless items
     (hybrid.captionless_query_weights), never-trained Flickr8k items over the whole catalog go
     from R@1 3.4 to 18.0 (docs/benchmarks.md §0). A weight of 0 or below, or a missing signal,
-    leaves the pair to tune_for_top1 one at a time."""
+    leaves the pair to tune_for_top1 one at a time (with the same query weights). Among equally
+    good cells the one nearest the fitted weights wins."""
     usable = [n for n in pair if n in fusion.names and n in signals and fusion.weights[fusion.names.index(n)] > 0]
     if len(usable) < 2:
         for name in usable:
-            fusion = tune_for_top1(signals, fusion, valid, target, name)
+            fusion = tune_for_top1(signals, fusion, valid, target, name, query_weight=query_weight)
         return fusion
-    weight = np.ones(len(target)) if query_weight is None else np.asarray(query_weight, np.float64)
-    weight = weight / max(weight.sum(), 1e-12)
     (a, b), w = pair, dict(zip(fusion.names, fusion.weights))
     rest = Fusion([n for n in fusion.names if n not in pair], [w[n] for n in fusion.names if n not in pair])
-    base, safe_target, known = rest.score(signals, valid), np.maximum(target, 0), target >= 0
+    base = rest.score(signals, valid)
     surface = np.empty((len(scales), len(scales)))
     for i, sa in enumerate(scales):
         partial = base + np.float32(w[a] * sa) * signals[a]
         for j, sb in enumerate(scales):
-            hit = known & ((partial + np.float32(w[b] * sb) * signals[b]).argmax(1) == safe_target)
-            surface[i, j] = float(weight @ hit)
+            surface[i, j] = top1(partial + np.float32(w[b] * sb) * signals[b], target, query_weight)
     padded = np.pad(surface, 1, mode="edge")
     smooth = sum(padded[di:di + len(scales), dj:dj + len(scales)] for di in range(3) for dj in range(3)) / 9
-    i, j = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
+    ties = np.argwhere(smooth >= smooth.max() - 1e-12)
+    distance = np.abs(np.log(scales[ties[:, 0]])) + np.abs(np.log(scales[ties[:, 1]]))
+    i, j = ties[int(np.argmin(distance))]
     tuned = dict(w, **{a: float(w[a] * scales[i]), b: float(w[b] * scales[j])})
     report = dict(fusion.report, tuned_for_top1={
         **fusion.report.get("tuned_for_top1", {}),
         f"{a}+{b}": {"fitted_weights": [round(w[a], 4), round(w[b], 4)],
                      "scales": [round(float(scales[i]), 4), round(float(scales[j]), 4)],
                      "query_weighted": query_weight is not None,
-                     "slice_R@1_fitted_in_sample": round(100 * float(weight @ (known & (
-                         Fusion(fusion.names, fusion.weights).score(signals, valid).argmax(1) == safe_target))), 2),
+                     "slice_R@1_fitted_in_sample": round(100 * top1(fusion.score(signals, valid), target,
+                                                                    query_weight), 2),
                      "slice_R@1_tuned_in_sample": round(100 * float(surface[i, j]), 2)}})
     return Fusion(list(fusion.names), [tuned[n] for n in fusion.names], report)
 

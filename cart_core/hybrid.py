@@ -201,7 +201,7 @@ def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: 
 
     Tried instead and measured worse (docs/benchmarks.md §0): hiding 20 % of the items from a
     second aligner and showing exactly those captionless (unseen Flickr8k items, whole catalog:
-    R@1 4.5 / R@10 50.9 against 5.5 / 53.3 for this)."""
+    R@1 4.5 / R@10 50.9 against 5.5 / 53.3 for the design of that day, before BM25)."""
     parts, sigs = [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="fit fusion", disable=not progress, leave=False):
         end = start + batch_size
@@ -235,7 +235,8 @@ def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: 
 def captionless_query_weights(masked: dict[str, np.ndarray], target: np.ndarray,
                               share: float | None) -> np.ndarray | None:
     """Per held-out query, its weight in the R@1 the captionless weights are tuned to: `share` of
-    the total on the queries whose own item was shown captionless, the rest on the others.
+    the total on the queries whose own item was shown captionless, the rest on the others;
+    queries whose item is not among their candidates weigh 0 (no weight can rank them).
     None: every query weighs the same, i.e. items without captions are asked for as often as the
     slice shows them (about `mask_captions`)."""
     if share is None:
@@ -243,9 +244,10 @@ def captionless_query_weights(masked: dict[str, np.ndarray], target: np.ndarray,
     known = target >= 0
     captionless = np.zeros(len(target), bool)
     captionless[known] = masked["no_caption"][np.flatnonzero(known), target[known]] > 0
-    if captionless.all() or not captionless.any():
+    captioned = known & ~captionless
+    if not captionless.any() or not captioned.any():
         return None
-    return np.where(captionless, share / captionless.sum(), (1 - share) / (~captionless).sum())
+    return np.where(captionless, share / captionless.sum(), np.where(captioned, (1 - share) / captioned.sum(), 0.0))
 
 
 def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], rows: np.ndarray,

@@ -264,6 +264,14 @@ def test_captionless_weights_are_tuned_together_and_trade_as_configured():
     weight = captionless_query_weights(signals, target, 0.5)
     assert weight.sum() == pytest.approx(1.0) and weight[captionless].sum() == pytest.approx(0.5)
     assert captionless_query_weights(signals, target, None) is None
+    unreachable = target.copy()
+    unreachable[:10] = -1  # the item is not among the query's candidates: no weight can rank it
+    weight = captionless_query_weights(signals, unreachable, 0.5)
+    assert (weight[:10] == 0).all() and weight.sum() == pytest.approx(1.0)
+    flat = {**signals, "no_caption": np.zeros_like(signals["no_caption"]),
+            "feature_cos_uncaptioned": np.zeros_like(signals["no_caption"])}
+    assert tune_pair_for_top1(flat, fitted, valid, target, ("no_caption", "feature_cos_uncaptioned")).weights \
+        == fitted.weights  # nothing to gain: the fitted weights stay
 
     def recall(fusion, rows):
         return top1(fusion.score(signals, valid)[rows], target[rows])
