@@ -112,22 +112,24 @@ def dense_sum(prep) -> dict:
             **retrieval_metrics(rows, prep.query_item), "queries_per_s": 1.0 / (1.0 / search_qps + 1.0 / encode_qps)}
 
 
-HYBRID_ABLATIONS = {  # label -> verify.* overrides (each refits the aligner and fusion on the same generator)
-    "no_prefix_expansion": {"expand_depth": 99},
-    "without_caption_cos": {"signals": ["caption_bm25", "feature_cos"]},
-    "without_caption_bm25": {"signals": ["caption_cos", "feature_cos"]},
-    "without_feature_cos": {"signals": ["caption_cos", "caption_bm25"]},
-    "with_generator_logp": {"signals": ["caption_cos", "caption_bm25", "feature_cos", "gen_item_logp",
-                                        "gen_cluster_logp"]},
-    "candidates_200": {"candidates": 200},
-}
+def hybrid_ablation_changes(signals: list[str]) -> dict[str, dict]:
+    """label -> verify.* overrides (each refits the verifier on the same generator): each of the
+    configured signals left out in turn, the generator's log-probabilities added, no prefix
+    expansion, fewer candidates."""
+    return {
+        "no_prefix_expansion": {"expand_depth": 99},
+        **{f"without_{name}": {"signals": [s for s in signals if s != name]} for name in signals},
+        "with_generator_logp": {"signals": [*signals, *(s for s in ("gen_item_logp", "gen_cluster_logp")
+                                                        if s not in signals)]},
+        "candidates_200": {"candidates": 200},
+    }
 
 
 def hybrid_ablation_rows(prep, run, cfg: CartConfig, fitted: VerifiedRetriever) -> list[dict]:
     """One thing changed in the hybrid at a time, the generator unchanged; plus hand-set equal
     weights on the fitted signals."""
     rows = []
-    for label, change in HYBRID_ABLATIONS.items():
+    for label, change in hybrid_ablation_changes(list(cfg.verify.signals)).items():
         change = dict(change)
         if "expand_depth" in change:
             change["expand_depth"] = run.table.length

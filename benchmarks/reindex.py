@@ -211,7 +211,7 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
                 new_terms.as_lists(np.arange(len(new_rows)))
             terms = TermIndex(ItemTerms.from_lists(old_lists[0] + new_lists[0], old_lists[1] + new_lists[1]))
         items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), np.concatenate([feats[old_rows], new_feats]),
-                                  terms)
+                                  terms, base.items.metric)
         return VerifiedRetriever(base.generator, table, items, base.aligner, base.fusion, cfg.verify,
                                  neighbors=item_neighbors(items, table, cfg.verify))
 

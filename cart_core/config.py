@@ -214,10 +214,12 @@ AT_LEAST_ONE = {
     "reindex.finetune_epochs", "reindex.keep_versions",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
     "verify.candidates", "verify.neighbors", "verify.neighbor_probe", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
+    "verify.caption_metric.epochs", "verify.caption_metric.batch_size", "verify.caption_metric.negatives",
 }
 ABOVE_ZERO = {
     "identifiers.rqvae.lr", "generator.prototype_scale", "train.lr", "extract.max_audio_s", "reindex.finetune_lr",
     "reindex.drift_factor", "verify.align.lr", "verify.align.temperature",
+    "verify.caption_metric.lr", "verify.caption_metric.temperature",
 }
 MINUS_ONE_ALLOWED = {"jobs.train_max_failures"}
 SHARES = {  # key: whether 1 itself is allowed

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 # a signal that may be missing for an item carries a 0/1 companion; both are selected together
-COMPANIONS = {"caption_cos": "no_caption"}
+COMPANIONS = {"caption_cos": "no_caption", "caption_metric_cos": "no_caption"}
 # signals a batch may lack (no query text to take words from): scored as 0
 OPTIONAL_SIGNALS = {"caption_bm25"}
 

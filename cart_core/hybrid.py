@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from cart_core.added_items import held_out_feature_cos
 from cart_core.errors import ConfigError
 from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
+from cart_core.caption_metric import CaptionMetricConfig, fit_caption_metric
 from cart_core.candidates import Candidates, expand_beam, rows_as_candidates
 from cart_core.decoding import beam_search_with_prefixes
 from cart_core.fusion import TUNED_FOR_TOP1, Fusion, fit_fusion, fit_weights, tune_for_top1, tune_pair_for_top1
@@ -52,10 +53,13 @@ class VerifyConfig:
     captionless_query_share: float | None = 0.5
     signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     align: AlignConfig = field(default_factory=AlignConfig)
+    caption_metric: CaptionMetricConfig = field(default_factory=CaptionMetricConfig)
 
     def __post_init__(self):
         if isinstance(self.align, dict):
             self.align = AlignConfig(**self.align)
+        if isinstance(self.caption_metric, dict):
+            self.caption_metric = CaptionMetricConfig(**self.caption_metric)
         if self.mode not in ("hybrid", "generative"):
             raise ConfigError(f"verify.mode must be hybrid | generative, got {self.mode!r}")
         unknown = set(self.signals) - set(SIGNALS)
@@ -254,14 +258,18 @@ def fit_hybrid(generator: Generator, table: IdentifierTable, texts: list[str], r
                vectors: np.ndarray, holdout: np.ndarray, features: np.ndarray | None, cfg: VerifyConfig,
                beam_size: int, batch_size: int = 64, progress: bool = False) -> VerifiedRetriever:
     """The whole verifier from training captions (texts, their item rows and sentence vectors):
-    aligner on the pairs the generator trained on, fusion on the held-out pairs (`holdout`)."""
+    aligner and caption metric on the pairs the generator trained on, fusion on the held-out
+    pairs (`holdout`)."""
     rows = np.asarray(rows, np.int64)
     fit_rows, held = np.flatnonzero(~holdout), np.flatnonzero(holdout)
     sums = caption_sums(rows, vectors, len(table.item_ids))
     aligner = train_aligner(vectors[fit_rows], rows[fit_rows], features, cfg, progress=progress)
+    text = generator.text_encoder is not None
     terms = TermIndex(ItemTerms.from_captions(rows, texts, len(table.item_ids))) \
-        if "caption_bm25" in cfg.signals and generator.text_encoder is not None else None
-    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features, terms), aligner,
+        if "caption_bm25" in cfg.signals and text else None
+    metric = fit_caption_metric(vectors[fit_rows], rows[fit_rows], len(table.item_ids), cfg.caption_metric,
+                                progress=progress) if "caption_metric_cos" in cfg.signals and text else None
+    retriever = VerifiedRetriever(generator, table, ItemVectors.build(sums, features, terms, metric), aligner,
                                   Fusion([], []), cfg)
     if len(held) == 0:
         raise ConfigError("verify.holdout leaves no training caption to fit the fusion on")

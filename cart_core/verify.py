@@ -2,7 +2,8 @@
 
 Per item the index keeps two vectors (both optional, fp16 in memory):
   * the caption centroid: mean MiniLM embedding of the item's captions / pseudo-queries
-    (384 dims, 768 bytes an item), the text side;
+    (384 dims, 768 bytes an item), the text side, scored by plain cosine and by a learned
+    metric (cart_core/caption_metric.py; 4 more bytes an item, |W c|, computed at load);
   * the item's own feature (CLIP / CLAP / VideoMAE, e.g. 512 dims, 1 KiB an item), scored against
     the query mapped into that space by the QueryAligner (cart_core/alignment.py), the
     cross-modal side that also finds items without captions.
@@ -21,38 +22,45 @@ import torch
 
 from cart_core.alignment import QueryAligner
 from cart_core.candidates import Candidates
+from cart_core.caption_metric import CaptionMetric
 from cart_core.kmeans import l2_normalize
 from cart_core.lexical import TermIndex
 
-SIGNALS = ("caption_cos", "caption_bm25", "feature_cos", "gen_item_logp", "gen_cluster_logp")
+SIGNALS = ("caption_cos", "caption_metric_cos", "caption_bm25", "feature_cos", "gen_item_logp", "gen_cluster_logp")
 # measured on Flickr8k and VATEX (docs/benchmarks.md): the generator's log-probabilities win the
 # held-out slice's R@1 but lose on the evaluation captions, so by default the generator proposes
 # and the dense signals rank; the log-probabilities stay available (verify.signals) and ablated
-DEFAULT_SIGNALS = ("caption_cos", "caption_bm25", "feature_cos")
+DEFAULT_SIGNALS = ("caption_cos", "caption_metric_cos", "caption_bm25", "feature_cos")
 
 
 @dataclass
 class ItemVectors:
     """Per catalog row: caption centroid (zero row = no caption) and feature, fp16, L2-normalised,
-    and the BM25 index of the captions' words. Read-only once built: the caption mask and torch
-    views are derived once (build a new one to change it)."""
+    the BM25 index of the captions' words, and the learned metric the centroids are also compared
+    under. Read-only once built: the caption mask, the metric's item norms and torch views are
+    derived once (build a new one to change it)."""
 
     captions: np.ndarray | None   # [N, Dt]
     features: np.ndarray | None   # [N, Df]
     terms: TermIndex | None = None
+    metric: CaptionMetric | None = None
 
     @classmethod
     def build(cls, captions: np.ndarray | None, features: np.ndarray | None,
-              terms: TermIndex | None = None) -> "ItemVectors":
+              terms: TermIndex | None = None, metric: CaptionMetric | None = None) -> "ItemVectors":
         def half(x):
             return None if x is None else l2_normalize(np.asarray(x, np.float32)).astype(np.float16)
         if terms is not None and len(terms.length) != len(captions if captions is not None else features):
             raise ValueError(f"{len(terms.length)} item term rows for "
                              f"{len(captions if captions is not None else features)} item vectors")
-        return cls(half(captions), half(features), terms)
+        if metric is not None and captions is not None and metric.dim != np.shape(captions)[1]:
+            raise ValueError(f"caption metric of {metric.dim} dims for {np.shape(captions)[1]}-dim caption centroids")
+        return cls(half(captions), half(features), terms, metric if captions is not None else None)
 
     def bytes_per_item(self) -> int:
         dense = sum(x.shape[1] * x.itemsize for x in (self.captions, self.features) if x is not None)
+        if self.metric is not None:
+            dense += 4  # metric_norms
         if self.terms is not None:
             matrix = self.terms.matrix
             dense += (matrix.data.nbytes + matrix.indices.nbytes) // max(matrix.shape[0], 1)
@@ -62,6 +70,13 @@ class ItemVectors:
     def has_caption(self) -> np.ndarray | None:
         """[N] bool: the item has a caption centroid (a zero row means none)."""
         return None if self.captions is None else np.abs(self.captions).sum(1) > 0
+
+    @cached_property
+    def metric_norms(self) -> np.ndarray | None:
+        """[N] float32 |W c| of every centroid under the learned metric (0: no caption)."""
+        if self.metric is None or self.captions is None:
+            return None
+        return self.metric.item_norms(self.captions)
 
     @cached_property
     def caption_tensor(self) -> torch.Tensor | None:
@@ -135,6 +150,8 @@ def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemV
             has = np.where(own, (np.abs(loo).sum(-1) > 0)[:, None], has)
         out["caption_cos"] = np.where(has, cos, 0.0).astype(np.float32)
         out["no_caption"] = (~has).astype(np.float32)
+    if items.captions is not None and items.metric is not None and "caption_metric_cos" in wanted:
+        out["caption_metric_cos"] = _metric_cos(query_vectors, cands, items, gold_captions)
     if items.terms is not None and query_terms is not None and "caption_bm25" in wanted:
         bm25 = items.terms.score(query_terms, rows)
         if gold_terms is not None and gold_captions is not None:
@@ -150,6 +167,23 @@ def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemV
             out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
     out.update(generator_signals(cands, wanted))
     return {k: np.where(valid, v, 0.0).astype(np.float32) for k, v in out.items()}
+
+
+def _metric_cos(query_vectors: np.ndarray, cands: Candidates, items: ItemVectors,
+                gold_captions: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """normalize(W q) . normalize(W c) per candidate, from the stored centroids and their norms
+    (0 for an item without captions); the gold item's leave-one-out centroid when fitting."""
+    rows = cands.rows.clip(0)
+    norms = items.metric_norms[rows]
+    dot = gathered_dot(items.metric.query_side(query_vectors), items.caption_tensor, rows)
+    cos = np.where(norms > 0, dot / np.maximum(norms, 1e-12), 0.0)
+    if gold_captions is not None:
+        gold, loo = gold_captions
+        own = cands.rows == np.asarray(gold)[:, None]
+        has = np.abs(loo).sum(-1) > 0
+        loo_cos = np.where(has, items.metric.cosine(query_vectors, np.where(has[:, None], loo, 1.0)), 0.0)
+        cos = np.where(own, loo_cos[:, None], cos)
+    return cos.astype(np.float32)
 
 
 def generator_signals(cands: Candidates, names: set[str] | list[str]) -> dict[str, np.ndarray]:
@@ -178,6 +212,10 @@ def dense_scores(query_vectors: np.ndarray, items: ItemVectors, aligner: QueryAl
         cent = items.captions[rows].astype(np.float32)
         no_caption = (np.abs(cent).sum(1) == 0)[None, :].astype(np.float32)
         score += weight.get("caption_cos", 0.0) * (q @ cent.T) + weight.get("no_caption", 0.0) * no_caption
+        if items.metric is not None and weight.get("caption_metric_cos", 0.0):
+            norms = items.metric_norms[rows]
+            metric_cos = (items.metric.query_side(q) @ cent.T) / np.maximum(norms, 1e-12)[None, :]
+            score += weight["caption_metric_cos"] * np.where(norms[None, :] > 0, metric_cos, 0.0)
     if items.terms is not None and query_texts is not None and weight.get("caption_bm25", 0.0):
         score += weight["caption_bm25"] * items.terms.score_all(items.terms.queries(query_texts), rows)
     if items.features is not None and aligner is not None:
@@ -195,8 +233,9 @@ def mask_captions(signals: dict[str, np.ndarray], share: float, seed: int = 0) -
     out = dict(signals)
     out["caption_cos"] = np.where(drop, 0.0, signals["caption_cos"]).astype(np.float32)
     out["no_caption"] = np.where(drop, 1.0, signals["no_caption"]).astype(np.float32)
-    if "caption_bm25" in signals:
-        out["caption_bm25"] = np.where(drop, 0.0, signals["caption_bm25"]).astype(np.float32)
+    for name in ("caption_metric_cos", "caption_bm25"):
+        if name in signals:
+            out[name] = np.where(drop, 0.0, signals[name]).astype(np.float32)
     if "feature_cos" in signals:
         out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
     return out

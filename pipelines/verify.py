@@ -79,6 +79,8 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
         tmp = Path(tmp)
         if aligner is not None:
             aligner.save(tmp)
+        if retriever.items.metric is not None:
+            retriever.items.metric.save(tmp)
         fusion.save(tmp / "fusion.json")
         has = np.abs(captions).sum(1) > 0
         centroids = captions[has]
@@ -121,6 +123,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     """The VerifiedRetriever of a version whose generator has a verifier, else None. mode and the
     `query_time` settings, where given, replace what the verifier was fitted with."""
     from cart_core.alignment import QueryAligner
+    from cart_core.caption_metric import CaptionMetric
     from cart_core.fusion import Fusion
     from cart_core.hybrid import VerifiedRetriever, VerifyConfig
     from cart_core.verify import ItemVectors
@@ -141,6 +144,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
             cfg = dataclasses.replace(cfg, **query)
         fusion = Fusion.load(local / "fusion.json")
         aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
+        metric = CaptionMetric.load(local) if CaptionMetric.exists(local) else None
     if cfg.mode != "hybrid":
         return VerifiedRetriever(generator, table, ItemVectors(None, None), None, fusion, cfg, device)
     cap = store.read_table(f"{folder}/captions.parquet")
@@ -157,7 +161,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         pfeat = stack_column(pending.column("feature").to_numpy(zero_copy_only=False))
         has = np.abs(pfeat).sum(1) > 0  # zero: added without captions, or before the verifier existed
         _scatter(features, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pfeat[has])
-    items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending))
+    items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending), metric)
     return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device, neighbors=_neighbors(items, table, cfg))
 
 

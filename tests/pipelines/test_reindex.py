@@ -234,7 +234,8 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
 
     store = fresh(base, tmp_path)
     manifest = store.manifest()
-    for name in ("fusion.json", "verify.json", "captions.parquet", "terms.parquet", "aligner.safetensors"):
+    for name in ("fusion.json", "verify.json", "captions.parquet", "terms.parquet", "aligner.safetensors",
+                 "caption_metric.safetensors"):
         assert store.exists(f"{manifest.generator}/verify/{name}"), name
     assert "held_out_feature_cos" in store.read_json(f"{manifest.generator}/verify/fusion.json")["report"]
     summary = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
@@ -246,6 +247,9 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     assert (np.abs(retriever.items.captions[new_rows].astype(np.float32)).sum(1) > 0).all()  # from the pending table
     # and their caption words (the BM25 signal, cart_core/lexical.py), from the pending table too
     assert "caption_bm25" in retriever.fusion.names
+    # and the learned caption metric (cart_core/caption_metric.py) scores their centroids as well
+    assert "caption_metric_cos" in retriever.fusion.names and retriever.items.metric is not None
+    assert (retriever.items.metric_norms[new_rows] > 0).all()
     words_per_row = np.diff(retriever.items.terms.matrix.indptr)
     assert (words_per_row[new_rows] > 0).all() and (words_per_row[table.live] > 0).all()
     # added items are verified by their calibrated vector (cart_core/added_items.py), old ones by their feature
