@@ -6,11 +6,10 @@ Why: the caption centroid compares a query with an item's captions in MiniLM's g
 space, where the words that tell two items of one catalog apart (the third person in a photo,
 the instrument in a video) weigh no more than the words every caption shares. An InfoNCE over
 the training captions, each against the leave-one-out centroid of its own item's other captions,
-learns which directions separate this catalog's items. Measured (docs/benchmarks.md §0): the
-metric alone, dense over the whole catalog, VATEX 80.7 -> 82.0 and Flickr8k 70.7 -> 71.5 R@1; as a
-fourth signal of the hybrid, VATEX 82.0 -> 82.8 and Flickr8k 73.9 -> 73.4 (Flickr8k has four
-captions an item, three to learn from, and the metric overfits them: 73.3 after 3 epochs, 73.0
-after 6).
+learns which directions separate this catalog's items. Measured (docs/benchmarks.md §0, as a
+fourth signal of the hybrid): VATEX 82.0 -> 82.8 R@1 and Flickr8k 73.8 -> 73.4 in one run (Flickr8k
+has four captions an item, three to learn from, and more epochs lose more there: 73.3 after 3,
+73.0 after 6, in development runs).
 
 Cost: W is Dt x Dt (384 x 384, 590 KB in fp32). The score normalize(W q) . normalize(W c) is
 computed as (W^T normalize(W q)) . c / |W c| on the stored centroid c, so the index keeps one
