@@ -50,6 +50,7 @@ from cart_core.experiment import (  # noqa: E402
     run_generative,
     run_hybrid,
 )
+from cart_core.caption_predictor import fit_caption_predictor  # noqa: E402
 from cart_core.fusion import Fusion, equal_weights  # noqa: E402
 from cart_core.hybrid import VerifiedRetriever, fit_verification, holdout_mask  # noqa: E402
 from cart_core.generator import Generator  # noqa: E402
@@ -274,14 +275,17 @@ def tradeoff_rows(hybrid: VerifiedRetriever, cfg: CartConfig, training, corpus: 
     catalog: how findable items without captions are against captioned ones, per setting."""
     train_text, train_item, train_vec, holdout = training
     held = np.flatnonzero(holdout)
-    loo = caption_sums(train_item, train_vec, len(corpus))[train_item[held]] - train_vec[held]
+    sums = caption_sums(train_item, train_vec, len(corpus))
+    loo = sums[train_item[held]] - train_vec[held]
+    crossfit = fit_caption_predictor(corpus.embeddings, sums, cfg.verify.caption_predictor)[1] \
+        if hybrid.items.predictor is not None else None
     records = []
     for share in shares:
         verify_cfg = replace(cfg.verify, captionless_query_share=share)
         refit = VerifiedRetriever(hybrid.generator, hybrid.table, hybrid.items, hybrid.aligner, Fusion([], []),
                                   verify_cfg, neighbors=hybrid.neighbors)
         refit.fusion = fit_verification(refit, [train_text[i] for i in held], train_item[held], loo,
-                                        cfg.eval.beam_size, cfg.eval.batch_size)
+                                        cfg.eval.beam_size, cfg.eval.batch_size, crossfit_captions=crossfit)
         for label, (rows, catalog, protocol) in query_sets.items():
             if catalog is not None:
                 continue
@@ -376,7 +380,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.205,
                         help="inductive: share of items never trained on (0.205: 200 of Flickr8k's 976)")
     parser.add_argument("--holdout-seed", type=int, default=0)
-    parser.add_argument("--captionless-shares", default="none,0.3,0.4",
+    parser.add_argument("--captionless-shares", default="0.3,0.5",
                         help="inductive: also refit the hybrid at these verify.captionless_query_share values "
                              "(comma-separated, 'none' for the slice's own share; empty: no refits) and plot "
                              "the trade-off")

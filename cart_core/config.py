@@ -168,7 +168,7 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     if value is None and "None" in str(f.type).replace(" ", "").split("|"):  # `float | None` takes null
         return None
     default = f.default if f.default is not dataclasses.MISSING else None
-    kind = type(default) if default is not None else None
+    kind = type(default) if default is not None else _optional_kind(f)
     try:
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -187,6 +187,12 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
     return value
+
+
+def _optional_kind(f: dataclasses.Field) -> type | None:
+    """The number type of a `float | None` / `int | None` field whose default is None."""
+    parts = str(f.type).replace(" ", "").split("|")
+    return next((kind for kind in (float, int) if kind.__name__ in parts and "None" in parts), None)
 
 
 def _check_choice(value: Any, hint: Any, where: str) -> Any:
@@ -211,7 +217,8 @@ AT_LEAST_ONE = {
     "caption.frames", "caption.max_new_tokens", "caption.batch_size", "caption.actors",
     "jobs.checkpoint_every", "jobs.quantize_batch_size", "jobs.quantize_actors", "jobs.retrieve_batch_size",
     "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
-    "reindex.finetune_epochs", "reindex.keep_versions",
+    "reindex.finetune_epochs", "reindex.keep_versions", "verify.mask_repeats",
+    "verify.caption_predictor.folds",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
     "verify.candidates", "verify.neighbors", "verify.neighbor_probe", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
     "verify.caption_metric.epochs", "verify.caption_metric.batch_size", "verify.caption_metric.negatives",

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 # a signal that may be missing for an item carries a 0/1 companion; both are selected together
 COMPANIONS = {"caption_cos": "no_caption", "caption_metric_cos": "no_caption"}
-# signals a batch may lack (no query text to take words from): scored as 0
-OPTIONAL_SIGNALS = {"caption_bm25"}
+# signals a batch may lack (vector queries: no words for BM25, no sentence vector to compare with
+# predicted centroids): scored as 0
+OPTIONAL_SIGNALS = {"caption_bm25", "predicted_caption_cos"}
 
 
 @dataclass

@@ -81,6 +81,8 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
             aligner.save(tmp)
         if retriever.items.metric is not None:
             retriever.items.metric.save(tmp)
+        if retriever.items.predictor is not None:
+            retriever.items.predictor.save(tmp)
         fusion.save(tmp / "fusion.json")
         has = np.abs(captions).sum(1) > 0
         centroids = captions[has]
@@ -124,6 +126,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     `query_time` settings, where given, replace what the verifier was fitted with."""
     from cart_core.alignment import QueryAligner
     from cart_core.caption_metric import CaptionMetric
+    from cart_core.caption_predictor import CaptionPredictor
     from cart_core.fusion import Fusion
     from cart_core.hybrid import VerifiedRetriever, VerifyConfig
     from cart_core.verify import ItemVectors
@@ -145,6 +148,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         fusion = Fusion.load(local / "fusion.json")
         aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
         metric = CaptionMetric.load(local) if CaptionMetric.exists(local) else None
+        predictor = CaptionPredictor.load(local) if CaptionPredictor.exists(local) else None
     if cfg.mode != "hybrid":
         return VerifiedRetriever(generator, table, ItemVectors(None, None), None, fusion, cfg, device)
     cap = store.read_table(f"{folder}/captions.parquet")
@@ -156,12 +160,12 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         pvec = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
         has = np.abs(pvec).sum(1) > 0  # pending items added without captions keep no centroid
         _scatter(captions, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pvec[has])
-    features = item_features(version, table) if aligner is not None else None
+    features = item_features(version, table) if aligner is not None or predictor is not None else None
     if features is not None and pending is not None and "feature" in pending.column_names:
         pfeat = stack_column(pending.column("feature").to_numpy(zero_copy_only=False))
         has = np.abs(pfeat).sum(1) > 0  # zero: added without captions, or before the verifier existed
         _scatter(features, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pfeat[has])
-    items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending), metric)
+    items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending), metric, predictor)
     return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device, neighbors=_neighbors(items, table, cfg))
 
 

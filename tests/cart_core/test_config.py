@@ -113,6 +113,8 @@ def _numeric_keys(cls=CartConfig, prefix: str = "") -> dict[str, object]:
             out.update(_numeric_keys(type(default), f"{prefix}{f.name}."))
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             out[f"{prefix}{f.name}"] = default
+        elif default is None and any(k in str(f.type).replace(" ", "").split("|") for k in ("float", "int")):
+            out[f"{prefix}{f.name}"] = default  # `float | None`: null or a number in range
     return out
 
 

@@ -14,7 +14,7 @@ from cart_core.identifiers import build_identifiers
 from cart_core.metrics import retrieval_metrics
 from cart_core.training import TrainConfig, train_generator
 from cart_core.trie import DecodingTrie
-from cart_core.verify import ItemVectors, candidate_signals, mask_captions
+from cart_core.verify import ItemVectors, candidate_signals, mask_captions, mask_captions_repeated
 
 from tests.cart_core.test_decoding import random_catalog, table_step_fn
 
@@ -299,3 +299,27 @@ def test_captionless_query_share_is_a_share_or_null(value):
     assert load_config(None, ["verify.captionless_query_share=0.3"]).verify.captionless_query_share == 0.3
     with pytest.raises(ConfigError, match="verify.captionless_query_share"):
         load_config(None, [f"verify.captionless_query_share={value}"])
+
+
+def test_repeated_masks_stack_distinct_seeded_copies():
+    rng = np.random.default_rng(0)
+    signals = {"caption_cos": rng.random((5, 7)).astype(np.float32), "no_caption": np.zeros((5, 7), np.float32),
+               "feature_cos": rng.random((5, 7)).astype(np.float32)}
+    stacked = mask_captions_repeated(signals, 0.3, 3, seed=4)
+    assert set(stacked) == set(mask_captions(signals, 0.3, seed=4))
+    for r in range(3):
+        one = mask_captions(signals, 0.3, seed=4 + r)
+        for name, value in one.items():
+            assert np.array_equal(stacked[name][5 * r:5 * (r + 1)], value)
+    assert not np.array_equal(stacked["no_caption"][:5], stacked["no_caption"][5:10])
+    assert np.array_equal(stacked["feature_cos_uncaptioned"], stacked["feature_cos"] * stacked["no_caption"])
+    with pytest.raises(ValueError, match="at least 1"):
+        mask_captions_repeated(signals, 0.3, 0)
+
+
+def test_mask_repeats_is_a_count():
+    from cart_core.config import load_config
+
+    assert load_config(None, []).verify.mask_repeats == 4
+    with pytest.raises(ConfigError, match="verify.mask_repeats"):
+        load_config(None, ["verify.mask_repeats=0"])
