@@ -115,16 +115,24 @@ def _shared_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
-def gathered_dot(queries: np.ndarray, table: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+def gathered_dot(queries: np.ndarray, table: torch.Tensor, rows: np.ndarray,
+                 only: np.ndarray | None = None) -> np.ndarray:
     """queries [B, D] . table[rows] [B, C, D] -> [B, C] float32. One query at a time, so its C
     gathered fp16 rows are converted and used while they are still in cache: gathering the whole
     batch first (64 queries x 300 candidates x 512 dims) leaves cache, and was 9x slower on the
-    2-vCPU box (25 ms against 2.8 ms a batch)."""
+    2-vCPU box (25 ms against 2.8 ms a batch). only [B, C] bool: compute just those cells (0
+    elsewhere), for a score that only some candidates have."""
     q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
     r = torch.from_numpy(np.ascontiguousarray(rows, np.int64))
-    out = torch.empty(r.shape, dtype=torch.float32)
-    for b in range(len(r)):
-        out[b] = table.index_select(0, r[b]).float() @ q[b]
+    if only is None:
+        out = torch.empty(r.shape, dtype=torch.float32)
+        for b in range(len(r)):
+            out[b] = table.index_select(0, r[b]).float() @ q[b]
+        return out.numpy()
+    out = torch.zeros(r.shape, dtype=torch.float32)
+    for b in np.flatnonzero(np.asarray(only).any(1)):
+        cells = torch.from_numpy(np.flatnonzero(only[b]))
+        out[b, cells] = table.index_select(0, r[b, cells]).float() @ q[b]
     return out.numpy()
 
 
@@ -188,17 +196,22 @@ def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemV
             out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
     if "predicted_caption_cos" in wanted and "no_caption" in out and feature_queries is None \
             and items.predictor is not None and np.shape(query_vectors)[1] == items.predictor.weight.shape[1]:
-        out["predicted_caption_cos"] = predicted_caption_cos(query_vectors, rows, items) * out["no_caption"]
+        out["predicted_caption_cos"] = predicted_caption_cos(query_vectors, rows, items, out["no_caption"] > 0)
     out.update(generator_signals(cands, wanted))
     return {k: np.where(valid, v, 0.0).astype(np.float32) for k, v in out.items()}
 
 
-def predicted_caption_cos(query_vectors: np.ndarray, rows: np.ndarray, items: ItemVectors) -> np.ndarray:
+def predicted_caption_cos(query_vectors: np.ndarray, rows: np.ndarray, items: ItemVectors,
+                          only: np.ndarray | None = None) -> np.ndarray:
     """cos(q, predicted centroid of item rows[b, c]) [B, C] from the stored features and their
-    norms under the predictor (cart_core/caption_predictor.py); 0 for an item without a feature."""
+    norms under the predictor (cart_core/caption_predictor.py); 0 for an item without a feature.
+    only [B, C] bool: score just those candidates (the ones without captions), 0 elsewhere: on a
+    catalog whose items all have captions the signal then costs nothing."""
     mapped, offset = items.predictor.query_side(query_vectors)
     norms = items.predictor_norms[rows]
-    dot = gathered_dot(mapped, items.feature_tensor, rows) + offset[:, None]
+    if only is not None:
+        norms = np.where(only, norms, 0.0)
+    dot = gathered_dot(mapped, items.feature_tensor, rows, only) + offset[:, None]
     return np.where(norms > 0, dot / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
 
 

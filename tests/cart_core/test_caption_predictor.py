@@ -8,7 +8,7 @@ from cart_core.candidates import Candidates
 from cart_core.fusion import Fusion, top1
 from cart_core.hybrid import tune_captionless
 from cart_core.kmeans import l2_normalize
-from cart_core.verify import ItemVectors, candidate_signals, dense_scores, mask_captions
+from cart_core.verify import ItemVectors, candidate_signals, dense_scores, gathered_dot, mask_captions
 
 
 def catalog(n=300, df=24, dt=16, seed=0, uncaptioned=0.3):
@@ -69,6 +69,9 @@ def test_only_items_without_captions_get_the_predicted_cosine():
     sig = candidate_signals(queries, cands, items, names=["caption_cos", "no_caption", "predicted_caption_cos"])
     expected = queries @ predictor.predict(l2_normalize(features).astype(np.float16).astype(np.float32)).T
     assert np.all(sig["predicted_caption_cos"][:, has] == 0)
+    only = np.tile(~has, (4, 1))
+    assert np.array_equal(gathered_dot(queries, items.caption_tensor, rows, only),
+                          np.where(only, gathered_dot(queries, items.caption_tensor, rows), 0.0))
     assert np.allclose(sig["predicted_caption_cos"][:, ~has], expected[:, ~has], atol=2e-3)
     # the dense look-up over every item scores the same fused values
     names, weights = ["caption_cos", "no_caption", "predicted_caption_cos"], [2.0, -0.5, 1.5]

@@ -235,7 +235,7 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     store = fresh(base, tmp_path)
     manifest = store.manifest()
     for name in ("fusion.json", "verify.json", "captions.parquet", "terms.parquet", "aligner.safetensors",
-                 "caption_metric.safetensors"):
+                 "caption_metric.safetensors", "caption_predictor.safetensors", "caption_predictor.json"):
         assert store.exists(f"{manifest.generator}/verify/{name}"), name
     assert "held_out_feature_cos" in store.read_json(f"{manifest.generator}/verify/fusion.json")["report"]
     summary = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
@@ -250,6 +250,9 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     # and the learned caption metric (cart_core/caption_metric.py) scores their centroids as well
     assert "caption_metric_cos" in retriever.fusion.names and retriever.items.metric is not None
     assert (retriever.items.metric_norms[new_rows] > 0).all()
+    # items without captions have their caption side predicted from the feature (caption_predictor.py)
+    assert "predicted_caption_cos" in retriever.fusion.names and retriever.items.predictor is not None
+    assert (retriever.items.predictor_norms[new_rows] > 0).all()
     words_per_row = np.diff(retriever.items.terms.matrix.indptr)
     assert (words_per_row[new_rows] > 0).all() and (words_per_row[table.live] > 0).all()
     # added items are verified by their calibrated vector (cart_core/added_items.py), old ones by their feature
