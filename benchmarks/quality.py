@@ -244,7 +244,8 @@ def inductive_rows(corpus: Corpus, cfg: CartConfig, unseen: np.ndarray, progress
                                                     batch_size=cfg.eval.batch_size)[0], len(rows))
         records.append({"method": "hybrid (generate + verify)", "protocol": protocol,
                         **retrieval_metrics(found, gold), "queries_per_s": qps, "signals": hybrid.fusion.names,
-                        "weights": [round(w, 3) for w in hybrid.fusion.weights], **extra})
+                        "weights": [round(w, 3) for w in hybrid.fusion.weights],
+                        "captionless_share": hybrid.fusion.report.get("captionless_share"), **extra})
         # the hybrid's dense signals and weights over every catalog item: the stronger dense baseline
         cat = np.arange(len(corpus)) if catalog is None else catalog
         def dense_fused(query_text=query_text, cat=cat):
@@ -281,7 +282,7 @@ def tradeoff_rows(hybrid: VerifiedRetriever, cfg: CartConfig, training, corpus: 
         if hybrid.items.predictor is not None else None
     records = []
     for share in shares:
-        verify_cfg = replace(cfg.verify, captionless_query_share=share)
+        verify_cfg = replace(cfg.verify, captionless_query_share=share, captioned_cost=None)
         refit = VerifiedRetriever(hybrid.generator, hybrid.table, hybrid.items, hybrid.aligner, Fusion([], []),
                                   verify_cfg, neighbors=hybrid.neighbors)
         refit.fusion = fit_verification(refit, [train_text[i] for i in held], train_item[held], loo,
@@ -298,7 +299,14 @@ def tradeoff_rows(hybrid: VerifiedRetriever, cfg: CartConfig, training, corpus: 
     return records
 
 
-def plot_tradeoff(rows: list[dict], path: Path, title: str, hybrid_share: float | None = None) -> Path | None:
+def default_label(verify) -> str:
+    """How the configured hybrid sets its captionless share, for the trade-off plot's legend."""
+    if verify.captioned_cost is not None:
+        return f"captioned_cost {verify.captioned_cost:g}"
+    return f"share {verify.captionless_query_share}"
+
+
+def plot_tradeoff(rows: list[dict], path: Path, title: str, hybrid_share: str | None = None) -> Path | None:
     """Seen items' recall against unseen items' recall (whole catalog; R@1 and R@10 panels) for
     each captionless_query_share, the default hybrid and the dense baselines: where on the
     trade-off each setting sits."""
@@ -380,7 +388,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.205,
                         help="inductive: share of items never trained on (0.205: 200 of Flickr8k's 976)")
     parser.add_argument("--holdout-seed", type=int, default=0)
-    parser.add_argument("--captionless-shares", default="0.3,0.5",
+    parser.add_argument("--captionless-shares", default="none,0.3,0.5",
                         help="inductive: also refit the hybrid at these verify.captionless_query_share values "
                              "(comma-separated, 'none' for the slice's own share; empty: no refits) and plot "
                              "the trade-off")
@@ -422,7 +430,7 @@ def main() -> None:
             records += rows
             plot_tradeoff(rows, out / f"quality-{name}-captionless-tradeoff.png",
                           f"{name}, inductive: items without captions against captioned ones",
-                          load_config(Path(args.config), args.overrides).verify.captionless_query_share)
+                          default_label(load_config(Path(args.config), args.overrides).verify))
             rows = [r for r in rows if "captionless_query_share" not in r]
             for catalog in dict.fromkeys(r["catalog"] for r in rows):
                 print(format_table([r for r in rows if r["catalog"] == catalog], f"\n{name}: {catalog}"), flush=True)

@@ -323,3 +323,25 @@ def test_mask_repeats_is_a_count():
     assert load_config(None, []).verify.mask_repeats == 4
     with pytest.raises(ConfigError, match="verify.mask_repeats"):
         load_config(None, ["verify.mask_repeats=0"])
+
+
+def test_the_captionless_share_is_the_largest_within_the_captioned_budget():
+    from cart_core.fusion import top1
+    from cart_core.hybrid import choose_captionless_share
+
+    signals, valid, target = _captionless_slice()
+    captionless = signals["no_caption"][np.arange(len(target)), target] > 0
+    fitted = Fusion(["caption_cos", "no_caption", "feature_cos_uncaptioned"], [1.0, 0.3, 0.3])
+    by_budget = {}
+    for cost in (0.0, 2.0, 100.0):
+        tuned = choose_captionless_share(signals, fitted, valid, target, cost)
+        report = tuned.report["captionless_share"]
+        tried = report["slice_captioned_R@1_by_share"]
+        assert list(tried) == ["None", "0.2", "0.3", "0.4", "0.5", "0.6"] and report["captioned_cost"] == cost
+        within = [s for s, r1 in tried.items() if r1 >= tried["None"] - cost]
+        assert str(report["chosen"]) == within[-1]  # the largest share within the budget
+        captioned_r1 = 100 * top1(tuned.score(signals, valid)[~captionless], target[~captionless])
+        assert captioned_r1 == pytest.approx(tried[str(report["chosen"])], abs=1e-3)
+        by_budget[cost] = (top1(tuned.score(signals, valid)[captionless], target[captionless]), captioned_r1)
+    assert by_budget[100.0][1] <= by_budget[0.0][1] and by_budget[100.0][0] >= by_budget[0.0][0]
+    assert by_budget[100.0][0] > by_budget[0.0][0]  # a larger budget makes captionless items findable
