@@ -206,12 +206,11 @@ def fit_verification(retriever: VerifiedRetriever, texts: list[str], gold_rows: 
                      progress: bool = False, crossfit_captions: np.ndarray | None = None) -> Fusion:
     """Fit the fusion on held-out training queries: candidates from the trained generator, signals
     with the gold item's leave-one-out caption centroid. The weights of items without captions
-    (an offset, and their own feature weight) are then fitted with a seeded share of the
-    candidates shown captionless; the captioned weights stay as fitted. Those two weights are then
-    rescaled together to the masked slice's R@1 (fusion.tune_pair_for_top1), its queries weighed
-    by `verify.captionless_query_share`: never-trained Flickr8k items over the whole catalog,
-    R@1 / R@10, seen items' R@1: 3.4 / 51.6, 75.9 with the slice's own weighting (None), 18.0 /
-    62.6, 73.8 at the default 0.5 (docs/benchmarks.md §0, the trade-off plot).
+    (an offset, their aligned-feature weight and their predicted-caption weight) are then fitted
+    with a seeded share of the candidates shown captionless (`verify.mask_repeats` masks stacked);
+    the captioned weights stay as fitted. The offset and that evidence are then rescaled together
+    to the masked slice's R@1 (tune_captionless), its queries weighed by a share chosen within
+    `verify.captioned_cost` (choose_captionless_share) or set by `verify.captionless_query_share`.
 
     Tried instead and measured worse (docs/benchmarks.md §0): hiding 20 % of the items from a
     second aligner and showing exactly those captionless (unseen Flickr8k items, whole catalog:
