@@ -10,7 +10,6 @@ above the others (Flickr8k-976: ridge R@1 37.3, this map 63.2 over the whole cat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-@dataclass
-class AlignConfig:
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.05
-    negatives: int = 16384     # items scored per step: all of them up to this many, else a sample
-    seed: int = 0
+from cart_core.settings import AlignConfig  # noqa: F401  (re-exported)
 
 
 class QueryAligner(torch.nn.Module):

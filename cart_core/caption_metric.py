@@ -18,7 +18,6 @@ extra float per item (|W c|, computed at load), not a second centroid table.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-@dataclass
-class CaptionMetricConfig:
-    epochs: int = 1           # VATEX gains the same after 1, 3 or 6 epochs, Flickr8k loses more with each
-    batch_size: int = 256
-    lr: float = 1e-3
-    temperature: float = 0.05
-    negatives: int = 16384    # items scored per step: all of them up to this many, else a sample
-    seed: int = 0
+from cart_core.settings import CaptionMetricConfig  # noqa: F401  (re-exported)
 
 
 class CaptionMetric(torch.nn.Module):

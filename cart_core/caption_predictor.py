@@ -30,14 +30,7 @@ import numpy as np
 
 from cart_core.dense import apply_ridge, fit_ridge
 from cart_core.kmeans import l2_normalize
-
-
-@dataclass
-class PredictorConfig:
-    # ridge strengths tried (the folds choose): VATEX chose 0.01, Flickr8k 0.3 (holdout seed 1)
-    alphas: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
-    folds: int = 5            # cross-fitting folds over the captioned items (also choose the alpha)
-    seed: int = 0
+from cart_core.settings import PredictorConfig  # noqa: F401  (re-exported)
 
 
 @dataclass

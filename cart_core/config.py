@@ -9,10 +9,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from cart_core.errors import ConfigError, InputNotFound, first_line
-from cart_core.generator import GeneratorConfig
-from cart_core.hybrid import VerifyConfig
-from cart_core.rqvae import RQVAEConfig
-from cart_core.training import TrainConfig
+from cart_core.settings import GeneratorConfig, RQVAEConfig, TrainConfig, VerifyConfig
 
 
 @dataclass

@@ -10,41 +10,16 @@ With both branches off the decoder cross-attends to the last layer only (plain s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cart_core.errors import ConfigError
-from cart_core.text import DEFAULT_TEXT_ENCODER, TextEncoder
-
-
-@dataclass
-class GeneratorConfig:
-    vocab_sizes: list[int] = field(default_factory=list)  # per identifier position
-    query: Literal["text", "vector"] = "text"  # HF encoder, or precomputed vectors
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    max_query_tokens: int = 32
-    query_dim: int = 0                  # vector queries: input dimension
-    vector_layers: int = 2              # vector queries: pseudo layers S
-    vector_slots: int = 4               # vector queries: pseudo tokens T per layer
-    vector_hidden: int = 256            # vector queries: pseudo state width H
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    ff_dim: int = 512
-    dropout: float = 0.1
-    coarse_fusion: bool = True
-    fine_fusion: bool = True
-    # "linear": logits = W y. "prototype": logits also get scale * (pooled query + delta(y)) . E_tok,
-    # with E initialised so that summing token scores along an identifier approximates the
-    # cosine between the query and the item's caption centroid (see prototypes.py)
-    output_head: Literal["linear", "prototype"] = "linear"
-    finetune_layers: int = 0            # top text-encoder layers trained with the decoder (0 = frozen)
-    prototype_scale: float = 20.0
+from cart_core.settings import GeneratorConfig  # noqa: F401  (re-exported)
+from cart_core.text import TextEncoder
 
 
 class VectorQueryEncoder(nn.Module):

@@ -8,8 +8,6 @@ mean-pooled last layer is the query's sentence vector for the text side of verif
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -17,9 +15,9 @@ from tqdm.auto import tqdm
 
 from cart_core.added_items import held_out_feature_cos
 from cart_core.errors import ConfigError
-from cart_core.alignment import AlignConfig, QueryAligner, fit_aligner
-from cart_core.caption_metric import CaptionMetricConfig, fit_caption_metric
-from cart_core.caption_predictor import PredictorConfig, fit_caption_predictor
+from cart_core.alignment import QueryAligner, fit_aligner
+from cart_core.caption_metric import fit_caption_metric
+from cart_core.caption_predictor import fit_caption_predictor
 from cart_core.candidates import Candidates, expand_beam, rows_as_candidates
 from cart_core.decoding import beam_search_with_prefixes
 from cart_core.fusion import (TUNED_FOR_TOP1, Fusion, fit_fusion, fit_weights, top1, tune_for_top1,
@@ -29,52 +27,12 @@ from cart_core.identifiers import IdentifierTable
 from cart_core.lexical import ItemTerms, TermIndex
 from cart_core.neighbors import build_neighbors, follow_neighbors
 from cart_core.retrieval import BatchedSearch
+from cart_core.settings import UNCAPTIONED_SIGNALS, VerifyConfig
 from cart_core.trie import DecodingTrie
-from cart_core.verify import (DEFAULT_SIGNALS, SIGNALS, UNCAPTIONED_SIGNALS, ItemVectors, caption_sums,
-                               candidate_signals, gathered_dot, generator_signals, mask_captions_repeated)
+from cart_core.verify import (ItemVectors, caption_sums, candidate_signals, gathered_dot, generator_signals,
+                               mask_captions_repeated)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VerifyConfig:
-    mode: Literal["hybrid", "generative"] = "hybrid"  # generative: beam order only (the ablation)
-    candidates: int = 300        # candidates verified per query (beam items first, then their prefixes' items)
-    expand_depth: int = 1        # shallowest beam prefix whose items become candidates (L = no expansion)
-    clusters: int = 60           # depth 1: this many best first tokens instead of the beam's (0 = the beam's)
-    neighbor_seeds: int = 0      # then follow the neighbour lists of this many best verified candidates (0 = off)
-    neighbors: int = 16          # neighbour list length per item (cart_core/neighbors.py)
-    neighbor_probe: int = 1      # neighbour lists searched in the item's cluster and this many - 1 nearest ones
-    holdout: float = 0.15        # share of training captions kept from the generator to fit the fusion
-    mask_captions: float = 0.2   # candidates shown captionless while fitting the weights of items without captions
-    mask_repeats: int = 4        # seeded masks stacked for that fit (one mask's luck moved unseen R@1 4 to 10)
-    # share of the held-out R@1 that queries for items without captions carry when those items'
-    # weights are tuned: None = as often as the masked slice asks for them (~mask_captions);
-    # 0.5 = as findable as captioned items, which costs captioned items R@1 (Flickr8k, holdout
-    # seed 1, whole catalog: seen 72.3 at 0.3 against 74.4 at None, unseen 29.0 against 18.6; the
-    # trade-off plot of docs/benchmarks.md §0); no effect on a catalog whose items all have captions
-    captionless_query_share: float | None = None
-    # chooses that share instead (null: the share above is used as set): the largest of
-    # CAPTIONLESS_SHARES whose captioned queries' R@1 on the masked slice stays within this many
-    # points of the null setting's, i.e. what items without captions may cost captioned ones
-    captioned_cost: float | None = 1.0
-    signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
-    align: AlignConfig = field(default_factory=AlignConfig)
-    caption_metric: CaptionMetricConfig = field(default_factory=CaptionMetricConfig)
-    caption_predictor: PredictorConfig = field(default_factory=PredictorConfig)
-
-    def __post_init__(self):
-        if isinstance(self.align, dict):
-            self.align = AlignConfig(**self.align)
-        if isinstance(self.caption_metric, dict):
-            self.caption_metric = CaptionMetricConfig(**self.caption_metric)
-        if isinstance(self.caption_predictor, dict):
-            self.caption_predictor = PredictorConfig(**self.caption_predictor)
-        if self.mode not in ("hybrid", "generative"):
-            raise ConfigError(f"verify.mode must be hybrid | generative, got {self.mode!r}")
-        unknown = set(self.signals) - set(SIGNALS)
-        if unknown:
-            raise ConfigError(f"verify.signals: unknown {sorted(unknown)}; choices: {list(SIGNALS)}")
 
 
 def sentence_vectors(states: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

@@ -7,7 +7,7 @@ and codes left unused in an epoch are reset to random live residuals.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cart_core._faiss import import_faiss
-
-
-@dataclass
-class RQVAEConfig:
-    levels: int = 2            # M: number of residual codebooks
-    codebook_size: int = 32    # K: codes per codebook
-    latent_dim: int = 64
-    hidden_dim: int = 256
-    beta: float = 0.25         # commitment weight
-    epochs: int = 30
-    batch_size: int = 1024
-    lr: float = 1e-3
-    seed: int = 0
+from cart_core.settings import RQVAEConfig  # noqa: F401  (re-exported)
 
 
 class RQVAE(nn.Module):

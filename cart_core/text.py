@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_TEXT_ENCODER = "minilm"
+from cart_core.settings import DEFAULT_TEXT_ENCODER  # noqa: F401  (re-exported)
+
 MPNET = "mpnet"
 
 

@@ -16,18 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cart_core.generator import Generator, identifier_nll, rdrop_kl
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.05
-    rdrop_weight: float = 1.0   # omega; 0 switches R-Drop off
-    encoder_lr: float = 5e-5    # for generator.finetune_layers > 0
-    seed: int = 0
+from cart_core.settings import TrainConfig  # noqa: F401  (re-exported)
 
 
 @dataclass

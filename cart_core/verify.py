@@ -28,15 +28,7 @@ from cart_core.caption_metric import CaptionMetric
 from cart_core.caption_predictor import CaptionPredictor
 from cart_core.kmeans import l2_normalize
 from cart_core.lexical import TermIndex
-
-SIGNALS = ("caption_cos", "caption_metric_cos", "caption_bm25", "feature_cos", "predicted_caption_cos",
-           "gen_item_logp", "gen_cluster_logp")
-# measured on Flickr8k and VATEX (docs/benchmarks.md): the generator's log-probabilities win the
-# held-out slice's R@1 but lose on the evaluation captions, so by default the generator proposes
-# and the dense signals rank; the log-probabilities stay available (verify.signals) and ablated
-DEFAULT_SIGNALS = ("caption_cos", "caption_metric_cos", "caption_bm25", "feature_cos", "predicted_caption_cos")
-# signals only items without captions have: fitted with the captionless weights (cart_core/hybrid.py)
-UNCAPTIONED_SIGNALS = ("predicted_caption_cos",)
+from cart_core.settings import SIGNALS
 
 
 @dataclass

@@ -147,3 +147,33 @@ def test_in_range_edges_are_accepted():
                              "jobs.train_max_failures=-1"])
     assert cfg.train.epochs == 1 and cfg.generator.dropout == 0.0 and cfg.jobs.train_workers == 0
     assert cfg.verify.clusters == 0 and cfg.reindex.id_deltas == 0 and cfg.jobs.train_max_failures == -1
+
+
+def test_checking_a_config_loads_no_model_library():
+    """The CLI refuses a bad config before any model code loads: neither cart_core.config nor the
+    CLI module imports torch, Ray, transformers or faiss (torch alone took ~2 s of a typo's error)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "ray", "transformers", "faiss")
+    code = ("import sys, cart_core.config, pipelines.cli; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""
+
+
+def test_model_modules_re_export_their_settings():
+    """The settings moved to cart_core.settings; the old import paths name the same classes."""
+    from cart_core import settings
+    from cart_core.alignment import AlignConfig
+    from cart_core.caption_metric import CaptionMetricConfig
+    from cart_core.caption_predictor import PredictorConfig
+    from cart_core.generator import GeneratorConfig
+    from cart_core.hybrid import VerifyConfig
+    from cart_core.rqvae import RQVAEConfig
+    from cart_core.training import TrainConfig
+
+    assert (AlignConfig, CaptionMetricConfig, PredictorConfig, GeneratorConfig, VerifyConfig, RQVAEConfig,
+            TrainConfig) == (settings.AlignConfig, settings.CaptionMetricConfig, settings.PredictorConfig,
+                             settings.GeneratorConfig, settings.VerifyConfig, settings.RQVAEConfig,
+                             settings.TrainConfig)
