@@ -210,8 +210,10 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
             old_lists, new_lists = base.items.terms.items.as_lists(np.arange(len(old_rows))), \
                 new_terms.as_lists(np.arange(len(new_rows)))
             terms = TermIndex(ItemTerms.from_lists(old_lists[0] + new_lists[0], old_lists[1] + new_lists[1]))
+        # as pipelines/verify.py loads a reindexed version: the trained metric and caption predictor
+        # (the predictor gives items added without captions their predicted caption centroid)
         items = ItemVectors.build(np.concatenate([sums[old_rows], cent]), np.concatenate([feats[old_rows], new_feats]),
-                                  terms, base.items.metric)
+                                  terms, base.items.metric, base.items.predictor)
         return VerifiedRetriever(base.generator, table, items, base.aligner, base.fusion, cfg.verify,
                                  neighbors=item_neighbors(items, table, cfg.verify))
 
