@@ -42,6 +42,7 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/quality.py --out out/bench
 	$(PY) benchmarks/beam_speed.py --out out/bench
+	$(PY) benchmarks/verify_cost.py --out out/bench
 	$(PY) benchmarks/scale.py --out out/bench --sizes 10000,100000,1000000
 	$(PY) benchmarks/reindex.py --out out/bench --part flickr
 	$(PY) benchmarks/reindex.py --out out/bench --part scale
