@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cart_core.settings import DEFAULT_TEXT_ENCODER  # noqa: F401  (re-exported)
+from cart_core.settings import DEFAULT_TEXT_ENCODER
 
 MPNET = "mpnet"
 
