@@ -2,8 +2,9 @@
 as alternating repeated passes so that the machine's drift falls on both sides.
 
 quality.py times each retriever once, the generative pass first, minutes apart, on a 2-vCPU box
-whose speed moves by 10-30 % between passes (the same retrievers measured 1.23 x and 1.13 x an hour
-apart). Here the same generator and hybrid answer the same evaluation queries `--repeats` times,
+whose speed moves by 10-35 % between passes (on 2026-12-06 quality.py's single VATEX passes read
+1.33 x; two back-to-back pairs of passes in a profiling run the same hour read 1.18 x and 1.13 x).
+Here the same generator and hybrid answer the same evaluation queries `--repeats` times,
 in alternating order, and the medians are compared; each hybrid pass is also split into
 generation (query encoding, beam, prefix expansion: `VerifiedRetriever.candidates`) and
 verification (signals, fusion, ranking: the rest).
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,13 +53,13 @@ def batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def measure(corpus: Corpus, cfg: CartConfig, repeats: int) -> dict:
+def measure(corpus: Corpus, cfg: CartConfig, repeats: int, progress: bool = True) -> dict:
     """Median seconds of `repeats` alternating passes over the evaluation queries: beam search alone,
     the hybrid, and the hybrid's generation half."""
     prep = prepare(corpus, cfg)
-    run = run_generative(prep, cfg, progress=False)
+    run = run_generative(prep, cfg, progress=progress)
     hybrid = fit_verified(run.generator, run.table, prep.train_text, prep.train_item, prep.train_vec, run.holdout,
-                          prep.corpus.embeddings, cfg, progress=False)
+                          prep.corpus.embeddings, cfg, progress=progress)
     beam_only = GenerativeRetriever(run.generator, run.table)
     queries, k, beam, batch = prep.query_text, cfg.eval.k, cfg.eval.beam_size, cfg.eval.batch_size
     passes = {
@@ -68,9 +71,12 @@ def measure(corpus: Corpus, cfg: CartConfig, repeats: int) -> dict:
         fn()
     seconds: dict[str, list[float]] = {label: [] for label in passes}
     order = list(passes)
-    for rep in range(repeats):
-        for label in (order if rep % 2 == 0 else order[::-1]):
-            seconds[label].append(timed_pass(passes[label]))
+    # the bar advances between passes, outside the timed calls (which run without bars)
+    with tqdm(total=repeats * len(order), desc="timed passes", disable=not progress) as bar:
+        for rep in range(repeats):
+            for label in (order if rep % 2 == 0 else order[::-1]):
+                seconds[label].append(timed_pass(passes[label]))
+                bar.update()
     median = {label: statistics.median(s) for label, s in seconds.items()}
     verification_s = max(median["hybrid"] - median["hybrid_generation"], 0.0)
     ratio = median["hybrid"] / median["beam_only"]

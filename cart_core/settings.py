@@ -122,7 +122,7 @@ class VerifyConfig:
     # trade-off plot of docs/benchmarks.md §0); no effect on a catalog whose items all have captions
     captionless_query_share: float | None = None
     # chooses that share instead (null: the share above is used as set): the largest of
-    # CAPTIONLESS_SHARES whose captioned queries' R@1 on the masked slice stays within this many
+    # hybrid.CAPTIONLESS_SHARES whose captioned queries' R@1 on the masked slice stays within this many
     # points of the null setting's, i.e. what items without captions may cost captioned ones
     captioned_cost: float | None = 1.0
     signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))

@@ -16,7 +16,7 @@ def test_measure_times_alternating_passes_and_splits_the_hybrid():
         "generator.d_model=32", "generator.n_layers=1", "generator.ff_dim=64", "train.epochs=1",
         "eval.query_caption_index=3", "eval.beam_size=10", "verify.align.epochs=1", "verify.candidates=40",
     ])
-    row = verify_cost.measure(corpus, cfg, repeats=3)
+    row = verify_cost.measure(corpus, cfg, repeats=3, progress=False)
     assert set(row["seconds"]) == {"beam_only", "hybrid", "hybrid_generation"}
     assert all(len(s) == 3 and min(s) > 0 for s in row["seconds"].values())
     assert row["queries"] == 120 and row["candidates"] == 40 and row["train_epochs"] == 1
