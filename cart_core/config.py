@@ -112,6 +112,7 @@ class ReindexConfig:
     rehearsal: float = 8.0          # old pairs replayed per new pair (old items must not regress)
     distill: float = 0.0            # weight of KL(old generator || fine-tuned) on the replayed pairs
     drift_factor: float = 1.5       # refit due when new items sit this much farther than the fitted ones
+                                    # (items built like them: with captions when the ids use captions)
     keep_versions: int = 10         # `cart compact` keeps the last N versions
     fallback_fpr: float = 0.05      # share of other items' queries a pending item may displace from rank 1
     fallback_impostors: int = 1000  # old training captions that calibrate the fallback's threshold

@@ -301,3 +301,25 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     rows, scores = followed.search(texts, k=5, beam_size=5)
     assert (rows >= 0).all() and np.all(np.diff(scores, axis=1) <= 1e-6)
     assert all(table.live[r] for r in rows.ravel())
+
+
+def test_drift_judges_only_items_built_like_the_fit():
+    """Items added without captions to identifiers built from features and captions sit far from
+    every centroid by construction (their caption half is empty): reported, not a reason to refit;
+    the items built like the fitted ones still raise it when they drift."""
+    from pipelines.reindex import drift_report
+
+    fitted = {"mean_assign_sq_distance": 0.4, "mean_recon_error": 0.36, "imbalance": 1.2}
+    codes = {"coarse": np.array([0, 1, 2, 3]), "assign_sq_distance": np.array([0.40, 0.42, 0.80, 0.82]),
+             "recon_error": np.array([0.35, 0.37, 0.75, 0.73])}
+    after = np.arange(8) % 4
+    half = np.array([True, True, False, False])
+    mixed = drift_report(codes, fitted, after, 4, 1.5, comparable=half)
+    assert not mixed["refit_due"] and mixed["items"] == 4 and mixed["items_judged"] == 2
+    assert mixed["mean_assign_sq_distance"] == pytest.approx(0.41)
+    assert mixed["mean_not_judged_assign_sq_distance"] == pytest.approx(0.81)
+    assert drift_report(codes, fitted, after, 4, 1.5)["refit_due"]  # every item judged: the empty halves count
+    unjudged = drift_report(codes, fitted, after, 4, 1.5, comparable=np.zeros(4, bool))
+    assert not unjudged["refit_due"] and unjudged["mean_assign_sq_distance"] is None
+    drifted = {**codes, "assign_sq_distance": codes["assign_sq_distance"] * 2}
+    assert drift_report(drifted, fitted, after, 4, 1.5, comparable=half)["reasons"][0].startswith("mean_assign_sq_distance")
