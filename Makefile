@@ -29,15 +29,16 @@ demo-quick: install
 	$(VENV)/bin/cart demo --quick --out $(OUT)
 
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=25 tests
 
 # the edit loop: the algorithm library, query rules, cluster manifests + CLI parsing; no Ray (~30 s)
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests/cart_core tests/cluster tests/pipelines/test_queries.py
 
-# whole Ray clusters started with `ray start`: node-kill faults, the chain through `ray job submit`
+# whole Ray clusters started with `ray start`: node-kill faults, the chain through `ray job submit`;
+# the README's commands, the wheel install, the pipeline-speed benchmark's end-to-end tiny run
 test-slow: install
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow --durations=10 tests
 
 bench: install
 	$(PY) benchmarks/quality.py --out out/bench

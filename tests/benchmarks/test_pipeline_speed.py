@@ -30,6 +30,7 @@ def load_module():
     return load_script(SCRIPT, "pipeline_speed_bench")
 
 
+@pytest.mark.slow  # four arms, each its own process and Ray instance: ~110 s, `make test-slow`
 def test_tiny_run_writes_records_and_plot(tmp_path):
     result = run("--out", str(tmp_path), *TINY)
     assert result.returncode == 0, result.stderr[-4000:]
