@@ -140,7 +140,8 @@ def drift_report(codes: dict, fitted: dict, coarse_after: np.ndarray, n_clusters
     report = {"items": int(len(codes["coarse"])), "items_judged": int(judged.sum()),
               "imbalance_after": cluster_imbalance(coarse_after, n_clusters)["imbalance"],
               "fitted": {k: fitted.get(k) for k in ("mean_assign_sq_distance", "mean_recon_error", "imbalance")}}
-    for key, values in (("mean_assign_sq_distance", codes["assign_sq_distance"]), ("mean_recon_error", codes["recon_error"])):
+    for key, values in (("mean_assign_sq_distance", codes["assign_sq_distance"]),
+                        ("mean_recon_error", codes["recon_error"])):
         report[key] = float(values[judged].mean()) if judged.any() else None
         if not judged.all():
             report[key.replace("mean_", "mean_not_judged_")] = float(values[~judged].mean())
