@@ -193,7 +193,7 @@ def test_switches_version_without_dropping_requests(served):
 
 
 def test_reindex_under_live_traffic(served):
-    """Items added by a reindex are served (through the dense fallback) with no failed request."""
+    """Items added by a reindex are served (reached by prefix and verified) with no failed request."""
     from pipelines.reindex import run_reindex
 
     store, url, folder = served
