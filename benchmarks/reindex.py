@@ -96,7 +96,7 @@ def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str
 GATE_FPRS = (0.01, 0.05, 0.1)
 
 
-def verdicts(results: dict, finetune: bool) -> dict:
+def verdicts(results: dict, finetune: bool, verified: bool = False) -> dict:
     """The targets on the state a default `cart reindex` leaves the index in (after the fine-tune
     only when reindex.finetune is on), and for the other state too, for reference: the first
     reindex issue's (added within 5 of a full rebuild, old within 2 of before) and, for a
@@ -108,14 +108,14 @@ def verdicts(results: dict, finetune: bool) -> dict:
         final = results[state]
         out = {"added_within_5_of_full": bool(full - final["added_100"]["R@1"] <= 5.0),
                "old_within_2_of_before": bool(before - final["old_876"]["R@1"] <= 2.0)}
-        if "reindex_features_only" in results:
+        if verified:
             out["added_at_least_full"] = bool(final["added_100"]["R@1"] >= full)
             out["old_within_1_of_before"] = bool(before - final["old_876"]["R@1"] <= 1.0)
         return out
     default = "reindex_finetuned" if finetune else "reindex"
     out = {"state": default, **check(default),
            "other_state": {s: check(s) for s in ("reindex", "reindex_finetuned") if s != default}}
-    if "ridge_all_items" in results:
+    if verified:
         out["features_only_added_at_least_ridge"] = bool(
             results["reindex_features_only"]["added_100"]["R@1"] >= results["ridge_all_items"]["added_100"]["R@1"])
     return out
@@ -129,25 +129,17 @@ def has_verifier(store: Store) -> bool:
     return store.exists(f"{manifest.generator}/verify/fusion.json")
 
 
-def ridge_r1(data: Path, cfg, old_ids: set[str], queries: list[str], gold: list[str], new_ids: set[str]) -> dict:
-    """The dense feature baseline for items added without captions: the sentence encoder -> feature
-    ridge fitted on the old items' training captions (#0-3), exact search over every item."""
+def ridge_added_r1(prep, old_rows: np.ndarray, query_mask: np.ndarray) -> dict:
+    """The dense feature baseline for added items: the sentence encoder -> feature ridge fitted on
+    the old items' training captions, exact search over every item of the corpus (prep:
+    cart_core.experiment.prepare), R@ for the queries in query_mask."""
     from cart_core.dense import FlatIndex, apply_ridge, fit_ridge
-    from cart_core.text import TextEncoder
 
-    from cart_core.corpus import load_corpus, split_captions
-
-    corpus = load_corpus(data)
-    feats = corpus.embeddings
-    row_of = {str(i): r for r, i in enumerate(corpus.item_ids)}
-    (train_item, train_text), _ = split_captions(corpus, 4)
-    train = [(str(corpus.item_ids[r]), t) for r, t in zip(train_item, train_text) if str(corpus.item_ids[r]) in old_ids]
-    encoder = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens)
-    ridge = fit_ridge(encoder.sentence_embeddings([t for _, t in train]), feats[[row_of[i] for i, _ in train]],
-                      alpha=0.01)
-    asked = [k for k, g in enumerate(gold) if g in new_ids]
-    found = FlatIndex(feats).search(apply_ridge(encoder.sentence_embeddings([queries[k] for k in asked]), ridge), 10)[0]
-    m = retrieval_metrics(found, np.array([row_of[gold[k]] for k in asked]))
+    feats = prep.corpus.embeddings
+    old_train = np.isin(prep.train_item, old_rows)
+    ridge = fit_ridge(prep.train_vec[old_train], feats[prep.train_item[old_train]], alpha=0.01)
+    found = FlatIndex(feats).search(apply_ridge(prep.query_vec[query_mask], ridge), 10)[0]
+    m = retrieval_metrics(found, prep.query_item[query_mask])
     return {"added_100": {k: m[k] for k in ("R@1", "R@5", "R@10", "queries")}}
 
 
@@ -177,7 +169,6 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
 
     from cart_core.added_items import blend_added_features
     from cart_core.corpus import load_corpus
-    from cart_core.dense import FlatIndex, apply_ridge, fit_ridge
     from cart_core.experiment import fit_verified, prepare
     from cart_core.generator import Generator
     from cart_core.hybrid import VerifiedRetriever, holdout_mask, item_neighbors
@@ -272,13 +263,8 @@ def part_flickr_hybrid(overrides: list[str]) -> dict:
     full, _ = timed("full_rebuild_index_train_verify", lambda: build(np.arange(len(corpus))))
     everything = np.arange(len(corpus))
     results["full_rebuild"] = {"added_100": r1(full, everything, q_new), "old_876": r1(full, everything, q_old)}
-    # the dense feature baseline of the same run for items added without captions: ridge fitted on
-    # the old items' training captions, exact search over all 976 items
-    old_train = np.isin(prep.train_item, old_rows)
-    ridge = fit_ridge(prep.train_vec[old_train], feats[prep.train_item[old_train]], alpha=0.01)
-    found = FlatIndex(feats).search(apply_ridge(prep.query_vec[q_new], ridge), 10)[0]
-    m = retrieval_metrics(found, prep.query_item[q_new])
-    results["ridge_all_items"] = {"added_100": {k: m[k] for k in ("R@1", "R@5", "R@10", "queries")}}
+    # the dense feature baseline of the same run for items added without captions
+    results["ridge_all_items"] = ridge_added_r1(prep, old_rows, q_new)
     verdict = {
         "added_r1_at_least_full_rebuild": results["reindex_hybrid"]["added_100"]["R@1"]
         >= results["full_rebuild"]["added_100"]["R@1"],
@@ -383,8 +369,13 @@ def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> d
         timed("full_train", lambda: run_train(full, cfg))
     results["full_rebuild"] = group_r1(full, queries, gold, groups, cfg)
     if verified:
-        results["ridge_all_items"] = ridge_r1(data, cfg, set(old_ids), queries, gold, new_ids)
-    verdict = verdicts(results, cfg.reindex.finetune)
+        from cart_core.corpus import load_corpus
+        from cart_core.experiment import prepare
+
+        prep = prepare(load_corpus(data), cfg)
+        is_new = np.isin(prep.corpus.item_ids.astype(str), sorted(new_ids))
+        results["ridge_all_items"] = ridge_added_r1(prep, np.flatnonzero(~is_new), is_new[prep.query_item])
+    verdict = verdicts(results, cfg.reindex.finetune, verified)
     return {"results": results, "retriever": "verified (generate, then verify)" if verified
             else "generator + gated dense fallback over pending items", "timings": timings,
             "drift": summary["drift"], "verdict": verdict,
