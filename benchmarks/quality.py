@@ -441,6 +441,7 @@ def main() -> None:
     save()
     meta = {"machine": f"{platform.machine()} {platform.processor()}", "config": args.config,
             "overrides": args.overrides, "protocols": protocols, "holdout": args.holdout,
+            "holdout_seed": args.holdout_seed, "captionless_shares": args.captionless_shares,
             "datasets": args.datasets, "wall_s": time.perf_counter() - started}
     meta_path = out / "quality.meta.json"
     if args.append and meta_path.exists():  # keep the record of the run the other rows came from

@@ -124,9 +124,9 @@ def verdicts(results: dict, finetune: bool, verified: bool = False) -> dict:
 def has_verifier(store: Store) -> bool:
     """Whether the servable version's generator was fitted with a verifier (pipelines/verify.py)."""
     from cart_core.index_version import IndexVersion
+    from pipelines.verify import has_verifier as version_has_verifier
 
-    manifest = IndexVersion.newest_servable(store).manifest
-    return store.exists(f"{manifest.generator}/verify/fusion.json")
+    return version_has_verifier(IndexVersion.newest_servable(store))
 
 
 def ridge_added_r1(prep, old_rows: np.ndarray, query_mask: np.ndarray) -> dict:

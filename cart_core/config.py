@@ -115,7 +115,7 @@ class ReindexConfig:
                                     # (items built like them: with captions when the ids use captions)
     keep_versions: int = 10         # `cart compact` keeps the last N versions
     fallback_fpr: float = 0.05      # share of other items' queries a pending item may displace from rank 1
-    fallback_impostors: int = 1000  # old training captions that calibrate the fallback's threshold
+    fallback_impostors: int = 1000  # old training captions that calibrate the fallback's threshold (no verifier only)
     fallback_interleave: int = 1    # dense hits below the threshold merged into the ranking (rank 2, 4, ...)
     keep_fallback: bool = True      # keep the dense fallback after the fine-tune, until a full `cart train`
     calibrate_added: bool = True    # added items with captions get a calibrated verification vector (cart_core/added_items.py)

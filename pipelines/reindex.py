@@ -7,9 +7,10 @@ Up to two commits, each a complete, servable version:
    existing identifier changes and no deleted one is reused. The id table is written as a delta
    (appended rows + tombstoned rows; docs/design.md §7). Deleted items are tombstoned (the
    decoding tables mask them) and their feature rows are listed in `tombstones/`. The generator is
-   unchanged and does not decode the added ("pending") items yet; they are findable at once
-   through a dense fallback over their caption embeddings with a calibrated acceptance threshold
-   (cart_core/fallback.py).
+   unchanged and was never trained on the added ("pending") items; they are findable at once:
+   on a verified index (generate, then verify) through their prefix and the verifier's scores;
+   on an index trained without a verifier through a dense fallback over their caption embeddings
+   with a calibrated acceptance threshold (cart_core/fallback.py), calibrated only there.
 2. **Generator** (`--finetune` / `reindex.finetune`; a short Ray Train fine-tune): the pending
    items' queries plus a replayed sample of old ones, optionally distilled from the committed
    generator. The fallback stays (`reindex.keep_fallback`) until a full `cart train`.
@@ -45,7 +46,7 @@ from cart_core.store import Manifest, Store, StoreError, features_table, queries
 from pipelines.inputs import embedding_hashes, local_copy
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, init_ray, log
-from pipelines.verify import added_features
+from pipelines.verify import added_features, has_verifier
 
 CRASH_POINTS = ("after_features", "after_ids", "before_commit", "after_training")
 
@@ -367,9 +368,10 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     t0 = time.perf_counter()
     previous = version.pending()
     pending_before = set(previous.column("item_id").to_pylist()) if previous is not None else set()
-    # the threshold is recalibrated whenever a fallback will exist (new captioned items or carried over)
+    # the threshold is recalibrated whenever a fallback will exist (new captioned items or carried
+    # over); a verified index ranks pending items itself and never consults it (pipelines/search.py)
     impostors = impostor_queries(store, manifest, cfg, set(plan["encode_ids"]) | pending_before) \
-        if len(cap_ids) or pending_before else np.zeros((0, 384), np.float32)
+        if (len(cap_ids) or pending_before) and not has_verifier(version) else np.zeros((0, 384), np.float32)
     summary.time("fallback_calibration_s", t0)
     t0 = time.perf_counter()
     codes = encode(codebooks, identifier_inputs(id_cfg.source, emb, cap_vec if id_cfg.source != "features" else None)) \
@@ -475,7 +477,8 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
                        base=manifest, reads={"features", "queries", "codebooks", "extra.tombstones", "extra.pending",
                                              "extra.pending_trained", "generator", "extra.generator_ids"})
     log("reindex", f"committed version {new.version}: {plan['counts']}; "
-                   f"{len(has_caption)} new items findable through the dense fallback until the fine-tune")
+                   f"{len(has_caption)} new captioned items wait for a fine-tune (found meanwhile by verification, "
+                   f"or by the dense fallback on an index trained without a verifier)")
 
 
 def run_rollback(store: Store, version: int) -> dict:

@@ -100,6 +100,12 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
     return fusion.report
 
 
+def has_verifier(version: IndexVersion) -> bool:
+    """Whether the version's generator was fitted with a verifier: its retriever is then generate,
+    then verify, and pending items are ranked by it, never by the dense fallback."""
+    return version.store.exists(f"{version.manifest.generator}/verify/fusion.json")
+
+
 def copy_verifier(store: Store, source_dir: str, generator_dir: str) -> bool:
     """A fine-tune keeps the verifier it started from (the aligner and fusion do not depend on the
     generator's weights; new items' centroids come from the pending table)."""
@@ -134,7 +140,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
 
     store, manifest = version.store, version.manifest
     folder = f"{manifest.generator}/verify"
-    if not store.exists(f"{folder}/fusion.json"):
+    if not has_verifier(version):
         return None
     with store.local_dir(folder) as local:
         cfg = VerifyConfig(**json.loads((local / "verify.json").read_text()))

@@ -107,9 +107,12 @@ def test_fit_line_recovers_fixed_cost_and_rate():
 def test_tree_sampler_sees_a_child_process():
     bench = load_module()
     sampler = bench.TreeSampler(interval=0.05)
+    # sampled under a shell of its own, so processes an earlier test left (a Ray cluster) do not count
+    shell = subprocess.Popen(["sh", "-c", f"'{sys.executable}' -c "
+                                          f"'import time; x = bytearray(64 << 20); time.sleep(0.6)'; true"])
+    sampler.root = shell.pid
     sampler.start()
-    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(0.6)"])
-    child.wait()
+    shell.wait()
     procs = sampler.stop()
     assert procs["ray_system"]["processes"] == 1   # a non-Ray child counts with the system processes
     assert procs["ray_system"]["max_process_peak_rss_mib"] >= 64

@@ -345,3 +345,31 @@ def test_the_captionless_share_is_the_largest_within_the_captioned_budget():
         by_budget[cost] = (top1(tuned.score(signals, valid)[captionless], target[captionless]), captioned_r1)
     assert by_budget[100.0][1] <= by_budget[0.0][1] and by_budget[100.0][0] >= by_budget[0.0][0]
     assert by_budget[100.0][0] > by_budget[0.0][0]  # a larger budget makes captionless items findable
+
+
+def test_the_share_report_carries_the_captioned_r1_had_no_candidate_been_hidden():
+    from cart_core.fusion import top1
+    from cart_core.hybrid import choose_captionless_share
+
+    signals, valid, target = _captionless_slice()
+    captionless = signals["no_caption"][np.arange(len(target)), target] > 0
+    rng = np.random.default_rng(5)
+    gold = np.zeros_like(signals["caption_cos"], bool)
+    gold[np.arange(len(target)), target] = True
+    # the same slice had every candidate kept its captions: nothing is scored as captionless
+    unmasked = {"caption_cos": np.where(signals["no_caption"] > 0, rng.normal(size=gold.shape) + 2.0 * gold,
+                                        signals["caption_cos"]).astype(np.float32),
+                "no_caption": np.zeros_like(signals["no_caption"]),
+                "feature_cos_uncaptioned": np.zeros_like(signals["feature_cos_uncaptioned"])}
+    fitted = Fusion(["caption_cos", "no_caption", "feature_cos_uncaptioned"], [1.0, 0.3, 0.3])
+    tuned = choose_captionless_share(signals, fitted, valid, target, 1.0, unmasked=unmasked)
+    report = tuned.report["captionless_share"]
+    reference = report["slice_captioned_R@1_unmasked_by_share"]
+    assert list(reference) == list(report["slice_captioned_R@1_by_share"])
+    want = 100 * top1(tuned.score(unmasked, valid)[~captionless], target[~captionless])
+    assert reference[str(report["chosen"])] == pytest.approx(want, abs=1e-3)
+    assert len(set(reference.values())) == 1  # no candidate is captionless: the captionless weights do not matter
+    # hidden captions take strong rivals away from captioned queries at the slice's own share
+    assert report["slice_captioned_R@1_by_share"]["None"] > reference["None"]
+    without = choose_captionless_share(signals, fitted, valid, target, 1.0).report["captionless_share"]
+    assert without["slice_captioned_R@1_unmasked_by_share"] == {}  # nothing to compare with

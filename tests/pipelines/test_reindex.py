@@ -84,7 +84,8 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     assert summary["counts"]["added"] == N_NEW and summary["drift"]["items"] == N_NEW
     manifest = store.manifest()
     assert manifest.version == v0 + 1 and untaught(store, manifest) == set(base["new_ids"])
-    assert -1.0 <= manifest.extra["pending_threshold"] <= 1.0  # calibrated on old training captions
+    # a verified index ranks pending items itself: the fallback's gate is never calibrated
+    assert manifest.extra["pending_threshold"] is None and summary["timings"]["fallback_calibration_s"] < 0.5
     after, _ = load_ids(store, manifest)
     np.testing.assert_array_equal(after.codes[:N_OLD], before.codes)  # old identifiers never change
     assert list(after.item_ids[N_OLD:]) == sorted(base["new_ids"]) or set(after.item_ids[N_OLD:]) == set(base["new_ids"])
@@ -102,7 +103,7 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     assert np.mean([q in found[q] for q in base["new_ids"]]) >= 0.3
     untouched = run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=True)
     assert store.manifest().version == tuned.version and untouched["counts"]["added"] == 0
-    # a delete-only reindex keeps a calibrated fallback without the deleted item, and items the
+    # a delete-only reindex drops the deleted item from the pending table, and items the
     # fine-tune has taught stay decodable by the generator
     from cart_core.index_version import IndexVersion
     from pipelines.search import pending_fallback
@@ -110,7 +111,7 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path):
     (tmp_path / "gone.txt").write_text(base["new_ids"][0])
     run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
     after_delete = store.manifest()
-    assert after_delete.extra["pending_threshold"] is not None and not untaught(store, after_delete)
+    assert after_delete.extra["pending_threshold"] is None and not untaught(store, after_delete)
     assert base["new_ids"][0] not in IndexVersion(store, after_delete).pending().column("item_id").to_pylist()
     _, untrained = pending_fallback(IndexVersion(store, after_delete))
     assert len(untrained) == 0
@@ -323,3 +324,35 @@ def test_drift_judges_only_items_built_like_the_fit():
     assert not unjudged["refit_due"] and unjudged["mean_assign_sq_distance"] is None
     drifted = {**codes, "assign_sq_distance": codes["assign_sq_distance"] * 2}
     assert drift_report(drifted, fitted, after, 4, 1.5, comparable=half)["reasons"][0].startswith("mean_assign_sq_distance")
+
+
+def test_an_index_trained_without_a_verifier_finds_added_items_through_the_calibrated_fallback(base, tmp_path):
+    """A generator trained with `verify.mode: generative` (or before verification existed) has no
+    verify/ folder: added items are returned only by the dense fallback, whose acceptance
+    threshold the reindex calibrates on old training captions; a delete recalibrates it."""
+    from cart_core.fallback import HybridRetriever
+    from cart_core.index_version import IndexVersion
+    from pipelines.reindex import run_reindex
+    from pipelines.search import load_retriever
+
+    store = fresh(base, tmp_path)
+    shutil.rmtree(f"{store.url}/{store.manifest().generator}/verify")
+    before = results(store, base, tmp_path)
+    old_before = np.mean([q in before[q] for q in base["old_ids"]])
+    run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
+                captions=str(base["new"] / "captions.parquet"), finetune=False)
+    manifest = store.manifest()
+    assert -1.0 <= manifest.extra["pending_threshold"] <= 1.0
+    retriever, _ = load_retriever(IndexVersion(store, manifest))
+    assert isinstance(retriever, HybridRetriever)
+    found = results(store, base, tmp_path)
+    # the generator never decodes untrained pending items: every hit is the fallback's
+    assert np.mean([q in found[q] for q in base["new_ids"]]) >= 0.5
+    # the gate keeps most old items' slots (generator alone: R@10 ~0.4 on this small config)
+    assert np.mean([q in found[q] for q in base["old_ids"]]) >= old_before - 0.1
+    (tmp_path / "gone.txt").write_text(base["new_ids"][0])
+    run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+    after = store.manifest()
+    assert after.extra["pending_threshold"] is not None
+    assert base["new_ids"][0] not in IndexVersion(store, after).pending().column("item_id").to_pylist()
+    assert base["new_ids"][0] not in {i for hits in results(store, base, tmp_path).values() for i in hits}
