@@ -371,5 +371,10 @@ def test_the_share_report_carries_the_captioned_r1_had_no_candidate_been_hidden(
     assert len(set(reference.values())) == 1  # no candidate is captionless: the captionless weights do not matter
     # hidden captions take strong rivals away from captioned queries at the slice's own share
     assert report["slice_captioned_R@1_by_share"]["None"] > reference["None"]
+    # stacked masked copies (mask_captions_repeated) are compared with the one unmasked slice
+    stacked = {k: np.concatenate([v, v]) for k, v in signals.items()}
+    twice = choose_captionless_share(stacked, fitted, np.tile(valid, (2, 1)), np.tile(target, 2), 1.0,
+                                     unmasked=unmasked).report["captionless_share"]
+    assert twice["slice_captioned_R@1_unmasked_by_share"] == pytest.approx(reference, abs=1e-3)
     without = choose_captionless_share(signals, fitted, valid, target, 1.0).report["captionless_share"]
     assert without["slice_captioned_R@1_unmasked_by_share"] == {}  # nothing to compare with
