@@ -272,8 +272,9 @@ def dense_scores(query_vectors: np.ndarray, items: ItemVectors, aligner: QueryAl
 def mask_captions(signals: dict[str, np.ndarray], share: float, seed: int = 0) -> dict[str, np.ndarray]:
     """A copy with the caption signal removed for `share` of the candidates, so fusion weights
     are fitted for items without captions too (held-out queries all have captioned items). Share 0
-    hides nothing but still adds the captionless signals (items that truly lack captions among the
-    candidates), the reference the masked copies are compared with."""
+    hides nothing but still computes the captionless signals (for items that truly lack captions
+    among the candidates; the predicted caption cosine from its cross-fitted form), the
+    reference the masked copies are compared with."""
     if "caption_cos" not in signals:
         return signals
     drop = np.random.default_rng(seed).random(signals["caption_cos"].shape) < share
