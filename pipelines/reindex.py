@@ -477,8 +477,8 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
                        base=manifest, reads={"features", "queries", "codebooks", "extra.tombstones", "extra.pending",
                                              "extra.pending_trained", "generator", "extra.generator_ids"})
     log("reindex", f"committed version {new.version}: {plan['counts']}; "
-                   f"{len(has_caption)} new captioned items wait for a fine-tune (found meanwhile by verification, "
-                   f"or by the dense fallback on an index trained without a verifier)")
+                   f"{len(has_caption)} new captioned items found by "
+                   f"{'verification' if has_verifier(version) else 'the dense fallback'} until a fine-tune")
 
 
 def run_rollback(store: Store, version: int) -> dict:
