@@ -216,7 +216,7 @@ AT_LEAST_ONE = {
     "jobs.checkpoint_every", "jobs.quantize_batch_size", "jobs.quantize_actors", "jobs.retrieve_batch_size",
     "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
     "reindex.finetune_epochs", "reindex.keep_versions", "verify.mask_repeats",
-    "verify.caption_predictor.folds",
+    "verify.caption_predictor.folds", "verify.expand_depth",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
     "verify.candidates", "verify.neighbors", "verify.neighbor_probe", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
     "verify.caption_metric.epochs", "verify.caption_metric.batch_size", "verify.caption_metric.negatives",

@@ -105,7 +105,7 @@ class HybridRetriever:
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = self.retriever.search_batch(queries, k, beam_size)
-        if len(self.fallback) == 0:
+        if len(self.fallback) == 0 or len(queries) == 0:
             return rows, scores
         dense_rows, dense_scores = self.fallback.search(self.encode_text(list(queries)), k)
         live = self.table.live

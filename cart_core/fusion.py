@@ -95,9 +95,10 @@ def fit_fusion(signals: dict[str, np.ndarray], valid: np.ndarray, target: np.nda
                names: list[str]) -> Fusion:
     """Conditional-logit weights for the configured signals (plus their companions), with the
     held-out slice's two-fold cross-validated R@1 in the report."""
-    names = list(dict.fromkeys(n for s in names if s in signals for n in (s, COMPANIONS.get(s)) if n in signals))
+    asked, names = names, list(dict.fromkeys(n for s in names if s in signals for n in (s, COMPANIONS.get(s))
+                                              if n in signals))
     if not names:
-        raise ValueError(f"no verification signal to fit: asked for {names}, have {sorted(signals)}")
+        raise ValueError(f"no verification signal to fit: asked for {list(asked)}, have {sorted(signals)}")
     folds = np.random.default_rng(0).permutation(len(target)) % 2 == 0
     r1 = []
     for fit_on in (folds, ~folds):

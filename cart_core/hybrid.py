@@ -26,7 +26,7 @@ from cart_core.generator import Generator
 from cart_core.identifiers import IdentifierTable
 from cart_core.lexical import ItemTerms, TermIndex
 from cart_core.neighbors import build_neighbors, follow_neighbors
-from cart_core.retrieval import BatchedSearch
+from cart_core.retrieval import BatchedSearch, no_answers
 from cart_core.settings import UNCAPTIONED_SIGNALS, VerifyConfig
 from cart_core.trie import DecodingTrie
 from cart_core.verify import (ItemVectors, caption_sums, candidate_signals, gathered_dot, generator_signals,
@@ -105,6 +105,8 @@ class VerifiedRetriever(BatchedSearch):
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item rows int64 [B, k], -1 where fewer; fused scores [B, k])."""
+        if len(queries) == 0 or not self.table.live.any():  # nothing asked, or every item deleted
+            return no_answers(len(queries), k)
         cands, qvec, fq, beam, terms = self._generate(queries, beam_size)
         if self.cfg.mode == "generative":
             score = np.where(cands.valid, cands.logp[..., -1] - cands.rank * 1e-6, -np.inf)

@@ -11,11 +11,18 @@ from cart_core.identifiers import IdentifierTable
 from cart_core.trie import DecodingTrie
 
 
+def no_answers(queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The result of queries that find nothing: rows -1, scores -inf, [queries, k]."""
+    return np.full((queries, k), -1, np.int64), np.full((queries, k), -np.inf, np.float32)
+
+
 class BatchedSearch:
     """search() over many queries for any retriever with search_batch(queries, k, beam_size)."""
 
     def search(self, queries, k: int = 10, beam_size: int = 10, batch_size: int = 64,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        if len(queries) == 0:
+            return no_answers(0, k)
         rows, scores = [], []
         for start in tqdm(range(0, len(queries), batch_size), desc="retrieve", disable=not progress, leave=False):
             r, s = self.search_batch(queries[start:start + batch_size], k, beam_size)
@@ -38,6 +45,8 @@ class GenerativeRetriever(BatchedSearch):
     @torch.no_grad()
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item rows int64 [B, k], -1 where fewer than k; scores = summed log-probs [B, k])."""
+        if len(queries) == 0:
+            return no_answers(0, k)
         states, mask = self.generator.encode_queries(queries)
         return self.search_batch_states(states, mask, k, beam_size)
 

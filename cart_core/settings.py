@@ -102,6 +102,12 @@ class PredictorConfig:
     folds: int = 5            # cross-fitting folds over the captioned items (also choose the alpha)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ConfigError(f"verify.caption_predictor.folds: {self.folds} is out of range; cross-fitting needs >= 2")
+        if not self.alphas or any(not isinstance(a, (int, float)) or not a > 0 for a in self.alphas):
+            raise ConfigError(f"verify.caption_predictor.alphas: {self.alphas!r}; give one or more ridge strengths > 0")
+
 
 @dataclass
 class VerifyConfig:
@@ -139,6 +145,11 @@ class VerifyConfig:
             self.caption_predictor = PredictorConfig(**self.caption_predictor)
         if self.mode not in ("hybrid", "generative"):
             raise ConfigError(f"verify.mode must be hybrid | generative, got {self.mode!r}")
+        if isinstance(self.signals, str) or not isinstance(self.signals, (list, tuple)):
+            raise ConfigError(f"verify.signals: {self.signals!r} must be a list of signal names, e.g. [caption_cos]")
         unknown = set(self.signals) - set(SIGNALS)
         if unknown:
             raise ConfigError(f"verify.signals: unknown {sorted(unknown)}; choices: {list(SIGNALS)}")
+        if self.mode == "hybrid" and not set(self.signals) - set(UNCAPTIONED_SIGNALS):
+            raise ConfigError(f"verify.signals: {list(self.signals)} has nothing to rank items with captions by; "
+                              f"add one of {[n for n in SIGNALS if n not in UNCAPTIONED_SIGNALS]}")

@@ -7,6 +7,7 @@ caption-centroid baseline. Written as DIR/metrics.json in the `cart demo` record
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pipelines.report import format_table, plot_recall, write_metrics
 from pipelines.queries import check_k, check_query_rows, load_queries
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.search import retrieve_dataset
+from pipelines.verify import query_time, verify_settings
 from pipelines.stages import stack_column
 
 PROTOCOL = "store"  # queries come from the user or the store's held-out captions
@@ -44,6 +46,7 @@ def gold_rows(item_ids: np.ndarray, catalog: dict[str, int], where: str,
 def generative_record(store: Store, queries: pa.Table, manifest: Manifest, cfg: CartConfig, k: int,
                       catalog: dict[str, int], gold: np.ndarray) -> dict:
     t0 = time.perf_counter()
+    k = max(k, 10)  # R@10, MRR@10 and MdR need ten answers, as the baselines get (dense_records)
     results = retrieve_dataset(store, queries, cfg, k, manifest)
     ranked = np.full((queries.num_rows, k), -1, dtype=np.int64)
     position = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())}
@@ -98,6 +101,7 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     version = IndexVersion.newest_servable(store)
     manifest = version.manifest
     table, _ = version.ids()  # before Ray starts: a damaged store fails at once
+    settings = verify_settings(version, query=query_time(cfg))  # the verify.* its retriever runs with
     catalog = {str(i): r for r, i in enumerate(table.item_ids[table.live])}  # deleted items are not answers
     if checked is None:
         checked = check_query_rows(version.eval_queries(), store.uri("eval"), cfg.queries, need_item=True)
@@ -125,7 +129,8 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     out_dir = Path(out)
     write_metrics(records, out_dir)
     plot_recall(records, out_dir / "recall.png", f"{store.url} (version {manifest.version}), {q.num_rows} queries")
-    (out_dir / "run.json").write_text(json.dumps({"config": config_dict(cfg), "manifest": json.loads(manifest.to_json())},
+    (out_dir / "run.json").write_text(json.dumps({"config": config_dict(cfg), "manifest": json.loads(manifest.to_json()),
+                                                  "verify": dataclasses.asdict(settings) if settings else None},
                                                  indent=2, default=str))
     print(format_table(records, f"{store.url}: version {manifest.version}, {q.num_rows} queries"))
     summary.counts.update(queries=q.num_rows, items=len(catalog))

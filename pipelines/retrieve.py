@@ -21,6 +21,7 @@ from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import check_k, load_queries
 from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.verify import query_time, verify_settings
 from pipelines.search import retrieve_dataset
 
 RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
@@ -96,6 +97,7 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
     checked = load_queries(queries, cfg.queries, "retrieve")  # every input check runs before Ray starts
     version = IndexVersion.newest_servable(store)
     version.ids()  # a damaged identifier table fails here, naming its folder, not in an actor a minute later
+    verify_settings(version, query=query_time(cfg))  # and so does a verify.* setting this index cannot take
     init_ray(address)
     summary = JobSummary("retrieve", store.url)
     manifest = version.manifest

@@ -23,8 +23,8 @@ def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None 
     """(retriever, IdentifierTable) for one committed version: generate, then verify
     (cart_core/hybrid.py) when its generator was fitted with a verifier; mode "generative" keeps
     the beam's own ranking (the ablation); `query` (pipelines.verify.query_time of the job's
-    config) sets the item neighbour lists (cart_core/neighbors.py). Both default to what the
-    verifier was fitted with. Versions trained before verification existed get the
+    config) sets what a query costs: its candidates and the item neighbour lists
+    (cart_core/neighbors.py). Both default to what the verifier was fitted with. Versions trained before verification existed get the
     generator plus the dense fallback over pending items (cart_core/fallback.py)."""
     from cart_core.fallback import HybridRetriever
     from cart_core.generator import Generator

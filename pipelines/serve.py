@@ -41,7 +41,7 @@ from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import QueryRefused, check_k, normalize_query
 from pipelines.search import load_retriever
-from pipelines.verify import query_time
+from pipelines.verify import query_time, verify_settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 logger = logging.getLogger("ray.serve")
@@ -145,7 +145,7 @@ class CartSearch:
         self.token = token_sha256 or (token_digest(env_token) if env_token else None)
         self.store = Store(store_url)
         self.device, self.beam, self.poll_s = device, beam_size, poll_s
-        self.query = limits.get("verify")  # neighbour lists, as `cart retrieve` (pipelines/verify.query_time)
+        self.query = limits.get("verify")  # mode, candidates, neighbour lists: as `cart retrieve` (pipelines/verify.query_time)
         self.current = Snapshot(self.store, device, self.query)
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
@@ -261,7 +261,9 @@ def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int 
                        f"--token-file or set {cfg.serve.token_env} (and put a TLS proxy in front)")
     if not 1 <= port <= 65535:
         raise BadInput(f"--port must be in [1, 65535], got {port}")
-    IndexVersion.newest_servable(store).ids()  # fail fast, with the reason, before starting anything
+    version = IndexVersion.newest_servable(store)
+    version.ids()  # fail fast, with the reason, before starting anything
+    verify_settings(version, query=query_time(cfg))
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store.url, cfg, token), name="cart", route_prefix="/")

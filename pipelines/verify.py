@@ -116,41 +116,59 @@ def copy_verifier(store: Store, source_dir: str, generator_dir: str) -> bool:
     return True
 
 
-QUERY_TIME_KEYS = ("neighbor_seeds", "neighbors", "neighbor_probe")
+# what a job chooses when it loads a version, not when it trains: how many candidates a query
+# verifies and where they come from are query cost, traded per job; the item neighbour lists are
+# built at load; mode picks the ranking (hybrid, or the beam's own for ablations)
+QUERY_TIME_KEYS = ("mode", "candidates", "clusters", "expand_depth", "neighbor_seeds", "neighbors", "neighbor_probe")
 
 
 def query_time(cfg: CartConfig) -> dict:
-    """The verify settings a job chooses when it loads a version, not when it trains: the item
-    neighbour lists are built at load, so retrieve, evaluate and serve all take them from the
-    config they run with."""
+    """The verify settings of the job's config that replace the fitted ones at load (QUERY_TIME_KEYS):
+    retrieve, evaluate and serve all take them from the config they run with."""
     return {key: getattr(cfg.verify, key) for key in QUERY_TIME_KEYS}
+
+
+def verify_settings(version: IndexVersion, mode: str | None = None, query: dict | None = None):
+    """The VerifyConfig a version's retriever runs with: what its verifier was fitted with
+    (verify.json), the `query` settings and `mode` where given; None without a verifier. Settings
+    that differ from the fitted ones are logged (the fusion weights were fitted on candidates drawn
+    the fitted way)."""
+    from cart_core.hybrid import VerifyConfig
+
+    if not has_verifier(version):
+        return None
+    fitted = version.store.read_json(f"{version.manifest.generator}/verify/verify.json")
+    cfg = VerifyConfig(**fitted)
+    unknown = set(query or {}) - set(QUERY_TIME_KEYS)
+    if unknown:
+        raise ValueError(f"not query-time verify settings: {sorted(unknown)}")
+    chosen = dict(query or {}, **({"mode": mode} if mode is not None else {}))
+    cfg = dataclasses.replace(cfg, **chosen)
+    changed = {k: (v, fitted.get(k)) for k, v in chosen.items() if k in fitted and fitted[k] != v}
+    if changed:
+        log("retrieve", "verify settings of this job, not the fitted ones: "
+                        + ", ".join(f"{k} {v} (fitted with {was})" for k, (v, was) in sorted(changed.items())))
+    return cfg
 
 
 def load_verified(version: IndexVersion, generator, table: IdentifierTable, device: str = "cpu",
                   mode: str | None = None, query: dict | None = None):
     """The VerifiedRetriever of a version whose generator has a verifier, else None. mode and the
-    `query_time` settings, where given, replace what the verifier was fitted with."""
+    `query_time` settings, where given, replace what the verifier was fitted with (verify_settings)."""
     from cart_core.alignment import QueryAligner
     from cart_core.caption_metric import CaptionMetric
     from cart_core.caption_predictor import CaptionPredictor
     from cart_core.fusion import Fusion
-    from cart_core.hybrid import VerifiedRetriever, VerifyConfig
+    from cart_core.hybrid import VerifiedRetriever
     from cart_core.verify import ItemVectors
     from pipelines.stages import stack_column
 
     store, manifest = version.store, version.manifest
     folder = f"{manifest.generator}/verify"
-    if not has_verifier(version):
+    cfg = verify_settings(version, mode, query)
+    if cfg is None:
         return None
     with store.local_dir(folder) as local:
-        cfg = VerifyConfig(**json.loads((local / "verify.json").read_text()))
-        if mode is not None:
-            cfg = dataclasses.replace(cfg, mode=mode)
-        if query:
-            unknown = set(query) - set(QUERY_TIME_KEYS)
-            if unknown:
-                raise ValueError(f"not query-time verify settings: {sorted(unknown)}")
-            cfg = dataclasses.replace(cfg, **query)
         fusion = Fusion.load(local / "fusion.json")
         aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
         metric = CaptionMetric.load(local) if CaptionMetric.exists(local) else None

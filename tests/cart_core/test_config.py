@@ -177,3 +177,23 @@ def test_model_modules_re_export_their_settings():
             TrainConfig) == (settings.AlignConfig, settings.CaptionMetricConfig, settings.PredictorConfig,
                              settings.GeneratorConfig, settings.VerifyConfig, settings.RQVAEConfig,
                              settings.TrainConfig)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("verify.expand_depth=0", r"verify.expand_depth: 0 is out of range; must be >= 1"),
+    ("verify.caption_predictor.folds=1", r"verify.caption_predictor.folds: 1 is out of range; cross-fitting needs >= 2"),
+    ("verify.caption_predictor.alphas=[]", r"verify.caption_predictor.alphas: \[\]; give one or more ridge strengths > 0"),
+    ("verify.caption_predictor.alphas=[0.1, -1]", r"give one or more ridge strengths > 0"),
+    ("verify.signals=[]", r"verify.signals: \[\] has nothing to rank items with captions by"),
+    ("verify.signals=[predicted_caption_cos]", r"has nothing to rank items with captions by; add one of \['caption_cos'"),
+    ("verify.signals=caption_cos", r"verify.signals: 'caption_cos' must be a list of signal names"),
+])
+def test_verify_settings_that_would_fail_after_training_are_refused_at_load(override, match):
+    """Each of these used to pass the config check and fail only in fit_verifier, after the whole
+    generator training, as a ValueError or TypeError."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_a_generative_only_verifier_needs_no_signal():
+    assert load_config(None, ["verify.mode=generative", "verify.signals=[]"]).verify.signals == []

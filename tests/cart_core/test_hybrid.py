@@ -12,6 +12,7 @@ from cart_core.generator import Generator, GeneratorConfig
 from cart_core.hybrid import VerifiedRetriever, VerifyConfig, fit_verification
 from cart_core.identifiers import build_identifiers
 from cart_core.metrics import retrieval_metrics
+from cart_core.retrieval import GenerativeRetriever
 from cart_core.training import TrainConfig, train_generator
 from cart_core.trie import DecodingTrie
 from cart_core.verify import ItemVectors, candidate_signals, mask_captions, mask_captions_repeated
@@ -144,6 +145,31 @@ def test_verified_retriever_finds_what_the_generator_misses_and_never_a_deleted_
     assert not np.isin(rows, np.arange(10)).any()
     with pytest.raises(ValueError, match="item feature vectors"):
         VerifiedRetriever(gen, table, ItemVectors.build(None, feats[:5]), None, fusion)
+
+
+def test_fusion_without_any_asked_signal_says_what_was_asked():
+    with pytest.raises(ValueError, match=r"asked for \['feature_cos'\], have \['caption_cos'\]"):
+        fit_fusion({"caption_cos": np.zeros((2, 3), np.float32)}, np.ones((2, 3), bool), np.array([0, 1]),
+                   ["feature_cos"])
+
+
+def test_no_query_or_no_live_item_answers_nothing_instead_of_failing():
+    """An empty batch, and an index whose every item was deleted (load_verified then has no item
+    features, so the fusion's feature_cos is never scored), return -1 rows, not an exception."""
+    feats, table, gen = vector_index()
+    fusion = Fusion(["caption_cos", "no_caption", "feature_cos"], [5.0, -1.0, 10.0])
+    captions = np.random.default_rng(0).normal(size=(80, 8)).astype(np.float32)
+    hybrid = VerifiedRetriever(gen, table, ItemVectors.build(captions, feats), None, fusion, VerifyConfig(candidates=40))
+    for search in (hybrid.search, hybrid.search_batch):
+        rows, scores = search(np.zeros((0, 8), np.float32), k=5, beam_size=5)
+        assert rows.shape == scores.shape == (0, 5)
+    generative = GenerativeRetriever(gen, table)
+    assert generative.search(np.zeros((0, 8), np.float32), k=5, beam_size=5)[0].shape == (0, 5)
+    table.live[:] = False
+    gone = VerifiedRetriever(gen, table, ItemVectors.build(np.zeros_like(captions), None), None, fusion,
+                             VerifyConfig(candidates=40))
+    rows, scores = gone.search(feats[:3], k=5, beam_size=5)
+    assert (rows == -1).all() and np.isneginf(scores).all()
 
 
 def test_fit_verification_on_held_out_queries_learns_positive_weights():

@@ -119,6 +119,14 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, ray_
     for rec in written:
         assert rec["queries"] == 160 and 0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 100
     assert written[0]["R@10"] > 100 * 10 / 160  # better than chance after 3 epochs
+    # --k below 10 still ranks ten answers for R@10, MRR@10 and MdR, as the baselines get; the run
+    # records the verify settings its retriever ran with (fitted, with the job's query-time ones)
+    short = run_evaluate(store, None, str(tmp_path / "eval-k1"), small_config("verify.candidates=200"), k=1)
+    metrics = ("R@1", "R@5", "R@10", "MdR", "MRR@10", "queries")
+    assert [short[0][m] for m in metrics] == [records[0][m] for m in metrics]
+    ran = json.loads((tmp_path / "eval-k1" / "run.json").read_text())["verify"]
+    fitted = store.read_json(f"{trained.generator}/verify/verify.json")
+    assert ran == dict(fitted, candidates=200) and fitted["candidates"] != 200  # 160 items: both caps take all
 
 
 def test_train_resumes_after_a_crash(tmp_path, corpus_dir, ray_local, monkeypatch):
