@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig, config_from_dict
 from cart_core.corpus import Corpus, CorpusError, load_corpus_files
-from cart_core.errors import first_line
+from cart_core.errors import ConfigError, first_line
 from cart_core.fallback import acceptance_threshold
 from cart_core.identifiers import IdentifierTable, extend_identifiers, live_rows
 from cart_core.indexing import encode, identifier_inputs, load_codebooks
@@ -98,17 +98,75 @@ def read_captions(path: str, known: Callable[[list[str]], set[str]]) -> tuple[li
     return [str(i) for i in ids], [str(t) for t in texts]
 
 
-def caption_vectors(cfg: CartConfig, item_ids: list[str], cap_ids: list[str],
-                    cap_texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean MiniLM embedding of each item's captions [n_items, D], zeros for items without any;
-    the vectors of the captions whose item is in item_ids [m, D]; the item row of each [m])."""
-    from cart_core.text import TextEncoder
+def text_dim(name: str) -> int:
+    """Width of a text encoder's sentence vectors, read from its config (no weights loaded), so a
+    reindex without captions writes zero vectors as wide as the ones it sits beside."""
+    from transformers import AutoConfig
 
+    from cart_core.text import resolve_model_path
+
+    path = resolve_model_path(name)
+    if os.path.exists(path):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return int(AutoConfig.from_pretrained(path).hidden_size)
+
+
+class CaptionEncoders:
+    """How a reindex embeds captions, each encoder loaded on first use (a reindex without captions
+    loads none): `for_ids` in the space the identifiers' caption half was quantized in (the job's
+    `generator.text_encoder`), `for_queries` in the space the served generator scores queries in
+    (caption centroids, the aligner's calibration, the fallback's impostors): the same encoder
+    unless the generator fine-tuned its top layers (`generator.finetune_layers`), whose weights
+    then live in the generator folder. A job configured with another encoder than the index was
+    trained with is refused: its vectors would sit in another space (or fail on their width)."""
+
+    def __init__(self, version: IndexVersion, cfg: CartConfig):
+        self.name, self.max_tokens = cfg.generator.text_encoder, cfg.generator.max_query_tokens
+        self.store, self.generator = version.store, version.manifest.generator
+        trained = self.store.read_json(f"{self.generator}/model/config.json") if self.generator else {}
+        text_queries = trained.get("query", "text") == "text"
+        if text_queries and trained.get("text_encoder", self.name) != self.name:
+            raise ConfigError(f"{self.store.uri(self.generator)}: the index was trained with text encoder "
+                              f"{trained['text_encoder']!r}, this job's generator.text_encoder is {self.name!r}; "
+                              f"run it with --set generator.text_encoder={trained['text_encoder']}")
+        self.tuned = text_queries and int(trained.get("finetune_layers", 0)) > 0
+        self._loaded: dict = {}
+        self.dim = None
+
+    def width(self) -> int:
+        if self.dim is None:
+            self.dim = text_dim(self.name)
+        return self.dim
+
+    def for_ids(self, texts: list[str]) -> np.ndarray:
+        from cart_core.text import TextEncoder
+
+        if "base" not in self._loaded:
+            self._loaded["base"] = TextEncoder(self.name, self.max_tokens)
+        return self._loaded["base"].sentence_embeddings(texts)
+
+    def for_queries(self, texts: list[str]) -> np.ndarray:
+        from cart_core.generator import Generator
+
+        if not self.tuned:
+            return self.for_ids(texts)
+        if "tuned" not in self._loaded:
+            with self.store.local_dir(f"{self.generator}/model") as folder:
+                self._loaded["tuned"] = Generator.load(folder).text_encoder
+        return self._loaded["tuned"].sentence_embeddings(texts)
+
+
+def caption_vectors(embed: Callable[[list[str]], np.ndarray], dim: Callable[[], int], item_ids: list[str],
+                    cap_ids: list[str], cap_texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean embedding of each item's captions [n_items, D], zeros for items without any; the
+    vectors of the captions whose item is in item_ids [m, D]; the item row of each [m]). `embed`:
+    one of CaptionEncoders' spaces; `dim`: its width, asked only when there is nothing to embed."""
     if not cap_texts:
-        return np.zeros((len(item_ids), 384), np.float32), np.zeros((0, 384), np.float32), np.zeros(0, np.int64)
+        width = dim()
+        return np.zeros((len(item_ids), width), np.float32), np.zeros((0, width), np.float32), np.zeros(0, np.int64)
     pairs = list(dict.fromkeys(zip(cap_ids, cap_texts)))  # a caption given twice counts once
     cap_ids, cap_texts = [i for i, _ in pairs], [t for _, t in pairs]
-    vecs = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens).sentence_embeddings(cap_texts)
+    vecs = embed(cap_texts)
     index = {item: r for r, item in enumerate(item_ids)}
     keep = [j for j, item in enumerate(cap_ids) if item in index]
     rows = np.array([index[cap_ids[j]] for j in keep], np.int64)
@@ -303,9 +361,11 @@ def write_pending(version: IndexVersion, folder: str, run: str, item_ids: list[s
     return f"{folder}/pending.parquet", pending
 
 
-def impostor_queries(store: Store, manifest: Manifest, cfg: CartConfig, exclude: set[str]) -> np.ndarray:
-    """MiniLM embeddings of a seeded sample of training captions of items outside `exclude` (the
-    items the fallback serves): what the fallback's acceptance threshold must not let through."""
+def impostor_queries(store: Store, manifest: Manifest, cfg: CartConfig, exclude: set[str],
+                     embed: Callable[[list[str]], np.ndarray] | None = None) -> np.ndarray:
+    """Sentence vectors (`embed`, default the job's text encoder) of a seeded sample of training
+    captions of items outside `exclude` (the items the fallback serves): what the fallback's
+    acceptance threshold must not let through (only their count matters when there are none)."""
     from cart_core.text import TextEncoder
 
     if not manifest.queries or cfg.reindex.fallback_impostors <= 0:
@@ -318,7 +378,74 @@ def impostor_queries(store: Store, manifest: Manifest, cfg: CartConfig, exclude:
     rows = np.sort(np.random.default_rng(0).choice(t.num_rows, min(t.num_rows, cfg.reindex.fallback_impostors),
                                                    replace=False))
     texts = [str(x) for x in t.column("text").take(pa.array(rows)).to_pylist()]
-    return TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens).sentence_embeddings(texts)
+    if embed is None:
+        embed = TextEncoder(cfg.generator.text_encoder, cfg.generator.max_query_tokens).sentence_embeddings
+    return embed(texts)
+
+
+def stored_captions(version: IndexVersion, owners: set[str]) -> tuple[list[str], list[str]]:
+    """(item ids, texts) of the training queries already stored for `owners`."""
+    if not owners or not version.manifest.queries:
+        return [], []
+    stored = version.queries(["item_id", "text"])
+    stored = stored.filter(pc.is_in(stored.column("item_id"), value_set=pa.array(sorted(owners), pa.string())))
+    return [str(i) for i in stored.column("item_id").to_pylist()], [str(t) for t in stored.column("text").to_pylist()]
+
+
+@dataclass
+class PendingRows:
+    """Rows for the pending table: item ids, caption centroids [n, D], verification vectors
+    [n, Df] or None (zeros: the item's own feature is used), caption words (term lists, counts)."""
+
+    item_ids: list[str]
+    vectors: np.ndarray
+    features: np.ndarray | None
+    terms: tuple[list, list]
+
+    def then(self, more: "PendingRows") -> "PendingRows":
+        dim = next((f.shape[1] for f in (self.features, more.features) if f is not None), None)
+
+        def feats(rows: "PendingRows") -> np.ndarray:
+            return rows.features if rows.features is not None else np.zeros((len(rows.item_ids), dim), np.float32)
+
+        return PendingRows(self.item_ids + more.item_ids, np.concatenate([self.vectors, more.vectors]),
+                               None if dim is None else np.concatenate([feats(self), feats(more)]),
+                               (self.terms[0] + more.terms[0], self.terms[1] + more.terms[1]))
+
+
+def recaptioned_pending(version: IndexVersion, items: list[str], cap_ids: list[str], cap_texts: list[str],
+                        encoders: CaptionEncoders, calibrate: bool) -> PendingRows:
+    """Pending rows for items already indexed that a reindex gives new captions (a verified index):
+    the caption centroid and words over every caption each now has, so verification scores them
+    with their captions from this commit on, as it does added items. An item the verifier was
+    fitted without captions for (indexed from features only, or added since) also gets a
+    calibrated verification vector (cart_core/added_items.py); one it was fitted with keeps its
+    own feature, which the aligner was trained on. Their identifiers do not change."""
+    vectors, each_vec, each_row = caption_vectors(encoders.for_queries, encoders.width, items, cap_ids, cap_texts)
+    terms = caption_terms(items, cap_ids, cap_texts).as_lists(np.arange(len(items)))
+    trained = version.store.read_table(f"{version.manifest.generator}/verify/captions.parquet", columns=["item_id"])
+    trained = set(trained.column("item_id").to_pylist())
+    fresh = [r for r, item in enumerate(items) if item not in trained]
+    features = None
+    if calibrate and fresh:
+        from pipelines.stages import stack_column
+
+        rows = version.live_features(["item_id", "embedding"])
+        rows = rows.filter(pc.is_in(rows.column("item_id"), value_set=pa.array([items[r] for r in fresh], pa.string())))
+        by_id = dict(zip(rows.column("item_id").to_pylist(), stack_column(rows.column("embedding").to_numpy(
+            zero_copy_only=False)))) if rows.num_rows else {}
+        fresh = [r for r in fresh if items[r] in by_id]
+        position = {r: j for j, r in enumerate(fresh)}
+        keep = np.array([r in position for r in each_row], bool)
+        blended, _ = added_features(version, np.stack([by_id[items[r]] for r in fresh]) if fresh else
+                                    np.zeros((0, 1), np.float32), each_vec[keep],
+                                    np.array([position[r] for r in each_row[keep]], np.int64))
+        if blended is not None:
+            features = np.zeros((len(items), blended.shape[1]), np.float32)
+            features[fresh] = blended
+    log("reindex", f"{len(items)} items already indexed were given new captions: verified with them from this "
+                   f"commit ({len(fresh) if features is not None else 0} with a calibrated verification vector)")
+    return PendingRows(list(items), vectors, features, terms)
 
 
 def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions: str | None = None,
@@ -343,21 +470,33 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.time("plan_s", t0)
     cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"])) \
         if captions else ([], [])
+    encoders = CaptionEncoders(version, cfg)  # refuses an encoder the index was not trained with
     init_ray(address)  # after every input check: a wrong file costs seconds, not a cluster start
     new_caps = list(zip(*version.new_captions(cap_ids, cap_texts)))  # each (item, text) is stored once
-    owners_caps = set(plan["encode_ids"])
-    if id_cfg.source != "features" and plan["encode_ids"]:  # captions already in the store count too
-        stored = version.queries(["item_id", "text"]) if manifest.queries else None
-        if stored is not None:
-            stored = stored.filter(pc.is_in(stored.column("item_id"), value_set=pa.array(sorted(owners_caps))))
-            for item, text in zip(stored.column("item_id").to_pylist(), stored.column("text").to_pylist()):
-                if item in owners_caps:
-                    cap_ids.append(item)
-                    cap_texts.append(text)
+    verified = has_verifier(version)
+    # items already indexed (not added or updated now) that this run gives new captions: verified
+    # with every caption they now have from this commit on (recaptioned_pending)
+    deleted = {str(table.item_ids[r]) for r in plan["delete_rows"]}
+    recaptioned = sorted({i for i, _ in new_caps} - set(plan["encode_ids"]) - deleted)
+    if recaptioned and not verified:
+        log("reindex", f"captions for {len(recaptioned)} items already indexed are stored; this index has no "
+                       f"verifier, so they count from the next `cart train`")
+        recaptioned = []
+    # every caption an item has counts: those already stored, then this run's
+    stored_ids, stored_texts = stored_captions(version, set(plan["encode_ids"]) | set(recaptioned))
+    cap_ids, cap_texts = stored_ids + cap_ids, stored_texts + cap_texts
     emb = np.asarray(plan["encode_emb"], dtype=np.float32).reshape(len(plan["encode_ids"]), manifest.dim or 1)
     t0 = time.perf_counter()
-    cap_vec, each_vec, each_row = caption_vectors(cfg, plan["encode_ids"], cap_ids, cap_texts)
+    cap_vec, each_vec, each_row = caption_vectors(encoders.for_ids, encoders.width, plan["encode_ids"], cap_ids,
+                                                  cap_texts)
+    if encoders.tuned:  # what is verified and calibrated lives in the space the generator scores queries in
+        served_vec, each_vec, each_row = caption_vectors(encoders.for_queries, encoders.width, plan["encode_ids"],
+                                                         cap_ids, cap_texts)
+    else:
+        served_vec = cap_vec
     cap_terms = caption_terms(plan["encode_ids"], cap_ids, cap_texts)
+    recaptioned = recaptioned_pending(version, recaptioned, cap_ids, cap_texts, encoders,
+                                      cfg.reindex.calibrate_added) if recaptioned else None
     summary.time("caption_embed_s", t0)  # for ids from captions and for the dense fallback
     t0 = time.perf_counter()
     verify_feats, calibration = added_features(version, emb, each_vec, each_row) if cfg.reindex.calibrate_added \
@@ -370,8 +509,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     pending_before = set(previous.column("item_id").to_pylist()) if previous is not None else set()
     # the threshold is recalibrated whenever a fallback will exist (new captioned items or carried
     # over); a verified index ranks pending items itself and never consults it (pipelines/search.py)
-    impostors = impostor_queries(store, manifest, cfg, set(plan["encode_ids"]) | pending_before) \
-        if (len(cap_ids) or pending_before) and not has_verifier(version) else np.zeros((0, 384), np.float32)
+    impostors = impostor_queries(store, manifest, cfg, set(plan["encode_ids"]) | pending_before, encoders.for_queries) \
+        if (len(cap_ids) or pending_before) and not verified else np.zeros((0, 0), np.float32)
     summary.time("fallback_calibration_s", t0)
     t0 = time.perf_counter()
     codes = encode(codebooks, identifier_inputs(id_cfg.source, emb, cap_vec if id_cfg.source != "features" else None)) \
@@ -392,8 +531,8 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.counts.update(plan["counts"], identifiers_added=len(learn), captions=len(new_caps))
     if changed:
         t0 = time.perf_counter()
-        commit_identifiers(version, run, plan, new_table, learn, cap_vec, cap_terms, verify_feats, new_caps, ids_meta,
-                           drift,
+        commit_identifiers(version, run, plan, new_table, learn, served_vec, cap_terms, verify_feats, new_caps, ids_meta,
+                           drift, recaptioned,
                            base_rows=len(table.item_ids), id_deltas=cfg.reindex.id_deltas,
                            impostors=impostors, fallback_fpr=cfg.reindex.fallback_fpr,
                            fallback_interleave=cfg.reindex.fallback_interleave)
@@ -421,7 +560,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
 def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: IdentifierTable,
                        learn: list[str], cap_vec: np.ndarray, cap_terms: ItemTerms, verify_feats: np.ndarray | None,
                        new_caps: list,
-                       ids_meta: dict, drift: dict,
+                       ids_meta: dict, drift: dict, recaptioned: "PendingRows | None",
                        base_rows: int, id_deltas: int, impostors: np.ndarray, fallback_fpr: float,
                        fallback_interleave: int) -> None:
     store, manifest = version.store, version.manifest
@@ -458,10 +597,13 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
     refreshed = {plan["encode_ids"][r]: (verify_feats[r] if verify_feats is not None and np.linalg.norm(cap_vec[r]) > 0
                                          else None)
                  for r, new in enumerate(plan["new_feature_row"]) if new}
-    pending, pending_table = write_pending(version, f"ids/{run}", run, [plan["encode_ids"][r] for r in has_caption],
-                                           cap_vec[has_caption], table,
-                                           None if verify_feats is None else verify_feats[has_caption], refreshed,
-                                           ItemTerms.from_lists(*cap_terms.as_lists(np.array(has_caption, np.int64))))
+    rows = PendingRows([plan["encode_ids"][r] for r in has_caption], cap_vec[has_caption],
+                           None if verify_feats is None else verify_feats[has_caption],
+                           cap_terms.as_lists(np.array(has_caption, np.int64)))
+    if recaptioned is not None:
+        rows = rows.then(recaptioned)
+    pending, pending_table = write_pending(version, f"ids/{run}", run, rows.item_ids, rows.vectors, table,
+                                           rows.features, refreshed, ItemTerms.from_lists(*rows.terms))
     threshold = None
     if pending and len(impostors):
         vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))

@@ -146,6 +146,8 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "config-unknown-key": lambda c: c.job("quantize", "--set", "train.epochz=3"),
     "config-bad-type": lambda c: c.job("quantize", "--set", "train.epochs=many"),
     "config-bad-enum": lambda c: c.job("quantize", "--set", "verify.mode=fancy"),
+    "config-verify-no-signal": lambda c: c.job("train", "--set", "verify.signals=[predicted_caption_cos]"),
+    "config-verify-folds": lambda c: c.job("quantize", "--set", "verify.caption_predictor.folds=1"),
     "config-missing-file": lambda c: ["quantize", "--store", c.store.url, "--config", str(c.folder / "nope.yaml")],
     "config-not-yaml": lambda c: ["quantize", "--store", c.store.url, "--config", c.write("bad.yaml", "train: [1,\n")],
     "config-override-syntax": lambda c: c.job("quantize", "--set", "train.epochs"),
@@ -174,6 +176,8 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "reindex-delete-not-parquet": lambda c: c.job("reindex", "--delete", c.write("delete.parquet", "item-1\n")),
     "reindex-caption-unknown-item": lambda c: c.job(
         "reindex", "--captions", c.write("captions.parquet", pa.table({"item_id": ["ghost"], "caption": ["boo"]}))),
+    "reindex-other-text-encoder": lambda c: c.job("reindex", "--set", "generator.text_encoder=mpnet",
+                                                  "--delete", c.write("gone.txt", "syn-00001\n")),
     "train-workers-zero": lambda c: c.job("train", "--workers", "0"),
     "serve-public-no-token": lambda c: c.job("serve", "--host", "0.0.0.0"),
     "serve-token-missing": lambda c: c.job("serve", "--token-file", str(c.folder / "token")),

@@ -315,6 +315,56 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     assert served.retriever.cfg.mode == "generative" and served.retriever.cfg.candidates == 7
 
 
+def test_captions_given_later_are_verified_from_that_commit(base, tmp_path):
+    """Items added from features only, then captioned by a later `reindex --captions`, and an old
+    item given one more caption: each is verified with every caption it now has from that commit
+    (centroid and words), the added ones with a calibrated verification vector, the old one with
+    its own feature; no identifier changes."""
+    from cart_core.index_version import IndexVersion
+    from cart_core.text import TextEncoder
+    from pipelines.reindex import run_reindex
+    from pipelines.search import load_retriever
+
+    store = fresh(base, tmp_path)
+    run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=False)  # features only
+    retriever, table = load_retriever(IndexVersion.newest_servable(store))
+    row_of = {i: r for r, i in enumerate(table.item_ids) if table.live[r]}
+    new_rows, old_item = [row_of[i] for i in base["new_ids"]], base["old_ids"][0]
+    assert not np.abs(retriever.items.captions[new_rows].astype(np.float32)).any()
+    raw = retriever.items.features[new_rows].astype(np.float32)
+    old_feature = retriever.items.features[row_of[old_item]].astype(np.float32)
+    every = pq.read_table(base["root"] / "all" / "captions.parquet")
+    held_out = every.filter(pc.and_(pc.equal(every["item_id"], old_item), pc.equal(every["caption_index"], 4)))
+    later = pa.concat_tables([pq.read_table(base["new"] / "captions.parquet"), held_out])
+    pq.write_table(later, tmp_path / "later.parquet")
+    run_reindex(store, small_config(), captions=str(tmp_path / "later.parquet"), finetune=False)
+    version = IndexVersion.newest_servable(store)
+    retriever, after = load_retriever(version)
+    assert np.array_equal(after.codes[:len(table.codes)], table.codes)
+    assert (np.abs(retriever.items.captions[new_rows].astype(np.float32)).sum(1) > 0).all()
+    assert (np.diff(retriever.items.terms.matrix.indptr)[new_rows] > 0).all()
+    assert not np.allclose(retriever.items.features[new_rows].astype(np.float32), raw, atol=1e-3)  # calibrated
+    assert np.allclose(retriever.items.features[row_of[old_item]].astype(np.float32), old_feature, atol=2e-3)
+    stored = version.queries(["item_id", "text"])
+    texts = [t for i, t in zip(stored.column("item_id").to_pylist(), stored.column("text").to_pylist()) if i == old_item]
+    assert held_out.column("caption")[0].as_py() in texts and len(texts) == 5
+    want = TextEncoder(small_config().generator.text_encoder).sentence_embeddings(texts).mean(0)
+    want /= np.linalg.norm(want)  # the retriever keeps unit centroids
+    assert np.allclose(retriever.items.captions[row_of[old_item]].astype(np.float32), want, atol=2e-3)
+
+
+def test_a_reindex_with_another_text_encoder_than_the_index_is_refused(base, tmp_path):
+    from cart_core.errors import ConfigError
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    before = store.manifest()
+    with pytest.raises(ConfigError, match=r"trained with text encoder 'minilm', this job's generator.text_encoder is "
+                                          r"'mpnet'; run it with --set generator.text_encoder=minilm"):
+        run_reindex(store, small_config("generator.text_encoder=mpnet"), add=str(base["new"] / "items.parquet"))
+    assert store.manifest() == before
+
+
 def test_drift_judges_only_items_built_like_the_fit():
     """Items added without captions to identifiers built from features and captions sit far from
     every centroid by construction (their caption half is empty): reported, not a reason to refit;
