@@ -417,3 +417,39 @@ def test_an_index_trained_without_a_verifier_finds_added_items_through_the_calib
     assert after.extra["pending_threshold"] is not None
     assert base["new_ids"][0] not in IndexVersion(store, after).pending().column("item_id").to_pylist()
     assert base["new_ids"][0] not in {i for hits in results(store, base, tmp_path).values() for i in hits}
+
+
+@pytest.mark.slow
+def test_added_captions_are_embedded_by_the_encoder_a_generator_tuned(tmp_path, ray_local):
+    """With generator.finetune_layers > 0 queries are scored in the tuned encoder's space, so an
+    added item's caption centroid must come from that encoder, not the base one it started from."""
+    from cart_core.generator import Generator
+    from cart_core.index_version import IndexVersion
+    from cart_core.text import TextEncoder
+    from pipelines.importer import run_import
+    from pipelines.quantize import run_quantize
+    from pipelines.reindex import run_reindex
+    from pipelines.search import load_retriever
+    from pipelines.train import run_train
+
+    write_corpus(synthetic_corpus(n_items=70, dim=32, n_captions=5, seed=9), tmp_path / "all")
+    ids = pq.read_table(tmp_path / "all" / "items.parquet").column("item_id").to_pylist()
+    old, new = subset(tmp_path / "all", tmp_path / "old", ids[:60]), subset(tmp_path / "all", tmp_path / "new", ids[60:])
+    cfg = small_config("generator.finetune_layers=1", "train.epochs=2", "identifiers.n_clusters=4")
+    store = Store(tmp_path / "store")
+    run_import(store, str(old / "items.parquet"), str(old / "captions.parquet"), holdout_caption_index=4)
+    run_quantize(store, cfg)
+    run_train(store, cfg)
+    run_reindex(store, cfg, add=str(new / "items.parquet"), captions=str(new / "captions.parquet"), finetune=False)
+    version = IndexVersion.newest_servable(store)
+    retriever, table = load_retriever(version)
+    with store.local_dir(f"{version.manifest.generator}/model") as folder:
+        tuned = Generator.load(folder).text_encoder
+    base = TextEncoder(cfg.generator.text_encoder)
+    caps = pq.read_table(new / "captions.parquet")
+    item, texts = ids[60], [t for i, t in zip(caps["item_id"].to_pylist(), caps["caption"].to_pylist()) if i == ids[60]]
+    row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
+    got = retriever.items.captions[row].astype(np.float32)
+    want, was = (e.sentence_embeddings(texts).mean(0) for e in (tuned, base))
+    assert np.allclose(got, want / np.linalg.norm(want), atol=2e-3)
+    assert not np.allclose(got, was / np.linalg.norm(was), atol=2e-3)  # the tuned layer moved it
