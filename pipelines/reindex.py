@@ -118,14 +118,19 @@ class CaptionEncoders:
     (caption centroids, the aligner's calibration, the fallback's impostors): the same encoder
     unless the generator fine-tuned its top layers (`generator.finetune_layers`), whose weights
     then live in the generator folder. A job configured with another encoder than the index was
-    trained with is refused: its vectors would sit in another space (or fail on their width)."""
+    trained with (names compared as resolved: `minilm` is all-MiniLM-L6-v2) is refused where
+    captions count (text queries, or identifiers built from captions): its vectors would sit in
+    another space, or fail on their width."""
 
-    def __init__(self, version: IndexVersion, cfg: CartConfig):
+    def __init__(self, version: IndexVersion, cfg: CartConfig, captions_in_ids: bool):
+        from cart_core.text import encoder_name
+
         self.name, self.max_tokens = cfg.generator.text_encoder, cfg.generator.max_query_tokens
         self.store, self.generator = version.store, version.manifest.generator
         trained = self.store.read_json(f"{self.generator}/model/config.json") if self.generator else {}
         text_queries = trained.get("query", "text") == "text"
-        if text_queries and trained.get("text_encoder", self.name) != self.name:
+        other = encoder_name(trained.get("text_encoder", self.name)) != encoder_name(self.name)
+        if (text_queries or captions_in_ids) and other:
             raise ConfigError(f"{self.store.uri(self.generator)}: the index was trained with text encoder "
                               f"{trained['text_encoder']!r}, this job's generator.text_encoder is {self.name!r}; "
                               f"run it with --set generator.text_encoder={trained['text_encoder']}")
@@ -161,19 +166,19 @@ def caption_vectors(embed: Callable[[list[str]], np.ndarray], dim: Callable[[], 
     """(mean embedding of each item's captions [n_items, D], zeros for items without any; the
     vectors of the captions whose item is in item_ids [m, D]; the item row of each [m]). `embed`:
     one of CaptionEncoders' spaces; `dim`: its width, asked only when there is nothing to embed."""
-    if not cap_texts:
+    if not cap_texts:  # nothing to embed
         width = dim()
         return np.zeros((len(item_ids), width), np.float32), np.zeros((0, width), np.float32), np.zeros(0, np.int64)
-    pairs = list(dict.fromkeys(zip(cap_ids, cap_texts)))  # a caption given twice counts once
-    cap_ids, cap_texts = [i for i, _ in pairs], [t for _, t in pairs]
-    vecs = embed(cap_texts)
     index = {item: r for r, item in enumerate(item_ids)}
-    keep = [j for j, item in enumerate(cap_ids) if item in index]
-    rows = np.array([index[cap_ids[j]] for j in keep], np.int64)
+    pairs = [p for p in dict.fromkeys(zip(cap_ids, cap_texts)) if p[0] in index]  # a caption given twice counts once
+    if not pairs:
+        return caption_vectors(embed, dim, item_ids, [], [])
+    vecs = embed([t for _, t in pairs])
+    rows = np.array([index[i] for i, _ in pairs], np.int64)
     out = np.zeros((len(item_ids), vecs.shape[1]), dtype=np.float32)
-    np.add.at(out, rows, vecs[keep])
+    np.add.at(out, rows, vecs)
     counts = np.bincount(rows, minlength=len(item_ids))
-    return out / np.maximum(counts, 1)[:, None], vecs[keep], rows
+    return out / np.maximum(counts, 1)[:, None], vecs, rows
 
 
 def caption_terms(item_ids: list[str], cap_ids: list[str], cap_texts: list[str]) -> ItemTerms:
@@ -419,12 +424,17 @@ def recaptioned_pending(version: IndexVersion, items: list[str], cap_ids: list[s
     the caption centroid and words over every caption each now has, so verification scores them
     with their captions from this commit on, as it does added items. An item the verifier was
     fitted without captions for (indexed from features only, or added since) also gets a
-    calibrated verification vector (cart_core/added_items.py); one it was fitted with keeps its
-    own feature, which the aligner was trained on. Their identifiers do not change."""
+    calibrated verification vector (cart_core/added_items.py), and so does one added or updated
+    since (in the pending table); one it was fitted with keeps its own feature, which the aligner
+    was trained on. Their identifiers do not change. Like added items they are pending: a
+    fine-tune teaches the generator their new captions, and one with `reindex.keep_fallback:
+    false` retires their rows with the rest of the pending table."""
     vectors, each_vec, each_row = caption_vectors(encoders.for_queries, encoders.width, items, cap_ids, cap_texts)
     terms = caption_terms(items, cap_ids, cap_texts).as_lists(np.arange(len(items)))
     trained = version.store.read_table(f"{version.manifest.generator}/verify/captions.parquet", columns=["item_id"])
-    trained = set(trained.column("item_id").to_pylist())
+    pending = version.pending()  # added or updated since the verifier was fitted: its aligner never saw them
+    since = set(pending.column("item_id").to_pylist()) if pending is not None else set()
+    trained = set(trained.column("item_id").to_pylist()) - since
     fresh = [r for r, item in enumerate(items) if item not in trained]
     features = None
     if calibrate and fresh:
@@ -470,7 +480,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     summary.time("plan_s", t0)
     cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"])) \
         if captions else ([], [])
-    encoders = CaptionEncoders(version, cfg)  # refuses an encoder the index was not trained with
+    encoders = CaptionEncoders(version, cfg, id_cfg.source != "features")  # refuses another encoder than the index's
     init_ray(address)  # after every input check: a wrong file costs seconds, not a cluster start
     new_caps = list(zip(*version.new_captions(cap_ids, cap_texts)))  # each (item, text) is stored once
     verified = has_verifier(version)
@@ -586,6 +596,10 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
     position = {item: r for r, item in enumerate(plan["encode_ids"])}
     learn_rows = [position[i] for i in learn]
     has_caption = [r for r in learn_rows if np.linalg.norm(cap_vec[r]) > 0]
+    if has_verifier(version):  # updated in place (same prefix) and given captions now: verified with them too
+        captioned_now, learned = {i for i, _ in new_caps}, set(learn_rows)
+        has_caption += [r for r, item in enumerate(plan["encode_ids"])
+                        if r not in learned and item in captioned_now and np.linalg.norm(cap_vec[r]) > 0]
     meta = {**ids_meta, "reindex": {"run": run, "counts": plan["counts"], "drift": drift}}
     chain = list(extra.get("ids_chain") or [])
     if len(chain) < id_deltas:  # a delta over the committed table: only what this run changed

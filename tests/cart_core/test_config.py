@@ -182,8 +182,9 @@ def test_model_modules_re_export_their_settings():
 @pytest.mark.parametrize("override, match", [
     ("verify.expand_depth=0", r"verify.expand_depth: 0 is out of range; must be >= 1"),
     ("verify.caption_predictor.folds=1", r"verify.caption_predictor.folds: 1 is out of range; cross-fitting needs >= 2"),
-    ("verify.caption_predictor.alphas=[]", r"verify.caption_predictor.alphas: \[\]; give one or more ridge strengths > 0"),
-    ("verify.caption_predictor.alphas=[0.1, -1]", r"give one or more ridge strengths > 0"),
+    ("verify.caption_predictor.alphas=[]", r"verify.caption_predictor.alphas: \[\] has no ridge strength; give one or more > 0"),
+    ("verify.caption_predictor.alphas=[0.1, -1]", r"alphas: -1 is not a ridge strength > 0"),
+    ("verify.caption_predictor.alphas=[0.1, fast]", r"alphas: 'fast' is not a ridge strength > 0"),
     ("verify.signals=[]", r"verify.signals: \[\] has nothing to rank items with captions by"),
     ("verify.signals=[predicted_caption_cos]", r"has nothing to rank items with captions by; add one of \['caption_cos'"),
     ("verify.signals=caption_cos", r"verify.signals: 'caption_cos' must be a list of signal names"),
@@ -193,6 +194,10 @@ def test_verify_settings_that_would_fail_after_training_are_refused_at_load(over
     generator training, as a ValueError or TypeError."""
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_ridge_strengths_written_as_yaml_text_are_numbers():
+    assert load_config(None, ["verify.caption_predictor.alphas=[1e-3, 0.1]"]).verify.caption_predictor.alphas == [0.001, 0.1]
 
 
 def test_a_generative_only_verifier_needs_no_signal():

@@ -119,8 +119,9 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, ray_
     for rec in written:
         assert rec["queries"] == 160 and 0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 100
     assert written[0]["R@10"] > 100 * 10 / 160  # better than chance after 3 epochs
-    # --k below 10 still ranks ten answers for R@10, MRR@10 and MdR, as the baselines get; the run
-    # records the verify settings its retriever ran with (fitted, with the job's query-time ones)
+    # --k below 10 still ranks ten answers for R@10, MRR@10 and MdR, as the baselines get; run.json
+    # records the verify settings the job ran with (fitted, with its query-time ones; that the
+    # retriever takes them is test_reindex's Snapshot check)
     short = run_evaluate(store, None, str(tmp_path / "eval-k1"), small_config("verify.candidates=200"), k=1)
     metrics = ("R@1", "R@5", "R@10", "MdR", "MRR@10", "queries")
     assert [short[0][m] for m in metrics] == [records[0][m] for m in metrics]

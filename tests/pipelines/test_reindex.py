@@ -316,10 +316,11 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
 
 
 def test_captions_given_later_are_verified_from_that_commit(base, tmp_path):
-    """Items added from features only, then captioned by a later `reindex --captions`, and an old
-    item given one more caption: each is verified with every caption it now has from that commit
-    (centroid and words), the added ones with a calibrated verification vector, the old one with
-    its own feature; no identifier changes."""
+    """Items added from features only, then captioned by a later `reindex --captions`, an old item
+    given one more caption, and another updated in place in that run and captioned: each is
+    verified with every caption it now has from that commit (centroid and words), the added ones
+    with a calibrated verification vector, the untouched old one with its own feature; no
+    identifier changes."""
     from cart_core.index_version import IndexVersion
     from cart_core.text import TextEncoder
     from pipelines.reindex import run_reindex
@@ -334,10 +335,17 @@ def test_captions_given_later_are_verified_from_that_commit(base, tmp_path):
     raw = retriever.items.features[new_rows].astype(np.float32)
     old_feature = retriever.items.features[row_of[old_item]].astype(np.float32)
     every = pq.read_table(base["root"] / "all" / "captions.parquet")
-    held_out = every.filter(pc.and_(pc.equal(every["item_id"], old_item), pc.equal(every["caption_index"], 4)))
+    moved = base["old_ids"][1]  # updated in the same run (a nudge: same identifier) and captioned
+    held_out = every.filter(pc.and_(pc.is_in(every["item_id"], pa.array([old_item, moved])),
+                                    pc.equal(every["caption_index"], 4)))
     later = pa.concat_tables([pq.read_table(base["new"] / "captions.parquet"), held_out])
     pq.write_table(later, tmp_path / "later.parquet")
-    run_reindex(store, small_config(), captions=str(tmp_path / "later.parquet"), finetune=False)
+    update = pq.read_table(base["root"] / "old" / "items.parquet").to_pandas()
+    update = update[update["item_id"] == moved]
+    update["embedding"] = [np.asarray(e + 1e-4, np.float32) for e in update["embedding"]]
+    pq.write_table(pa.Table.from_pandas(update, preserve_index=False), tmp_path / "update.parquet")
+    run_reindex(store, small_config(), captions=str(tmp_path / "later.parquet"), update=str(tmp_path / "update.parquet"),
+                finetune=False)
     version = IndexVersion.newest_servable(store)
     retriever, after = load_retriever(version)
     assert np.array_equal(after.codes[:len(table.codes)], table.codes)
@@ -346,11 +354,14 @@ def test_captions_given_later_are_verified_from_that_commit(base, tmp_path):
     assert not np.allclose(retriever.items.features[new_rows].astype(np.float32), raw, atol=1e-3)  # calibrated
     assert np.allclose(retriever.items.features[row_of[old_item]].astype(np.float32), old_feature, atol=2e-3)
     stored = version.queries(["item_id", "text"])
-    texts = [t for i, t in zip(stored.column("item_id").to_pylist(), stored.column("text").to_pylist()) if i == old_item]
-    assert held_out.column("caption")[0].as_py() in texts and len(texts) == 5
-    want = TextEncoder(small_config().generator.text_encoder).sentence_embeddings(texts).mean(0)
-    want /= np.linalg.norm(want)  # the retriever keeps unit centroids
-    assert np.allclose(retriever.items.captions[row_of[old_item]].astype(np.float32), want, atol=2e-3)
+    encoder = TextEncoder(small_config().generator.text_encoder)
+    for item in (old_item, moved):
+        texts = [t for i, t in zip(stored.column("item_id").to_pylist(), stored.column("text").to_pylist()) if i == item]
+        assert len(texts) == 5  # its four training captions and the one given now
+        want = encoder.sentence_embeddings(texts).mean(0)
+        want /= np.linalg.norm(want)  # the retriever keeps unit centroids
+        row = int(np.flatnonzero((after.item_ids == item) & after.live)[0])
+        assert np.allclose(retriever.items.captions[row].astype(np.float32), want, atol=2e-3), item
 
 
 def test_a_reindex_with_another_text_encoder_than_the_index_is_refused(base, tmp_path):
