@@ -414,8 +414,8 @@ class PendingRows:
             return rows.features if rows.features is not None else np.zeros((len(rows.item_ids), dim), np.float32)
 
         return PendingRows(self.item_ids + more.item_ids, np.concatenate([self.vectors, more.vectors]),
-                               None if dim is None else np.concatenate([feats(self), feats(more)]),
-                               (self.terms[0] + more.terms[0], self.terms[1] + more.terms[1]))
+                           None if dim is None else np.concatenate([feats(self), feats(more)]),
+                           (self.terms[0] + more.terms[0], self.terms[1] + more.terms[1]))
 
 
 def recaptioned_pending(version: IndexVersion, items: list[str], cap_ids: list[str], cap_texts: list[str],
@@ -612,8 +612,8 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
                                          else None)
                  for r, new in enumerate(plan["new_feature_row"]) if new}
     rows = PendingRows([plan["encode_ids"][r] for r in has_caption], cap_vec[has_caption],
-                           None if verify_feats is None else verify_feats[has_caption],
-                           cap_terms.as_lists(np.array(has_caption, np.int64)))
+                       None if verify_feats is None else verify_feats[has_caption],
+                       cap_terms.as_lists(np.array(has_caption, np.int64)))
     if recaptioned is not None:
         rows = rows.then(recaptioned)
     pending, pending_table = write_pending(version, f"ids/{run}", run, rows.item_ids, rows.vectors, table,

@@ -97,7 +97,7 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
     checked = load_queries(queries, cfg.queries, "retrieve")  # every input check runs before Ray starts
     version = IndexVersion.newest_servable(store)
     version.ids()  # a damaged identifier table fails here, naming its folder, not in an actor a minute later
-    verify_settings(version, query=query_time(cfg))  # and so does a verify.* setting this index cannot take
+    verify_settings(version, query=query_time(cfg))  # logs the verify.* settings that differ from the fitted ones
     init_ray(address)
     summary = JobSummary("retrieve", store.url)
     manifest = version.manifest

@@ -263,7 +263,7 @@ def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int 
         raise BadInput(f"--port must be in [1, 65535], got {port}")
     version = IndexVersion.newest_servable(store)
     version.ids()  # fail fast, with the reason, before starting anything
-    verify_settings(version, query=query_time(cfg))
+    verify_settings(version, query=query_time(cfg))  # logs the verify.* settings that differ from the fitted ones
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store.url, cfg, token), name="cart", route_prefix="/")
