@@ -3,6 +3,7 @@ and on an S3-compatible server, with crash/resume and bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,19 @@ def import_and_quantize(store: Store, corpus_dir) -> None:
     run_quantize(store, small_config())
 
 
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, corpus_dir, ray_local) -> Store:
+    """The corpus imported and quantized once; the train tests each start from a copy of it."""
+    store = Store(tmp_path_factory.mktemp("quantized") / "store")
+    import_and_quantize(store, corpus_dir)
+    return store
+
+
+def copy_of(store: Store, tmp_path) -> Store:
+    shutil.copytree(store.url, tmp_path / "store")
+    return Store(tmp_path / "store")
+
+
 def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
     from pipelines.importer import run_import
 
@@ -80,14 +94,13 @@ def test_quantize_needs_features(tmp_path, ray_local):
         run_quantize(Store(tmp_path / "empty"), small_config())
 
 
-def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, ray_local):
+def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, quantized):
     from pipelines.evaluate import run_evaluate
     from cart_core.index_version import IndexVersion, load_ids
     from pipelines.retrieve import run_retrieve
     from pipelines.train import run_train
 
-    store = Store(tmp_path / "store")
-    import_and_quantize(store, corpus_dir)
+    store = copy_of(quantized, tmp_path)
     manifest = store.manifest()
     table, meta = load_ids(store, manifest)
     assert len(table.item_ids) == 160 and len({tuple(c) for c in table.codes}) == 160  # unique ids
@@ -111,6 +124,26 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, ray_
     assert all(ranks == [1, 2, 3, 4, 5] for ranks in df.groupby("query_id")["rank"].apply(list))
     assert set(df["item_id"]) <= set(table.item_ids)
     assert (df.groupby("query_id")["score"].apply(lambda s: np.all(np.diff(s.to_numpy()) <= 1e-6))).all()
+    # the Ray actors rank with the job's query-time verify settings: only the beam's ten items as
+    # candidates (no prefix expansion, no cluster sweep) answers as the same retriever in process,
+    # and differently from the default's whole-catalog candidates at 160 items
+    narrow = ("verify.candidates=10", "verify.expand_depth=4", "verify.clusters=0")
+    run_retrieve(store, queries_file(corpus_dir, tmp_path / "q.parquet"), str(tmp_path / "narrow.parquet"),
+                 small_config(*narrow), k=5)
+    from pipelines.search import load_retriever
+    from pipelines.verify import query_time
+
+    texts = pq.read_table(tmp_path / "q.parquet")
+    by_query = pq.read_table(tmp_path / "narrow.parquet").to_pandas().groupby("query_id")["item_id"].apply(list)
+    version = IndexVersion.newest_servable(store)
+    in_process = {}
+    for name, cfg in (("narrow", small_config(*narrow)), ("default", small_config())):
+        retriever, ids = load_retriever(version, query=query_time(cfg))
+        rows, _ = retriever.search_batch([str(t) for t in texts.column("text").to_pylist()], k=5,
+                                         beam_size=cfg.eval.beam_size)
+        in_process[name] = [[str(ids.item_ids[r]) for r in row if r >= 0] for row in rows]
+    assert [by_query[q] for q in texts.column("query_id").to_pylist()] == in_process["narrow"]
+    assert in_process["narrow"] != in_process["default"]
 
     records = run_evaluate(store, None, str(tmp_path / "eval"), small_config())
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -130,11 +163,10 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, ray_
     assert ran == dict(fitted, candidates=200) and fitted["candidates"] != 200  # 160 items: both caps take all
 
 
-def test_train_resumes_after_a_crash(tmp_path, corpus_dir, ray_local, monkeypatch):
+def test_train_resumes_after_a_crash(tmp_path, quantized, monkeypatch):
     from pipelines.train import PENDING, run_train
 
-    store = Store(tmp_path / "store")
-    import_and_quantize(store, corpus_dir)
+    store = copy_of(quantized, tmp_path)
     before = store.manifest()
     monkeypatch.setenv("CART_CRASH_AFTER_EPOCH", "2")
     with pytest.raises(Exception, match="injected crash after epoch 2"):
@@ -150,13 +182,12 @@ def test_train_resumes_after_a_crash(tmp_path, corpus_dir, ray_local, monkeypatc
     assert not store.exists(PENDING)
 
 
-def test_train_restarts_itself_from_the_last_checkpoint(tmp_path, corpus_dir, ray_local, monkeypatch):
+def test_train_restarts_itself_from_the_last_checkpoint(tmp_path, quantized, monkeypatch):
     """A worker failure mid-run (jobs.train_max_failures > 0): Ray Train restarts the loop, which
     continues from the run's newest checkpoint in the store, and the run commits on its own."""
     from pipelines.train import run_train
 
-    store = Store(tmp_path / "store")
-    import_and_quantize(store, corpus_dir)
+    store = copy_of(quantized, tmp_path)
     monkeypatch.setenv("CART_CRASH_AFTER_EPOCH", "2")
     summary = run_train(store, small_config("jobs.train_max_failures=1"))
     assert summary["final_metrics"]["epochs"] == 3  # epochs 1-2 kept, epoch 3 after the restart
