@@ -11,7 +11,7 @@ import pytest
 
 from cart_core.corpus import synthetic_corpus, write_corpus
 from cart_core.store import Store
-from tests.pipelines.test_jobs import small_config
+from tests.pipelines.test_jobs import copy_of, small_config
 
 N_OLD, N_NEW = 130, 30
 
@@ -52,8 +52,7 @@ def base(tmp_path_factory, ray_local):
 
 
 def fresh(base, tmp_path) -> Store:
-    shutil.copytree(base["store"].url, tmp_path / "store")
-    return Store(tmp_path / "store")
+    return copy_of(base["store"], tmp_path)
 
 
 def untaught(store, manifest) -> set[str]:
