@@ -78,9 +78,12 @@ def read_delete_list(path: str) -> list[str]:
         return [line.strip() for line in local.read_text().splitlines() if line.strip()]
 
 
-def read_captions(path: str, known: Callable[[list[str]], set[str]]) -> tuple[list[str], list[str]]:
+def read_captions(path: str, known: Callable[[list[str]], set[str]],
+                  deleting: set[str] = frozenset()) -> tuple[list[str], list[str]]:
     """(item_id, caption) rows, each naming an item of this reindex or a live one of the index
-    (`known` returns which of the given ids are)."""
+    (`known` returns which of the given ids are) that this reindex does not delete: a caption for
+    an item it deletes is refused, as an item both deleted and added is (stored, it would come back
+    with the item if the item were ever added again, and a rerun of the command would fail on it)."""
     with local_copy(path) as local:
         if not local.is_file():
             raise CorpusError(path, None, "file not found")
@@ -91,6 +94,9 @@ def read_captions(path: str, known: Callable[[list[str]], set[str]]) -> tuple[li
     ids, texts = table.column("item_id").to_pylist(), table.column("caption").to_pylist()
     items = known(sorted({str(i) for i in ids if i is not None}))
     for row, (item, text) in enumerate(zip(ids, texts)):
+        if item is not None and str(item) in deleting:
+            raise CorpusError(path, row, f"item_id {item!r} is deleted by this reindex (--delete); a deleted "
+                                         "item keeps no captions")
         if item is None or str(item) not in items:
             raise CorpusError(path, row, f"unknown item_id {item!r}")
         if text is None or not str(text).strip():
@@ -478,15 +484,15 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     t0 = time.perf_counter()
     plan = plan_changes(version, add, update, delete)
     summary.time("plan_s", t0)
-    cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"])) \
-        if captions else ([], [])
+    deleted = {str(table.item_ids[r]) for r in plan["delete_rows"]}
+    cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"]),
+                                       deleted) if captions else ([], [])
     encoders = CaptionEncoders(version, cfg, id_cfg.source != "features")  # refuses another encoder than the index's
     init_ray(address)  # after every input check: a wrong file costs seconds, not a cluster start
     new_caps = list(zip(*version.new_captions(cap_ids, cap_texts)))  # each (item, text) is stored once
     verified = has_verifier(version)
     # items already indexed (not added or updated now) that this run gives new captions: verified
     # with every caption they now have from this commit on (recaptioned_pending)
-    deleted = {str(table.item_ids[r]) for r in plan["delete_rows"]}
     recaptioned = sorted({i for i, _ in new_caps} - set(plan["encode_ids"]) - deleted)
     if recaptioned and not verified:
         log("reindex", f"captions for {len(recaptioned)} items already indexed are stored; this index has no "
@@ -555,7 +561,10 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     after = IndexVersion(store, manifest)
     pending, items = after.pending(), after.untrained_pending()
     if finetune and items:
-        cfg = replace(cfg, train=replace(cfg.train, lr=cfg.reindex.finetune_lr))
+        # the text encoder stays as the full training left it (encoder_lr 0 where the generator tuned
+        # its top layers): the verifier, the pending rows and every later reindex embed captions with
+        # it, so a fine-tune that moved it would leave them all in another space
+        cfg = replace(cfg, train=replace(cfg.train, lr=cfg.reindex.finetune_lr, encoder_lr=0.0))
         result = run_train(store, cfg, finetune=Finetune(items, manifest.generator, cfg.reindex.rehearsal,
                                                          cfg.reindex.finetune_epochs),
                            finish=lambda m: (m.with_fallback_taught(pending_runs(pending, manifest.extra["pending"]))

@@ -176,6 +176,9 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "reindex-delete-not-parquet": lambda c: c.job("reindex", "--delete", c.write("delete.parquet", "item-1\n")),
     "reindex-caption-unknown-item": lambda c: c.job(
         "reindex", "--captions", c.write("captions.parquet", pa.table({"item_id": ["ghost"], "caption": ["boo"]}))),
+    "reindex-caption-deleted-item": lambda c: c.job(
+        "reindex", "--delete", c.write("gone.txt", "syn-00001\n"),
+        "--captions", c.write("captions.parquet", pa.table({"item_id": ["syn-00001"], "caption": ["a new dog"]}))),
     "reindex-other-text-encoder": lambda c: c.job("reindex", "--set", "generator.text_encoder=mpnet",
                                                   "--delete", c.write("gone.txt", "syn-00001\n")),
     "train-workers-zero": lambda c: c.job("train", "--workers", "0"),

@@ -506,3 +506,11 @@ def test_added_captions_are_embedded_by_the_encoder_a_generator_tuned(tmp_path, 
     want, was = (e.sentence_embeddings(texts).mean(0) for e in (tuned, base))
     assert np.allclose(got, want / np.linalg.norm(want), atol=2e-3)
     assert not np.allclose(got, was / np.linalg.norm(was), atol=2e-3)  # the tuned layer moved it
+    # the fine-tune that teaches the generator the added items leaves that encoder as it is: the
+    # verifier's centroids, the pending rows and the next reindex all embed with it
+    run_reindex(store, cfg, finetune=True)
+    tuned_again = IndexVersion.newest_servable(store).manifest
+    assert tuned_again.generator != version.manifest.generator and not untaught(store, tuned_again)
+    with store.local_dir(f"{tuned_again.generator}/model") as folder:
+        after = Generator.load(folder).text_encoder
+    assert np.array_equal(after.sentence_embeddings(texts), tuned.sentence_embeddings(texts))
