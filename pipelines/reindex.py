@@ -46,7 +46,7 @@ from cart_core.store import Manifest, Store, StoreError, features_table, queries
 from pipelines.inputs import embedding_hashes, local_copy
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, init_ray, log
-from pipelines.verify import added_features, has_verifier
+from pipelines.verify import added_features, fitted_items, has_verifier
 
 CRASH_POINTS = ("after_features", "after_ids", "before_commit", "after_training")
 
@@ -432,15 +432,15 @@ def recaptioned_pending(version: IndexVersion, items: list[str], cap_ids: list[s
     fitted without captions for (indexed from features only, or added since) also gets a
     calibrated verification vector (cart_core/added_items.py), and so does one added or updated
     since (in the pending table); one it was fitted with keeps its own feature, which the aligner
-    was trained on. Their identifiers do not change. Like added items they are pending: a
+    was trained on. An item updated since the fit (another feature than the one the verifier
+    recorded, pipelines.verify.fitted_items) is calibrated too. Their identifiers do not change. Like added items they are pending: a
     fine-tune teaches the generator their new captions, and one with `reindex.keep_fallback:
     false` retires their rows with the rest of the pending table."""
     vectors, each_vec, each_row = caption_vectors(encoders.for_queries, encoders.width, items, cap_ids, cap_texts)
     terms = caption_terms(items, cap_ids, cap_texts).as_lists(np.arange(len(items)))
-    trained = version.store.read_table(f"{version.manifest.generator}/verify/captions.parquet", columns=["item_id"])
     pending = version.pending()  # added or updated since the verifier was fitted: its aligner never saw them
     since = set(pending.column("item_id").to_pylist()) if pending is not None else set()
-    trained = set(trained.column("item_id").to_pylist()) - since
+    trained = fitted_items(version) - since
     fresh = [r for r, item in enumerate(items) if item not in trained]
     features = None
     if calibrate and fresh:

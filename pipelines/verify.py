@@ -4,7 +4,8 @@ generator, loaded by every job that answers queries (retrieve, evaluate, serve).
 `generator/<run>/verify/` holds
   * aligner.safetensors + aligner.json: the query -> item-feature map (cart_core/alignment.py);
   * fusion.json: the chosen signals and their weights, with the held-out report;
-  * captions.parquet: item_id, centroid (mean MiniLM vector of the item's training captions);
+  * captions.parquet: item_id, centroid (mean MiniLM vector of the item's training captions),
+    content_hash (of the feature the aligner saw: a reindex tells an item updated since);
   * terms.parquet: item_id, term_ids, term_counts (the words of its training captions, hashed,
     for the BM25 signal, cart_core/lexical.py);
   * verify.json: the VerifyConfig it was fitted with.
@@ -43,6 +44,23 @@ def item_features(version: IndexVersion, table: IdentifierTable) -> np.ndarray |
     out = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
     _scatter(out, table, feats.column("item_id").to_pylist(), vectors)
     return out
+
+
+def fitted_items(version: IndexVersion) -> set[str]:
+    """The items the version's verifier was fitted with that still have the feature it saw (the
+    content hash its captions table records; a verifier fitted before it recorded them: every item
+    in that table). An item updated since, or indexed without captions then, is not among them."""
+    import pyarrow.parquet as pq
+
+    store, path = version.store, f"{version.manifest.generator}/verify/captions.parquet"
+    with store.fs.open(store.path(path), "rb") as fh:
+        recorded = "content_hash" in pq.read_schema(fh).names
+    t = store.read_table(path, columns=["item_id", "content_hash"] if recorded else ["item_id"])
+    items = t.column("item_id").to_pylist()
+    if not recorded:
+        return set(items)
+    now = version.live_item_hashes(items)
+    return {i for i, h in zip(items, t.column("content_hash").to_pylist()) if i in now and now[i][1] == h}
 
 
 def _scatter(out: np.ndarray, table: IdentifierTable, item_ids: list, vectors: np.ndarray) -> None:
@@ -86,9 +104,12 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
         fusion.save(tmp / "fusion.json")
         has = np.abs(captions).sum(1) > 0
         centroids = captions[has]
+        fitted = table.item_ids[has].astype(str).tolist()
+        hashes = version.live_item_hashes(fitted)  # which feature of each item the aligner saw
         store.write_table(pa.table({
-            "item_id": pa.array(table.item_ids[has].astype(str).tolist()),
+            "item_id": pa.array(fitted),
             "centroid": pa.FixedSizeListArray.from_arrays(pa.array(centroids.reshape(-1)), vectors.shape[1]),
+            "content_hash": pa.array([hashes[i][1] if i in hashes else None for i in fitted], pa.string()),
         }), f"{generator_dir}/verify/captions.parquet")
         if retriever.items.terms is not None:
             store.write_table(terms_table(table.item_ids, retriever.items.terms.items),

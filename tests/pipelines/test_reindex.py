@@ -363,11 +363,12 @@ def test_captions_given_later_are_verified_from_that_commit(base, tmp_path):
         assert np.allclose(retriever.items.captions[row].astype(np.float32), want, atol=2e-3), item
 
 
-def test_a_trained_item_moved_then_captioned_is_recalibrated_from_its_new_feature(base, tmp_path):
-    """An old item the verifier was fitted with, updated to another prefix by one reindex (pending
-    from then on, its new feature unseen by the aligner), then given one more caption by a later
-    one: the captioning run calibrates its verification vector from the new feature and all five
-    captions it now has, as for an added item; its identifier stays the one the update gave."""
+def test_trained_items_updated_then_captioned_are_recalibrated_from_their_new_features(base, tmp_path):
+    """Two old items the verifier was fitted with, updated by one reindex (one moved to another
+    prefix, so pending from then on; one nudged in place, same identifier, not pending), then each
+    given one more caption by a later reindex: the aligner never saw their new features, so the
+    captioning run calibrates both verification vectors from the new feature and all five captions,
+    as for added items; identifiers stay what the update gave."""
     from cart_core.index_version import IndexVersion
     from cart_core.text import TextEncoder
     from pipelines.reindex import run_reindex
@@ -375,35 +376,40 @@ def test_a_trained_item_moved_then_captioned_is_recalibrated_from_its_new_featur
     from pipelines.verify import added_features
 
     store = fresh(base, tmp_path)
-    item = base["old_ids"][2]
+    moved, nudged = base["old_ids"][2], base["old_ids"][3]
     update = pq.read_table(base["root"] / "old" / "items.parquet").to_pandas()
-    update = update[update["item_id"] == item]
+    update = update[update["item_id"].isin([moved, nudged])].sort_values("item_id")
     rng = np.random.default_rng(1)
-    moved = [np.asarray(-e + 0.01 * rng.normal(size=len(e)), np.float32) for e in update["embedding"]]
-    update["embedding"] = moved
+    update["embedding"] = [np.asarray(-e + 0.01 * rng.normal(size=len(e)) if i == moved else e + 1e-4, np.float32)
+                           for i, e in zip(update["item_id"], update["embedding"])]
+    new_features = {i: e for i, e in zip(update["item_id"], update["embedding"])}
     pq.write_table(pa.Table.from_pandas(update, preserve_index=False), tmp_path / "update.parquet")
     before, _ = IndexVersion.newest_servable(store).ids()
     run_reindex(store, small_config(), update=str(tmp_path / "update.parquet"), finetune=False)
     updated = IndexVersion.newest_servable(store)
     table, _ = updated.ids()
-    row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
-    was = int(np.flatnonzero((before.item_ids == item) & before.live)[0])
-    assert not np.array_equal(table.codes[row, :-1], before.codes[was, :-1])  # another prefix
-    assert item in updated.pending().column("item_id").to_pylist()
+    row = {i: int(np.flatnonzero((table.item_ids == i) & table.live)[0]) for i in (moved, nudged)}
+    was = {i: int(np.flatnonzero((before.item_ids == i) & before.live)[0]) for i in (moved, nudged)}
+    assert not np.array_equal(table.codes[row[moved], :-1], before.codes[was[moved], :-1])  # another prefix
+    assert np.array_equal(table.codes[row[nudged]], before.codes[was[nudged]])  # updated in place
+    pending = updated.pending().column("item_id").to_pylist()
+    assert moved in pending and nudged not in pending
 
     every = pq.read_table(base["root"] / "all" / "captions.parquet")
-    every = every.filter(pc.equal(every["item_id"], item))
+    every = every.filter(pc.is_in(every["item_id"], pa.array([moved, nudged])))
     pq.write_table(every.filter(pc.equal(every["caption_index"], 4)), tmp_path / "later.parquet")
     run_reindex(store, small_config(), captions=str(tmp_path / "later.parquet"), finetune=False)
-    version = IndexVersion.newest_servable(store)
-    retriever, after = load_retriever(version)
-    assert np.array_equal(after.codes, table.codes) and after.live[row]
-    texts = every.column("caption").to_pylist()
+    retriever, after = load_retriever(IndexVersion.newest_servable(store))
+    assert np.array_equal(after.codes, table.codes)
+    items, texts = every.column("item_id").to_pylist(), every.column("caption").to_pylist()
+    order = sorted({moved, nudged})
     vectors = TextEncoder(small_config().generator.text_encoder).sentence_embeddings(texts)
-    want, _ = added_features(updated, np.stack(moved), vectors, np.zeros(len(texts), np.int64))
-    raw = moved[0] / np.linalg.norm(moved[0])
-    assert want is not None and not np.allclose(want[0], raw, atol=1e-2)  # the calibration moves it
-    assert np.allclose(retriever.items.features[row].astype(np.float32), want[0], atol=2e-3)
+    want, _ = added_features(updated, np.stack([new_features[i] for i in order]), vectors,
+                             np.array([order.index(i) for i in items], np.int64))
+    for j, item in enumerate(order):
+        raw = new_features[item] / np.linalg.norm(new_features[item])
+        assert not np.allclose(want[j], raw, atol=1e-2), item  # the calibration moves it
+        assert np.allclose(retriever.items.features[row[item]].astype(np.float32), want[j], atol=2e-3), item
 
 
 def test_a_reindex_with_another_text_encoder_than_the_index_is_refused(base, tmp_path):
