@@ -32,7 +32,7 @@ def referenced_paths(manifest: Manifest) -> set[str]:
     extra = manifest.extra
     paths = {manifest.ids, *(extra.get("ids_chain") or []), manifest.codebooks, manifest.generator,
              *manifest.features, *manifest.queries, *manifest.eval_queries, *manifest.errors,
-             *(extra.get("tombstones") or []), extra.get("pending")}
+             *(extra.get("tombstones") or []), *(extra.get("retired_captions") or []), extra.get("pending")}
     return {p for p in paths if p}
 
 
@@ -145,12 +145,53 @@ class IndexVersion:
                                              rows.column("content_hash").to_pylist())}
 
     # ---- queries ---------------------------------------------------------------------------
+    def retired_captions(self) -> dict[str, int]:
+        """item_id -> how many of the manifest's query folders hold captions of it that a delete
+        retired: a deleted item keeps no captions, so one added again starts with only those given
+        after (the query folders only ever grow at the end, so the count pins them)."""
+        files = self.manifest.extra.get("retired_captions") or []
+        if not files:
+            return {}
+        t = self.store.read_table(files, columns=["item_id", "queries_before"])
+        retired: dict[str, int] = {}
+        for item, before in zip(t.column("item_id").to_pylist(), t.column("queries_before").to_pylist()):
+            retired[item] = max(retired.get(item, 0), int(before))
+        return retired
+
+    def dead_caption_keys(self) -> set[tuple[str, str]]:
+        """(file, item_id) of the committed caption rows a delete retired: what a reader of the raw
+        query files (a Ray Data job) must drop."""
+        retired = self.retired_captions()
+        if not retired:
+            return set()
+        keys = set()
+        for i, folder in enumerate(self.manifest.queries[:max(retired.values())]):
+            items = [item for item, before in retired.items() if i < before]
+            keys.update((path, item) for path in self.store.parquet_files(folder) for item in items)
+        return keys
+
     def queries(self, columns: list[str] = ("item_id", "text", "source")) -> pa.Table:
-        """Training queries, each (item_id, text) once (the first committed row wins)."""
+        """Training queries, each (item_id, text) once (the first committed row wins), without the
+        captions a delete retired (retired_captions)."""
         columns = list(columns)
         if not self.manifest.queries:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
-        t = self.store.read_table(self.manifest.queries, columns=sorted(set(columns) | {"item_id", "text"}))
+        wanted = sorted(set(columns) | {"item_id", "text"})
+        retired = self.retired_captions()
+        if retired:
+            parts = []
+            for i, folder in enumerate(self.manifest.queries):
+                part = self.store.read_table(folder, columns=wanted)
+                gone = [item for item, before in retired.items() if i < before]
+                if not part.num_columns:  # a folder without files
+                    continue
+                if gone and part.num_rows:
+                    part = part.filter(pc.invert(pc.is_in(part.column("item_id"), value_set=pa.array(gone, pa.string()))))
+                parts.append(part)
+            t = pa.concat_tables(parts, promote_options="default") if parts else \
+                pa.table({c: pa.array([], pa.string()) for c in wanted})
+        else:
+            t = self.store.read_table(self.manifest.queries, columns=wanted)
         keys = list(zip(t.column("item_id").to_pylist(), t.column("text").to_pylist()))
         if len(set(keys)) != len(keys):
             seen: set = set()

@@ -75,7 +75,8 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
     if update:
         update["dim"] = corpus.dim
         new = store.commit(replace(manifest, **update), f"import {run}: {len(new_rows)} items", base=manifest,
-                           reads={"features", "extra.tombstones", "queries", "eval_queries", "dim"})
+                           reads={"features", "extra.tombstones", "extra.retired_captions", "queries", "eval_queries",
+                                  "dim"})
         summary.extra["version"] = new.version
         log("import", f"committed version {new.version}: {len(new_rows)} new items, "
                       f"{len(train[0])} training queries, {len(fresh)} held-out queries "

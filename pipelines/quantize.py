@@ -83,7 +83,11 @@ def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tupl
     import ray
 
     files = store.parquet_files(store.require(manifest, "queries", "cart import --captions` or `cart caption"))
-    ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem()).select_columns(["item_id", "text"])
+    dead = IndexVersion(store, manifest).dead_caption_keys()  # captions of deleted items
+    ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem(), include_paths=bool(dead))
+    if dead:
+        ds = ds.map_batches(drop_dead_rows, fn_args=(dead,), batch_format="numpy")
+    ds = ds.select_columns(["item_id", "text"])
     ds = run_stage(CaptionEmbedStage(quantize_resources(cfg, 256), cfg.generator.text_encoder,
                                      cfg.generator.max_query_tokens), ds)
     ids, vecs = [], []

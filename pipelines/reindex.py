@@ -247,7 +247,7 @@ def plan_changes(version: IndexVersion, add: str | None, update: str | None, del
     live_row = live_rows(table, touched_ids)
     owners = version.live_item_hashes(touched_ids)
     plan = {"encode_ids": [], "encode_emb": [], "encode_modality": [], "encode_hash": [], "encode_kind": [],
-            "new_feature_row": [], "delete_rows": [], "tombstones": [], "counts": dict.fromkeys(
+            "new_feature_row": [], "delete_rows": [], "tombstones": [], "deleted_items": [], "counts": dict.fromkeys(
                 ("added", "updated", "deleted", "duplicate_adds", "unchanged_updates", "already_deleted"), 0)}
     counts = plan["counts"]
     touched: dict[str, str] = {}
@@ -294,6 +294,7 @@ def plan_changes(version: IndexVersion, add: str | None, update: str | None, del
             plan["delete_rows"].append(live_row[item])
         if item in owners:
             plan["tombstones"].append((item, owners[item][0]))
+        plan["deleted_items"].append(item)
         counts["deleted"] += 1
     plan["live_row"] = live_row
     plan["items"] = (adds, ups)
@@ -601,6 +602,12 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
                                     "feature_run": [r for _, r in plan["tombstones"]]}),
                           f"tombstones/{run}/tombstones.parquet")
         extra["tombstones"] = (extra.get("tombstones") or []) + [f"tombstones/{run}"]
+    if plan["deleted_items"]:  # their captions go with them (IndexVersion.retired_captions)
+        gone = plan["deleted_items"]
+        store.write_table(pa.table({"item_id": pa.array(gone, pa.string()),
+                                    "queries_before": pa.array([len(manifest.queries)] * len(gone), pa.int32())}),
+                          f"tombstones/{run}-captions/retired.parquet")
+        extra["retired_captions"] = (extra.get("retired_captions") or []) + [f"tombstones/{run}-captions"]
     crash_point("after_features")
     position = {item: r for r, item in enumerate(plan["encode_ids"])}
     learn_rows = [position[i] for i in learn]
@@ -639,8 +646,9 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
     crash_point("before_commit")
     new = store.commit(replace(manifest, ids=f"ids/{run}", extra=extra, **update),
                        f"reindex {run}: +{len(learn)} identifiers, -{len(plan['delete_rows'])} items",
-                       base=manifest, reads={"features", "queries", "codebooks", "extra.tombstones", "extra.pending",
-                                             "extra.pending_trained", "generator", "extra.generator_ids"})
+                       base=manifest, reads={"features", "queries", "codebooks", "extra.tombstones",
+                                             "extra.retired_captions", "extra.pending", "extra.pending_trained",
+                                             "generator", "extra.generator_ids"})
     log("reindex", f"committed version {new.version}: {plan['counts']}; "
                    f"{len(has_caption)} new captioned items found by "
                    f"{'verification' if has_verifier(version) else 'the dense fallback'} until a fine-tune")

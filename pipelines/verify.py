@@ -8,7 +8,8 @@ generator, loaded by every job that answers queries (retrieve, evaluate, serve).
     content_hash (of the feature the aligner saw: a reindex tells an item updated since);
   * terms.parquet: item_id, term_ids, term_counts (the words of its training captions, hashed,
     for the BM25 signal, cart_core/lexical.py);
-  * verify.json: the VerifyConfig it was fitted with.
+  * verify.json: the VerifyConfig it was fitted with;
+  * fitted.json: the caption retirements (deletes) already applied when it was fitted.
 Item features are not copied: they are the live feature rows of the version being served; with
 `verify.neighbor_seeds` > 0 the item neighbour lists are built from them at load. Items
 added later by `cart reindex` take their caption centroid, and their calibrated verification
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cart_core.config import CartConfig
 from cart_core.identifiers import IdentifierTable
@@ -44,6 +46,19 @@ def item_features(version: IndexVersion, table: IdentifierTable) -> np.ndarray |
     out = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
     _scatter(out, table, feats.column("item_id").to_pylist(), vectors)
     return out
+
+
+def retired_since_fit(version: IndexVersion) -> set[str]:
+    """Items whose captions a delete retired after the version's verifier was fitted: its centroids
+    and words for them describe what was deleted, so an item added again under the same id is
+    verified only with what it was given since (its pending row)."""
+    store, folder = version.store, f"{version.manifest.generator}/verify"
+    now = version.manifest.extra.get("retired_captions") or []
+    if not now:
+        return set()
+    fitted = store.read_json(f"{folder}/fitted.json") if store.exists(f"{folder}/fitted.json") else {}
+    later = [f for f in now if f not in set(fitted.get("retired_captions") or [])]
+    return set(store.read_table(later, columns=["item_id"]).column("item_id").to_pylist()) if later else set()
 
 
 def fitted_items(version: IndexVersion) -> set[str]:
@@ -115,6 +130,9 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
             store.write_table(terms_table(table.item_ids, retriever.items.terms.items),
                               f"{generator_dir}/verify/terms.parquet")
         (tmp / "verify.json").write_text(json.dumps(dataclasses.asdict(cfg.verify), indent=2))
+        # the deletes whose captions were already gone when it was fitted (retired_since_fit)
+        (tmp / "fitted.json").write_text(json.dumps(
+            {"retired_captions": list(version.manifest.extra.get("retired_captions") or [])}, indent=2))
         store.put_dir(tmp, f"{generator_dir}/verify")
     log("train", f"verification: {', '.join(f'{n} {w:+.2f}' for n, w in zip(fusion.names, fusion.weights))} "
                  f"(held-out R@1 {fusion.report['held_out_R@1']} on {int(holdout.sum())} captions)")
@@ -197,6 +215,9 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     if cfg.mode != "hybrid":
         return VerifiedRetriever(generator, table, ItemVectors(None, None), None, fusion, cfg, device)
     cap = store.read_table(f"{folder}/captions.parquet")
+    stale = retired_since_fit(version)
+    if stale:
+        cap = cap.filter(pc.invert(pc.is_in(cap.column("item_id"), value_set=pa.array(sorted(stale), pa.string()))))
     vectors = stack_column(cap.column("centroid").to_numpy(zero_copy_only=False))
     captions = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
     _scatter(captions, table, cap.column("item_id").to_pylist(), vectors)
@@ -210,7 +231,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
         pfeat = stack_column(pending.column("feature").to_numpy(zero_copy_only=False))
         has = np.abs(pfeat).sum(1) > 0  # zero: added without captions, or before the verifier existed
         _scatter(features, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pfeat[has])
-    items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending), metric, predictor)
+    items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending, stale), metric, predictor)
     return VerifiedRetriever(generator, table, items, aligner, fusion, cfg, device, neighbors=_neighbors(items, table, cfg))
 
 
@@ -225,26 +246,28 @@ def terms_table(item_ids: np.ndarray, terms) -> pa.Table:
                      "term_counts": pa.LargeListArray.from_arrays(offsets, pa.array(terms.counts, pa.int32()))})
 
 
-def item_terms(store: Store, folder: str, table: IdentifierTable, pending: pa.Table | None):
-    """The BM25 index of every live item's caption words: the verifier's trained items, then the
-    items reindexes added (their pending rows win); None for a verifier fitted without the signal."""
+def item_terms(store: Store, folder: str, table: IdentifierTable, pending: pa.Table | None,
+               stale: set[str] = frozenset()):
+    """The BM25 index of every live item's caption words: the verifier's trained items (but the
+    `stale` ones, retired_since_fit), then the items reindexes added (their pending rows win);
+    None for a verifier fitted without the signal."""
     from cart_core.identifiers import live_rows
     from cart_core.lexical import ItemTerms, TermIndex
 
     if not store.exists(f"{folder}/terms.parquet"):
         return None
-    sources = [store.read_table(f"{folder}/terms.parquet")]
+    sources = [(store.read_table(f"{folder}/terms.parquet"), stale)]
     if pending is not None and "term_ids" in pending.column_names:
-        sources.append(pending)
+        sources.append((pending, frozenset()))
     rows, starts, lengths, flat_terms, flat_counts, base = [], [], [], [], [], 0
-    for source in sources:
+    for source, skip in sources:
         ids = [str(i) for i in source.column("item_id").to_pylist()]
         row_of = live_rows(table, ids)
         term_ids, term_counts = (source.column(c).combine_chunks() for c in ("term_ids", "term_counts"))
         offsets = term_ids.offsets.to_numpy().astype(np.int64)
         if not np.array_equal(offsets, term_counts.offsets.to_numpy()):
             raise ValueError(f"{folder}: term_ids and term_counts of different lengths in a row")
-        rows.append(np.array([row_of.get(i, -1) for i in ids], np.int64))
+        rows.append(np.array([-1 if i in skip else row_of.get(i, -1) for i in ids], np.int64))
         starts.append(offsets[:-1] + base)
         lengths.append(np.diff(offsets))
         flat_terms.append(term_ids.values.to_numpy())

@@ -412,6 +412,48 @@ def test_trained_items_updated_then_captioned_are_recalibrated_from_their_new_fe
         assert np.allclose(retriever.items.features[row[item]].astype(np.float32), want[j], atol=2e-3), item
 
 
+def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tmp_path):
+    """A delete retires the item's captions with it: added again (other features, no captions) it
+    has none, in the training queries, in verification and in the caption centroids a refit
+    quantizes; captions given after the re-add are its only ones; compaction keeps the record."""
+    from cart_core.index_version import IndexVersion
+    from cart_core.text import TextEncoder
+    from pipelines.check import run_check
+    from pipelines.quantize import caption_centroids
+    from pipelines.reindex import run_compact, run_reindex
+    from pipelines.search import load_retriever
+
+    store = fresh(base, tmp_path)
+    item = base["old_ids"][4]
+
+    def captions_of(version) -> list[str]:
+        q = version.queries(["item_id", "text"])
+        return [t for i, t in zip(q.column("item_id").to_pylist(), q.column("text").to_pylist()) if i == item]
+
+    assert len(captions_of(IndexVersion.current(store))) == 4
+    (tmp_path / "gone.txt").write_text(item)
+    run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+    assert captions_of(IndexVersion.current(store)) == []
+    again = pq.read_table(base["root"] / "old" / "items.parquet").to_pandas()
+    again = again[again["item_id"] == item]
+    again["embedding"] = [np.asarray(-e, np.float32) for e in again["embedding"]]
+    pq.write_table(pa.Table.from_pandas(again, preserve_index=False), tmp_path / "again.parquet")
+    run_reindex(store, small_config(), add=str(tmp_path / "again.parquet"), finetune=False)
+    retriever, table = load_retriever(IndexVersion.newest_servable(store))
+    row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
+    assert not np.abs(retriever.items.captions[row].astype(np.float32)).any()  # no centroid from old captions
+    assert np.diff(retriever.items.terms.matrix.indptr)[row] == 0  # nor their words
+    pq.write_table(pa.table({"item_id": [item], "caption": ["a kite over a frozen lake"]}), tmp_path / "new.parquet")
+    run_reindex(store, small_config(), captions=str(tmp_path / "new.parquet"), finetune=False)
+    run_compact(store, keep=1)
+    assert run_check(store)["problems"] == []
+    version = IndexVersion.current(store)
+    assert captions_of(version) == ["a kite over a frozen lake"]
+    ids, vectors = caption_centroids(store, version.manifest, small_config())  # what `quantize --refit` reads
+    want = TextEncoder(small_config().generator.text_encoder).sentence_embeddings(["a kite over a frozen lake"])[0]
+    assert np.allclose(vectors[list(ids).index(item)], want, atol=1e-4)
+
+
 def test_a_reindex_with_another_text_encoder_than_the_index_is_refused(base, tmp_path):
     from cart_core.errors import ConfigError
     from pipelines.reindex import run_reindex
