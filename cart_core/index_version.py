@@ -145,16 +145,18 @@ class IndexVersion:
                                              rows.column("content_hash").to_pylist())}
 
     # ---- queries ---------------------------------------------------------------------------
-    def retired_captions(self) -> dict[str, int]:
-        """item_id -> how many of the manifest's query folders hold captions of it that a delete
-        retired: a deleted item keeps no captions, so one added again starts with only those given
-        after (the query folders only ever grow at the end, so the count pins them)."""
+    def retired_captions(self, held_out: bool = False) -> dict[str, int]:
+        """item_id -> how many of the manifest's query folders (eval query folders with `held_out`)
+        hold captions of it that a delete retired: a deleted item keeps no captions, so one added
+        again starts with only those given after (the folder lists only ever grow at the end, so
+        the count pins them)."""
         files = self.manifest.extra.get("retired_captions") or []
         if not files:
             return {}
-        t = self.store.read_table(files, columns=["item_id", "queries_before"])
+        key = "eval_before" if held_out else "queries_before"
+        t = self.store.read_table(files, columns=["item_id", key])
         retired: dict[str, int] = {}
-        for item, before in zip(t.column("item_id").to_pylist(), t.column("queries_before").to_pylist()):
+        for item, before in zip(t.column("item_id").to_pylist(), t.column(key).to_pylist()):
             retired[item] = max(retired.get(item, 0), int(before))
         return retired
 
@@ -170,28 +172,30 @@ class IndexVersion:
             keys.update((path, item) for path in self.store.parquet_files(folder) for item in items)
         return keys
 
+    def _live_captions(self, folders: list[str], columns: list[str], held_out: bool) -> pa.Table:
+        """The rows of these query folders without the captions a delete retired."""
+        retired = self.retired_captions(held_out)
+        if not retired:
+            return self.store.read_table(folders, columns=columns)
+        parts = []
+        for i, folder in enumerate(folders):
+            part = self.store.read_table(folder, columns=columns)
+            if not part.num_columns:  # a folder without files
+                continue
+            gone = [item for item, before in retired.items() if i < before]
+            if gone and part.num_rows:
+                part = part.filter(pc.invert(pc.is_in(part.column("item_id"), value_set=pa.array(gone, pa.string()))))
+            parts.append(part)
+        return pa.concat_tables(parts, promote_options="default") if parts else \
+            pa.table({c: pa.array([], pa.string()) for c in columns})
+
     def queries(self, columns: list[str] = ("item_id", "text", "source")) -> pa.Table:
         """Training queries, each (item_id, text) once (the first committed row wins), without the
         captions a delete retired (retired_captions)."""
         columns = list(columns)
         if not self.manifest.queries:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
-        wanted = sorted(set(columns) | {"item_id", "text"})
-        retired = self.retired_captions()
-        if retired:
-            parts = []
-            for i, folder in enumerate(self.manifest.queries):
-                part = self.store.read_table(folder, columns=wanted)
-                gone = [item for item, before in retired.items() if i < before]
-                if not part.num_columns:  # a folder without files
-                    continue
-                if gone and part.num_rows:
-                    part = part.filter(pc.invert(pc.is_in(part.column("item_id"), value_set=pa.array(gone, pa.string()))))
-                parts.append(part)
-            t = pa.concat_tables(parts, promote_options="default") if parts else \
-                pa.table({c: pa.array([], pa.string()) for c in wanted})
-        else:
-            t = self.store.read_table(self.manifest.queries, columns=wanted)
+        t = self._live_captions(self.manifest.queries, sorted(set(columns) | {"item_id", "text"}), held_out=False)
         keys = list(zip(t.column("item_id").to_pylist(), t.column("text").to_pylist()))
         if len(set(keys)) != len(keys):
             seen: set = set()
@@ -215,9 +219,9 @@ class IndexVersion:
         return out_ids, out_texts
 
     def eval_queries(self) -> pa.Table:
-        return self.store.read_table(self.store.require(self.manifest, "eval_queries",
-                                                        "cart import --holdout-caption-index N"),
-                                     columns=["query_id", "text", "item_id"])
+        """Held-out queries, without those of items a delete retired the captions of."""
+        folders = self.store.require(self.manifest, "eval_queries", "cart import --holdout-caption-index N")
+        return self._live_captions(folders, ["query_id", "text", "item_id"], held_out=True)
 
     # ---- identifiers -----------------------------------------------------------------------
     def ids(self) -> tuple[IdentifierTable, dict]:

@@ -605,7 +605,8 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
     if plan["deleted_items"]:  # their captions go with them (IndexVersion.retired_captions)
         gone = plan["deleted_items"]
         store.write_table(pa.table({"item_id": pa.array(gone, pa.string()),
-                                    "queries_before": pa.array([len(manifest.queries)] * len(gone), pa.int32())}),
+                                    "queries_before": pa.array([len(manifest.queries)] * len(gone), pa.int32()),
+                                    "eval_before": pa.array([len(manifest.eval_queries)] * len(gone), pa.int32())}),
                           f"tombstones/{run}-captions/retired.parquet")
         extra["retired_captions"] = (extra.get("retired_captions") or []) + [f"tombstones/{run}-captions"]
     crash_point("after_features")

@@ -414,8 +414,9 @@ def test_trained_items_updated_then_captioned_are_recalibrated_from_their_new_fe
 
 def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tmp_path):
     """A delete retires the item's captions with it: added again (other features, no captions) it
-    has none, in the training queries, in verification and in the caption centroids a refit
-    quantizes; captions given after the re-add are its only ones; compaction keeps the record."""
+    has none, in the training queries, the held-out queries, verification and the caption
+    centroids a refit quantizes; captions given after the re-add are its only ones; compaction
+    keeps the record."""
     from cart_core.index_version import IndexVersion
     from cart_core.text import TextEncoder
     from pipelines.check import run_check
@@ -430,7 +431,10 @@ def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tm
         q = version.queries(["item_id", "text"])
         return [t for i, t in zip(q.column("item_id").to_pylist(), q.column("text").to_pylist()) if i == item]
 
-    assert len(captions_of(IndexVersion.current(store))) == 4
+    def held_out_of(version) -> list[str]:
+        return [i for i in version.eval_queries().column("item_id").to_pylist() if i == item]
+
+    assert len(captions_of(IndexVersion.current(store))) == 4 and len(held_out_of(IndexVersion.current(store))) == 1
     (tmp_path / "gone.txt").write_text(item)
     run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
     assert captions_of(IndexVersion.current(store)) == []
@@ -449,6 +453,7 @@ def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tm
     assert run_check(store)["problems"] == []
     version = IndexVersion.current(store)
     assert captions_of(version) == ["a kite over a frozen lake"]
+    assert held_out_of(version) == []  # `cart evaluate` does not ask for the deleted content either
     ids, vectors = caption_centroids(store, version.manifest, small_config())  # what `quantize --refit` reads
     want = TextEncoder(small_config().generator.text_encoder).sentence_embeddings(["a kite over a frozen lake"])[0]
     assert np.allclose(vectors[list(ids).index(item)], want, atol=1e-4)
