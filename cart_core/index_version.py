@@ -27,6 +27,15 @@ def is_servable(manifest: Manifest) -> bool:
     return bool(manifest.generator and manifest.ids and manifest.extra.get("generator_ids") == manifest.ids)
 
 
+def drop_retired_captions(batch: dict, folder_of: dict[str, int], before: dict[str, int]) -> dict:
+    """Keeps the rows of a raw query-file batch (with its `path` column) that no delete retired
+    (IndexVersion.retired_caption_files)."""
+    later = 1 << 62  # a file of a folder after every retirement
+    keep = np.array([folder_of.get(str(p), later) >= before.get(str(i), 0)
+                     for p, i in zip(batch["path"], batch["item_id"])], bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def referenced_paths(manifest: Manifest) -> set[str]:
     """Every store folder or file a manifest names (what `compact` keeps and `cart check` verifies)."""
     extra = manifest.extra
@@ -153,24 +162,24 @@ class IndexVersion:
         files = self.manifest.extra.get("retired_captions") or []
         if not files:
             return {}
+        t = self.store.read_table(files)  # small: one row per deleted item
         key = "eval_before" if held_out else "queries_before"
-        t = self.store.read_table(files, columns=["item_id", key])
+        befores = t.column(key).to_pylist() if key in t.column_names else [0] * t.num_rows
         retired: dict[str, int] = {}
-        for item, before in zip(t.column("item_id").to_pylist(), t.column(key).to_pylist()):
-            retired[item] = max(retired.get(item, 0), int(before))
+        for item, before in zip(t.column("item_id").to_pylist(), befores):
+            retired[item] = max(retired.get(item, 0), int(before or 0))
         return retired
 
-    def dead_caption_keys(self) -> set[tuple[str, str]]:
-        """(file, item_id) of the committed caption rows a delete retired: what a reader of the raw
-        query files (a Ray Data job) must drop."""
+    def retired_caption_files(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({query file: index of its folder in the manifest} for the folders holding retired
+        captions, retired_captions()): what a reader of the raw query files (a Ray Data job) needs
+        to drop a row, `index < before[item]` (drop_retired_captions); both maps stay as small as
+        the files and the deleted items, whatever the number of captions."""
         retired = self.retired_captions()
         if not retired:
-            return set()
-        keys = set()
-        for i, folder in enumerate(self.manifest.queries[:max(retired.values())]):
-            items = [item for item, before in retired.items() if i < before]
-            keys.update((path, item) for path in self.store.parquet_files(folder) for item in items)
-        return keys
+            return {}, {}
+        folders = self.manifest.queries[:max(retired.values())]
+        return {path: i for i, folder in enumerate(folders) for path in self.store.parquet_files(folder)}, retired
 
     def _live_captions(self, folders: list[str], columns: list[str], held_out: bool) -> pa.Table:
         """The rows of these query folders without the captions a delete retired."""
@@ -218,10 +227,13 @@ class IndexVersion:
                 out_texts.append(text)
         return out_ids, out_texts
 
-    def eval_queries(self) -> pa.Table:
-        """Held-out queries, without those of items a delete retired the captions of."""
+    def eval_queries(self, with_retired: bool = False) -> pa.Table:
+        """Held-out queries, without those of items a delete retired the captions of (all of them
+        `with_retired`)."""
         folders = self.store.require(self.manifest, "eval_queries", "cart import --holdout-caption-index N")
-        return self._live_captions(folders, ["query_id", "text", "item_id"], held_out=True)
+        columns = ["query_id", "text", "item_id"]
+        return self.store.read_table(folders, columns=columns) if with_retired else \
+            self._live_captions(folders, columns, held_out=True)
 
     # ---- identifiers -----------------------------------------------------------------------
     def ids(self) -> tuple[IdentifierTable, dict]:

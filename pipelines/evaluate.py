@@ -103,13 +103,15 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     table, _ = version.ids()  # before Ray starts: a damaged store fails at once
     settings = verify_settings(version, query=query_time(cfg))  # the verify.* its retriever runs with
     catalog = {str(i): r for r, i in enumerate(table.item_ids[table.live])}  # deleted items are not answers
-    if checked is None:
-        checked = check_query_rows(version.eval_queries(), store.uri("eval"), cfg.queries, need_item=True)
-    q = checked.table
     dropped = 0
+    if checked is None:
+        held_out = version.eval_queries()
+        dropped = version.eval_queries(with_retired=True).num_rows - held_out.num_rows  # retired by deletes
+        checked = check_query_rows(held_out, store.uri("eval"), cfg.queries, need_item=True)
+    q = checked.table
     if queries is None:  # the store's held-out captions of deleted items ask for nothing that exists
         live = pc.is_in(q.column("item_id"), value_set=pa.array(sorted(catalog), pa.string()))
-        dropped = q.num_rows - int(pc.sum(live.cast(pa.int64())).as_py() or 0)
+        dropped += q.num_rows - int(pc.sum(live.cast(pa.int64())).as_py() or 0)
         q = q.filter(live)
     if q.num_rows == 0:
         raise StoreError(f"{queries or store.url}: no evaluation queries")

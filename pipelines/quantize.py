@@ -23,7 +23,7 @@ from cart_core.config import CartConfig, config_dict
 from cart_core.indexing import encode, fit_codebooks, identifier_inputs, identifiers_from_codes, load_codebooks, \
     save_codebooks
 from cart_core.kmeans import cluster_imbalance
-from cart_core.index_version import IndexVersion, save_ids
+from cart_core.index_version import IndexVersion, drop_retired_captions, save_ids
 from cart_core.store import Manifest, Store, StoreError
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.stages import Resources, Stage, run_stage, stack_column
@@ -83,10 +83,10 @@ def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tupl
     import ray
 
     files = store.parquet_files(store.require(manifest, "queries", "cart import --captions` or `cart caption"))
-    dead = IndexVersion(store, manifest).dead_caption_keys()  # captions of deleted items
-    ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem(), include_paths=bool(dead))
-    if dead:
-        ds = ds.map_batches(drop_dead_rows, fn_args=(dead,), batch_format="numpy")
+    folder_of, retired = IndexVersion(store, manifest).retired_caption_files()  # captions of deleted items
+    ds = ray.data.read_parquet(files, filesystem=store.pyarrow_filesystem(), include_paths=bool(retired))
+    if retired:
+        ds = ds.map_batches(drop_retired_captions, fn_args=(folder_of, retired), batch_format="numpy")
     ds = ds.select_columns(["item_id", "text"])
     ds = run_stage(CaptionEmbedStage(quantize_resources(cfg, 256), cfg.generator.text_encoder,
                                      cfg.generator.max_query_tokens), ds)

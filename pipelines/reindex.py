@@ -382,7 +382,7 @@ def impostor_queries(store: Store, manifest: Manifest, cfg: CartConfig, exclude:
 
     if not manifest.queries or cfg.reindex.fallback_impostors <= 0:
         return np.zeros((0, 384), np.float32)
-    t = store.read_table(manifest.queries, columns=["item_id", "text"])
+    t = IndexVersion(store, manifest).queries(["item_id", "text"])  # no caption a delete retired
     if exclude:
         t = t.filter(pc.invert(pc.is_in(t.column("item_id"), value_set=pa.array(sorted(exclude), pa.string()))))
     if t.num_rows == 0:
@@ -485,7 +485,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     t0 = time.perf_counter()
     plan = plan_changes(version, add, update, delete)
     summary.time("plan_s", t0)
-    deleted = {str(table.item_ids[r]) for r in plan["delete_rows"]}
+    deleted = set(plan["deleted_items"])
     cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"]),
                                        deleted) if captions else ([], [])
     encoders = CaptionEncoders(version, cfg, id_cfg.source != "features")  # refuses another encoder than the index's
@@ -649,7 +649,8 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
                        f"reindex {run}: +{len(learn)} identifiers, -{len(plan['delete_rows'])} items",
                        base=manifest, reads={"features", "queries", "codebooks", "extra.tombstones",
                                              "extra.retired_captions", "extra.pending", "extra.pending_trained",
-                                             "generator", "extra.generator_ids"})
+                                             "generator", "extra.generator_ids"}
+                       | ({"eval_queries"} if plan["deleted_items"] else set()))  # eval_before counts them
     log("reindex", f"committed version {new.version}: {plan['counts']}; "
                    f"{len(has_caption)} new captioned items found by "
                    f"{'verification' if has_verifier(version) else 'the dense fallback'} until a fine-tune")

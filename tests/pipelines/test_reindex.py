@@ -423,6 +423,8 @@ def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tm
     from pipelines.quantize import caption_centroids
     from pipelines.reindex import run_compact, run_reindex
     from pipelines.search import load_retriever
+    from pipelines.train import run_train
+    from pipelines.verify import retired_since_fit
 
     store = fresh(base, tmp_path)
     item = base["old_ids"][4]
@@ -457,6 +459,14 @@ def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tm
     ids, vectors = caption_centroids(store, version.manifest, small_config())  # what `quantize --refit` reads
     want = TextEncoder(small_config().generator.text_encoder).sentence_embeddings(["a kite over a frozen lake"])[0]
     assert np.allclose(vectors[list(ids).index(item)], want, atol=1e-4)
+    # a full training after the delete fits a verifier that knows it: the item's new caption is its
+    # fitted centroid, nothing is left out as stale
+    run_train(store, small_config())
+    trained = IndexVersion.newest_servable(store)
+    assert retired_since_fit(trained) == set()
+    retriever, table = load_retriever(trained)
+    row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
+    assert np.allclose(retriever.items.captions[row].astype(np.float32), want / np.linalg.norm(want), atol=2e-3)
 
 
 def test_a_reindex_with_another_text_encoder_than_the_index_is_refused(base, tmp_path):
