@@ -434,9 +434,9 @@ def recaptioned_pending(version: IndexVersion, items: list[str], cap_ids: list[s
     calibrated verification vector (cart_core/added_items.py), and so does one added or updated
     since (in the pending table); one it was fitted with keeps its own feature, which the aligner
     was trained on. An item updated since the fit (another feature than the one the verifier
-    recorded, pipelines.verify.fitted_items) is calibrated too. Their identifiers do not change. Like added items they are pending: a
-    fine-tune teaches the generator their new captions, and one with `reindex.keep_fallback:
-    false` retires their rows with the rest of the pending table."""
+    recorded, pipelines.verify.fitted_items) is calibrated too. Their identifiers do not change.
+    Like added items they are pending: a fine-tune teaches the generator their new captions, and one
+    with `reindex.keep_fallback: false` retires their rows with the rest of the pending table."""
     vectors, each_vec, each_row = caption_vectors(encoders.for_queries, encoders.width, items, cap_ids, cap_texts)
     terms = caption_terms(items, cap_ids, cap_texts).as_lists(np.arange(len(items)))
     pending = version.pending()  # added or updated since the verifier was fitted: its aligner never saw them
