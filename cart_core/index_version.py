@@ -159,15 +159,17 @@ class IndexVersion:
         hold captions of it that a delete retired: a deleted item keeps no captions, so one added
         again starts with only those given after (the folder lists only ever grow at the end, so
         the count pins them)."""
-        files = self.manifest.extra.get("retired_captions") or []
-        if not files:
-            return {}
-        t = self.store.read_table(files)  # small: one row per deleted item
         key = "eval_before" if held_out else "queries_before"
-        befores = t.column(key).to_pylist() if key in t.column_names else [0] * t.num_rows
+        if ("retired", key) in self._cache:
+            return self._cache[("retired", key)]
+        files = self.manifest.extra.get("retired_captions") or []
         retired: dict[str, int] = {}
-        for item, before in zip(t.column("item_id").to_pylist(), befores):
-            retired[item] = max(retired.get(item, 0), int(before or 0))
+        if files:
+            t = self.store.read_table(files)  # small: one row per deleted item
+            befores = t.column(key).to_pylist() if key in t.column_names else [0] * t.num_rows
+            for item, before in zip(t.column("item_id").to_pylist(), befores):
+                retired[item] = max(retired.get(item, 0), int(before or 0))
+        self._cache[("retired", key)] = retired
         return retired
 
     def retired_caption_files(self) -> tuple[dict[str, int], dict[str, int]]:

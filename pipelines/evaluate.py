@@ -106,7 +106,8 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     dropped = 0
     if checked is None:
         held_out = version.eval_queries()
-        dropped = version.eval_queries(with_retired=True).num_rows - held_out.num_rows  # retired by deletes
+        if version.retired_captions(held_out=True):  # count the held-out captions deletes retired
+            dropped = version.eval_queries(with_retired=True).num_rows - held_out.num_rows
         checked = check_query_rows(held_out, store.uri("eval"), cfg.queries, need_item=True)
     q = checked.table
     if queries is None:  # the store's held-out captions of deleted items ask for nothing that exists

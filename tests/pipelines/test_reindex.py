@@ -469,6 +469,33 @@ def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tm
     assert np.allclose(retriever.items.captions[row].astype(np.float32), want / np.linalg.norm(want), atol=2e-3)
 
 
+def test_a_deleted_item_added_again_with_its_old_features_keeps_its_fitted_feature_but_no_captions(base, tmp_path):
+    """Added again with exactly the features the verifier was fitted on, the item's feature is the
+    one its aligner saw (scored as before, no calibration), and its retired captions stay gone:
+    the verifier's own fitted rows for it are ignored, not only the stored captions."""
+    from cart_core.index_version import IndexVersion
+    from pipelines.reindex import run_reindex
+    from pipelines.search import load_retriever
+
+    store = fresh(base, tmp_path)
+    item = base["old_ids"][6]
+    retriever, table = load_retriever(IndexVersion.newest_servable(store))
+    row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
+    feature_before = retriever.items.features[row].astype(np.float32)
+    assert np.abs(retriever.items.captions[row].astype(np.float32)).any()  # captioned before the delete
+    (tmp_path / "gone.txt").write_text(item)
+    run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+    again = pq.read_table(base["root"] / "old" / "items.parquet").to_pandas()
+    pq.write_table(pa.Table.from_pandas(again[again["item_id"] == item], preserve_index=False),
+                   tmp_path / "again.parquet")
+    run_reindex(store, small_config(), add=str(tmp_path / "again.parquet"), finetune=False)
+    retriever, table = load_retriever(IndexVersion.newest_servable(store))
+    row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
+    assert np.array_equal(retriever.items.features[row].astype(np.float32), feature_before)
+    assert not np.abs(retriever.items.captions[row].astype(np.float32)).any()
+    assert np.diff(retriever.items.terms.matrix.indptr)[row] == 0
+
+
 def test_a_reindex_with_another_text_encoder_than_the_index_is_refused(base, tmp_path):
     from cart_core.errors import ConfigError
     from pipelines.reindex import run_reindex
