@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from cart_core.config import CartConfig, config_dict
 from cart_core.indexing import encode, fit_codebooks, identifier_inputs, identifiers_from_codes, load_codebooks, \
@@ -191,9 +193,10 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
         return summary.write(store)
     init_ray(address)
     run = summary.run
-    ds = read_features(version)
     t0 = time.perf_counter()
-    n_items = ds.count()
+    ds = read_features(version)
+    rows = version.feature_rows()  # read_features has read them: counting here spares a pass of Ray Data
+    n_items = int(pc.sum(rows.column("live").cast(pa.int64())).as_py() or 0)
     if n_items < cfg.identifiers.n_clusters:
         raise StoreError(f"{store.url}: {n_items} items, fewer than identifiers.n_clusters="
                          f"{cfg.identifiers.n_clusters}")
@@ -221,6 +224,9 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
         for key in cols:
             cols[key].append(batch[key] if key != "fine" else np.asarray(stack_column(batch["fine"]), np.int64))
     cols = {k: np.concatenate(v) for k, v in cols.items()}
+    if len(cols["item_id"]) != n_items:  # the committed files changed under this version
+        raise StoreError(f"{store.url}: version {manifest.version} lists {n_items} live feature rows, "
+                         f"its feature files streamed {len(cols['item_id'])}; run `cart check`")
     summary.time("encode_s", t0)
     t0 = time.perf_counter()
     table = identifiers_from_codes(cols["item_id"].astype(object), cols["coarse"], cols["fine"], cfg.identifiers)
