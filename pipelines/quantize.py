@@ -224,9 +224,9 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
         for key in cols:
             cols[key].append(batch[key] if key != "fine" else np.asarray(stack_column(batch["fine"]), np.int64))
     cols = {k: np.concatenate(v) for k, v in cols.items()}
-    if len(cols["item_id"]) != n_items:  # the committed files changed under this version
-        raise StoreError(f"{store.url}: version {manifest.version} lists {n_items} live feature rows, "
-                         f"its feature files streamed {len(cols['item_id'])}; run `cart check`")
+    if len(cols["item_id"]) != n_items:  # never on a store the jobs wrote: files edited by hand?
+        raise StoreError(f"{store.url}: version {manifest.version} has {n_items} live feature rows, but "
+                         f"{len(cols['item_id'])} rows streamed from its feature files; run `cart check`")
     summary.time("encode_s", t0)
     t0 = time.perf_counter()
     table = identifiers_from_codes(cols["item_id"].astype(object), cols["coarse"], cols["fine"], cfg.identifiers)

@@ -285,8 +285,9 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     holdout = holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed) if finetune is None \
         else np.zeros(len(pairs), bool)
     summary.counts.update(generator_pairs=int((~holdout).sum()), fusion_pairs=int(holdout.sum()))
-    # Ray Train's controller polls its workers every 2 s unless told otherwise: a short run (a
-    # reindex fine-tune, a small catalog) would wait for up to one poll after its workers finish
+    # Ray Train's controller polls its workers every 2 s unless told otherwise, and a worker's
+    # report (one per epoch) blocks until the poll has taken the previous one: short epochs (a
+    # reindex fine-tune, a small catalog) would wait on the controller, not train
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trainer = TorchTrainer(
         train_loop_per_worker,

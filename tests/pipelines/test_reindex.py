@@ -469,11 +469,15 @@ def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tm
     assert np.allclose(retriever.items.captions[row].astype(np.float32), want / np.linalg.norm(want), atol=2e-3)
 
 
-def test_a_deleted_item_added_again_with_its_old_features_keeps_its_fitted_feature_but_no_captions(base, tmp_path):
-    """Added again with exactly the features the verifier was fitted on, the item's feature is the
-    one its aligner saw (scored as before, no calibration), and its retired captions stay gone:
-    the verifier's own fitted rows for it are ignored, not only the stored captions."""
+def test_a_deleted_item_added_again_with_its_old_features_gets_no_old_captions_but_its_fitted_feature(base, tmp_path):
+    """Added again with exactly the features the verifier was fitted on, a deleted item gets none
+    of its retired captions (the verifier's own fitted rows for it are ignored, not only the stored
+    captions). Captioned afterwards it is scored by the new captions alone, and by its own feature,
+    not a calibrated one: the aligner was trained on that feature (its recorded content hash
+    matches), so it scores like the fitted item it is, while an item the aligner never saw is
+    calibrated from the same two captions."""
     from cart_core.index_version import IndexVersion
+    from cart_core.text import TextEncoder
     from pipelines.reindex import run_reindex
     from pipelines.search import load_retriever
 
@@ -491,9 +495,17 @@ def test_a_deleted_item_added_again_with_its_old_features_keeps_its_fitted_featu
     run_reindex(store, small_config(), add=str(tmp_path / "again.parquet"), finetune=False)
     retriever, table = load_retriever(IndexVersion.newest_servable(store))
     row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
-    assert np.array_equal(retriever.items.features[row].astype(np.float32), feature_before)
     assert not np.abs(retriever.items.captions[row].astype(np.float32)).any()
     assert np.diff(retriever.items.terms.matrix.indptr)[row] == 0
+    assert np.array_equal(retriever.items.features[row].astype(np.float32), feature_before)  # no captions: raw
+    new = ["a kite over a frozen lake", "a red kite above the ice"]  # two: the calibration needs a second
+    pq.write_table(pa.table({"item_id": [item, item], "caption": new}), tmp_path / "new.parquet")
+    run_reindex(store, small_config(), captions=str(tmp_path / "new.parquet"), finetune=False)
+    retriever, table = load_retriever(IndexVersion.newest_servable(store))
+    row = int(np.flatnonzero((table.item_ids == item) & table.live)[0])
+    want = TextEncoder(small_config().generator.text_encoder).sentence_embeddings(new).mean(axis=0)
+    assert np.allclose(retriever.items.captions[row].astype(np.float32), want / np.linalg.norm(want), atol=2e-3)
+    assert np.array_equal(retriever.items.features[row].astype(np.float32), feature_before)
 
 
 def test_a_reindex_with_another_text_encoder_than_the_index_is_refused(base, tmp_path):
