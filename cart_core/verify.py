@@ -199,6 +199,8 @@ def predicted_caption_cos(query_vectors: np.ndarray, rows: np.ndarray, items: It
     norms under the predictor (cart_core/caption_predictor.py); 0 for an item without a feature.
     only [B, C] bool: score just those candidates (the ones without captions), 0 elsewhere: on a
     catalog whose items all have captions the signal then costs nothing."""
+    if only is not None and not np.any(only):  # every candidate has captions: nothing to compute
+        return np.zeros(np.shape(rows), np.float32)
     mapped, offset = items.predictor.query_side(query_vectors)
     norms = items.predictor_norms[rows]
     if only is not None:

@@ -68,7 +68,7 @@ def inspect(store: Store) -> dict:
     report["servable"] = any(is_servable(m) for m in [*history, current])
     files = [0]
     for path in sorted(referenced_paths(current)):
-        report["problems"] += check_path(store, path, files)
+        report["problems"] += check_path(store, path, files, unique="item_id" if path in current.features else None)
     report["problems"] += check_ids(store, current)
     if current.generator:
         for name in GENERATOR_FILES:
@@ -90,8 +90,9 @@ def read_history(store: Store) -> tuple[list[Manifest], list[str]]:
     return good, bad
 
 
-def check_path(store: Store, relpath: str, counter: list[int]) -> list[str]:
-    """Every file under a folder (or the file) the manifest names, read in full."""
+def check_path(store: Store, relpath: str, counter: list[int], unique: str | None = None) -> list[str]:
+    """Every file under a folder (or the file) the manifest names, read in full; `unique`: a column
+    whose values must not repeat within one Parquet file (a feature file's item_id)."""
     full = store.path(relpath)
     if not store.fs.exists(full):
         return [f"{store.uri(relpath)}: named by the manifest but missing"]
@@ -101,14 +102,14 @@ def check_path(store: Store, relpath: str, counter: list[int]) -> list[str]:
     problems = []
     for f in files:
         counter[0] += 1
-        reason = check_file(store, f)
+        reason = check_file(store, f, unique)
         if reason:
             problems.append(f"{store.uri(f[len(store.root):].lstrip('/'))}: {reason}")
     return problems
 
 
-def check_file(store: Store, path: str) -> str | None:
-    """None when the file reads whole, else why not."""
+def check_file(store: Store, path: str, unique: str | None = None) -> str | None:
+    """None when the file reads whole (and `unique` does not repeat in it), else why not."""
     try:
         if path.endswith(".parquet"):
             with store.fs.open(path, "rb") as fh:
@@ -116,6 +117,8 @@ def check_file(store: Store, path: str) -> str | None:
                 table = pq.read_table(fh)
             if table.num_rows != meta.num_rows:
                 return f"{table.num_rows} rows read, footer says {meta.num_rows}"
+            if unique and unique in table.column_names:
+                return repeated_value(table.column(unique).to_pylist(), unique)
         elif path.endswith(".npy"):
             with store.fs.open(path, "rb") as fh:
                 np.load(fh, allow_pickle=False)
@@ -130,6 +133,20 @@ def check_file(store: Store, path: str) -> str | None:
             json.loads(store.fs.cat_file(path))
     except Exception as exc:  # every reader's own error, as one reason
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+def repeated_value(values: list, column: str) -> str | None:
+    """Why a column that must be unique is not: its first repeated value and both rows.
+
+    A feature file that holds one item twice cannot be told apart row by row by the jobs that read
+    it (they drop superseded rows by file and item), so `cart quantize` refuses it and sends here."""
+    first: dict = {}
+    for row, value in enumerate(values):
+        if value in first:
+            return (f"{column} {value!r} appears in rows {first[value]} and {row} (an item must appear once per "
+                    f"feature file: no cart job writes such a file; restore it from its source)")
+        first[value] = row
     return None
 
 

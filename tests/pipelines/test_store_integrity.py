@@ -261,6 +261,19 @@ def test_check_finds_a_truncated_parquet_file(base, tmp_path, capsys):
     assert f"problem: {part}: unreadable" in capsys.readouterr().out
 
 
+def test_check_finds_an_item_twice_in_one_feature_file(base, tmp_path, capsys):
+    """Jobs drop superseded feature rows by (file, item): one item twice in a file would lose both,
+    so quantize refuses the store and sends the operator here, where the file and rows are named."""
+    store = damaged_copy(base, tmp_path)
+    part = sorted((tmp_path / "store" / store.manifest().features[0]).glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    pq.write_table(pa.concat_tables([table, table.slice(2, 1)]), part)
+    item = table.column("item_id")[2].as_py()
+    assert cart_check(store) == 1
+    out = capsys.readouterr().out
+    assert f"problem: {part}: item_id {item!r} appears in rows 2 and {table.num_rows}" in out
+
+
 def test_check_finds_a_missing_file(base, tmp_path, capsys):
     store = damaged_copy(base, tmp_path)
     shutil.rmtree(tmp_path / "store" / store.manifest().codebooks)
