@@ -8,7 +8,8 @@ from cart_core.candidates import Candidates
 from cart_core.fusion import Fusion, top1
 from cart_core.hybrid import tune_captionless
 from cart_core.kmeans import l2_normalize
-from cart_core.verify import ItemVectors, candidate_signals, dense_scores, gathered_dot, mask_captions
+from cart_core.verify import (ItemVectors, candidate_signals, dense_scores, gathered_dot, mask_captions,
+                              predicted_caption_cos)
 
 
 def catalog(n=300, df=24, dt=16, seed=0, uncaptioned=0.3):
@@ -73,6 +74,10 @@ def test_only_items_without_captions_get_the_predicted_cosine():
     assert np.array_equal(gathered_dot(queries, items.caption_tensor, rows, only),
                           np.where(only, gathered_dot(queries, items.caption_tensor, rows), 0.0))
     assert np.allclose(sig["predicted_caption_cos"][:, ~has], expected[:, ~has], atol=2e-3)
+    # candidates that all have captions: the signal is 0 and its query-side product is never run
+    captioned = np.tile(np.flatnonzero(has)[:10], (4, 1))
+    predictor.query_side = None  # would raise if called
+    assert not predicted_caption_cos(queries, captioned, items, np.zeros(captioned.shape, bool)).any()
     # the dense look-up over every item scores the same fused values
     names, weights = ["caption_cos", "no_caption", "predicted_caption_cos"], [2.0, -0.5, 1.5]
     fused = Fusion(names, weights).score(sig, cands.valid)
