@@ -56,7 +56,7 @@ class CaptionPredictor:
         In torch, not numpy, because it runs between the query encoder's torch work: numpy's
         OpenBLAS threads spin for a while after each product and took the 2 cores from torch's
         next batch (this one product made MiniLM encode 976 Flickr8k queries in 3.4 s instead of
-        2.3 s; the hybrid's latency against beam search alone went from 1.25 x to 1.07 x,
+        2.3 s; the hybrid's latency against beam search alone went from 1.27 x to 1.05 x,
         docs/benchmarks.md §0)."""
         q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
         with torch.no_grad():

@@ -188,7 +188,8 @@ def candidate_signals(query_vectors: np.ndarray, cands: Candidates, items: ItemV
             out["feature_cos_uncaptioned"] = out["feature_cos"] * out["no_caption"]
     if "predicted_caption_cos" in wanted and "no_caption" in out and feature_queries is None \
             and items.predictor is not None and np.shape(query_vectors)[1] == items.predictor.weight.shape[1]:
-        out["predicted_caption_cos"] = predicted_caption_cos(query_vectors, rows, items, out["no_caption"] > 0)
+        out["predicted_caption_cos"] = predicted_caption_cos(query_vectors, rows, items,
+                                                              (out["no_caption"] > 0) & valid)
     out.update(generator_signals(cands, wanted))
     return {k: np.where(valid, v, 0.0).astype(np.float32) for k, v in out.items()}
 

@@ -76,9 +76,9 @@ def test_only_items_without_captions_get_the_predicted_cosine():
     assert np.allclose(sig["predicted_caption_cos"][:, ~has], expected[:, ~has], atol=2e-3)
     # candidates that all have captions: the signal is 0 and its query-side product is never run
     captioned = np.tile(np.flatnonzero(has)[:10], (4, 1))
-    predictor.query_side = None  # would raise if called
-    assert not predicted_caption_cos(queries, captioned, items, np.zeros(captioned.shape, bool)).any()
-    del predictor.query_side
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predictor, "query_side", None)  # would raise if called
+        assert not predicted_caption_cos(queries, captioned, items, np.zeros(captioned.shape, bool)).any()
     # the dense look-up over every item scores the same fused values
     names, weights = ["caption_cos", "no_caption", "predicted_caption_cos"], [2.0, -0.5, 1.5]
     fused = Fusion(names, weights).score(sig, cands.valid)
