@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,9 @@ class IndexVersion:
 
     store: Store
     manifest: Manifest
+    # items this version holds that a newer committed version deleted: a version served on behalf
+    # of a newer one that has no generator yet (newest_servable) must not answer with them
+    withdrawn: frozenset[str] = frozenset()
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ---- which version ---------------------------------------------------------------------
@@ -67,7 +70,7 @@ class IndexVersion:
             return cls(store, current)
         for old in reversed(store.versions()):
             if is_servable(old):
-                return cls(store, old)
+                return cls(store, old, withdrawn=withdrawn_since(cls(store, old), cls(store, current)))
         raise StoreError(f"{store.url}: no committed version has a trained generator; run `cart train` first")
 
     @property
@@ -242,7 +245,12 @@ class IndexVersion:
         """The identifier table and its meta: the last full table (`cart quantize`, `cart compact`)
         with the deltas of the reindexes since applied in order."""
         if "ids" not in self._cache:
-            self._cache["ids"] = load_ids(self.store, self.manifest)
+            table, meta = load_ids(self.store, self.manifest)
+            if self.withdrawn:  # answered by nothing, like a deleted item of this version
+                gone = pc.is_in(pa.array(table.item_ids.tolist(), pa.string()),
+                                value_set=pa.array(sorted(self.withdrawn), pa.string()))
+                table = replace(table, live=table.live & ~gone.to_numpy(zero_copy_only=False))
+            self._cache["ids"] = (table, meta)
         return self._cache["ids"]
 
     # ---- pending items (the dense fallback of `cart reindex`) -------------------------------
@@ -276,6 +284,18 @@ def pending_runs(pending: pa.Table, path: str | None) -> list[str]:
     if "run" in pending.column_names:
         return [str(r) for r in pending.column("run").to_pylist()]
     return [str(path)] * pending.num_rows
+
+
+def withdrawn_since(served: IndexVersion, current: IndexVersion) -> frozenset[str]:
+    """The items `served` answers with that `current` holds no live feature row of: deleted since
+    (a `cart reindex --delete` after a `cart quantize`, a rollback to a version without them)."""
+    table, _ = load_ids(served.store, served.manifest)
+    rows = current.feature_rows()
+    alive = rows.filter(rows.column("live")).column("item_id")
+    ids = pa.array(table.item_ids[table.live].tolist(), pa.string())
+    gone = ids.filter(pc.invert(pc.is_in(ids, value_set=alive.combine_chunks() if alive.num_chunks else
+                                          pa.array([], pa.string()))))
+    return frozenset(gone.to_pylist())
 
 
 def load_ids(store: Store, manifest: Manifest) -> tuple[IdentifierTable, dict]:

@@ -21,7 +21,7 @@ from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
 from cart_core.index_version import IndexVersion
 from cart_core.metrics import retrieval_metrics
 from cart_core.errors import BadInput, LocatedError, shown
-from cart_core.store import Manifest, Store, StoreError
+from cart_core.store import Store, StoreError
 from cart_core.text import TextEncoder
 from pipelines.report import format_table, plot_recall, write_metrics
 from pipelines.queries import check_k, check_query_rows, load_queries
@@ -43,11 +43,11 @@ def gold_rows(item_ids: np.ndarray, catalog: dict[str, int], where: str,
     return rows
 
 
-def generative_record(store: Store, queries: pa.Table, manifest: Manifest, cfg: CartConfig, k: int,
+def generative_record(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: int,
                       catalog: dict[str, int], gold: np.ndarray) -> dict:
     t0 = time.perf_counter()
     k = max(k, 10)  # R@10, MRR@10 and MdR need ten answers, as the baselines get (dense_records)
-    results = retrieve_dataset(store, queries, cfg, k, manifest)
+    results = retrieve_dataset(queries, cfg, k, version)
     ranked = np.full((queries.num_rows, k), -1, dtype=np.int64)
     position = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())}
     for batch in results.iter_batches(batch_format="numpy", batch_size=65536):
@@ -55,7 +55,7 @@ def generative_record(store: Store, queries: pa.Table, manifest: Manifest, cfg: 
             ranked[position[q], int(r) - 1] = catalog[str(item)]
     qps = queries.num_rows / (time.perf_counter() - t0)
     return {"method": "generative", "protocol": PROTOCOL, **retrieval_metrics(ranked, gold), "queries_per_s": qps,
-            "beam_size": cfg.eval.beam_size, "version": manifest.version}
+            "beam_size": cfg.eval.beam_size, "version": version.version}
 
 
 def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: int,
@@ -122,7 +122,7 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
     summary = JobSummary("evaluate", store.url)
     summary.counts.update(eval_queries_of_deleted_items=dropped, queries_skipped=sum(checked.skipped.values()))
     t0 = time.perf_counter()
-    records = [generative_record(store, q, manifest, cfg, k, catalog, gold)]
+    records = [generative_record(version, q, cfg, k, catalog, gold)]
     summary.time("generative_s", t0)
     t0 = time.perf_counter()
     records += dense_records(version, q, cfg, k, catalog, gold)

@@ -236,6 +236,18 @@ def _load_items(path: str | None, dim: int | None) -> Corpus | None:
     return corpus
 
 
+def feature_runs(version: IndexVersion, items: list[str]) -> dict[str, list[str]]:
+    """item_id -> the feature runs holding an untombstoned row of it, for `items`."""
+    rows = version.feature_rows()
+    rows = rows.filter(pc.is_in(rows.column("item_id"), value_set=pa.array(sorted(set(items)), pa.string())))
+    dead = version.tombstones()
+    out: dict[str, list[str]] = {}
+    for item, run in zip(rows.column("item_id").to_pylist(), rows.column("run").to_pylist()):
+        if (item, run) not in dead and run not in out.get(item, []):
+            out.setdefault(item, []).append(run)
+    return out
+
+
 def plan_changes(version: IndexVersion, add: str | None, update: str | None, delete: str | None) -> dict:
     """What this reindex changes, after skipping everything already applied. Presence is decided
     by the live feature rows (an imported item without an identifier yet is present); an item
@@ -280,9 +292,15 @@ def plan_changes(version: IndexVersion, add: str | None, update: str | None, del
             if not same and item in owners:
                 plan["tombstones"].append((item, owners[item][0]))
     dead_items = {i for i, _ in version.tombstones()} if deletes else set()
+    rows_of = feature_runs(version, deletes) if deletes else {}
+    seen: set[str] = set()
     for r, item in enumerate(deletes):
         if item in touched:
             raise CorpusError(delete, r, f"item_id {item!r} is both deleted and {touched[item]}ed")
+        if item in seen:  # listed twice: deleted once
+            counts["repeated_deletes"] = counts.get("repeated_deletes", 0) + 1
+            continue
+        seen.add(item)
         if item not in live_row and item not in owners:
             if item in dead_items:
                 counts["already_deleted"] += 1
@@ -292,8 +310,9 @@ def plan_changes(version: IndexVersion, add: str | None, update: str | None, del
             continue
         if item in live_row:
             plan["delete_rows"].append(live_row[item])
-        if item in owners:
-            plan["tombstones"].append((item, owners[item][0]))
+        # every untombstoned row, not only the live one: a store written before duplicate rows were
+        # refused may hold an older row of the item, which would otherwise become live again
+        plan["tombstones"].extend((item, run) for run in rows_of.get(item, ()))
         plan["deleted_items"].append(item)
         counts["deleted"] += 1
     plan["live_row"] = live_row

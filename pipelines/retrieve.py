@@ -103,7 +103,7 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
     manifest = version.manifest
     n = checked.table.num_rows
     t0 = time.perf_counter()
-    rows = write_results(retrieve_dataset(store, checked.table, cfg, k, manifest), out)
+    rows = write_results(retrieve_dataset(checked.table, cfg, k, version), out)
     elapsed = summary.time("retrieve_s", t0)
     summary.counts.update(queries=int(n), result_rows=int(rows), queries_skipped=sum(checked.skipped.values()))
     summary.extra.update(version=manifest.version, out=out, k=k, beam_size=cfg.eval.beam_size,

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from cart_core.config import CartConfig
 from cart_core.index_version import IndexVersion
-from cart_core.store import Manifest, Store
+from cart_core.errors import BadInput, first_line
+from cart_core.store import Store, StoreError
 from pipelines.stages import Resources, Stage, run_stage, stack_column
 from pipelines.verify import query_time
 
@@ -33,10 +34,17 @@ def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None 
 
     store, manifest = version.store, version.manifest
     table, _ = version.ids()
-    with store.local_dir(f"{manifest.generator}/model") as folder:
-        generator = Generator.load(folder)
-    generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
-    verified = load_verified(version, generator, table, device, mode, query)
+    try:
+        with store.local_dir(f"{manifest.generator}/model") as folder:
+            generator = Generator.load(folder)
+        generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
+        verified = load_verified(version, generator, table, device, mode, query)
+    except (StoreError, BadInput):
+        raise
+    except Exception as exc:  # a truncated or foreign file: name the folder, not the library's frame
+        raise StoreError(f"{store.uri(manifest.generator)}: the generator or its verifier cannot be loaded "
+                         f"({type(exc).__name__}: {first_line(exc, 200)}); `cart check --store {store.url}` "
+                         "lists what is damaged") from exc
     if verified is not None:
         # pending items stay decodable: verification ranks them, expansion reaches them by prefix
         return verified, table
@@ -102,11 +110,12 @@ class RetrieveStage(Stage):
     beam_size: int
     mode: str | None = None
     query: dict | None = None
+    withdrawn: tuple[str, ...] = ()  # IndexVersion.withdrawn of the version the driver chose
 
     def setup(self) -> None:
         store = Store(self.store_url)
-        self.retriever, self.table = load_retriever(IndexVersion(store, store.version(self.version)),
-                                                    self.resources.device, self.mode, self.query)
+        version = IndexVersion(store, store.version(self.version), withdrawn=frozenset(self.withdrawn))
+        self.retriever, self.table = load_retriever(version, self.resources.device, self.mode, self.query)
 
     def process_batch(self, batch: dict) -> dict:
         texts = [str(t) for t in batch["text"]]
@@ -115,10 +124,10 @@ class RetrieveStage(Stage):
         return ranked_rows(batch["query_id"], rows, scores, self.table.item_ids)
 
 
-def retrieve_dataset(store: Store, queries: pa.Table, cfg: CartConfig, k: int, manifest: Manifest):
+def retrieve_dataset(queries: pa.Table, cfg: CartConfig, k: int, version: IndexVersion):
     """Ray dataset of ranked rows (query_id, rank, item_id, score) for a table of checked queries."""
     jobs = cfg.jobs
     stage = RetrieveStage(Resources(jobs.retrieve_actors, jobs.retrieve_num_cpus, jobs.retrieve_num_gpus,
-                                    jobs.retrieve_batch_size), store.url, manifest.version, k, cfg.eval.beam_size,
-                          cfg.verify.mode, query_time(cfg))
+                                    jobs.retrieve_batch_size), version.store.url, version.version, k,
+                          cfg.eval.beam_size, cfg.verify.mode, query_time(cfg), tuple(sorted(version.withdrawn)))
     return run_stage(stage, queries.select(list(stage.inputs)))

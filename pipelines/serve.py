@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from cart_core.config import CartConfig, QueryConfig, ServeConfig
-from cart_core.errors import BadInput, InputNotFound, first_line
+from cart_core.errors import BadInput, InputNotFound, first_line, shown
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import QueryRefused, check_k, normalize_query
@@ -66,11 +66,15 @@ class QueryFailed:
 class Snapshot:
     """One servable version: what a batch searches against, swapped as a whole."""
 
-    def __init__(self, store: Store, device: str, query: dict | None = None):
-        version = IndexVersion.newest_servable(store)
+    def __init__(self, version: IndexVersion, device: str, query: dict | None = None):
         self.version = version.version
-        self.ids = (version.manifest.ids, version.manifest.generator)
+        self.key = Snapshot.key_of(version)
         self.retriever, self.table = load_retriever(version, device, query=query)
+
+    @staticmethod
+    def key_of(version: IndexVersion) -> tuple:
+        """What the loaded retriever depends on: a new version with the same key needs no reload."""
+        return version.manifest.ids, version.manifest.generator, version.withdrawn
 
 
 def token_digest(token: str) -> str:
@@ -107,13 +111,13 @@ def parse_search(body: bytes, rules: QueryConfig) -> tuple[list[str], int]:
     """(normalised queries, k) of a /search body, or Refused with the first reason."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Refused(400, f"body is not JSON ({first_line(exc, 120)})") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, nesting too deep, a 5,000-digit number
+        raise Refused(400, f"body is not JSON we accept ({type(exc).__name__}: {first_line(exc, 120)})") from None
     if not isinstance(payload, dict):
         raise Refused(400, "body must be a JSON object {\"queries\": [...], \"k\": 10}")
     unknown = sorted(set(payload) - {"queries", "k"})
     if unknown:
-        raise Refused(400, f"unknown field(s) {unknown[:5]}; expected queries, k")
+        raise Refused(400, f"unknown field(s) {', '.join(shown(u) for u in unknown[:5])}; expected queries, k")
     queries = payload.get("queries")
     if not isinstance(queries, list) or not queries:
         raise Refused(400, "queries must be a non-empty list of strings")
@@ -132,6 +136,23 @@ def parse_search(body: bytes, rules: QueryConfig) -> tuple[list[str], int]:
     return texts, k
 
 
+# defined above the deployment: Serve pickles the class (by value) when the decorator runs
+def answer_calls(snap: Snapshot, calls: list[tuple[str, int]], beam_size: int) -> list[tuple[int, list[dict]]]:
+    """(version, items) for each (query, k) of one batch, searched once per beam width: a query's
+    answer must not depend on what another client asked (a k above the beam widens it, and a wider
+    beam changes which candidates are verified)."""
+    out: list = [None] * len(calls)
+    for beam in sorted({max(beam_size, k) for _, k in calls}):
+        group = [j for j, (_, k) in enumerate(calls) if max(beam_size, k) == beam]
+        rows, scores = snap.retriever.search_batch([calls[j][0] for j in group], max(calls[j][1] for j in group),
+                                                   beam)
+        for j, r, s in zip(group, rows, scores):
+            want = calls[j][1]
+            out[j] = (snap.version, [{"item_id": str(snap.table.item_ids[i]), "score": float(v)}
+                                     for i, v in zip(r[:want], s[:want]) if i >= 0])
+    return out
+
+
 @serve.deployment(name="cart-search")
 @serve.ingress(api)
 class CartSearch:
@@ -146,7 +167,8 @@ class CartSearch:
         self.store = Store(store_url)
         self.device, self.beam, self.poll_s = device, beam_size, poll_s
         self.query = limits.get("verify")  # mode, candidates, neighbour lists: as `cart retrieve` (pipelines/verify.query_time)
-        self.current = Snapshot(self.store, device, self.query)
+        self.current = Snapshot(IndexVersion.newest_servable(self.store), device, self.query)
+        self.seen_version = self.store.manifest().version  # the committed version last looked at
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
         self.watch_failures, self.watch_error = 0, ""
@@ -156,14 +178,19 @@ class CartSearch:
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                manifest = IndexVersion.newest_servable(self.store).manifest
-                if manifest.version != self.current.version and \
-                        (manifest.ids, manifest.generator) != self.current.ids:
-                    new = Snapshot(self.store, self.device, self.query)
+                committed = self.store.manifest().version
+                if committed == self.seen_version:
+                    continue
+                # a commit: the version that answers may change, or, while the newest has no generator,
+                # what it withdraws from the one that answers (IndexVersion.withdrawn: deletes since)
+                version = IndexVersion.newest_servable(self.store)
+                if Snapshot.key_of(version) != self.current.key:
+                    new = Snapshot(version, self.device, self.query)
                     self.current = new  # one reference swap: in-flight batches keep the old one
                     logger.info("cart serve: switched to version %s", new.version)
-                elif manifest.version != self.current.version:
-                    self.current.version = manifest.version
+                elif version.version != self.current.version:
+                    self.current.version = version.version
+                self.seen_version = committed
                 self.watch_failures, self.watch_error = 0, ""
             except Exception as exc:  # keep serving the loaded version; retry next poll
                 self.watch_failures += 1
@@ -220,11 +247,7 @@ class CartSearch:
             return out
 
     def _search(self, snap: Snapshot, calls: list[tuple[str, int]]) -> list[tuple[int, list[dict]]]:
-        k = max(k for _, k in calls)
-        rows, scores = snap.retriever.search_batch([q for q, _ in calls], k, max(self.beam, k))
-        return [(snap.version, [{"item_id": str(snap.table.item_ids[i]), "score": float(v)}
-                                for i, v in zip(r[:want], s[:want]) if i >= 0])
-                for (_, want), r, s in zip(calls, rows, scores)]
+        return answer_calls(snap, calls, self.beam)
 
 
 def build_app(store_url: str, cfg: CartConfig, token: str | None = None):
@@ -262,8 +285,10 @@ def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int 
     if not 1 <= port <= 65535:
         raise BadInput(f"--port must be in [1, 65535], got {port}")
     version = IndexVersion.newest_servable(store)
-    version.ids()  # fail fast, with the reason, before starting anything
     verify_settings(version, query=query_time(cfg))  # logs the verify.* settings that differ from the fitted ones
+    # fail fast, naming the damaged file, before starting anything: a replica that cannot load
+    # reports only "Deploying application cart failed"
+    load_retriever(version, "cpu", query=query_time(cfg))
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store.url, cfg, token), name="cart", route_prefix="/")

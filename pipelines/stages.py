@@ -134,9 +134,10 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="item", disable=not show)
 
 
-def stack_column(values) -> np.ndarray:
-    """Fixed-size-list columns reach numpy batches as object arrays of rows: stack them."""
+def stack_column(values, width: int = 0) -> np.ndarray:
+    """Fixed-size-list columns reach numpy batches as object arrays of rows: stack them. `width`:
+    the row length an empty column stacks to (a table whose rows a filter removed keeps its schema)."""
     arr = np.asarray(values)
     if arr.dtype == object:
-        arr = np.stack(list(arr)) if len(arr) else np.zeros((0, 0), np.float32)
+        arr = np.stack(list(arr)) if len(arr) else np.zeros((0, width), np.float32)
     return np.ascontiguousarray(arr, dtype=np.float32)

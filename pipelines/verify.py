@@ -218,7 +218,9 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     stale = retired_since_fit(version)
     if stale:
         cap = cap.filter(pc.invert(pc.is_in(cap.column("item_id"), value_set=pa.array(sorted(stale), pa.string()))))
-    vectors = stack_column(cap.column("centroid").to_numpy(zero_copy_only=False))
+    # every fitted item may have been deleted since: the width then comes from the schema
+    vectors = stack_column(cap.column("centroid").to_numpy(zero_copy_only=False),
+                           width=cap.schema.field("centroid").type.list_size)
     captions = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
     _scatter(captions, table, cap.column("item_id").to_pylist(), vectors)
     pending = version.pending()

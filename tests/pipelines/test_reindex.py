@@ -147,6 +147,82 @@ def test_deleted_items_are_never_returned(base, tmp_path):
     assert {item for items in results(store, base, tmp_path, k=20).values() for item in items}.isdisjoint(gone)
 
 
+def test_a_rollback_forward_past_a_delete_withdraws_the_item_from_the_version_that_answers(base, tmp_path):
+    """While the newest version has no generator, an older one answers; when that older one still
+    holds an item the newest deleted (rollback to before the delete, then forward again to a refit
+    without it), the item is withdrawn from its answers: in process and in the Ray actors."""
+    from cart_core.index_version import IndexVersion, is_servable
+    from pipelines.quantize import run_quantize
+    from pipelines.reindex import run_reindex, run_rollback
+    from pipelines.search import load_retriever
+
+    store = fresh(base, tmp_path)
+    trained = store.manifest().version
+    gone = base["old_ids"][:3]
+    (tmp_path / "delete.txt").write_text("\n".join(gone) + "\n")
+    run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))
+    run_quantize(store, small_config(), refit=True)  # identifiers without them, no generator yet
+    refit = store.manifest().version
+    assert IndexVersion.newest_servable(store).withdrawn == frozenset()  # the delete's own version answers
+    run_rollback(store, trained)  # they are back, by design
+    assert IndexVersion.newest_servable(store).withdrawn == frozenset()
+    run_rollback(store, refit)  # the newest has no generator: the rollback of `trained` answers
+    assert not is_servable(store.manifest())
+    served = IndexVersion.newest_servable(store)
+    assert served.version == refit + 1 and served.withdrawn == frozenset(gone)
+    table, _ = served.ids()
+    assert not table.live[np.isin(table.item_ids, gone)].any()
+    assert int(table.live.sum()) == N_OLD - len(gone)
+    retriever, table = load_retriever(served)
+    caps = pq.read_table(base["root"] / "all" / "captions.parquet").to_pandas()
+    rows, _ = retriever.search_batch(caps[caps.item_id.isin(gone)].caption.tolist(), k=20, beam_size=20)
+    assert not {str(table.item_ids[r]) for r in rows.reshape(-1) if r >= 0} & set(gone)
+    assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
+
+
+def test_deleting_every_item_the_verifier_was_fitted_on_leaves_the_added_ones_served(base, tmp_path):
+    """A whole catalog replaced (add the new items, delete the old): the verifier keeps no fitted
+    centroid, and the version must still load and answer with the added items."""
+    from cart_core.index_version import IndexVersion
+    from pipelines.reindex import run_reindex
+    from pipelines.search import load_retriever
+
+    store = fresh(base, tmp_path)
+    run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"),
+                captions=str(base["new"] / "captions.parquet"))
+    listed = base["old_ids"] + base["old_ids"][:2]  # two listed twice: deleted once, counted apart
+    (tmp_path / "delete.txt").write_text("\n".join(listed) + "\n")
+    counts = run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))["counts"]
+    assert counts["deleted"] == N_OLD and counts["repeated_deletes"] == 2
+    retriever, table = load_retriever(IndexVersion.newest_servable(store))
+    caps = pq.read_table(base["new"] / "captions.parquet").to_pandas()
+    rows, _ = retriever.search_batch(caps.caption.tolist()[:40], k=10, beam_size=20)
+    answered = {str(table.item_ids[r]) for r in rows.reshape(-1) if r >= 0}
+    assert answered and answered <= set(base["new_ids"])
+
+
+def test_a_delete_retires_every_row_of_an_item_a_legacy_store_holds_twice(base, tmp_path):
+    """Stores written before duplicate rows were refused may hold two untombstoned rows of one item
+    (the later one live); deleting it must not make the older row live again."""
+    from dataclasses import replace
+
+    from cart_core.index_version import IndexVersion
+    from cart_core.store import features_table
+    from pipelines.parts import write_parts
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    item = base["old_ids"][4]
+    manifest = store.manifest()
+    write_parts(store, features_table([item], np.ones((1, 32), np.float32), "image", content_hashes=["legacy"]),
+                "features/legacy-duplicate")
+    store.commit(replace(manifest, features=manifest.features + ["features/legacy-duplicate"]), "legacy duplicate")
+    assert IndexVersion.current(store).live_item_hashes([item])[item][0] == "features/legacy-duplicate"
+    (tmp_path / "delete.txt").write_text(item + "\n")
+    assert run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))["counts"]["deleted"] == 1
+    assert IndexVersion.current(store).live_item_hashes([item]) == {}
+
+
 def test_update_replaces_an_item_under_the_same_key(base, tmp_path):
     from cart_core.index_version import load_ids
     from pipelines.reindex import run_reindex

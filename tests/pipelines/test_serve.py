@@ -7,6 +7,7 @@ import json
 import secrets
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -83,7 +84,8 @@ def test_search_and_health(served):
     ({"queries": ["ok"], "k": 0}, 400, "k must be an integer in [1, 100], got 0"),
     ({"queries": ["ok"], "k": 101}, 400, "raise queries.max_k"),
     ({"queries": ["ok"], "k": "3"}, 400, "k must be an integer"),
-    ({"query": ["ok"]}, 400, "unknown field(s) ['query']"),
+    ({"query": ["ok"]}, 400, "unknown field(s) 'query'"),
+    ({"queries": ["ok"], "q" * 100_000: 1}, 400, "(100000 characters)"),
     (["ok"], 400, "body must be a JSON object"),
 ])
 def test_bad_requests_get_4xx_with_reason(served, payload, status, message):
@@ -109,6 +111,53 @@ def test_not_json_and_oversized_bodies_are_refused_fast(served):
             yield b" " * 100_000
     response = requests.post(f"{url}/search", data=chunks(), headers=AUTH, timeout=30)
     assert response.status_code == 413 and "exceeds 1000000 bytes" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,  # nested past Python's recursion limit
+    b'{"queries": ["ok"], "k": ' + b"9" * 5000 + b"}",  # past Python's integer-string limit
+    b'{"queries": [' + b"9" * 5000 + b"]}",
+])
+def test_json_python_cannot_parse_is_a_400_not_a_500(served, body):
+    _, url, _ = served
+    response = requests.post(f"{url}/search", data=body, headers={**AUTH, "Content-Type": "application/json"},
+                             timeout=30)
+    assert response.status_code == 400 and "body is not JSON we accept" in response.json()["detail"]
+    assert len(response.content) < 400
+
+
+def test_a_query_answers_the_same_whatever_k_another_client_asks(served):
+    """A batch mixes clients: one client's k above the beam widens the beam, and a wider beam
+    changes which candidates are verified; each beam width is searched apart (pipelines/serve.py)."""
+    from cart_core.index_version import IndexVersion
+    from pipelines.serve import Snapshot, answer_calls
+    from pipelines.verify import query_time
+
+    store, _, folder = served
+    snap = Snapshot(IndexVersion.newest_servable(store), "cpu", query_time(small_config("verify.candidates=25")))
+    texts = pq.read_table(folder / "all" / "captions.parquet").column("caption").to_pylist()[:60]
+    alone = answer_calls(snap, [(t, 10) for t in texts], beam_size=10)
+    mixed = answer_calls(snap, [(t, 10) for t in texts] + [("a dog", 100)], beam_size=10)
+    assert mixed[:-1] == alone and len(mixed[-1][1]) == 100
+    rows, _ = snap.retriever.search_batch(texts, 10, 100)  # what one shared batch used to answer
+    shared = [[str(snap.table.item_ids[i]) for i in r] for r in rows]
+    assert shared != [[item["item_id"] for item in items] for _, items in alone], "the case needs a wider beam to matter"
+
+
+def test_a_damaged_generator_is_refused_before_serve_starts_naming_its_folder(served, tmp_path):
+    """A replica that cannot load reports only "Deploying application cart failed" after ~30 s: the
+    driver loads the retriever first, and a damaged file is a StoreError (exit 2) naming its folder."""
+    from cart_core.store import StoreError
+    from pipelines.serve import run_serve
+    from tests.pipelines.test_jobs import copy_of
+
+    store = copy_of(served[0], tmp_path)
+    weights = next((Path(store.url) / "generator").glob("*/model/generator.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    t0 = time.perf_counter()
+    with pytest.raises(StoreError, match=r"generator/.+: the generator or its verifier cannot be loaded"):
+        run_serve(store, small_config(), host="127.0.0.1", port=free_port(), block=False)
+    assert time.perf_counter() - t0 < 20
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN}])
