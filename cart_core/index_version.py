@@ -71,6 +71,9 @@ class IndexVersion:
         for old in reversed(store.versions()):
             if is_servable(old):
                 return cls(store, old, withdrawn=withdrawn_since(cls(store, old), cls(store, current)))
+        if current.version == 0:
+            raise StoreError(f"{store.url}: no index here (no committed version); `cart import` or `cart extract` "
+                             "starts one, or check the --store path")
         raise StoreError(f"{store.url}: no committed version has a trained generator; run `cart train` first")
 
     @property
@@ -146,6 +149,15 @@ class IndexVersion:
         if not parts:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
         return pa.concat_tables(parts, promote_options="default")
+
+    def deleted_items(self, items: list[str]) -> list[str]:
+        """Those of `items` a delete retired and nothing added again since (tombstoned, no live row):
+        an import or extract that lists them adds them back, which its log says."""
+        dead = {i for i, _ in self.tombstones()}
+        if not dead:
+            return []
+        live = self.live_item_hashes([i for i in items if i in dead])
+        return [i for i in dict.fromkeys(items) if i in dead and i not in live]
 
     def live_item_hashes(self, items: list[str] | None = None) -> dict[str, tuple[str, str]]:
         """item_id -> (feature run, content hash) of its live row, for `items` (default: all)."""

@@ -26,6 +26,7 @@ from cart_core.media import MODALITIES, MediaError, content_hash, decode_audio, 
     decode_video_frames, infer_modality, read_bytes, resolve_uri, shrink
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store, StoreError, features_table
+from pipelines.importer import warn_readded
 from pipelines.parts import ErrorLog, PartWriter
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.stages import Resources, Stage, run_stage, stream
@@ -224,6 +225,8 @@ def run_extract(store: Store, media: str, cfg: CartConfig, address: str | None =
                                                        pa.string()))
     summary.time("prepare_s", t0)
     n_items = table.num_rows + len(unusable)
+    readded: dict = {}
+    warn_readded(version, [i for i in table.column("item_id").to_pylist() if i not in known], media, readded, "extract")
     log("extract", f"{n_items} items from {media} ({table.num_rows} decodable types, {len(unusable)} unsupported); "
                    f"{sum(v is not None for v in table.column('known_hash').to_pylist())} already in the store")
 
@@ -231,7 +234,7 @@ def run_extract(store: Store, media: str, cfg: CartConfig, address: str | None =
     errors = ErrorLog(store, manifest, run, "extract")
     if unusable:
         errors.add(*map(list, zip(*unusable)))
-    counts = {"items": n_items, "extracted": 0, "errors": len(unusable), "skipped": 0,
+    counts = {"items": n_items, "extracted": 0, "errors": len(unusable), "skipped": 0, **readded,
               **{m: 0 for m in MODALITIES}}
     t0 = time.perf_counter()
     if table.num_rows:

@@ -20,6 +20,17 @@ from pipelines.inputs import embedding_hashes, local_copy
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, log
 
+def warn_readded(version: IndexVersion, new_items: list[str], source: str, counts: dict, verb: str) -> None:
+    """Count and say which new items a delete had retired: rerunning the import that first added
+    them brings back what `cart reindex --delete` took down (the captions it retired stay retired)."""
+    again = version.deleted_items(new_items)
+    counts["readded_after_delete"] = len(again)
+    if again:
+        log(verb, f"warning: {source}: {len(again)} item(s) deleted earlier "
+                  f"({', '.join(map(repr, again[:3]))}{', ...' if len(again) > 3 else ''}) are in the input "
+                  "and are added back; leave them out of it to keep them deleted")
+
+
 def run_import(store: Store, items: str, captions: str | None = None, *,
                holdout_caption_index: int | None = None) -> dict:
     """Items new to the live index are added; an item already live with the same features is a
@@ -43,6 +54,7 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
                                     "features; use `cart reindex --update` to replace it")
     new_rows = np.array([i for i, item in enumerate(corpus.item_ids) if item not in known], dtype=np.int64)
     summary.counts.update(items=len(corpus), new_items=int(len(new_rows)), already_present=len(corpus) - len(new_rows))
+    warn_readded(version, [str(corpus.item_ids[r]) for r in new_rows], items, summary.counts, "import")
     run = summary.run
     t0 = time.perf_counter()
     update = {}

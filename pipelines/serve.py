@@ -45,7 +45,8 @@ from pipelines.verify import query_time, verify_settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="CART generative retrieval")
+# no /docs, /redoc or /openapi.json: they would answer without the bearer token
+api = FastAPI(title="CART generative retrieval", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 class Refused(Exception):
@@ -179,18 +180,17 @@ class CartSearch:
         while not self._stop.wait(self.poll_s):
             try:
                 committed = self.store.manifest().version
-                if committed == self.seen_version:
-                    continue
-                # a commit: the version that answers may change, or, while the newest has no generator,
-                # what it withdraws from the one that answers (IndexVersion.withdrawn: deletes since)
-                version = IndexVersion.newest_servable(self.store)
-                if Snapshot.key_of(version) != self.current.key:
-                    new = Snapshot(version, self.device, self.query)
-                    self.current = new  # one reference swap: in-flight batches keep the old one
-                    logger.info("cart serve: switched to version %s", new.version)
-                elif version.version != self.current.version:
-                    self.current.version = version.version
-                self.seen_version = committed
+                if committed != self.seen_version:
+                    # a commit: the version that answers may change, or, while the newest has no
+                    # generator, what it withdraws from the one that answers (deletes since)
+                    version = IndexVersion.newest_servable(self.store)
+                    if Snapshot.key_of(version) != self.current.key:
+                        new = Snapshot(version, self.device, self.query)
+                        self.current = new  # one reference swap: in-flight batches keep the old one
+                        logger.info("cart serve: switched to version %s", new.version)
+                    elif version.version != self.current.version:
+                        self.current.version = version.version
+                    self.seen_version = committed
                 self.watch_failures, self.watch_error = 0, ""
             except Exception as exc:  # keep serving the loaded version; retry next poll
                 self.watch_failures += 1
@@ -224,6 +224,13 @@ class CartSearch:
         except Refused as exc:
             return JSONResponse({"detail": exc.reason}, status_code=exc.status)
         answers = await asyncio.gather(*[self.search_one((q, k)) for q in queries])
+        for attempt in range(3):  # a version switch between the request's batches: answer from one version
+            if len({a[0] for a in answers if not isinstance(a, QueryFailed)}) <= 1:
+                break
+            if attempt == 2:
+                return JSONResponse({"detail": "the index switched versions during the request; retry"},
+                                    status_code=503)
+            answers = await asyncio.gather(*[self.search_one((q, k)) for q in queries])
         failed = [(i, a) for i, a in enumerate(answers) if isinstance(a, QueryFailed)]
         if failed:
             i, answer = failed[0]

@@ -223,6 +223,24 @@ def test_a_delete_retires_every_row_of_an_item_a_legacy_store_holds_twice(base, 
     assert IndexVersion.current(store).live_item_hashes([item]) == {}
 
 
+def test_rerunning_the_import_after_a_delete_says_it_adds_the_item_back(base, tmp_path, capsys):
+    from cart_core.index_version import IndexVersion
+    from pipelines.importer import run_import
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    gone = base["old_ids"][:2]
+    (tmp_path / "delete.txt").write_text("\n".join(gone) + "\n")
+    run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))
+    assert IndexVersion.current(store).deleted_items(base["old_ids"]) == gone
+    capsys.readouterr()
+    counts = run_import(store, str(base["root"] / "old" / "items.parquet"))["counts"]
+    assert counts["new_items"] == 2 and counts["readded_after_delete"] == 2
+    assert f"2 item(s) deleted earlier ({gone[0]!r}, {gone[1]!r}) are in the input and are added back" \
+        in capsys.readouterr().err
+    assert IndexVersion.current(store).deleted_items(base["old_ids"]) == []
+
+
 def test_update_replaces_an_item_under_the_same_key(base, tmp_path):
     from cart_core.index_version import load_ids
     from pipelines.reindex import run_reindex

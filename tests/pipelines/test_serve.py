@@ -167,6 +167,8 @@ def test_search_needs_the_token(served, headers):
     assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
     assert response.json()["detail"] == "missing or wrong bearer token"
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no token
+    for page in ("/docs", "/redoc", "/openapi.json"):  # nothing else answers without the token
+        assert requests.get(f"{url}{page}", timeout=30).status_code == 404, page
 
 
 def test_one_clients_bad_queries_fail_no_other_request(served):
