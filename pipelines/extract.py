@@ -26,7 +26,7 @@ from cart_core.media import MODALITIES, MediaError, content_hash, decode_audio, 
     decode_video_frames, infer_modality, read_bytes, resolve_uri, shrink
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store, StoreError, features_table
-from pipelines.importer import warn_readded
+from pipelines.inputs import warn_readded
 from pipelines.parts import ErrorLog, PartWriter
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.stages import Resources, Stage, run_stage, stream

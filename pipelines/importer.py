@@ -16,20 +16,9 @@ import pyarrow as pa
 from cart_core.corpus import CorpusError, load_corpus_files
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store, StoreError, features_table, queries_table
-from pipelines.inputs import embedding_hashes, local_copy
+from pipelines.inputs import embedding_hashes, local_copy, warn_readded
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, log
-
-def warn_readded(version: IndexVersion, new_items: list[str], source: str, counts: dict, verb: str) -> None:
-    """Count and say which new items a delete had retired: rerunning the import that first added
-    them brings back what `cart reindex --delete` took down (the captions it retired stay retired)."""
-    again = version.deleted_items(new_items)
-    counts["readded_after_delete"] = len(again)
-    if again:
-        log(verb, f"warning: {source}: {len(again)} item(s) deleted earlier "
-                  f"({', '.join(map(repr, again[:3]))}{', ...' if len(again) > 3 else ''}) are in the input "
-                  "and are added back; leave them out of it to keep them deleted")
-
 
 def run_import(store: Store, items: str, captions: str | None = None, *,
                holdout_caption_index: int | None = None) -> dict:

@@ -12,6 +12,8 @@ import fsspec
 import numpy as np
 
 from cart_core.corpus import CorpusError
+from cart_core.index_version import IndexVersion
+from pipelines.runtime import log
 
 
 @contextmanager
@@ -33,3 +35,14 @@ def embedding_hashes(embeddings: np.ndarray) -> list[str]:
     """content_hash for imported features: sha256 of the float32 vector bytes."""
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     return [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in emb]
+
+
+def warn_readded(version: IndexVersion, new_items: list[str], source: str, counts: dict, verb: str) -> None:
+    """Count and say which new items a delete had retired: rerunning the import that first added
+    them brings back what `cart reindex --delete` took down (the captions it retired stay retired)."""
+    again = version.deleted_items(new_items)
+    counts["readded_after_delete"] = len(again)
+    if again:
+        log(verb, f"warning: {source}: {len(again)} item(s) deleted earlier "
+                  f"({', '.join(map(repr, again[:3]))}{', ...' if len(again) > 3 else ''}) are in the input "
+                  "and are added back; leave them out of it to keep them deleted")

@@ -401,10 +401,11 @@ def test_trained_store_serves_generate_then_verify_and_added_items_need_no_fallb
     assert (rows >= 0).all() and np.all(np.diff(scores, axis=1) <= 1e-6)
     assert all(table.live[r] for r in rows.ravel())
     # every job takes the mode and the candidates from its own config (query_time), `cart serve` too
+    from cart_core.index_version import IndexVersion
     from pipelines.serve import Snapshot
     from pipelines.verify import query_time
 
-    served = Snapshot(store, "cpu", query_time(small_config("verify.mode=generative", "verify.candidates=7")))
+    served = Snapshot(IndexVersion.newest_servable(store), "cpu", query_time(small_config("verify.mode=generative", "verify.candidates=7")))
     assert served.retriever.cfg.mode == "generative" and served.retriever.cfg.candidates == 7
 
 
