@@ -70,7 +70,14 @@ class IndexVersion:
             return cls(store, current)
         for old in reversed(store.versions()):
             if is_servable(old):
-                return cls(store, old, withdrawn=withdrawn_since(cls(store, old), cls(store, current)))
+                served = cls(store, old)
+                table, meta = served.ids()
+                withdrawn = withdrawn_since(table, cls(store, current))
+                if not withdrawn:
+                    return served
+                out = cls(store, old, withdrawn=withdrawn)
+                out._cache["ids"] = (withdraw(table, withdrawn), meta)  # the table is read once
+                return out
         if current.version == 0:
             raise StoreError(f"{store.url}: no index here (no committed version); `cart import` or `cart extract` "
                              "starts one, or check the --store path")
@@ -258,11 +265,7 @@ class IndexVersion:
         with the deltas of the reindexes since applied in order."""
         if "ids" not in self._cache:
             table, meta = load_ids(self.store, self.manifest)
-            if self.withdrawn:  # answered by nothing, like a deleted item of this version
-                gone = pc.is_in(pa.array(table.item_ids.tolist(), pa.string()),
-                                value_set=pa.array(sorted(self.withdrawn), pa.string()))
-                table = replace(table, live=table.live & ~gone.to_numpy(zero_copy_only=False))
-            self._cache["ids"] = (table, meta)
+            self._cache["ids"] = (withdraw(table, self.withdrawn), meta)
         return self._cache["ids"]
 
     # ---- pending items (the dense fallback of `cart reindex`) -------------------------------
@@ -298,16 +301,23 @@ def pending_runs(pending: pa.Table, path: str | None) -> list[str]:
     return [str(path)] * pending.num_rows
 
 
-def withdrawn_since(served: IndexVersion, current: IndexVersion) -> frozenset[str]:
-    """The items `served` answers with that `current` holds no live feature row of: deleted since
-    (a `cart reindex --delete` after a `cart quantize`, a rollback to a version without them)."""
-    table, _ = load_ids(served.store, served.manifest)
+def withdrawn_since(served: IdentifierTable, current: IndexVersion) -> frozenset[str]:
+    """The live items of an older version's identifier table that `current` holds no live feature
+    row of: deleted since (a rollback forward past a delete)."""
     rows = current.feature_rows()
     alive = rows.filter(rows.column("live")).column("item_id")
-    ids = pa.array(table.item_ids[table.live].tolist(), pa.string())
+    ids = pa.array(served.item_ids[served.live], pa.string())
     gone = ids.filter(pc.invert(pc.is_in(ids, value_set=alive.combine_chunks() if alive.num_chunks else
                                           pa.array([], pa.string()))))
     return frozenset(gone.to_pylist())
+
+
+def withdraw(table: IdentifierTable, withdrawn: frozenset[str]) -> IdentifierTable:
+    """The table with the withdrawn items marked not live: answered by nothing, like deleted ones."""
+    if not withdrawn:
+        return table
+    gone = pc.is_in(pa.array(table.item_ids, pa.string()), value_set=pa.array(sorted(withdrawn), pa.string()))
+    return replace(table, live=table.live & ~gone.to_numpy(zero_copy_only=False))
 
 
 def load_ids(store: Store, manifest: Manifest) -> tuple[IdentifierTable, dict]:

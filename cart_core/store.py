@@ -64,6 +64,15 @@ class StoreError(RuntimeError):
     """The store is missing something a job needs; the message says what and which command makes it."""
 
 
+def unloadable(store: "Store", folder: str, what: str, exc: BaseException) -> StoreError:
+    """The StoreError for model files that exist but cannot be loaded (truncated, foreign), naming
+    the folder instead of the library's frame."""
+    text = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+    return StoreError(f"{store.uri(folder)}: {what} cannot be loaded ({reason}); "
+                      f"`cart check --store {store.url}` lists what is damaged")
+
+
 class CommitConflict(StoreError):
     """Another job committed, while this one ran, a change this job's result depends on."""
 

@@ -13,8 +13,7 @@ import pyarrow as pa
 
 from cart_core.config import CartConfig
 from cart_core.index_version import IndexVersion
-from cart_core.errors import BadInput, first_line
-from cart_core.store import Store, StoreError
+from cart_core.store import Store, StoreError, unloadable
 from pipelines.stages import Resources, Stage, run_stage, stack_column
 from pipelines.verify import query_time
 
@@ -28,23 +27,14 @@ def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None 
     (cart_core/neighbors.py). Both default to what the verifier was fitted with. Versions trained before verification existed get the
     generator plus the dense fallback over pending items (cart_core/fallback.py)."""
     from cart_core.fallback import HybridRetriever
-    from cart_core.generator import Generator
     from cart_core.retrieval import GenerativeRetriever
     from pipelines.verify import load_verified
 
-    store, manifest = version.store, version.manifest
+    manifest = version.manifest
     table, _ = version.ids()
-    try:
-        with store.local_dir(f"{manifest.generator}/model") as folder:
-            generator = Generator.load(folder)
-        generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
-        verified = load_verified(version, generator, table, device, mode, query)
-    except (StoreError, BadInput):
-        raise
-    except Exception as exc:  # a truncated or foreign file: name the folder, not the library's frame
-        raise StoreError(f"{store.uri(manifest.generator)}: the generator or its verifier cannot be loaded "
-                         f"({type(exc).__name__}: {first_line(exc, 200)}); `cart check --store {store.url}` "
-                         "lists what is damaged") from exc
+    generator = load_generator(version)
+    generator.grow_last_vocab(table.vocab_sizes[-1])  # an incremental add may have widened the counter
+    verified = load_verified(version, generator, table, device, mode, query)
     if verified is not None:
         # pending items stay decodable: verification ranks them, expansion reaches them by prefix
         return verified, table
@@ -64,6 +54,20 @@ def load_retriever(version: IndexVersion, device: str = "cpu", mode: str | None 
                                 manifest.extra.get("pending_threshold"), table=table,
                                 interleave=manifest.extra.get("pending_interleave"))
     return retriever, table
+
+
+def load_generator(version: IndexVersion):
+    """The version's generator; files that exist but do not load are a StoreError naming the folder."""
+    from cart_core.generator import Generator
+
+    store, folder = version.store, f"{version.manifest.generator}/model"
+    try:
+        with store.local_dir(folder) as local:
+            return Generator.load(local)
+    except (StoreError, MemoryError):
+        raise
+    except Exception as exc:  # reading files only: a truncated or foreign file
+        raise unloadable(store, folder, "the generator", exc) from exc
 
 
 def pending_fallback(version: IndexVersion):

@@ -40,8 +40,8 @@ from cart_core.errors import BadInput, InputNotFound, first_line, shown
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import QueryRefused, check_k, normalize_query
-from pipelines.search import load_retriever
-from pipelines.verify import query_time, verify_settings
+from pipelines.search import load_generator, load_retriever
+from pipelines.verify import has_verifier, load_verifier_files, query_time, verify_settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 logger = logging.getLogger("ray.serve")
@@ -111,6 +111,13 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_search(body: bytes, rules: QueryConfig) -> tuple[list[str], int]:
     """(normalised queries, k) of a /search body, or Refused with the first reason."""
     try:
+        return _parse_search(body, rules)
+    except RecursionError:  # JSON the parser took, nested too deep to describe in a message
+        raise Refused(400, "body is not JSON we accept (nested too deep)") from None
+
+
+def _parse_search(body: bytes, rules: QueryConfig) -> tuple[list[str], int]:
+    try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, nesting too deep, a 5,000-digit number
         raise Refused(400, f"body is not JSON we accept ({type(exc).__name__}: {first_line(exc, 120)})") from None
@@ -168,8 +175,9 @@ class CartSearch:
         self.store = Store(store_url)
         self.device, self.beam, self.poll_s = device, beam_size, poll_s
         self.query = limits.get("verify")  # mode, candidates, neighbour lists: as `cart retrieve` (pipelines/verify.query_time)
+        # the committed version looked at, read before resolving: a commit during the load is seen
+        self.seen_version = self.store.manifest().version
         self.current = Snapshot(IndexVersion.newest_servable(self.store), device, self.query)
-        self.seen_version = self.store.manifest().version  # the committed version last looked at
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
         self.watch_failures, self.watch_error = 0, ""
@@ -293,9 +301,12 @@ def run_serve(store: Store, cfg: CartConfig, host: str = "127.0.0.1", port: int 
         raise BadInput(f"--port must be in [1, 65535], got {port}")
     version = IndexVersion.newest_servable(store)
     verify_settings(version, query=query_time(cfg))  # logs the verify.* settings that differ from the fitted ones
-    # fail fast, naming the damaged file, before starting anything: a replica that cannot load
-    # reports only "Deploying application cart failed"
-    load_retriever(version, "cpu", query=query_time(cfg))
+    # fail fast, naming the damaged folder, before starting anything: a replica that cannot load
+    # reports only "Deploying application cart failed" (the files only: no item vectors built twice)
+    version.ids()
+    load_generator(version)
+    if has_verifier(version):
+        load_verifier_files(version)
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store.url, cfg, token), name="cart", route_prefix="/")

@@ -190,14 +190,32 @@ def verify_settings(version: IndexVersion, mode: str | None = None, query: dict 
     return cfg
 
 
-def load_verified(version: IndexVersion, generator, table: IdentifierTable, device: str = "cpu",
-                  mode: str | None = None, query: dict | None = None):
-    """The VerifiedRetriever of a version whose generator has a verifier, else None. mode and the
-    `query_time` settings, where given, replace what the verifier was fitted with (verify_settings)."""
+def load_verifier_files(version: IndexVersion) -> tuple:
+    """(fusion, aligner, caption metric, caption predictor) of a version's verifier, the last three
+    None where it has none; files that exist but do not load are a StoreError naming the folder."""
     from cart_core.alignment import QueryAligner
     from cart_core.caption_metric import CaptionMetric
     from cart_core.caption_predictor import CaptionPredictor
     from cart_core.fusion import Fusion
+    from cart_core.store import StoreError, unloadable
+
+    store, folder = version.store, f"{version.manifest.generator}/verify"
+    try:
+        with store.local_dir(folder) as local:
+            return (Fusion.load(local / "fusion.json"),
+                    QueryAligner.load(local) if (local / "aligner.json").exists() else None,
+                    CaptionMetric.load(local) if CaptionMetric.exists(local) else None,
+                    CaptionPredictor.load(local) if CaptionPredictor.exists(local) else None)
+    except (StoreError, MemoryError):
+        raise
+    except Exception as exc:  # reading files only: a truncated or foreign file
+        raise unloadable(store, folder, "the verifier", exc) from exc
+
+
+def load_verified(version: IndexVersion, generator, table: IdentifierTable, device: str = "cpu",
+                  mode: str | None = None, query: dict | None = None):
+    """The VerifiedRetriever of a version whose generator has a verifier, else None. mode and the
+    `query_time` settings, where given, replace what the verifier was fitted with (verify_settings)."""
     from cart_core.hybrid import VerifiedRetriever
     from cart_core.verify import ItemVectors
     from pipelines.stages import stack_column
@@ -207,11 +225,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     cfg = verify_settings(version, mode, query)
     if cfg is None:
         return None
-    with store.local_dir(folder) as local:
-        fusion = Fusion.load(local / "fusion.json")
-        aligner = QueryAligner.load(local) if (local / "aligner.json").exists() else None
-        metric = CaptionMetric.load(local) if CaptionMetric.exists(local) else None
-        predictor = CaptionPredictor.load(local) if CaptionPredictor.exists(local) else None
+    fusion, aligner, metric, predictor = load_verifier_files(version)
     if cfg.mode != "hybrid":
         return VerifiedRetriever(generator, table, ItemVectors(None, None), None, fusion, cfg, device)
     cap = store.read_table(f"{folder}/captions.parquet")
