@@ -45,16 +45,10 @@ from cart_core.index_version import IndexVersion, is_servable, pending_runs, ref
 from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
 from pipelines.parts import write_parts
-from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import added_features, fitted_items, has_verifier
 
 CRASH_POINTS = ("after_features", "after_ids", "before_commit", "after_training")
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the tests: CART_CRASH_AT=<name> kills the run at that step."""
-    if os.environ.get("CART_CRASH_AT") == name:
-        raise RuntimeError(f"injected crash at {name}")
 
 
 def read_parquet(path: str, local) -> pa.Table:

@@ -5,12 +5,21 @@ Queries (query_id, text[, item_id]) are read from Parquet (local or S3) and chec
 pool; each actor loads the committed generator + identifier table once and runs
 constrained beam search per batch. Results (query_id, rank, item_id, score) stream back to the
 driver, which appends them to one Parquet file, so memory stays flat for millions of queries.
+
+Nothing finished is lost when the job dies: the queries run in chunks of
+`jobs.retrieve_chunk_queries`, each chunk's results saved whole in `<out>.parts/` beside a
+`run.json` that pins what they answer (store, version, k, settings, a digest of the checked
+queries); the same command run again skips the saved chunks, and another command's parts are
+removed. The parts are joined into `<out>` at the end and their folder removed.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import uuid
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,7 +29,7 @@ from cart_core.errors import BadInput
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store
 from pipelines.queries import check_k, load_queries
-from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import query_time, verify_settings
 from pipelines.search import retrieve_dataset
 
@@ -69,6 +78,11 @@ def _alive(pid: int) -> bool:
 def write_results(results_ds, out: str) -> int:
     """Stream result batches into one Parquet file: written to a temp beside it, renamed when whole,
     and the temp removed when the job fails (SIGTERM and Ctrl-C included: the CLI raises on both)."""
+    return write_tables(results_ds.iter_batches(batch_format="pyarrow", batch_size=65536), out)
+
+
+def write_tables(tables: Iterable[pa.Table], out: str) -> int:
+    """write_results for any stream of result tables."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)
@@ -79,7 +93,7 @@ def write_results(results_ds, out: str) -> int:
     target, rows = temp_name(path), 0
     try:
         with fs.open(target, "wb") as f, pq.ParquetWriter(f, RESULT_SCHEMA) as writer:
-            for batch in results_ds.iter_batches(batch_format="pyarrow", batch_size=65536):
+            for batch in tables:
                 writer.write_table(batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
                 rows += batch.num_rows
         fs.mv(target, path)
@@ -88,6 +102,74 @@ def write_results(results_ds, out: str) -> int:
             fs.rm(target)
         raise
     return rows
+
+
+def queries_digest(queries: pa.Table) -> str:
+    """sha256 of the checked queries (query_id, text), in order: what the saved chunks answered."""
+    digest = hashlib.sha256()
+    for batch in queries.select(["query_id", "text"]).to_batches(max_chunksize=65536):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()
+
+
+class ResultParts:
+    """The saved chunks of one `cart retrieve` command: `<out>.parts/chunk-NNNNNN.parquet`, each
+    written whole (temp + rename), and `run.json`, the command they answer."""
+
+    def __init__(self, out: str, signature: dict):
+        import fsspec
+
+        self.fs, path = fsspec.core.url_to_fs(out)
+        self.out, self.folder, self.signature = out, f"{path}.parts", signature
+
+    def chunk(self, i: int) -> str:
+        return f"{self.folder}/chunk-{i:06d}.parquet"
+
+    def open(self) -> list[int]:
+        """The chunks already saved by the same command; another command's parts are removed."""
+        fs = self.fs
+        if fs.exists(self.folder):
+            try:
+                saved = json.loads(fs.cat_file(f"{self.folder}/run.json"))
+            except (FileNotFoundError, ValueError):
+                saved = None
+            if saved != self.signature:
+                fs.rm(self.folder, recursive=True)
+                log("retrieve", f"removed {self.folder}: results of another command (other queries, index "
+                                "version, k or settings)")
+        if not fs.exists(f"{self.folder}/run.json"):
+            fs.makedirs(self.folder, exist_ok=True)
+            fs.pipe_file(f"{self.folder}/run.json", json.dumps(self.signature, sort_keys=True).encode())
+        return [i for i in range(self.signature["chunks"]) if fs.exists(self.chunk(i))]
+
+    def rows(self, i: int) -> int:
+        with self.fs.open(self.chunk(i), "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    def join(self) -> int:
+        """Every chunk into `out` (temp + rename), then the parts folder removed."""
+        def tables():
+            for i in range(self.signature["chunks"]):
+                with self.fs.open(self.chunk(i), "rb") as f:
+                    parquet = pq.ParquetFile(f)
+                    for g in range(parquet.num_row_groups):
+                        yield parquet.read_row_group(g)
+        rows = write_tables(tables(), self.out)
+        self.fs.rm(self.folder, recursive=True)
+        return rows
+
+
+def run_signature(store: Store, version: IndexVersion, cfg: CartConfig, k: int, queries: pa.Table,
+                  chunk: int) -> dict:
+    """What a saved chunk answers: a rerun resumes only the same command on the same index."""
+    withdrawn = hashlib.sha256("\n".join(sorted(version.withdrawn)).encode()).hexdigest()
+    return {"store": store.url, "version": version.version, "withdrawn": withdrawn, "k": k,
+            "beam_size": cfg.eval.beam_size, "mode": cfg.verify.mode, "query": query_time(cfg),
+            "queries": queries.num_rows, "queries_sha256": queries_digest(queries), "chunk_queries": chunk,
+            "chunks": max(1, -(-queries.num_rows // chunk))}
 
 
 def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int = 10,
@@ -103,9 +185,31 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
     manifest = version.manifest
     n = checked.table.num_rows
     t0 = time.perf_counter()
-    rows = write_results(retrieve_dataset(checked.table, cfg, k, version), out)
+    chunk = cfg.jobs.retrieve_chunk_queries or max(n, 1)
+    parts = ResultParts(out, run_signature(store, version, cfg, k, checked.table, chunk))
+    saved = parts.open()
+    chunks = parts.signature["chunks"]
+    if saved:
+        log("retrieve", f"resuming: {len(saved)} of {chunks} chunks were saved by an earlier run of this command")
+    for i in range(chunks):
+        if i in saved:
+            continue
+        t1 = time.perf_counter()
+        try:
+            got = write_results(retrieve_dataset(checked.table.slice(i * chunk, chunk), cfg, k, version),
+                                parts.chunk(i))
+        except BaseException:
+            done = sum(parts.fs.exists(parts.chunk(j)) for j in range(chunks))
+            log("retrieve", f"stopped: {done} of {chunks} chunks are saved in {parts.folder}; "
+                            "the same command resumes from them")
+            raise
+        log("retrieve", f"chunk {i + 1} of {chunks}: {got} rows "
+                        f"({min(chunk, n - i * chunk) / max(time.perf_counter() - t1, 1e-9):.0f} queries/s)")
+        crash_point("retrieve_after_chunk")
+    rows = parts.join()
     elapsed = summary.time("retrieve_s", t0)
-    summary.counts.update(queries=int(n), result_rows=int(rows), queries_skipped=sum(checked.skipped.values()))
+    summary.counts.update(queries=int(n), result_rows=int(rows), queries_skipped=sum(checked.skipped.values()),
+                          chunks=chunks, chunks_resumed=len(saved))
     summary.extra.update(version=manifest.version, out=out, k=k, beam_size=cfg.eval.beam_size,
                          queries_per_s=n / max(elapsed, 1e-9), skipped=checked.report()["skipped_by_reason"])
     log("retrieve", f"{n} queries -> {rows} rows in {out} ({n / max(elapsed, 1e-9):.0f} queries/s, "

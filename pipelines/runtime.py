@@ -30,6 +30,12 @@ def init_ray(address: str | None = None) -> None:
     ctx.enable_progress_bars = sys.stderr.isatty() or os.environ.get("CART_PROGRESS") == "1"
 
 
+def crash_point(name: str) -> None:
+    """Fault injection for the tests: CART_CRASH_AT=<name> kills the run at that step."""
+    if os.environ.get("CART_CRASH_AT") == name:
+        raise RuntimeError(f"injected crash at {name}")
+
+
 def log(job: str, message: str) -> None:
     print(f"[cart {job}] {message}", file=sys.stderr, flush=True)
 

@@ -185,7 +185,9 @@ class CartSearch:
         threading.Thread(target=self._watch, name="cart-manifest-watch", daemon=True).start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        # after failures, wait longer (x2 each, at most 30 s): a version that does not load is not
+        # reloaded in full every poll, beside the requests this replica answers
+        while not self._stop.wait(min(self.poll_s * 2 ** min(self.watch_failures, 4), max(self.poll_s, 30.0))):
             try:
                 committed = self.store.manifest().version
                 if committed != self.seen_version:
