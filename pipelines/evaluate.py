@@ -50,9 +50,9 @@ def generative_record(version: IndexVersion, queries: pa.Table, cfg: CartConfig,
     results = retrieve_dataset(queries, cfg, k, version)
     ranked = np.full((queries.num_rows, k), -1, dtype=np.int64)
     position = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())}
-    for batch in results.iter_batches(batch_format="numpy", batch_size=65536):
-        for q, r, item in zip(batch["query_id"], batch["rank"], batch["item_id"]):
-            ranked[position[q], int(r) - 1] = catalog[str(item)]
+    for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+        for q, items in zip(batch.column("query_id").to_pylist(), batch.column("item_ids").to_pylist()):
+            ranked[position[q], :len(items)] = [catalog[str(item)] for item in items]
     qps = queries.num_rows / (time.perf_counter() - t0)
     return {"method": "generative", "protocol": PROTOCOL, **retrieval_metrics(ranked, gold), "queries_per_s": qps,
             "beam_size": cfg.eval.beam_size, "version": version.version}

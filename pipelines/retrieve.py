@@ -6,11 +6,12 @@ pool; each actor loads the committed generator + identifier table once and runs
 constrained beam search per batch. Results (query_id, rank, item_id, score) stream back to the
 driver, which appends them to one Parquet file, so memory stays flat for millions of queries.
 
-Nothing finished is lost when the job dies: the queries run in chunks of
-`jobs.retrieve_chunk_queries`, each chunk's results saved whole in `<out>.parts/` beside a
-`run.json` that pins what they answer (store, version, k, settings, a digest of the checked
-queries); the same command run again skips the saved chunks, and another command's parts are
-removed. The parts are joined into `<out>` at the end and their folder removed.
+Nothing finished is lost when the job dies: each query's answer comes back as one row, and the
+driver saves the finished ones every `jobs.retrieve_save_s` seconds (and when it stops, Ctrl-C
+and failures included) as parts in `<out>.parts/`, beside a `run.json` that pins what they answer
+(store, served version, k, settings, a digest of the checked queries). The same command run
+again answers only the queries no part holds; another command's parts are removed. The parts
+are joined into `<out>` at the end and their folder removed.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 import uuid
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -31,8 +33,10 @@ from cart_core.store import Store
 from pipelines.queries import check_k, load_queries
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import query_time, verify_settings
-from pipelines.search import retrieve_dataset
+from pipelines.search import RANKED_SCHEMA, flatten_ranked, retrieve_dataset
+from pipelines.stages import stream
 
+MAX_UNSAVED = 1_000_000  # queries held by the driver before a save, whatever jobs.retrieve_save_s says
 RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                            ("score", pa.float32())])
 
@@ -81,8 +85,8 @@ def write_results(results_ds, out: str) -> int:
     return write_tables(results_ds.iter_batches(batch_format="pyarrow", batch_size=65536), out)
 
 
-def write_tables(tables: Iterable[pa.Table], out: str) -> int:
-    """write_results for any stream of result tables."""
+def write_tables(tables: Iterable[pa.Table], out: str, schema: pa.Schema = RESULT_SCHEMA) -> int:
+    """write_results for any stream of tables of `schema`."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)
@@ -92,9 +96,9 @@ def write_tables(tables: Iterable[pa.Table], out: str) -> int:
         log("retrieve", f"removed {name}, left by a killed run")
     target, rows = temp_name(path), 0
     try:
-        with fs.open(target, "wb") as f, pq.ParquetWriter(f, RESULT_SCHEMA) as writer:
+        with fs.open(target, "wb") as f, pq.ParquetWriter(f, schema) as writer:
             for batch in tables:
-                writer.write_table(batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
+                writer.write_table(batch.select(schema.names).cast(schema))
                 rows += batch.num_rows
         fs.mv(target, path)
     except BaseException:
@@ -116,20 +120,22 @@ def queries_digest(queries: pa.Table) -> str:
 
 
 class ResultParts:
-    """The saved chunks of one `cart retrieve` command: `<out>.parts/chunk-NNNNNN.parquet`, each
-    written whole (temp + rename), and `run.json`, the command they answer."""
+    """The saved answers of one `cart retrieve` command: `<out>.parts/part-NNNNNN-*.parquet`, each
+    written whole (temp + rename) in RANKED_SCHEMA, and `run.json`, the command they answer."""
 
     def __init__(self, out: str, signature: dict):
         import fsspec
 
         self.fs, path = fsspec.core.url_to_fs(out)
-        self.out, self.folder, self.signature = out, f"{path}.parts", signature
+        self.out, self.folder, self.signature, self.saved = out, f"{path}.parts", signature, 0
 
-    def chunk(self, i: int) -> str:
-        return f"{self.folder}/chunk-{i:06d}.parquet"
+    def parts(self) -> list[str]:
+        self.fs.invalidate_cache(self.folder)  # s3fs caches listings: parts written since must show
+        return sorted(p for p in self.fs.glob(f"{self.folder}/part-*.parquet"))
 
-    def open(self) -> list[int]:
-        """The chunks already saved by the same command; another command's parts are removed."""
+    def open(self) -> np.ndarray:
+        """bool per query: answered by a part an earlier run of the same command saved. Another
+        command's parts are removed."""
         fs = self.fs
         if fs.exists(self.folder):
             try:
@@ -143,33 +149,58 @@ class ResultParts:
         if not fs.exists(f"{self.folder}/run.json"):
             fs.makedirs(self.folder, exist_ok=True)
             fs.pipe_file(f"{self.folder}/run.json", json.dumps(self.signature, sort_keys=True).encode())
-        return [i for i in range(self.signature["chunks"]) if fs.exists(self.chunk(i))]
+        for name in remove_dead_temps(fs, f"{self.folder}/part-*.parquet"):
+            log("retrieve", f"removed {name}, left by a killed run")
+        done = np.zeros(self.signature["queries"], bool)
+        for part in self.parts():
+            with fs.open(part, "rb") as f:
+                done[pq.read_table(f, columns=["pos"]).column("pos").to_numpy()] = True
+        self.saved = len(self.parts())
+        return done
 
-    def rows(self, i: int) -> int:
-        with self.fs.open(self.chunk(i), "rb") as f:
-            return pq.ParquetFile(f).metadata.num_rows
+    def save(self, tables: list[pa.Table]) -> None:
+        if tables:
+            self.saved += 1
+            name = f"{self.folder}/part-{self.saved:06d}-{uuid.uuid4().hex[:8]}.parquet"
+            write_tables(tables, self.fs.unstrip_protocol(name), RANKED_SCHEMA)  # s3:// stays s3://
 
     def join(self) -> int:
-        """Every chunk into `out` (temp + rename), then the parts folder removed."""
+        """Every part into `out`, one row per (query, rank) (temp + rename), then the folder removed."""
         def tables():
-            for i in range(self.signature["chunks"]):
-                with self.fs.open(self.chunk(i), "rb") as f:
+            for part in self.parts():
+                with self.fs.open(part, "rb") as f:
                     parquet = pq.ParquetFile(f)
                     for g in range(parquet.num_row_groups):
-                        yield parquet.read_row_group(g)
+                        yield flatten_ranked(parquet.read_row_group(g))
         rows = write_tables(tables(), self.out)
         self.fs.rm(self.folder, recursive=True)
         return rows
 
 
-def run_signature(store: Store, version: IndexVersion, cfg: CartConfig, k: int, queries: pa.Table,
-                  chunk: int) -> dict:
-    """What a saved chunk answers: a rerun resumes only the same command on the same index."""
+def run_signature(store: Store, version: IndexVersion, cfg: CartConfig, k: int, queries: pa.Table) -> dict:
+    """What the saved answers answer: a rerun resumes only the same command on the same index."""
     withdrawn = hashlib.sha256("\n".join(sorted(version.withdrawn)).encode()).hexdigest()
     return {"store": store.url, "version": version.version, "withdrawn": withdrawn, "k": k,
             "beam_size": cfg.eval.beam_size, "mode": cfg.verify.mode, "query": query_time(cfg),
-            "queries": queries.num_rows, "queries_sha256": queries_digest(queries), "chunk_queries": chunk,
-            "chunks": max(1, -(-queries.num_rows // chunk))}
+            "queries": queries.num_rows, "queries_sha256": queries_digest(queries)}
+
+
+def answer_and_save(results_ds, parts: ResultParts, total: int, save_s: float) -> int:
+    """Stream the answers in, saving the finished queries every `save_s` seconds and once more when
+    the stream ends or breaks (Ctrl-C and failures included): returns the queries answered."""
+    buffer: list[pa.Table] = []
+    answered, last = 0, time.monotonic()
+    try:
+        for block in stream(results_ds, total, "retrieve"):
+            buffer.append(block)
+            answered += block.num_rows
+            if time.monotonic() - last >= save_s or sum(t.num_rows for t in buffer) >= MAX_UNSAVED:
+                parts.save(buffer)
+                buffer, last = [], time.monotonic()
+                crash_point("retrieve_after_save")
+    finally:
+        parts.save(buffer)
+    return answered
 
 
 def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int = 10,
@@ -185,33 +216,26 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
     manifest = version.manifest
     n = checked.table.num_rows
     t0 = time.perf_counter()
-    chunk = cfg.jobs.retrieve_chunk_queries or max(n, 1)
-    parts = ResultParts(out, run_signature(store, version, cfg, k, checked.table, chunk))
-    saved = parts.open()
-    chunks = parts.signature["chunks"]
-    if saved:
-        log("retrieve", f"resuming: {len(saved)} of {chunks} chunks were saved by an earlier run of this command")
-    for i in range(chunks):
-        if i in saved:
-            continue
-        t1 = time.perf_counter()
-        try:
-            got = write_results(retrieve_dataset(checked.table.slice(i * chunk, chunk), cfg, k, version),
-                                parts.chunk(i))
-        except BaseException:
-            done = sum(parts.fs.exists(parts.chunk(j)) for j in range(chunks))
-            log("retrieve", f"stopped: {done} of {chunks} chunks are saved in {parts.folder}; "
-                            "the same command resumes from them")
-            raise
-        log("retrieve", f"chunk {i + 1} of {chunks}: {got} rows "
-                        f"({min(chunk, n - i * chunk) / max(time.perf_counter() - t1, 1e-9):.0f} queries/s)")
-        crash_point("retrieve_after_chunk")
+    parts = ResultParts(out, run_signature(store, version, cfg, k, checked.table))
+    done = parts.open()
+    if done.any():
+        log("retrieve", f"resuming: {int(done.sum())} of {n} queries were answered by an earlier run of "
+                        "this command")
+    todo = checked.table.append_column("pos", pa.array(np.arange(n, dtype=np.int64))).filter(pa.array(~done))
+    try:
+        if todo.num_rows:
+            answer_and_save(retrieve_dataset(todo, cfg, k, version), parts, todo.num_rows, cfg.jobs.retrieve_save_s)
+    except BaseException:
+        log("retrieve", f"stopped: {parts.saved} part(s) of answers are saved in {parts.folder}; "
+                        "the same command resumes from them")
+        raise
     rows = parts.join()
     elapsed = summary.time("retrieve_s", t0)
     summary.counts.update(queries=int(n), result_rows=int(rows), queries_skipped=sum(checked.skipped.values()),
-                          chunks=chunks, chunks_resumed=len(saved))
+                          queries_resumed=int(done.sum()))
+    answered = todo.num_rows  # this run's (the rest were answered by an earlier one)
     summary.extra.update(version=manifest.version, out=out, k=k, beam_size=cfg.eval.beam_size,
-                         queries_per_s=n / max(elapsed, 1e-9), skipped=checked.report()["skipped_by_reason"])
-    log("retrieve", f"{n} queries -> {rows} rows in {out} ({n / max(elapsed, 1e-9):.0f} queries/s, "
+                         queries_per_s=answered / max(elapsed, 1e-9), skipped=checked.report()["skipped_by_reason"])
+    log("retrieve", f"{n} queries -> {rows} rows in {out} ({answered / max(elapsed, 1e-9):.0f} queries/s, "
                     f"version {manifest.version})")
     return summary.write(store)

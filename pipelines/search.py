@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cart_core.config import CartConfig
 from cart_core.index_version import IndexVersion
@@ -98,13 +99,46 @@ def ranked_rows(query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.nd
             "score": scores[valid].astype(np.float32)}
 
 
+RANKED_SCHEMA = pa.schema([("pos", pa.int64()), ("query_id", pa.string()), ("item_ids", pa.list_(pa.string())),
+                           ("scores", pa.list_(pa.float32()))])
+
+
+def ranked_lists(positions, query_ids, rows: np.ndarray, scores: np.ndarray, item_ids: np.ndarray) -> pa.Table:
+    """One row per query (RANKED_SCHEMA): its answers best first, empty slots (-1) dropped. A
+    query's answer is one row, so no block boundary can split it: what lets `cart retrieve` save
+    finished queries as they stream in and resume from them."""
+    valid = rows >= 0
+    offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32))
+    return pa.table({
+        "pos": pa.array(np.asarray(positions, dtype=np.int64)),
+        "query_id": pa.array([str(q) for q in query_ids], pa.string()),
+        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(item_ids[rows[valid]].astype(str), pa.string())),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(scores[valid].astype(np.float32))),
+    }, schema=RANKED_SCHEMA)
+
+
+def flatten_ranked(table: pa.Table) -> pa.Table:
+    """RANKED_SCHEMA rows as one row per (query, rank): query_id, rank (1 = best), item_id, score."""
+    table = table.combine_chunks()
+    lengths = pc.list_value_length(table.column("item_ids")).fill_null(0).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    owner = np.repeat(np.arange(table.num_rows), lengths)
+    return pa.table({
+        "query_id": pc.take(table.column("query_id"), pa.array(owner)),
+        "rank": pa.array((np.arange(int(lengths.sum())) - starts[owner] + 1).astype(np.int32)),
+        "item_id": pc.list_flatten(table.column("item_ids")),
+        "score": pc.list_flatten(table.column("scores")),
+    })
+
+
 @dataclass
 class RetrieveStage(Stage):
-    """The committed version's retriever, loaded once per actor; a batch of queries in, ranked rows out."""
+    """The committed version's retriever, loaded once per actor; a batch of queries in, one row of
+    ranked answers per query out (ranked_lists; `pos` is the query's row in the job's table)."""
 
     name = "retrieve"
-    inputs = ("query_id", "text")
-    outputs = ("query_id", "rank", "item_id", "score")
+    inputs = ("pos", "query_id", "text")
+    outputs = tuple(RANKED_SCHEMA.names)
     batch_format = "numpy"
 
     resources: Resources
@@ -121,15 +155,18 @@ class RetrieveStage(Stage):
         version = IndexVersion(store, store.version(self.version), withdrawn=frozenset(self.withdrawn))
         self.retriever, self.table = load_retriever(version, self.resources.device, self.mode, self.query)
 
-    def process_batch(self, batch: dict) -> dict:
+    def process_batch(self, batch: dict) -> pa.Table:
         texts = [str(t) for t in batch["text"]]
         # the beam must hold k distinct identifiers
         rows, scores = self.retriever.search_batch(texts, k=self.k, beam_size=max(self.beam_size, self.k))
-        return ranked_rows(batch["query_id"], rows, scores, self.table.item_ids)
+        return ranked_lists(batch["pos"], batch["query_id"], rows, scores, self.table.item_ids)
 
 
 def retrieve_dataset(queries: pa.Table, cfg: CartConfig, k: int, version: IndexVersion):
-    """Ray dataset of ranked rows (query_id, rank, item_id, score) for a table of checked queries."""
+    """Ray dataset of ranked answers, one row per query (RANKED_SCHEMA), for a table of checked
+    queries; `pos` numbers them in order unless the table brings its own."""
+    if "pos" not in queries.column_names:
+        queries = queries.append_column("pos", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
     jobs = cfg.jobs
     stage = RetrieveStage(Resources(jobs.retrieve_actors, jobs.retrieve_num_cpus, jobs.retrieve_num_gpus,
                                     jobs.retrieve_batch_size), version.store.url, version.version, k,

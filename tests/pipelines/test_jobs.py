@@ -171,39 +171,45 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, quan
     assert ran == dict(fitted, candidates=200) and fitted["candidates"] != 200  # 160 items: both caps take all
 
 
-def test_retrieve_resumes_from_the_chunks_a_killed_run_saved(tmp_path, corpus_dir, quantized, monkeypatch, capsys):
+def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_dir, quantized, monkeypatch, capsys):
     from pipelines.retrieve import run_retrieve
     from pipelines.train import run_train
 
     store = copy_of(quantized, tmp_path)
     run_train(store, small_config("train.epochs=1"))
     queries = queries_file(corpus_dir, tmp_path / "q.parquet")  # 160 queries
-    chunked = small_config("jobs.retrieve_chunk_queries=50")  # 4 chunks
+    often = small_config("jobs.retrieve_save_s=0")  # a part after every block of answers
     whole = tmp_path / "whole.parquet"
-    assert run_retrieve(store, queries, str(whole), small_config(), k=5)["counts"]["chunks"] == 1
+    assert run_retrieve(store, queries, str(whole), small_config(), k=5)["counts"]["queries_resumed"] == 0
+    assert not (tmp_path / "whole.parquet.parts").exists()
     out, parts = tmp_path / "out.parquet", tmp_path / "out.parquet.parts"
-    monkeypatch.setenv("CART_CRASH_AT", "retrieve_after_chunk")
+    monkeypatch.setenv("CART_CRASH_AT", "retrieve_after_save")
     with pytest.raises(RuntimeError, match="injected crash"):
-        run_retrieve(store, queries, str(out), chunked, k=5)
+        run_retrieve(store, queries, str(out), often, k=5)
     monkeypatch.delenv("CART_CRASH_AT")
-    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == ["chunk-000000.parquet", "run.json"]
+    assert not out.exists()
+    saved = sorted(p.name for p in parts.iterdir())
+    assert saved[-1] == "run.json" and all(n.startswith("part-") and n.endswith(".parquet") for n in saved[:-1])
+    held = sum(pq.read_metadata(parts / n).num_rows for n in saved[:-1])
+    assert 0 < held < 160
     capsys.readouterr()
-    counts = run_retrieve(store, queries, str(out), chunked, k=5)["counts"]
-    assert counts["chunks"] == 4 and counts["chunks_resumed"] == 1 and counts["result_rows"] == 160 * 5
-    assert "resuming: 1 of 4 chunks were saved by an earlier run of this command" in capsys.readouterr().err
+    counts = run_retrieve(store, queries, str(out), often, k=5)["counts"]
+    assert counts["queries_resumed"] == held and counts["result_rows"] == 160 * 5
+    assert f"resuming: {held} of 160 queries were answered by an earlier run of this command" in capsys.readouterr().err
     assert not parts.exists()
     order = [("query_id", "ascending"), ("rank", "ascending")]
     got, want = pq.read_table(out).sort_by(order), pq.read_table(whole).sort_by(order)
+    assert got.num_rows == want.num_rows and got.column("query_id").to_pylist() == want.column("query_id").to_pylist()
     assert got.column("item_id").to_pylist() == want.column("item_id").to_pylist()
     assert np.allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=1e-5)
-    # another command's saved chunks (here another k) answer other questions: removed, not resumed
-    monkeypatch.setenv("CART_CRASH_AT", "retrieve_after_chunk")
+    # another command's saved answers (here another k) answer other questions: removed, not resumed
+    monkeypatch.setenv("CART_CRASH_AT", "retrieve_after_save")
     with pytest.raises(RuntimeError, match="injected crash"):
-        run_retrieve(store, queries, str(tmp_path / "other.parquet"), chunked, k=5)
+        run_retrieve(store, queries, str(tmp_path / "other.parquet"), often, k=5)
     monkeypatch.delenv("CART_CRASH_AT")
     capsys.readouterr()
-    counts = run_retrieve(store, queries, str(tmp_path / "other.parquet"), chunked, k=3)["counts"]
-    assert counts["chunks_resumed"] == 0 and counts["result_rows"] == 160 * 3
+    counts = run_retrieve(store, queries, str(tmp_path / "other.parquet"), often, k=3)["counts"]
+    assert counts["queries_resumed"] == 0 and counts["result_rows"] == 160 * 3
     assert "results of another command" in capsys.readouterr().err
 
 
