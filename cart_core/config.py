@@ -76,7 +76,7 @@ class JobsConfig:
     retrieve_actors: int = 1
     retrieve_num_cpus: float = 1.0
     retrieve_num_gpus: float = 0.0
-    retrieve_save_s: float = 60.0   # `cart retrieve` saves finished queries this often (and when it stops): a rerun resumes
+    retrieve_save_s: float = 60.0   # `cart retrieve` saves finished queries this often (and when it stops): a rerun resumes; 0 = after every block
     serve_max_batch_size: int = 32
     serve_batch_wait_s: float = 0.01
     serve_replicas: int = 1

@@ -4,11 +4,13 @@ Queries (query_id, text[, item_id]) are read from Parquet (local or S3) and chec
 `cart serve` applies (pipelines/queries.py) before Ray starts; then they flow through an actor
 pool; each actor loads the committed generator + identifier table once and runs
 constrained beam search per batch. Results (query_id, rank, item_id, score) stream back to the
-driver, which appends them to one Parquet file, so memory stays flat for millions of queries.
+driver, which appends them to one Parquet file; it holds at most `jobs.retrieve_save_s` of answers
+(and never more than MAX_UNSAVED), so memory stays flat for millions of queries.
 
-Nothing finished is lost when the job dies: each query's answer comes back as one row, and the
-driver saves the finished ones every `jobs.retrieve_save_s` seconds (and when it stops, Ctrl-C
-and failures included) as parts in `<out>.parts/`, beside a `run.json` that pins what they answer
+A job that dies loses at most the answers of its last `jobs.retrieve_save_s` seconds (none when
+it is stopped by Ctrl-C, SIGTERM or a failure: it saves on the way out; SIGKILL or the OOM killer
+gives it no way out): each query's answer comes back as one row, and the driver saves the
+finished ones as parts in `<out>.parts/`, beside a `run.json` that pins what they answer
 (store, served version, k, settings, a digest of the checked queries). The same command run
 again answers only the queries no part holds; another command's parts are removed. The parts
 are joined into `<out>` at the end and their folder removed.
@@ -18,25 +20,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig
 from cart_core.errors import BadInput
 from cart_core.index_version import IndexVersion
-from cart_core.store import Store
+from cart_core.store import Store, StoreError
 from pipelines.queries import check_k, load_queries
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import query_time, verify_settings
 from pipelines.search import RANKED_SCHEMA, flatten_ranked, retrieve_dataset
 from pipelines.stages import stream
 
-MAX_UNSAVED = 1_000_000  # queries held by the driver before a save, whatever jobs.retrieve_save_s says
+MAX_UNSAVED = 5_000_000  # answers (query x rank) the driver holds before a save, whatever jobs.retrieve_save_s says
 RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                            ("score", pa.float32())])
 
@@ -109,7 +113,7 @@ def write_tables(tables: Iterable[pa.Table], out: str, schema: pa.Schema = RESUL
 
 
 def queries_digest(queries: pa.Table) -> str:
-    """sha256 of the checked queries (query_id, text), in order: what the saved chunks answered."""
+    """sha256 of the checked queries (query_id, text), in order: what the saved answers answer."""
     digest = hashlib.sha256()
     for batch in queries.select(["query_id", "text"]).to_batches(max_chunksize=65536):
         sink = pa.BufferOutputStream()
@@ -121,7 +125,10 @@ def queries_digest(queries: pa.Table) -> str:
 
 class ResultParts:
     """The saved answers of one `cart retrieve` command: `<out>.parts/part-NNNNNN-*.parquet`, each
-    written whole (temp + rename) in RANKED_SCHEMA, and `run.json`, the command they answer."""
+    written whole (temp + rename) in RANKED_SCHEMA; `run.json`, the command they answer; and
+    `lock.json`, the process writing them (host and pid: one run per --out at a time)."""
+
+    OURS = ("part-", "run.json", "lock.json")
 
     def __init__(self, out: str, signature: dict):
         import fsspec
@@ -133,52 +140,109 @@ class ResultParts:
         self.fs.invalidate_cache(self.folder)  # s3fs caches listings: parts written since must show
         return sorted(p for p in self.fs.glob(f"{self.folder}/part-*.parquet"))
 
+    def _read_json(self, name: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self.folder}/{name}"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _check_ours(self) -> None:
+        self.fs.invalidate_cache(self.folder)
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.folder, detail=False)]
+        foreign = [n for n in names if not n.startswith(self.OURS)]
+        if foreign:
+            raise BadInput(f"{self.folder}: holds {foreign[0]!r}, not the saved answers of a cart retrieve; "
+                           "move it or give another --out")
+
+    def _lock(self) -> None:
+        """One run per --out: a live process on this host holding the lock refuses this one."""
+        held = self._read_json("lock.json")
+        if held and held.get("pid") != os.getpid():
+            if held.get("host") != socket.gethostname():
+                raise BadInput(f"{self.folder}/lock.json: another cart retrieve on {held.get('host')} (pid "
+                               f"{held.get('pid')}) writes {self.out}; if it is gone, remove that file")
+            if _alive(int(held.get("pid", -1))):
+                raise BadInput(f"{self.out}: another cart retrieve (pid {held['pid']}) is writing it; "
+                               "wait for it or give another --out")
+        self.fs.pipe_file(f"{self.folder}/lock.json",
+                          json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+
     def open(self) -> np.ndarray:
         """bool per query: answered by a part an earlier run of the same command saved. Another
-        command's parts are removed."""
+        command's parts are removed; a folder of something else is refused."""
         fs = self.fs
         if fs.exists(self.folder):
-            try:
-                saved = json.loads(fs.cat_file(f"{self.folder}/run.json"))
-            except (FileNotFoundError, ValueError):
-                saved = None
-            if saved != self.signature:
-                fs.rm(self.folder, recursive=True)
-                log("retrieve", f"removed {self.folder}: results of another command (other queries, index "
-                                "version, k or settings)")
-        if not fs.exists(f"{self.folder}/run.json"):
+            self._check_ours()
+            self._lock()
+            if self._read_json("run.json") != self.signature:
+                for part in self.parts():
+                    fs.rm(part)
+                if self.parts() or fs.exists(f"{self.folder}/run.json"):
+                    log("retrieve", f"removed the saved answers in {self.folder}: another command's (other "
+                                    "queries, index version, k or settings)")
+                fs.pipe_file(f"{self.folder}/run.json", json.dumps(self.signature, sort_keys=True).encode())
+        else:
             fs.makedirs(self.folder, exist_ok=True)
+            self._lock()
             fs.pipe_file(f"{self.folder}/run.json", json.dumps(self.signature, sort_keys=True).encode())
         for name in remove_dead_temps(fs, f"{self.folder}/part-*.parquet"):
             log("retrieve", f"removed {name}, left by a killed run")
+        self.saved = len(self.parts())
+        return self.answered()
+
+    def answered(self) -> np.ndarray:
+        """bool per query: held by a saved part."""
         done = np.zeros(self.signature["queries"], bool)
         for part in self.parts():
-            with fs.open(part, "rb") as f:
+            with self.fs.open(part, "rb") as f:
                 done[pq.read_table(f, columns=["pos"]).column("pos").to_numpy()] = True
-        self.saved = len(self.parts())
         return done
 
     def save(self, tables: list[pa.Table]) -> None:
         if tables:
             self.saved += 1
             name = f"{self.folder}/part-{self.saved:06d}-{uuid.uuid4().hex[:8]}.parquet"
-            write_tables(tables, self.fs.unstrip_protocol(name), RANKED_SCHEMA)  # s3:// stays s3://
+            # one row group per part, not one per streamed block
+            write_tables([pa.concat_tables(tables)], self.fs.unstrip_protocol(name), RANKED_SCHEMA)  # s3:// stays
 
     def join(self) -> int:
-        """Every part into `out`, one row per (query, rank) (temp + rename), then the folder removed."""
+        """Every query's answer once into `out`, one row per (query, rank) (temp + rename); then the
+        parts, run.json and the lock removed, in that order. Refuses, keeping the parts, when a query
+        is missing or another command's run.json took the folder over."""
+        if self._read_json("run.json") != self.signature:
+            raise StoreError(f"{self.folder}: another command's run.json replaced this one's; rerun it")
+        if not self.answered().all():  # parts removed by hand, or another run's: keep them, say so
+            raise StoreError(f"{self.folder}: {int((~self.answered()).sum())} queries have no saved answer; "
+                             "rerun the same command")
+        seen = np.zeros(self.signature["queries"], bool)
+
         def tables():
             for part in self.parts():
                 with self.fs.open(part, "rb") as f:
-                    parquet = pq.ParquetFile(f)
-                    for g in range(parquet.num_row_groups):
-                        yield flatten_ranked(parquet.read_row_group(g))
-        rows = write_tables(tables(), self.out)
-        self.fs.rm(self.folder, recursive=True)
-        return rows
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
+                        pos = batch.column("pos").to_numpy()
+                        first = ~seen[pos] & _first_occurrence(pos)  # a query saved twice is written once
+                        seen[pos[first]] = True
+                        yield flatten_ranked(pa.Table.from_batches([batch]).filter(pa.array(first)))
+        tmp_rows = write_tables(tables(), self.out)
+        for part in self.parts():
+            self.fs.rm(part)
+        self.fs.rm(f"{self.folder}/run.json")
+        self.fs.rm(f"{self.folder}/lock.json")
+        if self.fs.exists(self.folder):
+            self.fs.rm(self.folder, recursive=True)
+        return tmp_rows
+
+
+def _first_occurrence(pos: np.ndarray) -> np.ndarray:
+    """bool per entry: the first time its value appears in `pos`."""
+    first = np.zeros(len(pos), bool)
+    first[np.unique(pos, return_index=True)[1]] = True
+    return first
 
 
 def run_signature(store: Store, version: IndexVersion, cfg: CartConfig, k: int, queries: pa.Table) -> dict:
-    """What the saved answers answer: a rerun resumes only the same command on the same index."""
+    """What saved answers answer: a rerun resumes only the same command on the same index."""
     withdrawn = hashlib.sha256("\n".join(sorted(version.withdrawn)).encode()).hexdigest()
     return {"store": store.url, "version": version.version, "withdrawn": withdrawn, "k": k,
             "beam_size": cfg.eval.beam_size, "mode": cfg.verify.mode, "query": query_time(cfg),
@@ -189,14 +253,16 @@ def answer_and_save(results_ds, parts: ResultParts, total: int, save_s: float) -
     """Stream the answers in, saving the finished queries every `save_s` seconds and once more when
     the stream ends or breaks (Ctrl-C and failures included): returns the queries answered."""
     buffer: list[pa.Table] = []
-    answered, last = 0, time.monotonic()
+    answered, held, last = 0, 0, time.monotonic()
     try:
         for block in stream(results_ds, total, "retrieve"):
             buffer.append(block)
             answered += block.num_rows
-            if time.monotonic() - last >= save_s or sum(t.num_rows for t in buffer) >= MAX_UNSAVED:
-                parts.save(buffer)
-                buffer, last = [], time.monotonic()
+            held += int(pc.sum(pc.list_value_length(block.column("item_ids"))).as_py() or 0)
+            if time.monotonic() - last >= save_s or held >= MAX_UNSAVED:
+                full, buffer, held = buffer, [], 0  # emptied first: a stop during the save cannot save it twice
+                parts.save(full)
+                last = time.monotonic()
                 crash_point("retrieve_after_save")
     finally:
         parts.save(buffer)

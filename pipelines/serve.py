@@ -18,7 +18,8 @@ otherwise); /healthz stays open for load-balancer and Kubernetes probes.
 A watcher thread polls the store's manifest; when a newer servable version is committed it loads
 it beside the old one and swaps a single reference, so requests in flight finish on the version
 they started with and none is dropped. After `serve.watcher_failures` failed polls in a row
-/healthz answers 503 with the reason while search keeps serving the loaded version.
+(each failure doubles the wait before the next, up to 30 s) /healthz answers 503 with the reason
+while search keeps serving the loaded version.
 """
 
 import asyncio

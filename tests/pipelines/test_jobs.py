@@ -172,6 +172,11 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, quan
 
 
 def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_dir, quantized, monkeypatch, capsys):
+    import json
+    import socket
+    import subprocess
+
+    from cart_core.errors import BadInput
     from pipelines.retrieve import run_retrieve
     from pipelines.train import run_train
 
@@ -188,10 +193,21 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
         run_retrieve(store, queries, str(out), often, k=5)
     monkeypatch.delenv("CART_CRASH_AT")
     assert not out.exists()
-    saved = sorted(p.name for p in parts.iterdir())
-    assert saved[-1] == "run.json" and all(n.startswith("part-") and n.endswith(".parquet") for n in saved[:-1])
-    held = sum(pq.read_metadata(parts / n).num_rows for n in saved[:-1])
+    names = {p.name for p in parts.iterdir()}
+    saved = sorted(names - {"lock.json", "run.json"})
+    assert {"lock.json", "run.json"} <= names
+    assert saved and all(n.startswith("part-") and n.endswith(".parquet") for n in saved)
+    held = sum(pq.read_metadata(parts / n).num_rows for n in saved)
     assert 0 < held < 160
+    # while another live process holds the lock, a second run on the same --out is refused
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (parts / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(BadInput, match=f"another cart retrieve \\(pid {other.pid}\\) is writing it"):
+            run_retrieve(store, queries, str(out), often, k=5)
+    finally:
+        other.kill()
+        other.wait()
     capsys.readouterr()
     counts = run_retrieve(store, queries, str(out), often, k=5)["counts"]
     assert counts["queries_resumed"] == held and counts["result_rows"] == 160 * 5
@@ -202,6 +218,12 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
     assert got.num_rows == want.num_rows and got.column("query_id").to_pylist() == want.column("query_id").to_pylist()
     assert got.column("item_id").to_pylist() == want.column("item_id").to_pylist()
     assert np.allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=1e-5)
+    # a folder of something else where the parts would go is refused, not emptied
+    (tmp_path / "mine.parquet.parts").mkdir()
+    (tmp_path / "mine.parquet.parts" / "notes.txt").write_text("keep me")
+    with pytest.raises(BadInput, match="'notes.txt', not the saved answers of a cart retrieve"):
+        run_retrieve(store, queries, str(tmp_path / "mine.parquet"), often, k=5)
+    assert (tmp_path / "mine.parquet.parts" / "notes.txt").read_text() == "keep me"
     # another command's saved answers (here another k) answer other questions: removed, not resumed
     monkeypatch.setenv("CART_CRASH_AT", "retrieve_after_save")
     with pytest.raises(RuntimeError, match="injected crash"):
@@ -210,7 +232,7 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
     capsys.readouterr()
     counts = run_retrieve(store, queries, str(tmp_path / "other.parquet"), often, k=3)["counts"]
     assert counts["queries_resumed"] == 0 and counts["result_rows"] == 160 * 3
-    assert "results of another command" in capsys.readouterr().err
+    assert "another command's (other queries, index version, k or settings)" in capsys.readouterr().err
 
 
 def test_train_resumes_after_a_crash(tmp_path, quantized, monkeypatch):
