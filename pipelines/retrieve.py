@@ -83,14 +83,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_results(results_ds, out: str) -> int:
-    """Stream result batches into one Parquet file: written to a temp beside it, renamed when whole,
-    and the temp removed when the job fails (SIGTERM and Ctrl-C included: the CLI raises on both)."""
-    return write_tables(results_ds.iter_batches(batch_format="pyarrow", batch_size=65536), out)
-
-
 def write_tables(tables: Iterable[pa.Table], out: str, schema: pa.Schema = RESULT_SCHEMA) -> int:
-    """write_results for any stream of tables of `schema`."""
+    """Stream tables of `schema` into one Parquet file: written to a temp beside it, renamed when
+    whole, and the temp removed when the job fails (SIGTERM and Ctrl-C included: the CLI raises on
+    both)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)

@@ -12,7 +12,7 @@ import pytest
 from cart_core.config import QueryConfig
 from cart_core.errors import BadInput
 from pipelines.queries import QueryRefused, check_k, normalize_query, read_query_table
-from pipelines.retrieve import RESULT_SCHEMA, write_results
+from pipelines.retrieve import RESULT_SCHEMA, write_tables
 
 RULES = QueryConfig()
 
@@ -70,19 +70,17 @@ def test_query_table_refuses_a_folder_and_float_ids(tmp_path):
         read_query_table(str(tmp_path / "q.parquet"), RULES)
 
 
-class FailingResults:
+def failing_results():
     """A result stream that breaks after its first batch, as a dying actor pool does."""
-
-    def iter_batches(self, **_):
-        yield pa.table({"query_id": ["q"], "rank": pa.array([1], pa.int32()), "item_id": ["i"],
-                        "score": pa.array([1.0], pa.float32())})
-        raise RuntimeError("actor died")
+    yield pa.table({"query_id": ["q"], "rank": pa.array([1], pa.int32()), "item_id": ["i"],
+                    "score": pa.array([1.0], pa.float32())})
+    raise RuntimeError("actor died")
 
 
 def test_failed_retrieve_leaves_no_temporary_output(tmp_path):
     out = tmp_path / "results.parquet"
     with pytest.raises(RuntimeError, match="actor died"):
-        write_results(FailingResults(), str(out))
+        write_tables(failing_results(), str(out))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -95,10 +93,7 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next(tmp_path):
     live = tmp_path / f"results.parquet.tmp-{os.getpid()}-abcd1234"  # a running writer's: kept
     live.write_bytes(b"in progress")
 
-    class Done:
-        def iter_batches(self, **_):
-            yield pa.table({n: pa.array([], t) for n, t in zip(RESULT_SCHEMA.names, RESULT_SCHEMA.types)})
-
-    assert write_results(Done(), str(out)) == 0
+    done = [pa.table({n: pa.array([], t) for n, t in zip(RESULT_SCHEMA.names, RESULT_SCHEMA.types)})]
+    assert write_tables(done, str(out)) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["results.parquet", live.name])
     assert pq.read_table(out).num_rows == 0
