@@ -173,9 +173,8 @@ class ResultParts:
             if self._read_json("run.json") != self.signature:
                 for part in self.parts():
                     fs.rm(part)
-                if self.parts() or fs.exists(f"{self.folder}/run.json"):
-                    log("retrieve", f"removed the saved answers in {self.folder}: another command's (other "
-                                    "queries, index version, k or settings)")
+                log("retrieve", f"removed the saved answers in {self.folder}: another command's (other "
+                                "queries, index version, k or settings)")
                 fs.pipe_file(f"{self.folder}/run.json", json.dumps(self.signature, sort_keys=True).encode())
         else:
             fs.makedirs(self.folder, exist_ok=True)
@@ -207,9 +206,9 @@ class ResultParts:
         is missing or another command's run.json took the folder over."""
         if self._read_json("run.json") != self.signature:
             raise StoreError(f"{self.folder}: another command's run.json replaced this one's; rerun it")
-        if not self.answered().all():  # parts removed by hand, or another run's: keep them, say so
-            raise StoreError(f"{self.folder}: {int((~self.answered()).sum())} queries have no saved answer; "
-                             "rerun the same command")
+        missing = int((~self.answered()).sum())
+        if missing:  # parts removed by hand, or another run's: keep them, say so
+            raise StoreError(f"{self.folder}: {missing} queries have no saved answer; rerun the same command")
         seen = np.zeros(self.signature["queries"], bool)
 
         def tables():
@@ -220,14 +219,14 @@ class ResultParts:
                         first = ~seen[pos] & _first_occurrence(pos)  # a query saved twice is written once
                         seen[pos[first]] = True
                         yield flatten_ranked(pa.Table.from_batches([batch]).filter(pa.array(first)))
-        tmp_rows = write_tables(tables(), self.out)
+        rows = write_tables(tables(), self.out)
         for part in self.parts():
             self.fs.rm(part)
         self.fs.rm(f"{self.folder}/run.json")
         self.fs.rm(f"{self.folder}/lock.json")
         if self.fs.exists(self.folder):
             self.fs.rm(self.folder, recursive=True)
-        return tmp_rows
+        return rows
 
 
 def _first_occurrence(pos: np.ndarray) -> np.ndarray:
