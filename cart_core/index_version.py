@@ -312,6 +312,26 @@ def withdrawn_since(served: IdentifierTable, current: IndexVersion) -> frozenset
     return frozenset(gone.to_pylist())
 
 
+def only_deleted(before: "IndexVersion", after: "IndexVersion") -> bool:
+    """Whether the commit from `before` to `after` only deleted items: the identifier table is the
+    same with rows marked dead, every feature row it retired belongs to an item now dead, and no
+    feature, caption or codebook changed (an update or new captions are not a delete). A
+    generator trained for `before`'s identifiers then serves `after`: decoding never reaches a
+    dead row, and the verifier masks deleted items (pipelines/train.py `over_deletes`)."""
+    b, a = before.manifest, after.manifest
+    if (b.features, b.queries, b.eval_queries, b.codebooks, b.dim) != (a.features, a.queries, a.eval_queries,
+                                                                       a.codebooks, a.dim):
+        return False
+    old, _ = before.ids()
+    new, _ = after.ids()
+    if (old.codes.shape != new.codes.shape or list(old.vocab_sizes) != list(new.vocab_sizes)
+            or not np.array_equal(old.codes, new.codes) or not np.array_equal(old.item_ids, new.item_ids)
+            or np.any(new.live & ~old.live)):
+        return False
+    retired = {item for item, _ in after.tombstones() - before.tombstones()}
+    return not retired & set(new.item_ids[new.live].tolist())
+
+
 def withdraw(table: IdentifierTable, withdrawn: frozenset[str]) -> IdentifierTable:
     """The table with the withdrawn items marked not live: answered by nothing, like deleted ones."""
     if not withdrawn:

@@ -478,6 +478,22 @@ def recaptioned_pending(version: IndexVersion, items: list[str], cap_ids: list[s
     return PendingRows(list(items), vectors, features, terms)
 
 
+def refuse_all_but_deletes(version: IndexVersion, add: str | None, update: str | None, captions: str | None,
+                           finetune: bool | None) -> None:
+    """While the newest version has no generator (`cart quantize` committed identifiers that `cart
+    train` has not learned yet), a takedown cannot wait for the training: a delete commits on it (an
+    older version answers, with the deleted items withdrawn, IndexVersion.withdrawn) and the
+    training commits over it (pipelines/train.py `over_deletes`). Adds, updates and captions
+    need the generator the identifiers were built for, so they wait."""
+    asked = [flag for flag, value in (("--add", add), ("--update", update), ("--captions", captions),
+                                      ("--finetune", finetune)) if value]
+    if asked:
+        m = version.manifest
+        raise StoreError(f"{version.store.url}: the newest version {m.version} ({m.message!r}) has no generator "
+                         f"trained for its identifiers yet, so {', '.join(asked)} must wait for `cart train`; "
+                         "until then `cart reindex` runs --delete only (a takedown is answered at once)")
+
+
 def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions: str | None = None,
                 delete: str | None = None, update: str | None = None, finetune: bool | None = None,
                 address: str | None = None) -> dict:
@@ -487,8 +503,10 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     run = summary.run
     version = IndexVersion.current(store)
     manifest = version.manifest
-    if not version.servable:
+    if not manifest.ids:
         raise StoreError(f"{store.url}: reindex needs a trained index (run `cart quantize` and `cart train` first)")
+    if not version.servable:
+        refuse_all_but_deletes(version, add=add, update=update, captions=captions, finetune=finetune)
     t0 = time.perf_counter()
     table, ids_meta = version.ids()
     with store.local_dir(manifest.codebooks) as folder:
@@ -574,7 +592,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     finetune = cfg.reindex.finetune if finetune is None else finetune
     after = IndexVersion(store, manifest)
     pending, items = after.pending(), after.untrained_pending()
-    if finetune and items:
+    if finetune and items and after.servable:
         # the text encoder stays as the full training left it (encoder_lr 0 where the generator tuned
         # its top layers): the verifier, the pending rows and every later reindex embed captions with
         # it, so a fine-tune that moved it would leave them all in another space
@@ -641,22 +659,24 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
     refreshed = {plan["encode_ids"][r]: (verify_feats[r] if verify_feats is not None and np.linalg.norm(cap_vec[r]) > 0
                                          else None)
                  for r, new in enumerate(plan["new_feature_row"]) if new}
-    rows = PendingRows([plan["encode_ids"][r] for r in has_caption], cap_vec[has_caption],
-                       None if verify_feats is None else verify_feats[has_caption],
-                       cap_terms.as_lists(np.array(has_caption, np.int64)))
-    if recaptioned is not None:
-        rows = rows.then(recaptioned)
-    pending, pending_table = write_pending(version, f"ids/{run}", run, rows.item_ids, rows.vectors, table,
-                                           rows.features, refreshed, ItemTerms.from_lists(*rows.terms))
-    threshold = None
-    if pending and len(impostors):
-        vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))
-        threshold = acceptance_threshold(impostors, vectors, fallback_fpr)
+    if version.servable:
+        rows = PendingRows([plan["encode_ids"][r] for r in has_caption], cap_vec[has_caption],
+                           None if verify_feats is None else verify_feats[has_caption],
+                           cap_terms.as_lists(np.array(has_caption, np.int64)))
+        if recaptioned is not None:
+            rows = rows.then(recaptioned)
+        pending, pending_table = write_pending(version, f"ids/{run}", run, rows.item_ids, rows.vectors, table,
+                                               rows.features, refreshed, ItemTerms.from_lists(*rows.terms))
+        threshold = None
+        if pending and len(impostors):
+            vectors = np.stack(pending_table.column("vector").to_numpy(zero_copy_only=False))
+            threshold = acceptance_threshold(impostors, vectors, fallback_fpr)
+        # the generator stays valid: no existing identifier changed (new counter tokens are grown at load)
+        extra.update(generator_ids=f"ids/{run}", pending=pending, pending_threshold=threshold,
+                     pending_interleave=fallback_interleave, vocab_sizes=table.vocab_sizes)
+    # else a delete while `cart train` learns these identifiers (refuse_all_but_deletes): the rows
+    # are marked dead and the training commits over them; nothing is pending, nothing is served yet
     crash_point("after_ids")
-    # the generator stays valid: no existing identifier changed (new counter tokens are grown at load)
-    extra.update(generator_ids=f"ids/{run}", pending=pending, pending_threshold=threshold,
-                 pending_interleave=fallback_interleave,
-                 vocab_sizes=table.vocab_sizes)
     crash_point("before_commit")
     new = store.commit(replace(manifest, ids=f"ids/{run}", extra=extra, **update),
                        f"reindex {run}: +{len(learn)} identifiers, -{len(plan['delete_rows'])} items",
@@ -664,6 +684,10 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
                                              "extra.retired_captions", "extra.pending", "extra.pending_trained",
                                              "generator", "extra.generator_ids"}
                        | ({"eval_queries"} if plan["deleted_items"] else set()))  # eval_before counts them
+    if not version.servable:
+        log("reindex", f"committed version {new.version}: {plan['counts']}; an older version answers until "
+                       "`cart train` commits, and never with the deleted items")
+        return
     log("reindex", f"committed version {new.version}: {plan['counts']}; "
                    f"{len(has_caption)} new captioned items found by "
                    f"{'verification' if has_verifier(version) else 'the dense fallback'} until a fine-tune")

@@ -22,8 +22,8 @@ import pandas as pd
 import pyarrow as pa
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
-from cart_core.index_version import IndexVersion, is_servable
-from cart_core.store import Manifest, Store, StoreError
+from cart_core.index_version import IndexVersion, is_servable, only_deleted
+from cart_core.store import Manifest, Store, StoreError, manifest_keys
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
 from pipelines.runtime import JobSummary, init_ray, log
@@ -244,6 +244,41 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
     return TrainScaling(n, cpus, how)
 
 
+TRAINED_FOR = {"ids", "extra.ids_chain", "extra.tombstones"}  # what a generator was trained for
+
+
+def over_deletes(store: Store, base: Manifest) -> Manifest:
+    """The version a full training commits on: `base`, or the newest version when every commit
+    since that touched what the generator was trained for only deleted items (a takedown while it
+    trained; IndexVersion `only_deleted`). Anything else is left to Store.commit to refuse."""
+    later = [m for m in store.versions() if m.version >= base.version]
+    if len(later) < 2 or [m.version for m in later] != list(range(base.version, base.version + len(later))):
+        return base
+    deleted = False
+    for older, newer in zip(later, later[1:]):
+        before, after = manifest_keys(older), manifest_keys(newer)
+        if before.get("generator") != after.get("generator"):
+            return base  # another training committed: Store.commit refuses the second
+        if any(before.get(k) != after.get(k) for k in TRAINED_FOR):
+            if not only_deleted(IndexVersion(store, older), IndexVersion(store, newer)):
+                return base
+            deleted = True
+    if not deleted:
+        return base  # nothing the generator was trained for changed: Store.commit replays it as it is
+    log("train", f"items were deleted while this training ran (versions {base.version + 1}..{later[-1].version}):"
+                 " it commits over the deletes, which stay in force")
+    return later[-1]
+
+
+def resumable(store: Store, started_for: str | None, base: Manifest) -> bool:
+    """Whether an unfinished run started for the identifiers `started_for` can go on for `base`:
+    the same identifiers, or only items deleted since (a takedown while the run was down)."""
+    if started_for == base.ids:
+        return True
+    started = [m for m in store.versions() if m.ids == started_for and m.version < base.version]
+    return bool(started) and over_deletes(store, started[-1]).version == base.version
+
+
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
               address: str | None = None, finetune: Finetune | None = None,
               finish: Callable[[Manifest], Manifest] | None = None, before_commit=None) -> dict:
@@ -267,7 +302,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     run, resume_from = summary.run, None
     if resume and store.exists(PENDING):
         pending = store.read_json(PENDING)
-        if pending.get("ids") == info["ids"]:
+        if resumable(store, pending.get("ids"), info["base"]):
             run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
             log("train", f"resuming {run} from {resume_from or 'the start (no checkpoint yet)'}")
         else:
@@ -322,12 +357,14 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     summary.time("verify_s", t0)
     if before_commit is not None:
         before_commit()
-    manifest = info["base"]  # the version trained on; a commit that changed its identifiers since is refused
-    trained = manifest.with_generator(f"generator/{run}", info["ids"], fingerprint)
+    # the version trained on; a commit that changed its identifiers since is refused, unless it
+    # only deleted items (a takedown during a full training commits under the new generator too)
+    manifest = info["base"] if finetune is not None else over_deletes(store, info["base"])
+    trained = manifest.with_generator(f"generator/{run}", manifest.ids, fingerprint)
     # a full training has learned every item: no dense fallback left; a fine-tune says what it taught
     new = store.commit(finish(trained) if finish else trained.without_fallback(),
                        f"train {run}: {len(pairs)} pairs, {workers} worker(s)",
-                       base=manifest, reads={"ids", "extra.ids_chain", "extra.tombstones"})
+                       base=manifest, reads=TRAINED_FOR)
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]
     metrics = {key: history[key][-1] for key in ("loss", "nll", "kl")} | {"epochs": len(history["loss"])}

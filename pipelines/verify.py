@@ -142,7 +142,8 @@ def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: C
 def has_verifier(version: IndexVersion) -> bool:
     """Whether the version's generator was fitted with a verifier: its retriever is then generate,
     then verify, and pending items are ranked by it, never by the dense fallback."""
-    return version.store.exists(f"{version.manifest.generator}/verify/fusion.json")
+    generator = version.manifest.generator
+    return bool(generator) and version.store.exists(f"{generator}/verify/fusion.json")
 
 
 def copy_verifier(store: Store, source_dir: str, generator_dir: str) -> bool:

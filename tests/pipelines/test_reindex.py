@@ -180,6 +180,74 @@ def test_a_rollback_forward_past_a_delete_withdraws_the_item_from_the_version_th
     assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
 
 
+def test_a_takedown_does_not_wait_for_training_and_the_training_commits_over_it(base, tmp_path, monkeypatch):
+    """While `cart quantize --refit` waits for `cart train`, a delete commits at once (the older
+    version answers without the items), adds are refused with the reason; a training that crashed
+    resumes across a second delete, and commits over a third that lands as it finishes: every
+    delete stays in force."""
+    from cart_core.index_version import IndexVersion, is_servable, load_ids
+    from cart_core.store import StoreError
+    from pipelines.quantize import run_quantize
+    from pipelines.reindex import run_reindex
+    from pipelines.train import PENDING, run_train
+
+    store = fresh(base, tmp_path)
+    run_quantize(store, small_config(), refit=True)  # new identifiers, no generator for them yet
+    first, second, third = base["old_ids"][:2], base["old_ids"][2:4], base["old_ids"][4:6]
+    for name, items in (("first", first), ("second", second), ("third", third)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(items) + "\n")
+    summary = run_reindex(store, small_config(), delete=str(tmp_path / "first.txt"))
+    assert summary["counts"]["deleted"] == 2 and not is_servable(store.manifest())
+    assert IndexVersion.newest_servable(store).withdrawn == frozenset(first)
+    assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(first)
+    with pytest.raises(StoreError, match=r"--add must wait for `cart train`"):
+        run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))
+    monkeypatch.setenv("CART_CRASH_AFTER_EPOCH", "1")
+    with pytest.raises(Exception, match="injected crash after epoch 1"):
+        run_train(store, small_config("jobs.train_max_failures=0"))
+    monkeypatch.delenv("CART_CRASH_AFTER_EPOCH")
+    unfinished = store.read_json(PENDING)["run"]
+    run_reindex(store, small_config(), delete=str(tmp_path / "second.txt"))
+    deleted_at = []
+
+    def takedown():  # lands while the resumed training is about to commit
+        run_reindex(store, small_config(), delete=str(tmp_path / "third.txt"))
+        deleted_at.append(store.manifest().version)
+
+    summary = run_train(store, small_config(), resume=True, before_commit=takedown)
+    assert summary["run"] == unfinished  # resumed across the second delete, not started afresh
+    done = store.manifest()
+    assert is_servable(done) and done.message.startswith("train") and done.version == deleted_at[0] + 1
+    gone = first + second + third
+    table, _ = load_ids(store, done)
+    assert not table.live[np.isin(table.item_ids, gone)].any()
+    assert int(table.live.sum()) == N_OLD - len(gone)
+    assert IndexVersion.newest_servable(store).withdrawn == frozenset()
+    assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
+
+
+def test_a_training_commits_over_deletes_only(base, tmp_path):
+    """What a training may commit over: deletes; never an add, an update or new captions, whose
+    items the generator and its verifier have not learned (Store.commit then refuses as before)."""
+    from pipelines.reindex import run_reindex
+    from pipelines.train import over_deletes
+
+    store = fresh(base, tmp_path)
+    trained = store.manifest()
+    (tmp_path / "delete.txt").write_text(base["old_ids"][0] + "\n")
+    run_reindex(store, small_config(), delete=str(tmp_path / "delete.txt"))
+    deleted = store.manifest()
+    assert over_deletes(store, trained) == deleted
+    every = pq.read_table(base["root"] / "all" / "captions.parquet")
+    later = every.filter(pc.and_(pc.equal(every["item_id"], base["old_ids"][1]), pc.equal(every["caption_index"], 4)))
+    pq.write_table(later, tmp_path / "later.parquet")
+    run_reindex(store, small_config(), captions=str(tmp_path / "later.parquet"), finetune=False)
+    assert over_deletes(store, trained) == trained and over_deletes(store, deleted) == deleted
+    captioned = store.manifest()
+    run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=False)
+    assert over_deletes(store, captioned) == captioned
+
+
 def test_deleting_every_item_the_verifier_was_fitted_on_leaves_the_added_ones_served(base, tmp_path):
     """A whole catalog replaced (add the new items, delete the old): the verifier keeps no fitted
     centroid, and the version must still load and answer with the added items."""
