@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -128,6 +130,15 @@ def _changed_add(c: Case) -> str:
                                                  pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 32)))
 
 
+def _awaiting_training(c: Case) -> Store:
+    """A copy of the store whose newest version has identifiers and no generator yet (what `cart
+    quantize --refit` commits before `cart train`)."""
+    shutil.copytree(c.store.root, c.folder / "refit")
+    store = Store(c.folder / "refit")
+    store.commit(replace(store.manifest(), generator=None), "quantize (refit, awaiting cart train)")
+    return store
+
+
 def _ghost_items(c: Case) -> str:
     t = c.items(n=1)
     return c.write("items.parquet", t.set_column(0, "item_id", pa.array(["ghost"])))
@@ -179,6 +190,8 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "reindex-caption-deleted-item": lambda c: c.job(
         "reindex", "--delete", c.write("gone.txt", "syn-00001\n"),
         "--captions", c.write("captions.parquet", pa.table({"item_id": ["syn-00001"], "caption": ["a new dog"]}))),
+    "reindex-add-awaiting-training": lambda c: c.job("reindex", "--add", c.write("items.parquet", c.items(n=2)),
+                                                     store=_awaiting_training(c)),
     "reindex-other-text-encoder": lambda c: c.job("reindex", "--set", "generator.text_encoder=mpnet",
                                                   "--delete", c.write("gone.txt", "syn-00001\n")),
     "train-workers-zero": lambda c: c.job("train", "--workers", "0"),
