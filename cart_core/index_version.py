@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cart_core.identifiers import IdentifierTable, appended_rows, apply_delta
-from cart_core.store import Manifest, Store, StoreError
+from cart_core.store import Manifest, Store, StoreError, manifest_keys
 
 
 def is_servable(manifest: Manifest) -> bool:
@@ -317,8 +317,10 @@ def only_deleted(before: "IndexVersion", after: "IndexVersion") -> bool:
     same with rows marked dead, every feature row it retired belongs to an item now dead, and no
     feature, caption or codebook changed (an update or new captions are not a delete). A
     generator trained for `before`'s identifiers then serves `after`: decoding never reaches a
-    dead row, and the verifier masks deleted items (pipelines/train.py `over_deletes`)."""
+    dead row, and the verifier masks deleted items (`deletes_since`)."""
     b, a = before.manifest, after.manifest
+    if not (b.ids and a.ids):
+        return False
     if (b.features, b.queries, b.eval_queries, b.codebooks, b.dim) != (a.features, a.queries, a.eval_queries,
                                                                        a.codebooks, a.dim):
         return False
@@ -330,6 +332,27 @@ def only_deleted(before: "IndexVersion", after: "IndexVersion") -> bool:
         return False
     retired = {item for item, _ in after.tombstones() - before.tombstones()}
     return not retired & set(new.item_ids[new.live].tolist())
+
+
+def deletes_since(store: Store, base: Manifest, reads: set[str]) -> Manifest:
+    """The version a long job that read `reads` of `base` commits on: `base`, or the newest version
+    when every commit since that changed one of those keys only deleted items (`only_deleted`: a
+    takedown while `cart quantize` or `cart train` ran). The job then commits over the deletes,
+    which stay in force; anything else is left to Store.commit to refuse, as is a commit that
+    changed the generator (two trainings racing)."""
+    later = [m for m in store.versions() if m.version >= base.version]
+    if len(later) < 2 or [m.version for m in later] != list(range(base.version, base.version + len(later))):
+        return base
+    deleted = False
+    for older, newer in zip(later, later[1:]):
+        before, after = manifest_keys(older), manifest_keys(newer)
+        if before.get("generator") != after.get("generator"):
+            return base
+        if any(before.get(k) != after.get(k) for k in reads):
+            if not only_deleted(IndexVersion(store, older), IndexVersion(store, newer)):
+                return base
+            deleted = True
+    return later[-1] if deleted else base  # without a delete, Store.commit replays the job as it is
 
 
 def withdraw(table: IdentifierTable, withdrawn: frozenset[str]) -> IdentifierTable:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,9 @@ from cart_core.config import CartConfig, config_dict
 from cart_core.indexing import encode, fit_codebooks, identifier_inputs, identifiers_from_codes, load_codebooks, \
     save_codebooks
 from cart_core.kmeans import cluster_imbalance
-from cart_core.index_version import IndexVersion, drop_retired_captions, save_ids
+from cart_core.identifiers import IdentifierTable
+from cart_core.index_version import IndexVersion, deletes_since, drop_retired_captions, save_ids, withdraw, \
+    withdrawn_since
 from cart_core.store import Manifest, Store, StoreError
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.stages import Resources, Stage, run_stage, stack_column
@@ -176,7 +179,8 @@ def up_to_date(version: IndexVersion, cfg: CartConfig) -> bool:
     return live_items == {str(i) for i in table.item_ids[table.live]}
 
 
-def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refit: bool = False) -> dict:
+def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refit: bool = False,
+                 before_commit: Callable[[], None] | None = None) -> dict:
     """Identifiers for every live item. Without `refit`, a version whose identifiers already cover
     exactly its live items with this config is left as it is (a rerun commits nothing); `refit`
     fits new codebooks anyway (what a drift report's REFIT DUE asks for)."""
@@ -232,20 +236,36 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
     table = identifiers_from_codes(cols["item_id"].astype(object), cols["coarse"], cols["fine"], cfg.identifiers)
     drift = fitted_state(cols, cfg)
     report.update(collisions=table.collision_stats(), vocab_sizes=table.vocab_sizes, fitted_state=drift)
+    if before_commit is not None:
+        before_commit()
+    reads = {"extra.tombstones", "dim"} | ({"queries"} if cfg.identifiers.source != "features" else set())
+    manifest, table = over_deletes(store, manifest, table, reads)
     save_ids(store, table, f"ids/{run}", {"codebooks": f"codebooks/{run}", "report": report,
                                           "config": config_dict(cfg)["identifiers"]})
     summary.time("ids_s", t0)
     new = store.commit(replace(manifest, codebooks=f"codebooks/{run}", ids=f"ids/{run}", generator=None,
                                extra={**manifest.extra, "identifier_source": cfg.identifiers.source, "ids_chain": [],
                                       "vocab_sizes": table.vocab_sizes}),
-                       f"quantize {run}: {len(table.item_ids)} identifiers", base=manifest,
-                       reads={"extra.tombstones", "dim"} | ({"queries"} if cfg.identifiers.source != "features" else set()))
+                       f"quantize {run}: {len(table.item_ids)} identifiers", base=manifest, reads=reads)
     summary.counts.update(items=int(n_items), identifiers=int(len(table.item_ids)))
     summary.extra.update(version=new.version, report=report, items_per_s=n_items / max(sum(
         summary.timings.get(k, 0) for k in ("read_s", "fit_s", "encode_s", "ids_s")), 1e-9))
     log("quantize", f"committed version {new.version}: vocab {table.vocab_sizes}, "
                     f"{report['collisions']['collision_rate']:.1%} of items need u > 0")
     return summary.write(store)
+
+
+def over_deletes(store: Store, base: Manifest, table: IdentifierTable,
+                 reads: set[str]) -> tuple[Manifest, IdentifierTable]:
+    """The version this quantize commits on and its table: where items were only deleted since it
+    read `base` (a takedown during a refit), the newest version, with their rows marked dead."""
+    newest = deletes_since(store, base, reads)
+    if newest.version == base.version:
+        return base, table
+    gone = withdrawn_since(table, IndexVersion(store, newest))
+    log("quantize", f"{len(gone)} items were deleted while this run fitted (versions {base.version + 1}.."
+                    f"{newest.version}): their identifiers are committed dead")
+    return newest, withdraw(table, gone)
 
 
 def fitted_state(cols: dict, cfg: CartConfig) -> dict:

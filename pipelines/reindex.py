@@ -483,7 +483,7 @@ def refuse_all_but_deletes(version: IndexVersion, add: str | None, update: str |
     """While the newest version has no generator (`cart quantize` committed identifiers that `cart
     train` has not learned yet), a takedown cannot wait for the training: a delete commits on it (an
     older version answers, with the deleted items withdrawn, IndexVersion.withdrawn) and the
-    training commits over it (pipelines/train.py `over_deletes`). Adds, updates and captions
+    training commits over it (IndexVersion `deletes_since`). Adds, updates and captions
     need the generator the identifiers were built for, so they wait."""
     asked = [flag for flag, value in (("--add", add), ("--update", update), ("--captions", captions),
                                       ("--finetune", finetune)) if value]

@@ -22,8 +22,8 @@ import pandas as pd
 import pyarrow as pa
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
-from cart_core.index_version import IndexVersion, is_servable, only_deleted
-from cart_core.store import Manifest, Store, StoreError, manifest_keys
+from cart_core.index_version import IndexVersion, deletes_since, is_servable
+from cart_core.store import Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
 from pipelines.runtime import JobSummary, init_ray, log
@@ -247,36 +247,13 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
 TRAINED_FOR = {"ids", "extra.ids_chain", "extra.tombstones"}  # what a generator was trained for
 
 
-def over_deletes(store: Store, base: Manifest) -> Manifest:
-    """The version a full training commits on: `base`, or the newest version when every commit
-    since that touched what the generator was trained for only deleted items (a takedown while it
-    trained; IndexVersion `only_deleted`). Anything else is left to Store.commit to refuse."""
-    later = [m for m in store.versions() if m.version >= base.version]
-    if len(later) < 2 or [m.version for m in later] != list(range(base.version, base.version + len(later))):
-        return base
-    deleted = False
-    for older, newer in zip(later, later[1:]):
-        before, after = manifest_keys(older), manifest_keys(newer)
-        if before.get("generator") != after.get("generator"):
-            return base  # another training committed: Store.commit refuses the second
-        if any(before.get(k) != after.get(k) for k in TRAINED_FOR):
-            if not only_deleted(IndexVersion(store, older), IndexVersion(store, newer)):
-                return base
-            deleted = True
-    if not deleted:
-        return base  # nothing the generator was trained for changed: Store.commit replays it as it is
-    log("train", f"items were deleted while this training ran (versions {base.version + 1}..{later[-1].version}):"
-                 " it commits over the deletes, which stay in force")
-    return later[-1]
-
-
 def resumable(store: Store, started_for: str | None, base: Manifest) -> bool:
     """Whether an unfinished run started for the identifiers `started_for` can go on for `base`:
     the same identifiers, or only items deleted since (a takedown while the run was down)."""
     if started_for == base.ids:
         return True
     started = [m for m in store.versions() if m.ids == started_for and m.version < base.version]
-    return bool(started) and over_deletes(store, started[-1]).version == base.version
+    return bool(started) and deletes_since(store, started[-1], TRAINED_FOR).version == base.version
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
@@ -359,7 +336,10 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         before_commit()
     # the version trained on; a commit that changed its identifiers since is refused, unless it
     # only deleted items (a takedown during a full training commits under the new generator too)
-    manifest = info["base"] if finetune is not None else over_deletes(store, info["base"])
+    manifest = info["base"] if finetune is not None else deletes_since(store, info["base"], TRAINED_FOR)
+    if manifest.version != info["base"].version:
+        log("train", f"items were deleted while this run trained (versions {info['base'].version + 1}.."
+                     f"{manifest.version}): it commits over the deletes, which stay in force")
     trained = manifest.with_generator(f"generator/{run}", manifest.ids, fingerprint)
     # a full training has learned every item: no dense fallback left; a fine-tune says what it taught
     new = store.commit(finish(trained) if finish else trained.without_fallback(),

@@ -180,11 +180,11 @@ def test_a_rollback_forward_past_a_delete_withdraws_the_item_from_the_version_th
     assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
 
 
-def test_a_takedown_does_not_wait_for_training_and_the_training_commits_over_it(base, tmp_path, monkeypatch):
-    """While `cart quantize --refit` waits for `cart train`, a delete commits at once (the older
-    version answers without the items), adds are refused with the reason; a training that crashed
-    resumes across a second delete, and commits over a third that lands as it finishes: every
-    delete stays in force."""
+def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it(base, tmp_path, monkeypatch):
+    """A delete that lands while `cart quantize --refit` fits is committed dead in its table; while
+    the refit waits for `cart train`, a delete commits at once (the older version answers without
+    the items), adds are refused with the reason; a training that crashed resumes across a second
+    delete, and commits over a third that lands as it finishes: every delete stays in force."""
     from cart_core.index_version import IndexVersion, is_servable, load_ids
     from cart_core.store import StoreError
     from pipelines.quantize import run_quantize
@@ -192,14 +192,19 @@ def test_a_takedown_does_not_wait_for_training_and_the_training_commits_over_it(
     from pipelines.train import PENDING, run_train
 
     store = fresh(base, tmp_path)
-    run_quantize(store, small_config(), refit=True)  # new identifiers, no generator for them yet
-    first, second, third = base["old_ids"][:2], base["old_ids"][2:4], base["old_ids"][4:6]
-    for name, items in (("first", first), ("second", second), ("third", third)):
+    during, first, second, third = (base["old_ids"][i:i + 2] for i in (0, 2, 4, 6))
+    for name, items in (("during", during), ("first", first), ("second", second), ("third", third)):
         (tmp_path / f"{name}.txt").write_text("\n".join(items) + "\n")
+    run_quantize(store, small_config(), refit=True,  # new identifiers, no generator for them yet
+                 before_commit=lambda: run_reindex(store, small_config(), delete=str(tmp_path / "during.txt")))
+    assert store.manifest().message.startswith("quantize")
+    table, _ = load_ids(store, store.manifest())
+    assert not table.live[np.isin(table.item_ids, during)].any() and int(table.live.sum()) == N_OLD - 2
+    assert IndexVersion.newest_servable(store).withdrawn == frozenset()  # the delete's own version answers
     summary = run_reindex(store, small_config(), delete=str(tmp_path / "first.txt"))
     assert summary["counts"]["deleted"] == 2 and not is_servable(store.manifest())
     assert IndexVersion.newest_servable(store).withdrawn == frozenset(first)
-    assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(first)
+    assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(during + first)
     with pytest.raises(StoreError, match=r"--add must wait for `cart train`"):
         run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))
     monkeypatch.setenv("CART_CRASH_AFTER_EPOCH", "1")
@@ -218,7 +223,7 @@ def test_a_takedown_does_not_wait_for_training_and_the_training_commits_over_it(
     assert summary["run"] == unfinished  # resumed across the second delete, not started afresh
     done = store.manifest()
     assert is_servable(done) and done.message.startswith("train") and done.version == deleted_at[0] + 1
-    gone = first + second + third
+    gone = during + first + second + third
     table, _ = load_ids(store, done)
     assert not table.live[np.isin(table.item_ids, gone)].any()
     assert int(table.live.sum()) == N_OLD - len(gone)
@@ -230,7 +235,11 @@ def test_a_training_commits_over_deletes_only(base, tmp_path):
     """What a training may commit over: deletes; never an add, an update or new captions, whose
     items the generator and its verifier have not learned (Store.commit then refuses as before)."""
     from pipelines.reindex import run_reindex
-    from pipelines.train import over_deletes
+    from cart_core.index_version import deletes_since
+    from pipelines.train import TRAINED_FOR
+
+    def over_deletes(store, base):
+        return deletes_since(store, base, TRAINED_FOR)
 
     store = fresh(base, tmp_path)
     trained = store.manifest()
