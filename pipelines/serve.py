@@ -1,8 +1,13 @@
 """`cart serve`: online retrieval with Ray Serve.
 
     POST /search {"queries": ["a dog in the snow", ...], "k": 10}
-      -> {"version": 7, "results": [{"query": ..., "items": [{"item_id": ..., "score": ...}, ...]}]}
-    GET /healthz -> {"status": "ok", "version": 7, "items": 976}   (503 + reason when unhealthy)
+      -> {"version": 7, "as_of": 9, "results": [{"query": ..., "items": [{"item_id": ..., "score": ...}, ...]}]}
+    GET /healthz -> {"status": "ok", "version": 7, "as_of": 9, "items": 976}   (503 + reason when unhealthy)
+
+`version` is the version that answers (the newest servable one); `as_of` the newest committed
+version whose deletes the answers respect: while `cart quantize` has committed identifiers that
+`cart train` has not learned yet, an older version answers, and a takedown committed meanwhile
+withdraws its items from it (IndexVersion.withdrawn) with `as_of` moving and `version` not.
 
 Each query of a request is one call into a `@serve.batch` method, so queries from concurrent
 requests share one beam search. What one client sends cannot fail another's request:
@@ -68,8 +73,9 @@ class QueryFailed:
 class Snapshot:
     """One servable version: what a batch searches against, swapped as a whole."""
 
-    def __init__(self, version: IndexVersion, device: str, query: dict | None = None):
+    def __init__(self, version: IndexVersion, device: str, query: dict | None = None, as_of: int | None = None):
         self.version = version.version
+        self.as_of = version.version if as_of is None else as_of  # the committed version resolved against
         self.key = Snapshot.key_of(version)
         self.retriever, self.table = load_retriever(version, device, query=query)
 
@@ -146,8 +152,8 @@ def _parse_search(body: bytes, rules: QueryConfig) -> tuple[list[str], int]:
 
 
 # defined above the deployment: Serve pickles the class (by value) when the decorator runs
-def answer_calls(snap: Snapshot, calls: list[tuple[str, int]], beam_size: int) -> list[tuple[int, list[dict]]]:
-    """(version, items) for each (query, k) of one batch, searched once per beam width: a query's
+def answer_calls(snap: Snapshot, calls: list[tuple[str, int]], beam_size: int) -> list[tuple[Snapshot, list[dict]]]:
+    """(snapshot answered from, items) for each (query, k) of one batch, searched once per beam width: a query's
     answer must not depend on what another client asked (a k above the beam widens it, and a wider
     beam changes which candidates are verified)."""
     out: list = [None] * len(calls)
@@ -157,7 +163,7 @@ def answer_calls(snap: Snapshot, calls: list[tuple[str, int]], beam_size: int) -
                                                    beam)
         for j, r, s in zip(group, rows, scores):
             want = calls[j][1]
-            out[j] = (snap.version, [{"item_id": str(snap.table.item_ids[i]), "score": float(v)}
+            out[j] = (snap, [{"item_id": str(snap.table.item_ids[i]), "score": float(v)}
                                      for i, v in zip(r[:want], s[:want]) if i >= 0])
     return out
 
@@ -178,7 +184,7 @@ class CartSearch:
         self.query = limits.get("verify")  # mode, candidates, neighbour lists: as `cart retrieve` (pipelines/verify.query_time)
         # the committed version looked at, read before resolving: a commit during the load is seen
         self.seen_version = self.store.manifest().version
-        self.current = Snapshot(IndexVersion.newest_servable(self.store), device, self.query)
+        self.current = Snapshot(IndexVersion.newest_servable(self.store), device, self.query, self.seen_version)
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
         self.watch_failures, self.watch_error = 0, ""
@@ -196,11 +202,11 @@ class CartSearch:
                     # generator, what it withdraws from the one that answers (deletes since)
                     version = IndexVersion.newest_servable(self.store)
                     if Snapshot.key_of(version) != self.current.key:
-                        new = Snapshot(version, self.device, self.query)
+                        new = Snapshot(version, self.device, self.query, committed)
                         self.current = new  # one reference swap: in-flight batches keep the old one
-                        logger.info("cart serve: switched to version %s", new.version)
-                    elif version.version != self.current.version:
-                        self.current.version = version.version
+                        logger.info("cart serve: switched to version %s (as of %s)", new.version, committed)
+                    else:  # the same answers: only the labels move
+                        self.current.version, self.current.as_of = version.version, committed
                     self.seen_version = committed
                 self.watch_failures, self.watch_error = 0, ""
             except Exception as exc:  # keep serving the loaded version; retry next poll
@@ -218,7 +224,7 @@ class CartSearch:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         snap = self.current
-        body = {"status": "ok", "version": snap.version, "items": int(snap.table.live.sum())}
+        body = {"status": "ok", "version": snap.version, "as_of": snap.as_of, "items": int(snap.table.live.sum())}
         if self.watch_failures >= self.serve_cfg.watcher_failures:
             body.update(status="unhealthy", reason=f"the store could not be read {self.watch_failures} times "
                                                    f"in a row: {self.watch_error}")
@@ -235,8 +241,8 @@ class CartSearch:
         except Refused as exc:
             return JSONResponse({"detail": exc.reason}, status_code=exc.status)
         answers = await asyncio.gather(*[self.search_one((q, k)) for q in queries])
-        for attempt in range(3):  # a version switch between the request's batches: answer from one version
-            if len({a[0] for a in answers if not isinstance(a, QueryFailed)}) <= 1:
+        for attempt in range(3):  # a swap between the request's batches: answer from one snapshot
+            if len({id(a[0]) for a in answers if not isinstance(a, QueryFailed)}) <= 1:
                 break
             if attempt == 2:
                 return JSONResponse({"detail": "the index switched versions during the request; retry"},
@@ -246,7 +252,8 @@ class CartSearch:
         if failed:
             i, answer = failed[0]
             return JSONResponse({"detail": f"query {i}: search failed ({answer.reason})"}, status_code=500)
-        return JSONResponse({"version": answers[0][0], "results": [
+        snap = answers[0][0]
+        return JSONResponse({"version": snap.version, "as_of": snap.as_of, "results": [
             {"query": q, "items": items} for q, (_, items) in zip(queries, answers)]})
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
