@@ -72,7 +72,7 @@ class IndexVersion:
             if is_servable(old):
                 served = cls(store, old)
                 table, meta = served.ids()
-                withdrawn = withdrawn_since(table, cls(store, current))
+                withdrawn = withdrawn_since(table, served, cls(store, current))
                 if not withdrawn:
                     return served
                 out = cls(store, old, withdrawn=withdrawn)
@@ -301,15 +301,30 @@ def pending_runs(pending: pa.Table, path: str | None) -> list[str]:
     return [str(path)] * pending.num_rows
 
 
-def withdrawn_since(served: IdentifierTable, current: IndexVersion) -> frozenset[str]:
-    """The live items of an older version's identifier table that `current` holds no live feature
-    row of: deleted since (a rollback forward past a delete)."""
-    rows = current.feature_rows()
-    alive = rows.filter(rows.column("live")).column("item_id")
-    ids = pa.array(served.item_ids[served.live], pa.string())
-    gone = ids.filter(pc.invert(pc.is_in(ids, value_set=alive.combine_chunks() if alive.num_chunks else
-                                          pa.array([], pa.string()))))
-    return frozenset(gone.to_pylist())
+def withdrawn_since(table: IdentifierTable, held: "IndexVersion", current: "IndexVersion") -> frozenset[str]:
+    """The live items of `table` (built from `held`'s feature rows) whose content `current` no
+    longer holds live: deleted since (a takedown while a refit awaits training, a rollback forward
+    past a delete), or deleted and imported again, whose identifier and captions in `table` are
+    those of the content taken down. Content, not feature run: `cart compact` moves live rows to
+    a new run. (An item deleted and imported again with the very same features, then compacted,
+    is not told apart from one never deleted.)"""
+    def live_rows(version: "IndexVersion") -> pa.Table:
+        rows = version.feature_rows()
+        return rows.filter(rows.column("live"))
+
+    def keys(rows: pa.Table, column: str) -> pa.Array:
+        return pc.binary_join_element_wise(rows.column("item_id").combine_chunks().cast(pa.string()),
+                                           rows.column(column).combine_chunks().cast(pa.string()), "\x00")
+
+    held_rows, now = live_rows(held), live_rows(current)
+    same = pc.is_in(keys(held_rows, "content_hash"), value_set=keys(now, "content_hash"))
+    retired = current.tombstones() - held.tombstones()  # before a compact clears them: re-imported as it was
+    if retired:
+        gone_rows = pa.array([f"{i}\x00{r}" for i, r in sorted(retired)], pa.string())
+        same = pc.and_(same, pc.invert(pc.is_in(keys(held_rows, "run"), value_set=gone_rows)))
+    kept = held_rows.column("item_id").combine_chunks().cast(pa.string()).filter(same)
+    ids = pa.array(table.item_ids[table.live], pa.string())
+    return frozenset(ids.filter(pc.invert(pc.is_in(ids, value_set=kept))).to_pylist())
 
 
 def only_deleted(before: "IndexVersion", after: "IndexVersion") -> bool:
@@ -334,25 +349,26 @@ def only_deleted(before: "IndexVersion", after: "IndexVersion") -> bool:
     return not retired & set(new.item_ids[new.live].tolist())
 
 
-def deletes_since(store: Store, base: Manifest, reads: set[str]) -> Manifest:
-    """The version a long job that read `reads` of `base` commits on: `base`, or the newest version
-    when every commit since that changed one of those keys only deleted items (`only_deleted`: a
-    takedown while `cart quantize` or `cart train` ran). The job then commits over the deletes,
-    which stay in force; anything else is left to Store.commit to refuse, as is a commit that
-    changed the generator (two trainings racing)."""
+def deletes_since(store: Store, base: Manifest, reads: set[str], writes: set[str]) -> Manifest:
+    """The version a long job commits on: `base`, or the newest version when every commit since
+    either only deleted items (`only_deleted`: a takedown while `cart quantize` or `cart train`
+    ran) or changed none of the keys the job read or writes (`manifest_keys` names), and at least
+    one deleted. The job then commits over the deletes, which stay in force (the caller marks the
+    items retired since `base` dead in what it built). Anything else, or a commit that changed the
+    generator (two trainings racing), leaves `base`: Store.commit replays or refuses as before."""
     later = [m for m in store.versions() if m.version >= base.version]
     if len(later) < 2 or [m.version for m in later] != list(range(base.version, base.version + len(later))):
         return base
-    deleted = False
+    deleted, watched = False, reads | writes
     for older, newer in zip(later, later[1:]):
         before, after = manifest_keys(older), manifest_keys(newer)
         if before.get("generator") != after.get("generator"):
             return base
-        if any(before.get(k) != after.get(k) for k in reads):
+        if any(before.get(k) != after.get(k) for k in watched):
             if not only_deleted(IndexVersion(store, older), IndexVersion(store, newer)):
                 return base
             deleted = True
-    return later[-1] if deleted else base  # without a delete, Store.commit replays the job as it is
+    return later[-1] if deleted else base
 
 
 def withdraw(table: IdentifierTable, withdrawn: frozenset[str]) -> IdentifierTable:

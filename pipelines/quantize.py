@@ -255,14 +255,20 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
     return summary.write(store)
 
 
+QUANTIZE_WRITES = {"codebooks", "ids", "generator", "extra.identifier_source", "extra.ids_chain",
+                   "extra.vocab_sizes"}
+
+
 def over_deletes(store: Store, base: Manifest, table: IdentifierTable,
                  reads: set[str]) -> tuple[Manifest, IdentifierTable]:
     """The version this quantize commits on and its table: where items were only deleted since it
     read `base` (a takedown during a refit), the newest version, with their rows marked dead."""
-    newest = deletes_since(store, base, reads)
+    newest = deletes_since(store, base, reads, QUANTIZE_WRITES)
     if newest.version == base.version:
         return base, table
-    gone = withdrawn_since(table, IndexVersion(store, newest))
+    # deleted since, and any of them imported again meanwhile: their identifiers here were built
+    # from the content taken down, so they wait for the next quantize or `reindex --add`
+    gone = withdrawn_since(table, IndexVersion(store, base), IndexVersion(store, newest))
     log("quantize", f"{len(gone)} items were deleted while this run fitted (versions {base.version + 1}.."
                     f"{newest.version}): their identifiers are committed dead")
     return newest, withdraw(table, gone)

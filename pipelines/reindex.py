@@ -697,17 +697,29 @@ def run_rollback(store: Store, version: int) -> dict:
     """Commit the content of an earlier version as the newest one (history is never rewritten)."""
     current = store.manifest()
     old = store.version(version)
-    for path in [old.ids, *(old.extra.get("ids_chain") or []), old.codebooks, old.generator, *old.features,
-                 *old.queries]:
-        if path and not store.exists(path):
+    for path in sorted(referenced_paths(old)):  # every file a reader of it opens
+        if not store.exists(path):
             raise StoreError(f"{store.uri(path)}: needed by version {version} but compacted away")
+    back = brought_back(IndexVersion(store, old), IndexVersion(store, current))
     new = store.commit(old, f"rollback to v{version}", base=current, reads={"*"})
     log("rollback", f"version {new.version} = version {version}")
+    if back:
+        log("rollback", f"{len(back)} items deleted since version {version} are indexed again (e.g. "
+                        f"{', '.join(sorted(back)[:5])}); `cart reindex --delete` them again if that is not meant")
     serving = IndexVersion.newest_servable(store) if not is_servable(new) else IndexVersion(store, new)
     if serving.version != new.version:
         log("rollback", f"version {version} has no generator trained for its identifiers: `cart serve` and "
                         f"`cart retrieve` answer from version {serving.version} until `cart train` commits one")
-    return {"version": new.version, "restored": version, "served": serving.version}
+    return {"version": new.version, "restored": version, "served": serving.version, "brought_back": len(back)}
+
+
+def brought_back(old: IndexVersion, current: IndexVersion) -> list[str]:
+    """Items a rollback to `old` indexes again: live there, with no live row now (deleted since)."""
+    def live(version: IndexVersion) -> set[str]:
+        rows = version.feature_rows()
+        return set(rows.filter(rows.column("live")).column("item_id").to_pylist())
+
+    return sorted(live(old) - live(current))
 
 
 ORPHAN_GRACE_S = 24 * 3600  # a folder no manifest names may belong to a job still running
@@ -758,6 +770,10 @@ def run_compact(store: Store, keep: int) -> dict:
     ever_named = set().union(*(referenced_paths(m) for m in versions))
     pending_train = store.read_json("jobs/train-pending.json").get("run") if store.exists("jobs/train-pending.json") \
         else None
+    kept_numbers = {m.version for m in kept}
+    for m in versions:  # history first: a compact killed before its folders are gone leaves no
+        if m.version not in kept_numbers:  # version naming a removed folder (a rollback could commit it)
+            store.remove(store.history_path(m.version))
     for kind in ("features", "queries", "ids", "codebooks", "generator", "tombstones", "errors", "eval"):
         for name in store.listdir(kind):
             path = f"{kind}/{name}"
@@ -767,10 +783,6 @@ def run_compact(store: Store, keep: int) -> dict:
                 continue  # no version named it yet: maybe a job still running
             store.remove(path)
             counts["folders_removed"] += 1
-    kept_numbers = {m.version for m in kept}
-    for m in versions:
-        if m.version not in kept_numbers:
-            store.remove(store.history_path(m.version))
     counts["versions_kept"] = len(kept)
     log("compact", json.dumps(counts))
     return counts

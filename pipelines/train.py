@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
 from cart_core.index_version import IndexVersion, deletes_since, is_servable
-from cart_core.store import Manifest, Store, StoreError
+from cart_core.store import FALLBACK_KEYS, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
 from pipelines.runtime import JobSummary, init_ray, log
@@ -245,6 +245,8 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
 
 
 TRAINED_FOR = {"ids", "extra.ids_chain", "extra.tombstones"}  # what a generator was trained for
+TRAIN_WRITES = {"generator", "extra.generator_ids", "extra.generator_fingerprint",
+                *(f"extra.{key}" for key in FALLBACK_KEYS)}
 
 
 def resumable(store: Store, started_for: str | None, base: Manifest) -> bool:
@@ -253,7 +255,7 @@ def resumable(store: Store, started_for: str | None, base: Manifest) -> bool:
     if started_for == base.ids:
         return True
     started = [m for m in store.versions() if m.ids == started_for and m.version < base.version]
-    return bool(started) and deletes_since(store, started[-1], TRAINED_FOR).version == base.version
+    return bool(started) and deletes_since(store, started[-1], TRAINED_FOR, TRAIN_WRITES).version == base.version
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
@@ -336,7 +338,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         before_commit()
     # the version trained on; a commit that changed its identifiers since is refused, unless it
     # only deleted items (a takedown during a full training commits under the new generator too)
-    manifest = info["base"] if finetune is not None else deletes_since(store, info["base"], TRAINED_FOR)
+    manifest = info["base"] if finetune is not None else deletes_since(store, info["base"], TRAINED_FOR, TRAIN_WRITES)
     if manifest.version != info["base"].version:
         log("train", f"items were deleted while this run trained (versions {info['base'].version + 1}.."
                      f"{manifest.version}): it commits over the deletes, which stay in force")

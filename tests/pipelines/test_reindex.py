@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cart_core.corpus import synthetic_corpus, write_corpus
+from cart_core.index_version import referenced_paths
 from cart_core.store import Store
 from tests.pipelines.test_jobs import copy_of, small_config
 
@@ -236,10 +238,10 @@ def test_a_training_commits_over_deletes_only(base, tmp_path):
     items the generator and its verifier have not learned (Store.commit then refuses as before)."""
     from pipelines.reindex import run_reindex
     from cart_core.index_version import deletes_since
-    from pipelines.train import TRAINED_FOR
+    from pipelines.train import TRAIN_WRITES, TRAINED_FOR
 
     def over_deletes(store, base):
-        return deletes_since(store, base, TRAINED_FOR)
+        return deletes_since(store, base, TRAINED_FOR, TRAIN_WRITES)
 
     store = fresh(base, tmp_path)
     trained = store.manifest()
@@ -255,6 +257,112 @@ def test_a_training_commits_over_deletes_only(base, tmp_path):
     captioned = store.manifest()
     run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=False)
     assert over_deletes(store, captioned) == captioned
+
+
+def reimport_with_other_features(store, base, tmp_path, item: str, like: str, caption: str | None = None) -> None:
+    """`cart import` of `item` again (after its delete) with the features of `like`."""
+    from pipelines.importer import run_import
+
+    every = pq.read_table(base["root"] / "all" / "items.parquet")
+    row = every.filter(pc.equal(every["item_id"], item))
+    donor = every.filter(pc.equal(every["item_id"], like))
+    items = tmp_path / f"again-{item}.parquet"
+    pq.write_table(row.set_column(row.column_names.index("embedding"), "embedding", donor.column("embedding")), items)
+    captions = None
+    if caption is not None:
+        captions = tmp_path / f"again-{item}-captions.parquet"
+        pq.write_table(pa.table({"item_id": [item], "caption": [caption]}), captions)
+    run_import(store, str(items), str(captions) if captions else None)
+
+
+def test_a_quantize_commits_over_deletes_only_and_never_keeps_content_taken_down(base, tmp_path):
+    """A refit that fitted while items were added and one deleted is refused (the added items would
+    lose their identifiers); one that fitted while an item was deleted and imported again with
+    other features commits with that item dead (its identifier came from the content taken down)."""
+    from cart_core.index_version import load_ids
+    from cart_core.store import CommitConflict
+    from pipelines.quantize import run_quantize
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    gone, moved = base["old_ids"][0], base["old_ids"][1]
+    (tmp_path / "gone.txt").write_text(gone + "\n")
+    (tmp_path / "moved.txt").write_text(moved + "\n")
+
+    def add_then_delete():
+        run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=False)
+        run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+
+    with pytest.raises(CommitConflict):
+        run_quantize(store, small_config("identifiers.source=features"), refit=True, before_commit=add_then_delete)
+    assert store.manifest().message.startswith("reindex")  # the add and the delete stand, nothing else
+
+    def delete_then_import_again():
+        run_reindex(store, small_config(), delete=str(tmp_path / "moved.txt"))
+        reimport_with_other_features(store, base, tmp_path, moved, like=base["old_ids"][50])
+
+    run_quantize(store, small_config("identifiers.source=features"), refit=True, before_commit=delete_then_import_again)
+    done = store.manifest()
+    assert done.message.startswith("quantize")
+    table, _ = load_ids(store, done)
+    assert not table.live[np.isin(table.item_ids, [gone, moved])].any()
+    assert set(base["new_ids"]) <= set(table.item_ids[table.live].tolist())  # the add, fitted this time
+
+
+def test_an_item_deleted_and_imported_again_is_withdrawn_from_the_version_that_answers(base, tmp_path):
+    """While a refit awaits training, an older version answers; an item deleted and imported again
+    with other content must not be answered from that version's identifier and captions, which
+    are the content taken down."""
+    from cart_core.index_version import IndexVersion
+    from pipelines.quantize import run_quantize
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    item = base["old_ids"][3]
+    run_quantize(store, small_config(), refit=True)
+    (tmp_path / "gone.txt").write_text(item + "\n")
+    run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+    assert IndexVersion.newest_servable(store).withdrawn == frozenset([item])
+    reimport_with_other_features(store, base, tmp_path, item, like=base["old_ids"][60], caption="a new caption")
+    assert IndexVersion.newest_servable(store).withdrawn == frozenset([item])
+    assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint([item])
+
+
+def test_rollback_refuses_a_version_whose_files_were_compacted_and_says_what_it_brings_back(base, tmp_path, capsys):
+    """A compact removes history before folders (killed between the two, no version names a
+    removed folder); a rollback checks every file the version names, tombstones included, and
+    says which deleted items it indexes again."""
+    import shutil as sh
+
+    from cart_core.store import StoreError
+    from pipelines.reindex import run_compact, run_reindex, run_rollback
+
+    store = fresh(base, tmp_path)
+    trained = store.manifest().version
+    (tmp_path / "gone.txt").write_text("\n".join(base["old_ids"][:3]) + "\n")
+    run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+    deleted = store.manifest()
+    summary = run_rollback(store, trained)
+    assert summary["brought_back"] == 3 and "3 items deleted since version" in capsys.readouterr().err
+    sh.rmtree(Path(store.url) / deleted.extra["tombstones"][0])  # what a compact killed half-way used to leave
+    with pytest.raises(StoreError, match="tombstones/.*needed by version"):
+        run_rollback(store, deleted.version)
+    removed = []
+    original = store.remove
+
+    def killed_after_history(path):  # the compact dies at its first folder
+        if not path.startswith("manifests/"):
+            raise KeyboardInterrupt("killed")
+        removed.append(path)
+        original(path)
+
+    store.remove = killed_after_history
+    with pytest.raises(KeyboardInterrupt):
+        run_compact(store, keep=1)
+    store.remove = original
+    assert removed  # history went first
+    for m in store.versions():
+        assert all(store.exists(p) for p in referenced_paths(m)), m.version
 
 
 def test_deleting_every_item_the_verifier_was_fitted_on_leaves_the_added_ones_served(base, tmp_path):
