@@ -44,9 +44,11 @@ class Finetune:
     epochs: int = 5
 
 
-def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = None) -> tuple[pa.Table, dict]:
-    """text, codes, weight for every training query whose item has a live identifier."""
-    version = IndexVersion.current(store)
+def training_pairs(store: Store, cfg: CartConfig, finetune: Finetune | None = None,
+                   version: IndexVersion | None = None) -> tuple[pa.Table, dict]:
+    """text, codes, weight for every training query whose item has a live identifier (of the
+    current version unless `version` is given)."""
+    version = version or IndexVersion.current(store)
     manifest = version.manifest
     table, _ = version.ids()
     store.require(manifest, "queries", "cart import --captions` or `cart caption")
@@ -249,6 +251,24 @@ TRAIN_WRITES = {"generator", "extra.generator_ids", "extra.generator_fingerprint
                 *(f"extra.{key}" for key in FALLBACK_KEYS)}
 
 
+def held_out(store: Store, cfg: CartConfig, pairs: pa.Table, started: int, base_version: int) -> np.ndarray:
+    """The pairs kept from the generator for the fusion fit: a seeded slice of the pairs of the
+    version the run started on, so a run resumed across deletes keeps the slice it started with
+    (its checkpoints learned none of it) instead of a slice shifted by the removed pairs."""
+    if started == base_version:
+        return holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed)
+    try:
+        first, _ = training_pairs(store, cfg, version=IndexVersion(store, store.version(started)))
+    except StoreError as exc:  # its history compacted away
+        log("train", f"the pairs of version {started}, where this run started, cannot be read ({exc}); the fusion "
+                     "slice is drawn afresh and may hold pairs the generator learned before the resume")
+        return holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed)
+    mask = holdout_mask(len(first), cfg.verify.holdout, cfg.train.seed)
+    held = set(zip(first.column("row").to_numpy()[mask].tolist(), np.array(first.column("text").to_pylist())[mask]))
+    return np.array([(r, t) in held for r, t in zip(pairs.column("row").to_pylist(), pairs.column("text").to_pylist())],
+                    bool)
+
+
 def resumable(store: Store, started_for: str | None, base: Manifest) -> bool:
     """Whether an unfinished run started for the identifiers `started_for` can go on for `base`:
     the same identifiers, or only items deleted since (a takedown while the run was down)."""
@@ -278,17 +298,18 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         summary.extra.update(version=base.version, up_to_date=True)
         return summary.write(store)
     init_ray(address)
-    run, resume_from = summary.run, None
+    run, resume_from, started = summary.run, None, base.version
     if resume and store.exists(PENDING):
         pending = store.read_json(PENDING)
         if resumable(store, pending.get("ids"), info["base"]):
             run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
+            started = pending.get("started", base.version)
             log("train", f"resuming {run} from {resume_from or 'the start (no checkpoint yet)'}")
         else:
             log("train", "the unfinished run was for other identifiers; starting afresh")
     elif resume:
         log("train", "nothing to resume; starting afresh")
-    store.write_json(PENDING, {"run": run, "ids": info["ids"]})
+    store.write_json(PENDING, {"run": run, "ids": info["ids"], "started": started})
     summary.run = run
     scaling = train_scaling(cfg, workers)
     workers = scaling.workers
@@ -296,8 +317,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
                  f"({scaling.chosen})")
     # a full training keeps a seeded slice of the captions from the generator: the hybrid
     # retriever's fusion is fitted on them (pipelines/verify.py); a fine-tune keeps its verifier
-    holdout = holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed) if finetune is None \
-        else np.zeros(len(pairs), bool)
+    holdout = held_out(store, cfg, pairs, started, base.version) if finetune is None else np.zeros(len(pairs), bool)
     summary.counts.update(generator_pairs=int((~holdout).sum()), fusion_pairs=int(holdout.sum()))
     # Ray Train's controller polls its workers every 2 s unless told otherwise, and a worker's
     # report (one per epoch) blocks until the poll has taken the previous one: short epochs (a

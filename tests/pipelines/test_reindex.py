@@ -191,7 +191,8 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
     from cart_core.store import StoreError
     from pipelines.quantize import run_quantize
     from pipelines.reindex import run_reindex
-    from pipelines.train import PENDING, run_train
+    from cart_core.hybrid import holdout_mask
+    from pipelines.train import PENDING, held_out, run_train, training_pairs
 
     store = fresh(base, tmp_path)
     during, first, second, third = (base["old_ids"][i:i + 2] for i in (0, 2, 4, 6))
@@ -213,8 +214,18 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
     with pytest.raises(Exception, match="injected crash after epoch 1"):
         run_train(store, small_config("jobs.train_max_failures=0"))
     monkeypatch.delenv("CART_CRASH_AFTER_EPOCH")
-    unfinished = store.read_json(PENDING)["run"]
+    unfinished, started = store.read_json(PENDING)["run"], store.read_json(PENDING)["started"]
     run_reindex(store, small_config(), delete=str(tmp_path / "second.txt"))
+    # the resumed run keeps the fusion slice it started with: its checkpoints learned none of it
+    at_start, _ = training_pairs(store, small_config(), version=IndexVersion(store, store.version(started)))
+    now, info = training_pairs(store, small_config())
+    keys = lambda t: list(zip(t.column("row").to_pylist(), t.column("text").to_pylist()))  # noqa: E731
+    cfg = small_config()
+    held_first = {k for k, m in zip(keys(at_start), holdout_mask(at_start.num_rows, cfg.verify.holdout,
+                                                                  cfg.train.seed)) if m}
+    kept = held_out(store, cfg, now, started, info["base"].version)
+    assert {k for k, m in zip(keys(now), kept) if m} == held_first & set(keys(now))
+    assert not np.array_equal(kept, holdout_mask(now.num_rows, cfg.verify.holdout, cfg.train.seed))
     deleted_at = []
 
     def takedown():  # lands while the resumed training is about to commit
