@@ -166,6 +166,11 @@ class IndexVersion:
         live = self.live_item_hashes([i for i in items if i in dead])
         return [i for i in dict.fromkeys(items) if i in dead and i not in live]
 
+    def live_rows(self) -> pa.Table:
+        """The live feature rows (feature_rows filtered)."""
+        rows = self.feature_rows()
+        return rows.filter(rows.column("live"))
+
     def live_item_hashes(self, items: list[str] | None = None) -> dict[str, tuple[str, str]]:
         """item_id -> (feature run, content hash) of its live row, for `items` (default: all)."""
         rows = self.feature_rows()
@@ -302,29 +307,22 @@ def pending_runs(pending: pa.Table, path: str | None) -> list[str]:
 
 
 def withdrawn_since(table: IdentifierTable, held: "IndexVersion", current: "IndexVersion") -> frozenset[str]:
-    """The live items of `table` (built from `held`'s feature rows) whose content `current` no
-    longer holds live: deleted since (a takedown while a refit awaits training, a rollback forward
-    past a delete), or deleted and imported again, whose identifier and captions in `table` are
-    those of the content taken down. Content, not feature run: `cart compact` moves live rows to
-    a new run. (An item deleted and imported again with the very same features, then compacted,
-    is not told apart from one never deleted.)"""
-    def live_rows(version: "IndexVersion") -> pa.Table:
-        rows = version.feature_rows()
-        return rows.filter(rows.column("live"))
-
-    def keys(rows: pa.Table, column: str) -> pa.Array:
-        return pc.binary_join_element_wise(rows.column("item_id").combine_chunks().cast(pa.string()),
-                                           rows.column(column).combine_chunks().cast(pa.string()), "\x00")
-
-    held_rows, now = live_rows(held), live_rows(current)
-    same = pc.is_in(keys(held_rows, "content_hash"), value_set=keys(now, "content_hash"))
-    retired = current.tombstones() - held.tombstones()  # before a compact clears them: re-imported as it was
-    if retired:
-        gone_rows = pa.array([f"{i}\x00{r}" for i, r in sorted(retired)], pa.string())
-        same = pc.and_(same, pc.invert(pc.is_in(keys(held_rows, "run"), value_set=gone_rows)))
-    kept = held_rows.column("item_id").combine_chunks().cast(pa.string()).filter(same)
+    """The live items of `table` (built from `held`'s feature rows) that were deleted since
+    `held`: no live row in `current` (a takedown while a refit awaits training, a rollback forward
+    past a delete), or their row in `held` retired by `current` (deleted and imported again: the
+    identifier and captions in `table` are those of the content taken down). Rows retired only
+    count until `cart compact` clears the tombstones; content that changed without a delete
+    (nothing retired) is not withdrawn."""
     ids = pa.array(table.item_ids[table.live], pa.string())
-    return frozenset(ids.filter(pc.invert(pc.is_in(ids, value_set=kept))).to_pylist())
+    alive = current.live_rows().column("item_id").combine_chunks().cast(pa.string())
+    gone = set(ids.filter(pc.invert(pc.is_in(ids, value_set=alive))).to_pylist())
+    retired = current.tombstones() - held.tombstones()
+    if retired:
+        rows = held.live_rows()
+        pairs = zip(rows.column("item_id").to_pylist(), rows.column("run").to_pylist())
+        gone |= {item for item, run in pairs if (item, run) in retired}
+        gone &= set(ids.to_pylist())
+    return frozenset(gone)
 
 
 def only_deleted(before: "IndexVersion", after: "IndexVersion") -> bool:
@@ -354,21 +352,28 @@ def deletes_since(store: Store, base: Manifest, reads: set[str], writes: set[str
     either only deleted items (`only_deleted`: a takedown while `cart quantize` or `cart train`
     ran) or changed none of the keys the job read or writes (`manifest_keys` names), and at least
     one deleted. The job then commits over the deletes, which stay in force (the caller marks the
-    items retired since `base` dead in what it built). Anything else, or a commit that changed the
-    generator (two trainings racing), leaves `base`: Store.commit replays or refuses as before."""
-    later = [m for m in store.versions() if m.version >= base.version]
-    if len(later) < 2 or [m.version for m in later] != list(range(base.version, base.version + len(later))):
+    items deleted since `base` dead in what it built). Anything else, an unreadable version in
+    between, or a commit that changed the generator (two trainings racing), leaves `base`:
+    Store.commit replays or refuses as before."""
+    newest = store.manifest()
+    if newest.version <= base.version:
         return base
     deleted, watched = False, reads | writes
-    for older, newer in zip(later, later[1:]):
-        before, after = manifest_keys(older), manifest_keys(newer)
+    older = IndexVersion(store, base)
+    for number in range(base.version + 1, newest.version + 1):
+        try:
+            newer = IndexVersion(store, newest if number == newest.version else store.version(number))
+        except StoreError:
+            return base
+        before, after = manifest_keys(older.manifest), manifest_keys(newer.manifest)
         if before.get("generator") != after.get("generator"):
             return base
         if any(before.get(k) != after.get(k) for k in watched):
-            if not only_deleted(IndexVersion(store, older), IndexVersion(store, newer)):
+            if not only_deleted(older, newer):
                 return base
             deleted = True
-    return later[-1] if deleted else base
+        older = newer  # each version's tables are read once
+    return newest if deleted else base
 
 
 def withdraw(table: IdentifierTable, withdrawn: frozenset[str]) -> IdentifierTable:

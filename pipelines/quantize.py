@@ -29,7 +29,7 @@ from cart_core.kmeans import cluster_imbalance
 from cart_core.identifiers import IdentifierTable
 from cart_core.index_version import IndexVersion, deletes_since, drop_retired_captions, save_ids, withdraw, \
     withdrawn_since
-from cart_core.store import Manifest, Store, StoreError
+from cart_core.store import CommitConflict, Manifest, Store, StoreError
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.stages import Resources, Stage, run_stage, stack_column
 
@@ -239,14 +239,20 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
     if before_commit is not None:
         before_commit()
     reads = {"extra.tombstones", "dim"} | ({"queries"} if cfg.identifiers.source != "features" else set())
-    manifest, table = over_deletes(store, manifest, table, reads)
-    save_ids(store, table, f"ids/{run}", {"codebooks": f"codebooks/{run}", "report": report,
-                                          "config": config_dict(cfg)["identifiers"]})
+    meta = {"codebooks": f"codebooks/{run}", "report": report, "config": config_dict(cfg)["identifiers"]}
+    for attempt in range(3):  # a takedown between the check and the commit is checked again
+        on, marked = over_deletes(store, manifest, table, reads)
+        save_ids(store, marked, f"ids/{run}", meta)
+        try:
+            new = store.commit(replace(on, codebooks=f"codebooks/{run}", ids=f"ids/{run}", generator=None,
+                                       extra={**on.extra, "identifier_source": cfg.identifiers.source, "ids_chain": [],
+                                              "vocab_sizes": marked.vocab_sizes}),
+                               f"quantize {run}: {len(marked.item_ids)} identifiers", base=on, reads=reads)
+            break
+        except CommitConflict:
+            if attempt == 2 or deletes_since(store, manifest, reads, QUANTIZE_WRITES).version == manifest.version:
+                raise
     summary.time("ids_s", t0)
-    new = store.commit(replace(manifest, codebooks=f"codebooks/{run}", ids=f"ids/{run}", generator=None,
-                               extra={**manifest.extra, "identifier_source": cfg.identifiers.source, "ids_chain": [],
-                                      "vocab_sizes": table.vocab_sizes}),
-                       f"quantize {run}: {len(table.item_ids)} identifiers", base=manifest, reads=reads)
     summary.counts.update(items=int(n_items), identifiers=int(len(table.item_ids)))
     summary.extra.update(version=new.version, report=report, items_per_s=n_items / max(sum(
         summary.timings.get(k, 0) for k in ("read_s", "fit_s", "encode_s", "ids_s")), 1e-9))

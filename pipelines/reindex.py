@@ -558,7 +558,7 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     # the threshold is recalibrated whenever a fallback will exist (new captioned items or carried
     # over); a verified index ranks pending items itself and never consults it (pipelines/search.py)
     impostors = impostor_queries(store, manifest, cfg, set(plan["encode_ids"]) | pending_before, encoders.for_queries) \
-        if (len(cap_ids) or pending_before) and not verified else np.zeros((0, 0), np.float32)
+        if (len(cap_ids) or pending_before) and not verified and version.servable else np.zeros((0, 0), np.float32)
     summary.time("fallback_calibration_s", t0)
     t0 = time.perf_counter()
     codes = encode(codebooks, identifier_inputs(id_cfg.source, emb, cap_vec if id_cfg.source != "features" else None)) \
@@ -716,8 +716,7 @@ def run_rollback(store: Store, version: int) -> dict:
 def brought_back(old: IndexVersion, current: IndexVersion) -> list[str]:
     """Items a rollback to `old` indexes again: live there, with no live row now (deleted since)."""
     def live(version: IndexVersion) -> set[str]:
-        rows = version.feature_rows()
-        return set(rows.filter(rows.column("live")).column("item_id").to_pylist())
+        return set(version.live_rows().column("item_id").to_pylist())
 
     return sorted(live(old) - live(current))
 

@@ -28,6 +28,7 @@ while search keeps serving the loaded version.
 """
 
 import asyncio
+import copy
 import hashlib
 import hmac
 import json
@@ -205,8 +206,10 @@ class CartSearch:
                         new = Snapshot(version, self.device, self.query, committed)
                         self.current = new  # one reference swap: in-flight batches keep the old one
                         logger.info("cart serve: switched to version %s (as of %s)", new.version, committed)
-                    else:  # the same answers: only the labels move
-                        self.current.version, self.current.as_of = version.version, committed
+                    else:  # the same answers, new labels: a copy swapped in whole, never half-labelled
+                        labelled = copy.copy(self.current)
+                        labelled.version, labelled.as_of = version.version, committed
+                        self.current = labelled
                     self.seen_version = committed
                 self.watch_failures, self.watch_error = 0, ""
             except Exception as exc:  # keep serving the loaded version; retry next poll

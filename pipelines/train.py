@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
 from cart_core.index_version import IndexVersion, deletes_since, is_servable
-from cart_core.store import FALLBACK_KEYS, Manifest, Store, StoreError
+from cart_core.store import FALLBACK_KEYS, CommitConflict, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
 from pipelines.runtime import JobSummary, init_ray, log
@@ -264,18 +265,48 @@ def held_out(store: Store, cfg: CartConfig, pairs: pa.Table, started: int, base_
                      "slice is drawn afresh and may hold pairs the generator learned before the resume")
         return holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed)
     mask = holdout_mask(len(first), cfg.verify.holdout, cfg.train.seed)
-    held = set(zip(first.column("row").to_numpy()[mask].tolist(), np.array(first.column("text").to_pylist())[mask]))
-    return np.array([(r, t) in held for r, t in zip(pairs.column("row").to_pylist(), pairs.column("text").to_pylist())],
-                    bool)
+    held = pair_keys(first).filter(pa.array(mask))
+    return pc.is_in(pair_keys(pairs), value_set=held).to_numpy(zero_copy_only=False)
 
 
-def resumable(store: Store, started_for: str | None, base: Manifest) -> bool:
-    """Whether an unfinished run started for the identifiers `started_for` can go on for `base`:
-    the same identifiers, or only items deleted since (a takedown while the run was down)."""
+def pair_keys(pairs: pa.Table) -> pa.Array:
+    """One string per (identifier row, text) pair: rows stay the same across deletes."""
+    return pc.binary_join_element_wise(pairs.column("row").cast(pa.string()), pairs.column("text"),
+                                       "\x00").combine_chunks()
+
+
+def commit_generator(store: Store, base: Manifest, generator: str, fingerprint: str,
+                     finish: Callable[[Manifest], Manifest] | None, full: bool, message: str) -> Manifest:
+    """Commit the generator trained for `base`'s identifiers. A commit that changed them since is
+    refused, unless it only deleted items: a full training then commits over the deletes, which
+    stay in force. A takedown landing between that check and the commit is checked again (up to
+    three times) rather than failing a finished training."""
+    for attempt in range(3):
+        manifest = deletes_since(store, base, TRAINED_FOR, TRAIN_WRITES) if full else base
+        if manifest.version != base.version:
+            log("train", f"items were deleted while this run trained (versions {base.version + 1}.."
+                         f"{manifest.version}): it commits over the deletes, which stay in force")
+        trained = manifest.with_generator(generator, manifest.ids, fingerprint)
+        # a full training has learned every item: no dense fallback left; a fine-tune says what it taught
+        try:
+            return store.commit(finish(trained) if finish else trained.without_fallback(), message,
+                                base=manifest, reads=TRAINED_FOR)
+        except CommitConflict:
+            if not full or attempt == 2 or deletes_since(store, base, TRAINED_FOR, TRAIN_WRITES).version == base.version:
+                raise
+    raise AssertionError("unreachable")
+
+
+def resumed_from(store: Store, started_for: str | None, base: Manifest) -> Manifest | None:
+    """The version an unfinished run started for the identifiers `started_for` went on from, when
+    it can go on for `base`: one with the same identifiers, or older with only items deleted since
+    (a takedown while the run was down, or while this one starts); None when it cannot."""
     if started_for == base.ids:
-        return True
+        return base
     started = [m for m in store.versions() if m.ids == started_for and m.version < base.version]
-    return bool(started) and deletes_since(store, started[-1], TRAINED_FOR, TRAIN_WRITES).version == base.version
+    if started and deletes_since(store, started[-1], TRAINED_FOR, TRAIN_WRITES).version >= base.version:
+        return started[-1]
+    return None
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
@@ -301,9 +332,10 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     run, resume_from, started = summary.run, None, base.version
     if resume and store.exists(PENDING):
         pending = store.read_json(PENDING)
-        if resumable(store, pending.get("ids"), info["base"]):
+        went_on = resumed_from(store, pending.get("ids"), info["base"])
+        if went_on is not None:
             run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
-            started = pending.get("started", base.version)
+            started = pending.get("started", went_on.version)  # pending files before 2026-12-07 lack it
             log("train", f"resuming {run} from {resume_from or 'the start (no checkpoint yet)'}")
         else:
             log("train", "the unfinished run was for other identifiers; starting afresh")
@@ -356,17 +388,8 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     summary.time("verify_s", t0)
     if before_commit is not None:
         before_commit()
-    # the version trained on; a commit that changed its identifiers since is refused, unless it
-    # only deleted items (a takedown during a full training commits under the new generator too)
-    manifest = info["base"] if finetune is not None else deletes_since(store, info["base"], TRAINED_FOR, TRAIN_WRITES)
-    if manifest.version != info["base"].version:
-        log("train", f"items were deleted while this run trained (versions {info['base'].version + 1}.."
-                     f"{manifest.version}): it commits over the deletes, which stay in force")
-    trained = manifest.with_generator(f"generator/{run}", manifest.ids, fingerprint)
-    # a full training has learned every item: no dense fallback left; a fine-tune says what it taught
-    new = store.commit(finish(trained) if finish else trained.without_fallback(),
-                       f"train {run}: {len(pairs)} pairs, {workers} worker(s)",
-                       base=manifest, reads=TRAINED_FOR)
+    new = commit_generator(store, info["base"], f"generator/{run}", fingerprint, finish, full=finetune is None,
+                           message=f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]
     metrics = {key: history[key][-1] for key in ("loss", "nll", "kl")} | {"epochs": len(history["loss"])}

@@ -192,7 +192,7 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
     from pipelines.quantize import run_quantize
     from pipelines.reindex import run_reindex
     from cart_core.hybrid import holdout_mask
-    from pipelines.train import PENDING, held_out, run_train, training_pairs
+    from pipelines.train import PENDING, held_out, resumed_from, run_train, training_pairs
 
     store = fresh(base, tmp_path)
     during, first, second, third = (base["old_ids"][i:i + 2] for i in (0, 2, 4, 6))
@@ -215,7 +215,13 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
         run_train(store, small_config("jobs.train_max_failures=0"))
     monkeypatch.delenv("CART_CRASH_AFTER_EPOCH")
     unfinished, started = store.read_json(PENDING)["run"], store.read_json(PENDING)["started"]
+    pending_ids = store.read_json(PENDING)["ids"]
     run_reindex(store, small_config(), delete=str(tmp_path / "second.txt"))
+    read_between = store.manifest()
+    (tmp_path / "racing.txt").write_text("\n".join(base["old_ids"][8:10]) + "\n")
+    run_reindex(store, small_config(), delete=str(tmp_path / "racing.txt"))
+    # a resume that read the store before the last delete still goes on from its run
+    assert resumed_from(store, pending_ids, read_between).version == started
     # the resumed run keeps the fusion slice it started with: its checkpoints learned none of it
     at_start, _ = training_pairs(store, small_config(), version=IndexVersion(store, store.version(started)))
     now, info = training_pairs(store, small_config())
@@ -236,7 +242,7 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
     assert summary["run"] == unfinished  # resumed across the second delete, not started afresh
     done = store.manifest()
     assert is_servable(done) and done.message.startswith("train") and done.version == deleted_at[0] + 1
-    gone = during + first + second + third
+    gone = during + first + second + third + base["old_ids"][8:10]
     table, _ = load_ids(store, done)
     assert not table.live[np.isin(table.item_ids, gone)].any()
     assert int(table.live.sum()) == N_OLD - len(gone)
@@ -268,6 +274,13 @@ def test_a_training_commits_over_deletes_only(base, tmp_path):
     captioned = store.manifest()
     run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"), finetune=False)
     assert over_deletes(store, captioned) == captioned
+    added = store.manifest()
+    update = pq.read_table(base["root"] / "old" / "items.parquet").to_pandas()
+    update = update[update["item_id"] == base["old_ids"][2]]
+    update["embedding"] = [np.asarray(e + 1e-4, np.float32) for e in update["embedding"]]
+    pq.write_table(pa.Table.from_pandas(update, preserve_index=False), tmp_path / "update.parquet")
+    run_reindex(store, small_config(), update=str(tmp_path / "update.parquet"), finetune=False)
+    assert over_deletes(store, added) == added
 
 
 def reimport_with_other_features(store, base, tmp_path, item: str, like: str, caption: str | None = None) -> None:
