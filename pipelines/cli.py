@@ -15,8 +15,8 @@ import signal
 import sys
 import threading
 
-from cart_core.errors import BadInput
-from cart_core.store import CommitConflict, StoreError
+from cart_core.errors import BadInput, first_line, shown
+from cart_core.store import CommitConflict, Store, StoreError
 
 class StoreDamaged(RuntimeError):
     """`cart check` found problems (exit 1 after printing them all)."""
@@ -202,10 +202,31 @@ def run_command(args) -> None:
         if report["problems"]:
             raise StoreDamaged(f"{store.url}: {len(report['problems'])} problem(s); first: {report['problems'][0]}")
     elif args.command == "versions":
-        current = store.manifest().version
-        for m in store.versions():
-            mark = "*" if m.version == current else " "
-            print(f"{mark} v{m.version:<4d} {m.message}  ids={m.ids} generator={m.generator}")
+        print_versions(store)
+
+
+def print_versions(store: Store) -> None:
+    """Every committed version (* the current one), then which version answers queries and what
+    it withdraws: after a takedown during a refit the operator sees that the delete is in force."""
+    from cart_core.index_version import IndexVersion
+
+    current = store.manifest().version
+    for m in store.versions():
+        mark = "*" if m.version == current else " "
+        print(f"{mark} v{m.version:<4d} {m.message}  ids={m.ids} generator={m.generator}")
+    try:
+        served = IndexVersion.newest_servable(store)
+    except StoreError as exc:
+        print(f"answering: none ({first_line(exc)})")
+        return
+    line = f"answering: v{served.version}"
+    if served.version != current:
+        line += f" (v{current} has no generator for its identifiers yet)"
+    if served.withdrawn:
+        shown_ids = ", ".join(shown(i) for i in sorted(served.withdrawn)[:5]) + (", ..." if len(served.withdrawn) > 5
+                                                                                 else "")
+        line += f"; {len(served.withdrawn)} items deleted since are withdrawn from its answers ({shown_ids})"
+    print(line)
 
 
 def innermost(exc: BaseException) -> BaseException:

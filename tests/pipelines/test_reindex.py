@@ -182,7 +182,8 @@ def test_a_rollback_forward_past_a_delete_withdraws_the_item_from_the_version_th
     assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
 
 
-def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it(base, tmp_path, monkeypatch):
+def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it(base, tmp_path, monkeypatch,
+                                                                                   capsys):
     """A delete that lands while `cart quantize --refit` fits is committed dead in its table; while
     the refit waits for `cart train`, a delete commits at once (the older version answers without
     the items), adds are refused with the reason; a training that crashed resumes across a second
@@ -207,6 +208,12 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
     summary = run_reindex(store, small_config(), delete=str(tmp_path / "first.txt"))
     assert summary["counts"]["deleted"] == 2 and not is_servable(store.manifest())
     assert IndexVersion.newest_servable(store).withdrawn == frozenset(first)
+    from pipelines.cli import main
+    capsys.readouterr()
+    assert main(["versions", "--store", store.url]) == 0
+    answering = capsys.readouterr().out.strip().splitlines()[-1]
+    assert answering.startswith(f"answering: v{IndexVersion.newest_servable(store).version} (v{store.manifest().version}"
+                                " has no generator") and "2 items deleted since are withdrawn" in answering, answering
     assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(during + first)
     with pytest.raises(StoreError, match=r"--add must wait for `cart train`"):
         run_reindex(store, small_config(), add=str(base["new"] / "items.parquet"))
