@@ -276,13 +276,14 @@ def pair_keys(pairs: pa.Table) -> pa.Array:
 
 
 def commit_generator(store: Store, base: Manifest, generator: str, fingerprint: str,
-                     finish: Callable[[Manifest], Manifest] | None, full: bool, message: str) -> Manifest:
+                     finish: Callable[[Manifest], Manifest] | None, message: str) -> Manifest:
     """Commit the generator trained for `base`'s identifiers. A commit that changed them since is
-    refused, unless it only deleted items: a full training then commits over the deletes, which
-    stay in force. A takedown landing between that check and the commit is checked again (up to
-    three times) rather than failing a finished training."""
+    refused, unless it only deleted items: the training (a full one or a reindex fine-tune, whose
+    `finish` names the pending runs it taught, which a delete keeps) then commits over the
+    deletes, which stay in force. A takedown landing between that check and the commit is checked
+    again (up to three times) rather than failing a finished training."""
     for attempt in range(3):
-        manifest = deletes_since(store, base, TRAINED_FOR, TRAIN_WRITES) if full else base
+        manifest = deletes_since(store, base, TRAINED_FOR, TRAIN_WRITES)
         if manifest.version != base.version:
             log("train", f"items were deleted while this run trained (versions {base.version + 1}.."
                          f"{manifest.version}): it commits over the deletes, which stay in force")
@@ -292,7 +293,7 @@ def commit_generator(store: Store, base: Manifest, generator: str, fingerprint: 
             return store.commit(finish(trained) if finish else trained.without_fallback(), message,
                                 base=manifest, reads=TRAINED_FOR)
         except CommitConflict:
-            if not full or attempt == 2 or deletes_since(store, base, TRAINED_FOR, TRAIN_WRITES).version == base.version:
+            if attempt == 2 or deletes_since(store, base, TRAINED_FOR, TRAIN_WRITES).version == base.version:
                 raise
     raise AssertionError("unreachable")
 
@@ -388,7 +389,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     summary.time("verify_s", t0)
     if before_commit is not None:
         before_commit()
-    new = commit_generator(store, info["base"], f"generator/{run}", fingerprint, finish, full=finetune is None,
+    new = commit_generator(store, info["base"], f"generator/{run}", fingerprint, finish,
                            message=f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]

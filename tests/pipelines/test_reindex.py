@@ -257,6 +257,35 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
     assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
 
 
+def test_a_delete_racing_a_reindex_finetune_stays_in_force_and_the_finetune_commits(base, tmp_path, monkeypatch):
+    """A takedown that lands while `reindex --finetune` trains: the fine-tune commits over it, its
+    added items taught, the deleted ones never answered."""
+    import pipelines.reindex as reindex_module
+    from cart_core.index_version import is_servable, load_ids
+    from pipelines.reindex import run_reindex
+
+    store = fresh(base, tmp_path)
+    gone = base["old_ids"][:2]
+    (tmp_path / "gone.txt").write_text("\n".join(gone) + "\n")
+    real = reindex_module.crash_point
+
+    def takedown_at_commit(name):
+        if name == "after_training":  # the fine-tune has trained and is about to commit
+            run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+        real(name)
+
+    monkeypatch.setattr(reindex_module, "crash_point", takedown_at_commit)
+    run_reindex(store, small_config("reindex.finetune_epochs=1"), add=str(base["new"] / "items.parquet"),
+                captions=str(base["new"] / "captions.parquet"), finetune=True)
+    done = store.manifest()
+    assert done.message.startswith("train") and is_servable(done)
+    assert done.extra["pending"] and not untaught(store, done)
+    table, _ = load_ids(store, done)
+    assert not table.live[np.isin(table.item_ids, gone)].any()
+    assert set(base["new_ids"]) <= set(table.item_ids[table.live].tolist())
+    assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
+
+
 def test_a_training_commits_over_deletes_only(base, tmp_path):
     """What a training may commit over: deletes; never an add, an update or new captions, whose
     items the generator and its verifier have not learned (Store.commit then refuses as before)."""
