@@ -16,6 +16,9 @@ Old queries are then displaced at a rate of about `fpr`, measured, not guessed.
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import numpy as np
 
 from cart_core.dense import FlatIndex
@@ -102,6 +105,14 @@ class HybridRetriever:
         self.threshold = threshold
         self.interleave = interleave  # at most this many dense hits below the threshold are merged in
         self.table = retriever.table if table is None else table  # the generator may decode fewer rows
+
+    def answering_only(self, live: np.ndarray) -> "HybridRetriever":
+        """A copy that answers none of the rows where `live` is False (BatchedSearch.answering_only):
+        the generator stops decoding them, and the dense hits are filtered by the table's mask."""
+        out = copy.copy(self)
+        out.retriever = self.retriever.answering_only(live)
+        out.table = replace(self.table, live=np.asarray(live, bool) & self.table.live)
+        return out
 
     def search_batch(self, queries, k: int = 10, beam_size: int = 10) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = self.retriever.search_batch(queries, k, beam_size)

@@ -312,7 +312,11 @@ def withdrawn_since(table: IdentifierTable, held: "IndexVersion", current: "Inde
     past a delete), or their row in `held` retired by `current` (deleted and imported again: the
     identifier and captions in `table` are those of the content taken down). Rows retired only
     count until `cart compact` clears the tombstones; content that changed without a delete
-    (nothing retired) is not withdrawn."""
+    (nothing retired) is not withdrawn. Nothing is read when both versions name the same feature
+    runs and tombstones: their live rows are then the same (a training's or a caption's commit)."""
+    if held.manifest.features == current.manifest.features and \
+            (held.manifest.extra.get("tombstones") or []) == (current.manifest.extra.get("tombstones") or []):
+        return frozenset()
     ids = pa.array(table.item_ids[table.live], pa.string())
     alive = current.live_rows().column("item_id").combine_chunks().cast(pa.string())
     gone = set(ids.filter(pc.invert(pc.is_in(ids, value_set=alive))).to_pylist())

@@ -20,11 +20,14 @@ With a token configured (`--token-file`, or the `serve.token_env` variable on th
 /search needs `Authorization: Bearer <token>` (constant-time compare of SHA-256 digests; 401
 otherwise); /healthz stays open for load-balancer and Kubernetes probes.
 
-A watcher thread polls the store's manifest; when a newer servable version is committed it loads
-it beside the old one and swaps a single reference, so requests in flight finish on the version
-they started with and none is dropped. After `serve.watcher_failures` failed polls in a row
-(each failure doubles the wait before the next, up to 30 s) /healthz answers 503 with the reason
-while search keeps serving the loaded version.
+A watcher thread polls the store's manifest. At a new commit it first withdraws what the commit
+deleted from the loaded version (a trie mask, no reload: a takedown is in force within a poll at
+any catalog size, even while the new version loads or if it cannot), then a loader thread loads
+the version that answers beside the old one and swaps a single reference, so requests in flight
+finish on the version they started with and none is dropped; deletes committed during that load
+are withdrawn from it before it answers. After `serve.watcher_failures` failed polls or loads in
+a row (each failure doubles the wait before the next try, up to 30 s) /healthz answers 503 with
+the reason while search keeps serving the loaded version, deletes withdrawn.
 """
 
 import asyncio
@@ -44,8 +47,8 @@ from ray import serve
 
 from cart_core.config import CartConfig, QueryConfig, ServeConfig
 from cart_core.errors import BadInput, InputNotFound, first_line, shown
-from cart_core.index_version import IndexVersion
-from cart_core.store import Store
+from cart_core.index_version import IndexVersion, withdraw, withdrawn_since
+from cart_core.store import Manifest, Store
 from pipelines.queries import QueryRefused, check_k, normalize_query
 from pipelines.search import load_generator, load_retriever
 from pipelines.verify import has_verifier, load_verifier_files, query_time, verify_settings
@@ -78,12 +81,28 @@ class Snapshot:
         self.version = version.version
         self.as_of = version.version if as_of is None else as_of  # the committed version resolved against
         self.key = Snapshot.key_of(version)
+        self.manifest = version.manifest  # what its table was read from: deletes since count against it
         self.retriever, self.table = load_retriever(version, device, query=query)
 
     @staticmethod
     def key_of(version: IndexVersion) -> tuple:
         """What the loaded retriever depends on: a new version with the same key needs no reload."""
         return version.manifest.ids, version.manifest.generator, version.withdrawn
+
+    def as_of_commit(self, store: Store, committed: Manifest) -> "Snapshot":
+        """This snapshot answering as of `committed`: the items deleted since its version
+        (IndexVersion.withdrawn_since) are taken away from the loaded retriever at once
+        (answering_only: a trie mask, no reload), so a takedown is in force within a poll
+        however long the full load of the new version takes, or if it fails."""
+        out = copy.copy(self)  # swapped in whole: a batch never sees half-updated labels
+        out.as_of = committed.version
+        gone = withdrawn_since(self.table, IndexVersion(store, self.manifest), IndexVersion(store, committed))
+        if gone:
+            out.retriever = self.retriever.answering_only(withdraw(self.table, gone).live)
+            out.table = out.retriever.table
+            logger.info("cart serve: %d items deleted as of version %s withdrawn from version %s",
+                        len(gone), committed.version, self.version)
+        return out
 
 
 def token_digest(token: str) -> str:
@@ -184,39 +203,72 @@ class CartSearch:
         self.device, self.beam, self.poll_s = device, beam_size, poll_s
         self.query = limits.get("verify")  # mode, candidates, neighbour lists: as `cart retrieve` (pipelines/verify.query_time)
         # the committed version looked at, read before resolving: a commit during the load is seen
-        self.seen_version = self.store.manifest().version
-        self.current = Snapshot(IndexVersion.newest_servable(self.store), device, self.query, self.seen_version)
+        seen = self.store.manifest().version
+        self.current = Snapshot(IndexVersion.newest_servable(self.store), device, self.query, seen)
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
-        self.watch_failures, self.watch_error = 0, ""
+        self.poll_failures = self.load_failures = 0
+        self.watch_error = ""
+        self._swap = threading.Lock()  # the watcher's withdrawals and the loader's switch never interleave
+        self._wanted = False  # a commit was seen that the loaded version may not answer for
+        self._loading, self._next_load = False, 0.0
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="cart-manifest-watch", daemon=True).start()
 
+    @staticmethod
+    def _backoff(poll_s: float, failures: int) -> float:
+        """Seconds before the next try after `failures` in a row: x2 each, at most 30 s, so a
+        store that cannot be read or a version that does not load is not retried every poll."""
+        return min(poll_s * 2 ** min(failures, 4), max(poll_s, 30.0))
+
     def _watch(self) -> None:
-        # after failures, wait longer (x2 each, at most 30 s): a version that does not load is not
-        # reloaded in full every poll, beside the requests this replica answers
-        while not self._stop.wait(min(self.poll_s * 2 ** min(self.watch_failures, 4), max(self.poll_s, 30.0))):
+        while not self._stop.wait(self._backoff(self.poll_s, self.poll_failures)):
             try:
-                committed = self.store.manifest().version
-                if committed != self.seen_version:
-                    # a commit: the version that answers may change, or, while the newest has no
-                    # generator, what it withdraws from the one that answers (deletes since)
-                    version = IndexVersion.newest_servable(self.store)
-                    if Snapshot.key_of(version) != self.current.key:
-                        new = Snapshot(version, self.device, self.query, committed)
-                        self.current = new  # one reference swap: in-flight batches keep the old one
-                        logger.info("cart serve: switched to version %s (as of %s)", new.version, committed)
-                    else:  # the same answers, new labels: a copy swapped in whole, never half-labelled
-                        labelled = copy.copy(self.current)
-                        labelled.version, labelled.as_of = version.version, committed
-                        self.current = labelled
-                    self.seen_version = committed
-                self.watch_failures, self.watch_error = 0, ""
+                self._poll()
+                self.poll_failures = 0
             except Exception as exc:  # keep serving the loaded version; retry next poll
-                self.watch_failures += 1
+                self.poll_failures += 1
                 self.watch_error = f"{type(exc).__name__}: {first_line(exc, 300)}"
-                logger.warning("cart serve: cannot load the committed version (%d in a row): %s",
-                               self.watch_failures, self.watch_error)
+                logger.warning("cart serve: cannot read the store (%d in a row): %s", self.poll_failures,
+                               self.watch_error)
+            if self._wanted and not self._loading and time.monotonic() >= self._next_load:
+                self._loading = True
+                threading.Thread(target=self._load, name="cart-version-load", daemon=True).start()
+
+    def _poll(self) -> None:
+        """A new commit: what it deleted is withdrawn from the loaded version now (a manifest read,
+        and the feature rows' live set when something was deleted); the loader then resolves and
+        loads the version that answers for it, which can take minutes at millions of items."""
+        with self._swap:
+            committed = self.store.manifest()
+            if committed.version != self.current.as_of:
+                self.current = self.current.as_of_commit(self.store, committed)
+                self._wanted = True
+
+    def _load(self) -> None:
+        try:
+            resolved_at = self.store.manifest().version  # read before resolving: a later commit is seen
+            version = IndexVersion.newest_servable(self.store)
+            fresh = None if Snapshot.key_of(version) == self.current.key else Snapshot(version, self.device, self.query)
+            with self._swap:
+                now = self.store.manifest()
+                if fresh is None:  # the same answers, new labels
+                    fresh = copy.copy(self.current)
+                    fresh.version = version.version
+                else:
+                    logger.info("cart serve: switched to version %s", version.version)
+                # deletes committed while it loaded are withdrawn before it answers anything
+                self.current = fresh.as_of_commit(self.store, now)  # one reference swap: in-flight batches keep theirs
+                self._wanted = now.version != resolved_at
+            self.load_failures = 0
+        except Exception as exc:  # keep serving the loaded version, with deletes withdrawn; retry later
+            self.load_failures += 1
+            self.watch_error = f"{type(exc).__name__}: {first_line(exc, 300)}"
+            self._next_load = time.monotonic() + self._backoff(self.poll_s, self.load_failures)
+            logger.warning("cart serve: cannot load the committed version (%d in a row): %s", self.load_failures,
+                           self.watch_error)
+        finally:
+            self._loading = False
 
     def _authorized(self, request: Request) -> bool:
         if self.token is None:
@@ -228,9 +280,11 @@ class CartSearch:
     async def healthz(self) -> JSONResponse:
         snap = self.current
         body = {"status": "ok", "version": snap.version, "as_of": snap.as_of, "items": int(snap.table.live.sum())}
-        if self.watch_failures >= self.serve_cfg.watcher_failures:
-            body.update(status="unhealthy", reason=f"the store could not be read {self.watch_failures} times "
-                                                   f"in a row: {self.watch_error}")
+        failures = max(self.poll_failures, self.load_failures)
+        if failures >= self.serve_cfg.watcher_failures:
+            what = "the store could not be read" if self.poll_failures >= self.load_failures else \
+                "the newest servable version could not be loaded"
+            body.update(status="unhealthy", reason=f"{what} {failures} times in a row: {self.watch_error}")
             return JSONResponse(body, status_code=503)
         return JSONResponse(body)
 

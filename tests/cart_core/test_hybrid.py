@@ -1,4 +1,6 @@
 """Generate, then verify: candidate expansion, the query aligner, learned fusion, the retriever."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,40 @@ def test_verified_retriever_finds_what_the_generator_misses_and_never_a_deleted_
     assert not np.isin(rows, np.arange(10)).any()
     with pytest.raises(ValueError, match="item feature vectors"):
         VerifiedRetriever(gen, table, ItemVectors.build(None, feats[:5]), None, fusion)
+
+
+def test_a_takedown_applied_to_a_loaded_retriever_answers_as_one_built_without_the_items():
+    """answering_only (what `cart serve` applies at a delete, before reloading): the copy never
+    answers the dead rows and answers like a retriever built with them dead (same neighbour lists);
+    the original, which in-flight batches may still hold, is unchanged."""
+    from cart_core.hybrid import item_neighbors
+
+    feats, table, gen = vector_index()
+    queries = feats + 0.05 * np.random.default_rng(1).normal(size=feats.shape).astype(np.float32)
+    items, fusion = ItemVectors.build(None, feats), Fusion(["feature_cos"], [20.0])
+    cfg = VerifyConfig(candidates=20, neighbor_seeds=2, neighbors=4)
+    lists = item_neighbors(items, table, cfg)
+    hybrid = VerifiedRetriever(gen, table, items, None, fusion, cfg, neighbors=lists)
+    before = hybrid.search(queries, k=10, beam_size=10)
+    live = table.live.copy()
+    live[:10] = False
+    for loaded, built in (
+            (hybrid, VerifiedRetriever(gen, replace(table, live=live), items, None, fusion, cfg, neighbors=lists)),
+            (GenerativeRetriever(gen, table), GenerativeRetriever(gen, replace(table, live=live)))):
+        original = loaded.search(queries, k=10, beam_size=10)
+        taken = loaded.answering_only(live)
+        rows, scores = taken.search(queries, k=10, beam_size=10)
+        assert not np.isin(rows, np.arange(10)).any() and not taken.table.live[:10].any()
+        want_rows, want_scores = built.search(queries, k=10, beam_size=10)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+        again = loaded.search(queries, k=10, beam_size=10)
+        np.testing.assert_array_equal(again[0], original[0])
+        assert np.isin(np.arange(10), original[0]).all()  # every one of them was answered before
+        assert loaded.table.live.all()
+    # a row is only ever taken away: a copy asked to answer everything again still answers none of them
+    np.testing.assert_array_equal(hybrid.answering_only(live).answering_only(np.ones(80, bool)).table.live, live)
+    np.testing.assert_array_equal(hybrid.search(queries, k=10, beam_size=10)[0], before[0])
 
 
 def test_fusion_without_any_asked_signal_says_what_was_asked():

@@ -269,6 +269,62 @@ def test_reindex_under_live_traffic(served):
     assert target in [item["item_id"] for item in body["results"][0]["items"]]
 
 
+def search_items(url: str, query: str, k: int = 50) -> tuple[dict, list[str]]:
+    body = requests.post(f"{url}/search", json={"queries": [query], "k": k}, headers=AUTH, timeout=60).json()
+    return body, [item["item_id"] for item in body["results"][0]["items"]]
+
+
+def wait_for(url: str, done, seconds: float = 60) -> dict:
+    """/healthz's body once done(body) holds (whatever its status), or the last one after `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        if done(health) or time.time() > deadline:
+            return health
+        time.sleep(0.5)
+
+
+def test_a_delete_is_in_force_before_the_version_it_commits_has_loaded(served):
+    """A delete reaches a live `cart serve` within a poll without waiting for the full load of the
+    version it commits: here that load fails (the generator's weights are damaged on disk after
+    the replica loaded them), and the loaded version answers without the item, `as_of` naming the
+    delete, `version` not moving, /healthz saying why; with the file back, the new version answers."""
+    from pipelines.reindex import run_reindex
+
+    store, url, folder = served
+    caps = pq.read_table(folder / "all" / "captions.parquet").to_pandas()
+    probes = caps[caps.caption_index == 1].head(40)
+    body = requests.post(f"{url}/search", json={"queries": probes.caption.tolist(), "k": 5}, headers=AUTH,
+                         timeout=60).json()
+    found = [row for row, result in zip(probes.itertuples(), body["results"])
+             if row.item_id in [item["item_id"] for item in result["items"]]]
+    assert found, "no probe finds its item: the case needs one"
+    target, query = found[0].item_id, found[0].caption
+    before = requests.get(f"{url}/healthz", timeout=30).json()
+    weights = f"{store.root.rstrip('/')}/{store.manifest().generator}/model/generator.safetensors"
+    saved = store.fs.cat_file(weights)
+    try:
+        store.fs.pipe_file(weights, b"not a safetensors file")
+        (folder / "delete.txt").write_text(target + "\n")
+        run_reindex(store, small_config(), delete=str(folder / "delete.txt"))
+        committed = store.manifest().version
+        health = wait_for(url, lambda h: h["as_of"] == committed)
+        assert (health["version"], health["as_of"], health["items"]) == (before["version"], committed,
+                                                                        before["items"] - 1)
+        body, items = search_items(url, query)
+        assert (body["version"], body["as_of"]) == (before["version"], committed) and target not in items
+        assert len(items) == 50  # everything else still answers
+        health = wait_for(url, lambda h: h["status"] != "ok", 30)
+        assert health["status"] == "unhealthy" and "could not be loaded 2 times in a row" in health["reason"]
+        assert health["version"] == before["version"] and health["as_of"] == committed
+    finally:
+        store.fs.pipe_file(weights, saved)
+    health = wait_for(url, lambda h: h["status"] == "ok" and h["version"] == committed, 90)
+    assert (health["status"], health["version"], health["as_of"]) == ("ok", committed, committed)
+    body, items = search_items(url, query)
+    assert body["version"] == committed and target not in items
+
+
 def test_a_takedown_while_a_refit_awaits_training_is_served_at_once(served):
     """Last in this module (it leaves the newest version without a generator): after `cart
     quantize --refit`, the trained version keeps answering; a delete committed then withdraws the
