@@ -173,8 +173,18 @@ def live_rows(table: IdentifierTable, items: list[str]) -> dict[str, int]:
     """item_id -> its live row in the id table, for `items` only (vectorised hash look-up)."""
     if not items:
         return {}
+    found = live_row_index(table, items)
+    return {item: int(r) for item, r in zip(items, found.tolist()) if r >= 0}
+
+
+def live_row_index(table: IdentifierTable, items) -> np.ndarray:
+    """int64 [len(items)]: each item's live row in the id table, -1 where it has none. `items`: ids
+    as a list or an Arrow string column; no Python object per item, so a reader placing 1M rows
+    (pipelines/verify.py) does it in Arrow and numpy."""
+    wanted = items if isinstance(items, (pa.Array, pa.ChunkedArray)) else pa.array(list(items), pa.string())
+    if len(wanted) == 0:
+        return np.zeros(0, np.int64)
     rows = np.flatnonzero(table.live)
-    wanted = pa.array(items, pa.string())
-    where = pc.index_in(wanted, value_set=pa.array(table.item_ids[rows].tolist(), pa.string()))
-    found = where.fill_null(-1).to_numpy()
-    return {item: int(rows[w]) for item, w in zip(items, found) if w >= 0}
+    where = pc.index_in(wanted.cast(pa.string()), value_set=pa.array(table.item_ids[rows], pa.string()))
+    found = np.asarray(where.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+    return np.where(found >= 0, rows[found.clip(0)], -1)

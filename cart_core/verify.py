@@ -31,6 +31,16 @@ from cart_core.lexical import TermIndex
 from cart_core.settings import SIGNALS
 
 
+def unit_half(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Rows L2-normalised, as float16: what item vectors are stored as. Block by block (the same
+    values as l2_normalize(x).astype(float16), row by row), so 1M x 512 rows never take a float32
+    copy of 2 GB beside the input."""
+    out = np.empty(np.shape(x), np.float16)
+    for start in range(0, len(out), block):
+        out[start:start + block] = l2_normalize(np.asarray(x[start:start + block], np.float32))
+    return out
+
+
 @dataclass
 class ItemVectors:
     """Per catalog row: caption centroid (zero row = no caption) and feature, fp16, L2-normalised,
@@ -49,7 +59,7 @@ class ItemVectors:
               terms: TermIndex | None = None, metric: CaptionMetric | None = None,
               predictor: CaptionPredictor | None = None) -> "ItemVectors":
         def half(x):
-            return None if x is None else l2_normalize(np.asarray(x, np.float32)).astype(np.float16)
+            return None if x is None else unit_half(x)
         if terms is not None and len(terms.length) != len(captions if captions is not None else features):
             raise ValueError(f"{len(terms.length)} item term rows for "
                              f"{len(captions if captions is not None else features)} item vectors")

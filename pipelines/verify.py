@@ -36,15 +36,18 @@ from pipelines.runtime import log
 
 
 def item_features(version: IndexVersion, table: IdentifierTable) -> np.ndarray | None:
-    """Live feature of each identifier row (zero rows where an item has none)."""
-    from pipelines.stages import stack_column
+    """Live feature of each identifier row (zero rows where an item has none); None when the
+    version has no live feature. Placed file by file: the rows read are never held twice."""
+    from pipelines.stages import column_rows
 
-    feats = version.live_features(["item_id", "embedding"])
-    if feats.num_rows == 0:
-        return None
-    vectors = stack_column(feats.column("embedding").to_numpy(zero_copy_only=False))
-    out = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
-    _scatter(out, table, feats.column("item_id").to_pylist(), vectors)
+    out = None
+    for part in version.live_feature_parts(["item_id", "embedding"]):
+        if part.num_rows == 0:
+            continue
+        vectors = column_rows(part.column("embedding"))
+        if out is None:
+            out = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
+        _scatter(out, table, part.column("item_id"), vectors)
     return out
 
 
@@ -78,14 +81,23 @@ def fitted_items(version: IndexVersion) -> set[str]:
     return {i for i, h in zip(items, t.column("content_hash").to_pylist()) if i in now and now[i][1] == h}
 
 
-def _scatter(out: np.ndarray, table: IdentifierTable, item_ids: list, vectors: np.ndarray) -> None:
-    """out[live row of item] = vector, for the items the table holds live."""
-    from cart_core.identifiers import live_rows
+def _scatter(out: np.ndarray, table: IdentifierTable, item_ids, vectors: np.ndarray) -> None:
+    """out[live row of item] = vector, for the items the table holds live (item_ids: a list or an
+    Arrow string column)."""
+    from cart_core.identifiers import live_row_index
 
-    item_ids = [str(i) for i in item_ids]
-    row_of = live_rows(table, item_ids)
-    known = [j for j, i in enumerate(item_ids) if i in row_of]
-    out[[row_of[item_ids[j]] for j in known]] = vectors[known]
+    rows = live_row_index(table, item_ids)
+    known = rows >= 0
+    if not known.any():
+        return
+    if not known.all():
+        rows, vectors = rows[known], vectors[known]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(rows) != 1) + 1])
+    if len(starts) <= max(1, len(rows) // 256):  # long runs in table order (a store's usual case): block copies
+        for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(rows)]):
+            out[rows[start]:rows[start] + end - start] = vectors[start:end]
+    else:
+        out[rows] = vectors
 
 
 def fit_verifier(store: Store, version: IndexVersion, generator_dir: str, cfg: CartConfig, texts: list[str],
@@ -219,7 +231,7 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     `query_time` settings, where given, replace what the verifier was fitted with (verify_settings)."""
     from cart_core.hybrid import VerifiedRetriever
     from cart_core.verify import ItemVectors
-    from pipelines.stages import stack_column
+    from pipelines.stages import column_rows
 
     store, manifest = version.store, version.manifest
     folder = f"{manifest.generator}/verify"
@@ -234,18 +246,17 @@ def load_verified(version: IndexVersion, generator, table: IdentifierTable, devi
     if stale:
         cap = cap.filter(pc.invert(pc.is_in(cap.column("item_id"), value_set=pa.array(sorted(stale), pa.string()))))
     # every fitted item may have been deleted since: the width then comes from the schema
-    vectors = stack_column(cap.column("centroid").to_numpy(zero_copy_only=False),
-                           width=cap.schema.field("centroid").type.list_size)
+    vectors = column_rows(cap.column("centroid"), width=cap.schema.field("centroid").type.list_size)
     captions = np.zeros((len(table.item_ids), vectors.shape[1]), np.float32)
-    _scatter(captions, table, cap.column("item_id").to_pylist(), vectors)
+    _scatter(captions, table, cap.column("item_id"), vectors)
     pending = version.pending()
     if pending is not None and pending.num_rows:
-        pvec = stack_column(pending.column("vector").to_numpy(zero_copy_only=False))
+        pvec = column_rows(pending.column("vector"))
         has = np.abs(pvec).sum(1) > 0  # pending items added without captions keep no centroid
         _scatter(captions, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pvec[has])
     features = item_features(version, table) if aligner is not None or predictor is not None else None
     if features is not None and pending is not None and "feature" in pending.column_names:
-        pfeat = stack_column(pending.column("feature").to_numpy(zero_copy_only=False))
+        pfeat = column_rows(pending.column("feature"))
         has = np.abs(pfeat).sum(1) > 0  # zero: added without captions, or before the verifier existed
         _scatter(features, table, [i for i, h in zip(pending.column("item_id").to_pylist(), has) if h], pfeat[has])
     items = ItemVectors.build(captions, features, item_terms(store, folder, table, pending, stale), metric, predictor)
