@@ -187,4 +187,7 @@ def live_row_index(table: IdentifierTable, items) -> np.ndarray:
     rows = np.flatnonzero(table.live)
     where = pc.index_in(wanted.cast(pa.string()), value_set=pa.array(table.item_ids[rows], pa.string()))
     found = np.asarray(where.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
-    return np.where(found >= 0, rows[found.clip(0)], -1)
+    out = np.full(len(found), -1, np.int64)
+    hit = found >= 0
+    out[hit] = rows[found[hit]]  # no live row at all: every item misses
+    return out

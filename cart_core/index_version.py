@@ -180,6 +180,15 @@ class IndexVersion:
         live = self.live_item_hashes([i for i in items if i in dead])
         return [i for i in dict.fromkeys(items) if i in dead and i not in live]
 
+    def pinned(self) -> "IndexVersion":
+        """This version with its live feature rows (item and run) kept in memory: what a long-lived
+        reader (a `cart serve` replica) keeps of the version it loaded, so that later comparisons
+        with newer versions (withdrawn_since) never read files `cart compact` may have removed."""
+        rows = self.feature_rows()
+        out = IndexVersion(self.store, self.manifest, self.withdrawn)
+        out._cache["feature_rows"] = rows.filter(rows.column("live")).select(["item_id", "run", "live"])
+        return out
+
     def live_rows(self) -> pa.Table:
         """The live feature rows (feature_rows filtered)."""
         rows = self.feature_rows()
@@ -334,7 +343,15 @@ def withdrawn_since(table: IdentifierTable, held: "IndexVersion", current: "Inde
     ids = pa.array(table.item_ids[table.live], pa.string())
     alive = current.live_rows().column("item_id").combine_chunks().cast(pa.string())
     gone = set(ids.filter(pc.invert(pc.is_in(ids, value_set=alive))).to_pylist())
-    retired = current.tombstones() - held.tombstones()
+    # only tombstone runs `held` does not name can retire its rows (runs are never rewritten; a
+    # merged run's rows that `held` had retired match none of its live rows): `held`'s own
+    # tombstone files are never read, so a version `cart compact` cleared can still be held
+    held_runs = set(held.manifest.extra.get("tombstones") or [])
+    newer = [r for r in current.manifest.extra.get("tombstones") or [] if r not in held_runs]
+    retired = set()
+    if newer:
+        t = current.store.read_table(newer, columns=["item_id", "feature_run"])
+        retired = set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
     if retired:
         rows = held.live_rows()
         pairs = zip(rows.column("item_id").to_pylist(), rows.column("run").to_pylist())

@@ -81,12 +81,16 @@ class Snapshot:
         self.version = version.version
         self.as_of = version.version if as_of is None else as_of  # the committed version resolved against
         self.key = Snapshot.key_of(version)
-        self.manifest = version.manifest  # what its table was read from: deletes since count against it
         self.retriever, self.table = load_retriever(version, device, query=query)
+        # what its table was read from, kept in memory: deletes since count against it even after
+        # `cart compact` removed that version's files
+        self.source = version.pinned()
+        self.withdrawn_at: dict[str, int] = {}  # item -> the commit it was withdrawn for (as_of_commit)
 
     @staticmethod
     def key_of(version: IndexVersion) -> tuple:
-        """What the loaded retriever depends on: a new version with the same key needs no reload."""
+        """What the loaded retriever depends on: a new version with the same key needs no reload
+        (unless the snapshot has withdrawn items since: then it answers for less than its key)."""
         return version.manifest.ids, version.manifest.generator, version.withdrawn
 
     def as_of_commit(self, store: Store, committed: Manifest) -> "Snapshot":
@@ -94,14 +98,22 @@ class Snapshot:
         (IndexVersion.withdrawn_since) are taken away from the loaded retriever at once
         (answering_only: a trie mask, no reload), so a takedown is in force within a poll
         however long the full load of the new version takes, or if it fails."""
-        out = copy.copy(self)  # swapped in whole: a batch never sees half-updated labels
+        gone = withdrawn_since(self.table, self.source, IndexVersion(store, committed))
+        out = self.withdrawing({item: committed.version for item in gone})
         out.as_of = committed.version
-        gone = withdrawn_since(self.table, IndexVersion(store, self.manifest), IndexVersion(store, committed))
-        if gone:
-            out.retriever = self.retriever.answering_only(withdraw(self.table, gone).live)
+        return out
+
+    def withdrawing(self, items: dict[str, int]) -> "Snapshot":
+        """A copy (swapped in whole: a batch never sees half-updated labels) that no longer answers
+        `items` (item -> the commit that deleted it), remembered in `withdrawn_at`."""
+        out = copy.copy(self)
+        live = withdraw(self.table, frozenset(items)).live
+        if items and (live != self.table.live).any():
+            out.retriever = self.retriever.answering_only(live)
             out.table = out.retriever.table
+            out.withdrawn_at = {**self.withdrawn_at, **{i: c for i, c in items.items() if i not in self.withdrawn_at}}
             logger.info("cart serve: %d items deleted as of version %s withdrawn from version %s",
-                        len(gone), committed.version, self.version)
+                        int((live != self.table.live).sum()), max(items.values()), self.version)
         return out
 
 
@@ -208,7 +220,7 @@ class CartSearch:
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
         self.poll_failures = self.load_failures = 0
-        self.watch_error = ""
+        self.poll_error = self.load_error = ""
         self._swap = threading.Lock()  # the watcher's withdrawals and the loader's switch never interleave
         self._wanted = False  # a commit was seen that the loaded version may not answer for
         self._loading, self._next_load = False, 0.0
@@ -225,12 +237,12 @@ class CartSearch:
         while not self._stop.wait(self._backoff(self.poll_s, self.poll_failures)):
             try:
                 self._poll()
-                self.poll_failures = 0
+                self.poll_failures, self.poll_error = 0, ""
             except Exception as exc:  # keep serving the loaded version; retry next poll
                 self.poll_failures += 1
-                self.watch_error = f"{type(exc).__name__}: {first_line(exc, 300)}"
+                self.poll_error = f"{type(exc).__name__}: {first_line(exc, 300)}"
                 logger.warning("cart serve: cannot read the store (%d in a row): %s", self.poll_failures,
-                               self.watch_error)
+                               self.poll_error)
             if self._wanted and not self._loading and time.monotonic() >= self._next_load:
                 self._loading = True
                 threading.Thread(target=self._load, name="cart-version-load", daemon=True).start()
@@ -242,31 +254,40 @@ class CartSearch:
         with self._swap:
             committed = self.store.manifest()
             if committed.version != self.current.as_of:
+                self._wanted = True  # first: a withdrawal that fails still gets the new version loaded
                 self.current = self.current.as_of_commit(self.store, committed)
-                self._wanted = True
 
     def _load(self) -> None:
         try:
             resolved_at = self.store.manifest().version  # read before resolving: a later commit is seen
             version = IndexVersion.newest_servable(self.store)
-            fresh = None if Snapshot.key_of(version) == self.current.key else Snapshot(version, self.device, self.query)
+            current = self.current
+            relabel = Snapshot.key_of(version) == current.key and not current.withdrawn_at
+            fresh = None if relabel else Snapshot(version, self.device, self.query)
             with self._swap:
-                now = self.store.manifest()
+                now, current = self.store.manifest(), self.current
                 if fresh is None:  # the same answers, new labels
-                    fresh = copy.copy(self.current)
-                    fresh.version = version.version
+                    if current.withdrawn_at:  # the watcher withdrew items meanwhile: load in full next time
+                        self._wanted = True
+                        return
+                    fresh = copy.copy(current)
+                    if version.version != current.version:
+                        fresh.version, fresh.source = version.version, version.pinned()
                 else:
+                    # what the watcher withdrew for commits after the one this load resolved: this
+                    # version predates those deletes (and any content imported again after them)
+                    fresh = fresh.withdrawing({i: c for i, c in current.withdrawn_at.items() if c > resolved_at})
                     logger.info("cart serve: switched to version %s", version.version)
                 # deletes committed while it loaded are withdrawn before it answers anything
                 self.current = fresh.as_of_commit(self.store, now)  # one reference swap: in-flight batches keep theirs
                 self._wanted = now.version != resolved_at
-            self.load_failures = 0
+            self.load_failures, self.load_error = 0, ""
         except Exception as exc:  # keep serving the loaded version, with deletes withdrawn; retry later
             self.load_failures += 1
-            self.watch_error = f"{type(exc).__name__}: {first_line(exc, 300)}"
+            self.load_error = f"{type(exc).__name__}: {first_line(exc, 300)}"
             self._next_load = time.monotonic() + self._backoff(self.poll_s, self.load_failures)
             logger.warning("cart serve: cannot load the committed version (%d in a row): %s", self.load_failures,
-                           self.watch_error)
+                           self.load_error)
         finally:
             self._loading = False
 
@@ -280,11 +301,11 @@ class CartSearch:
     async def healthz(self) -> JSONResponse:
         snap = self.current
         body = {"status": "ok", "version": snap.version, "as_of": snap.as_of, "items": int(snap.table.live.sum())}
-        failures = max(self.poll_failures, self.load_failures)
+        reading = self.poll_failures >= self.load_failures
+        failures, what, error = (self.poll_failures, "the store could not be read", self.poll_error) if reading else \
+            (self.load_failures, "the newest servable version could not be loaded", self.load_error)
         if failures >= self.serve_cfg.watcher_failures:
-            what = "the store could not be read" if self.poll_failures >= self.load_failures else \
-                "the newest servable version could not be loaded"
-            body.update(status="unhealthy", reason=f"{what} {failures} times in a row: {self.watch_error}")
+            body.update(status="unhealthy", reason=f"{what} {failures} times in a row: {error}")
             return JSONResponse(body, status_code=503)
         return JSONResponse(body)
 

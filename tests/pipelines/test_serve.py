@@ -325,6 +325,36 @@ def test_a_delete_is_in_force_before_the_version_it_commits_has_loaded(served):
     assert body["version"] == committed and target not in items
 
 
+def test_a_delete_after_a_compact_that_removed_the_loaded_versions_files(served):
+    """`cart compact --keep 1` removes the files of the version the replica loaded; the replica
+    never reads them again (it keeps that version's live rows in memory), so a delete committed
+    right after is withdrawn within a poll and the newest version loads."""
+    from pipelines.reindex import run_compact, run_reindex
+
+    store, url, folder = served
+    caps = pq.read_table(folder / "all" / "captions.parquet").to_pandas()
+    probes = caps[caps.caption_index == 2].head(40)
+    body = requests.post(f"{url}/search", json={"queries": probes.caption.tolist(), "k": 5}, headers=AUTH,
+                         timeout=60).json()
+    found = [row for row, result in zip(probes.itertuples(), body["results"])
+             if row.item_id in [item["item_id"] for item in result["items"]]]
+    assert found, "no probe finds its item: the case needs one"
+    target, query = found[0].item_id, found[0].caption
+    before = requests.get(f"{url}/healthz", timeout=30).json()
+    loaded = store.version(before["version"])
+    assert loaded.extra.get("tombstones"), "the case needs a loaded version that names tombstones"
+    run_compact(store, keep=1)
+    assert not any(store.exists(path) for path in loaded.extra["tombstones"])  # what the replica loaded is gone
+    (folder / "after-compact.txt").write_text(target + "\n")
+    run_reindex(store, small_config(), delete=str(folder / "after-compact.txt"))
+    committed = store.manifest().version
+    health = wait_for(url, lambda h: h["status"] == "ok" and h["version"] == h["as_of"] == committed, 90)
+    assert (health["status"], health["version"], health["as_of"], health["items"]) == (
+        "ok", committed, committed, before["items"] - 1)
+    body, items = search_items(url, query)
+    assert body["version"] == committed and target not in items
+
+
 def test_a_takedown_while_a_refit_awaits_training_is_served_at_once(served):
     """Last in this module (it leaves the newest version without a generator): after `cart
     quantize --refit`, the trained version keeps answering; a delete committed then withdraws the

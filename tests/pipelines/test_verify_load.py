@@ -52,6 +52,9 @@ def test_vectors_land_on_each_items_live_row_whatever_the_order(order, deletes):
 
 
 def test_nothing_known_changes_nothing():
+    every_row_dead = table_of(["a", "b"], [False, False])  # every item deleted: no live row to find
+    assert live_row_index(every_row_dead, ["a", "b", "c"]).tolist() == [-1, -1, -1]
+    assert live_rows(every_row_dead, ["a"]) == {}
     table = table_of(["a", "b"], [True, False])
     out = np.zeros((2, 3), np.float32)
     _scatter(out, table, ["b", "c"], np.ones((2, 3), np.float32))
