@@ -269,6 +269,19 @@ def test_reindex_under_live_traffic(served):
     assert target in [item["item_id"] for item in body["results"][0]["items"]]
 
 
+def answered_probe(url: str, folder: Path, caption_index: int) -> tuple[str, str]:
+    """(item, its caption) for the first of 40 captions #caption_index whose item the server
+    answers in its top 5: an item a delete visibly takes away."""
+    caps = pq.read_table(folder / "all" / "captions.parquet").to_pandas()
+    probes = caps[caps.caption_index == caption_index].head(40)
+    body = requests.post(f"{url}/search", json={"queries": probes.caption.tolist(), "k": 5}, headers=AUTH,
+                         timeout=60).json()
+    found = [row for row, result in zip(probes.itertuples(), body["results"])
+             if row.item_id in [item["item_id"] for item in result["items"]]]
+    assert found, "no probe finds its item: the case needs one"
+    return found[0].item_id, found[0].caption
+
+
 def search_items(url: str, query: str, k: int = 50) -> tuple[dict, list[str]]:
     body = requests.post(f"{url}/search", json={"queries": [query], "k": k}, headers=AUTH, timeout=60).json()
     return body, [item["item_id"] for item in body["results"][0]["items"]]
@@ -292,14 +305,7 @@ def test_a_delete_is_in_force_before_the_version_it_commits_has_loaded(served):
     from pipelines.reindex import run_reindex
 
     store, url, folder = served
-    caps = pq.read_table(folder / "all" / "captions.parquet").to_pandas()
-    probes = caps[caps.caption_index == 1].head(40)
-    body = requests.post(f"{url}/search", json={"queries": probes.caption.tolist(), "k": 5}, headers=AUTH,
-                         timeout=60).json()
-    found = [row for row, result in zip(probes.itertuples(), body["results"])
-             if row.item_id in [item["item_id"] for item in result["items"]]]
-    assert found, "no probe finds its item: the case needs one"
-    target, query = found[0].item_id, found[0].caption
+    target, query = answered_probe(url, folder, caption_index=1)
     before = requests.get(f"{url}/healthz", timeout=30).json()
     weights = f"{store.root.rstrip('/')}/{store.manifest().generator}/model/generator.safetensors"
     saved = store.fs.cat_file(weights)
@@ -332,14 +338,7 @@ def test_a_delete_after_a_compact_that_removed_the_loaded_versions_files(served)
     from pipelines.reindex import run_compact, run_reindex
 
     store, url, folder = served
-    caps = pq.read_table(folder / "all" / "captions.parquet").to_pandas()
-    probes = caps[caps.caption_index == 2].head(40)
-    body = requests.post(f"{url}/search", json={"queries": probes.caption.tolist(), "k": 5}, headers=AUTH,
-                         timeout=60).json()
-    found = [row for row, result in zip(probes.itertuples(), body["results"])
-             if row.item_id in [item["item_id"] for item in result["items"]]]
-    assert found, "no probe finds its item: the case needs one"
-    target, query = found[0].item_id, found[0].caption
+    target, query = answered_probe(url, folder, caption_index=2)
     before = requests.get(f"{url}/healthz", timeout=30).json()
     loaded = store.version(before["version"])
     assert loaded.extra.get("tombstones"), "the case needs a loaded version that names tombstones"
