@@ -71,10 +71,12 @@ def group_r1(store: Store, queries: list[str], gold: list[str], groups: dict[str
     from cart_core.index_version import IndexVersion
     from pipelines.search import load_retriever
 
-    manifest = IndexVersion.newest_servable(store).manifest
+    served = IndexVersion.newest_servable(store)
+    manifest = served.manifest
     if not fallback:
         manifest = replace(manifest, extra={**manifest.extra, "pending": None})
-    retriever, table = load_retriever(IndexVersion(store, manifest))
+    # what the jobs answer with: the newest servable version, less the items deleted since it
+    retriever, table = load_retriever(IndexVersion(store, manifest, withdrawn=served.withdrawn))
     if threshold is not None and hasattr(retriever, "threshold"):  # a gate other than the committed one
         retriever.threshold = threshold
     if interleave is not None and hasattr(retriever, "interleave"):
