@@ -391,6 +391,12 @@ def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> d
             "fallback_threshold": summary.get("pending_threshold")}
 
 
+# the 1M synthetic store's config (configs/default.yaml plus these; benchmarks/serve_takedown.py too)
+SCALE_OVERRIDES = ["identifiers.source=features", "identifiers.n_clusters=256", "identifiers.rqvae.codebook_size=64",
+                   "identifiers.rqvae.epochs=10", "train.epochs=1", "jobs.retrieve_num_cpus=0.5",
+                   "jobs.quantize_num_cpus=0.5", "jobs.cpus_per_worker=0.5"]
+
+
 def synthetic_items(n: int, dim: int, seed: int, prefix: str, centers: np.ndarray) -> pa.Table:
     rng = np.random.default_rng(seed)
     x = centers[rng.integers(0, len(centers), n)] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
@@ -408,9 +414,7 @@ def part_scale(out: Path, n: int, n_add: int, overrides: list[str], reuse: Path 
 
     dim = 512
     cfg = load_config(REPO_ROOT / "configs" / "default.yaml", [
-        "identifiers.source=features", "identifiers.n_clusters=256", "identifiers.rqvae.codebook_size=64",
-        "identifiers.rqvae.epochs=10", "train.epochs=1", "reindex.finetune_epochs=1",
-        "jobs.retrieve_num_cpus=0.5", "jobs.quantize_num_cpus=0.5", "jobs.cpus_per_worker=0.5", *overrides])
+        *SCALE_OVERRIDES, "reindex.finetune_epochs=1", *overrides])
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(1024, dim)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)

@@ -39,9 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from cart_core.config import load_config  # noqa: E402
 from cart_core.store import Store  # noqa: E402
 
-SCALE_CONFIG = ["identifiers.source=features", "identifiers.n_clusters=256", "identifiers.rqvae.codebook_size=64",
-                "identifiers.rqvae.epochs=10", "train.epochs=1", "jobs.retrieve_num_cpus=0.5",
-                "jobs.quantize_num_cpus=0.5", "jobs.cpus_per_worker=0.5"]
+from reindex import SCALE_OVERRIDES as SCALE_CONFIG  # noqa: E402  the 1M store of the reindex benchmark
 WORDS = ["red", "blue", "dog", "car", "tree", "river", "city", "beach", "child", "horse"]
 
 
