@@ -25,7 +25,7 @@ from cart_core.fusion import (TUNED_FOR_TOP1, Fusion, fit_fusion, fit_weights, t
 from cart_core.generator import Generator
 from cart_core.identifiers import IdentifierTable
 from cart_core.lexical import ItemTerms, TermIndex
-from cart_core.neighbors import build_neighbors, follow_neighbors
+from cart_core.neighbors import build_neighbors, follow_neighbors, without_rows
 from cart_core.retrieval import BatchedSearch, no_answers
 from cart_core.settings import UNCAPTIONED_SIGNALS, VerifyConfig
 from cart_core.trie import DecodingTrie
@@ -65,6 +65,20 @@ class VerifiedRetriever(BatchedSearch):
         self.neighbors = neighbors
         self._warned_no_lists = False
         self._warned_no_terms = False
+
+    def answering_only(self, live: np.ndarray) -> "VerifiedRetriever":
+        """BatchedSearch.answering_only, with the neighbour lists a load of the version without
+        those rows would build (neighbors.without_rows: only the lists of their clusters are
+        rebuilt), so a takedown's answers are the new version's before it loads. Where that takes
+        a full build (verify.neighbor_probe > 1) the lists are kept and the taken rows skipped."""
+        out = super().answering_only(live)
+        if self.neighbors is not None:
+            gone = np.flatnonzero(self.table.live & ~out.table.live)
+            vectors = self.items.features if self.items.features is not None else self.items.captions
+            rebuilt = without_rows(self.neighbors, vectors, self.table.codes[:, 0], out.table.live, gone,
+                                   self.cfg.neighbor_probe)
+            out.neighbors = self.neighbors if rebuilt is None else rebuilt
+        return out
 
     def candidates(self, queries, beam_size: int):
         """(candidates, query sentence vectors, queries in feature space or None, the queries' words
@@ -153,7 +167,8 @@ def item_neighbors(items: ItemVectors, table: IdentifierTable, cfg: VerifyConfig
     vectors = items.features if items.features is not None else items.captions
     if cfg.neighbor_seeds <= 0 or vectors is None:
         return None
-    return build_neighbors(vectors, table.codes[:, 0], cfg.neighbors, cfg.neighbor_probe, progress=progress)
+    return build_neighbors(vectors, table.codes[:, 0], cfg.neighbors, cfg.neighbor_probe, progress=progress,
+                           live=table.live)
 
 
 def holdout_mask(n_pairs: int, share: float, seed: int = 0) -> np.ndarray:

@@ -24,9 +24,10 @@ from cart_core.kmeans import l2_normalize
 
 
 def build_neighbors(vectors: np.ndarray, clusters: np.ndarray, m: int = 16, probe: int = 1,
-                    row_block: int = 1024, progress: bool = False) -> np.ndarray:
+                    row_block: int = 1024, progress: bool = False, live: np.ndarray | None = None) -> np.ndarray:
     """int32 [N, m]: each row's m most similar other rows (best first), -1 padding. Rows whose vector
-    is zero (an item without features) neither get nor are neighbours."""
+    is zero (an item without features) or, given `live`, that are not live (a deleted item) neither
+    get nor are neighbours."""
     vectors = np.asarray(vectors)
     clusters = np.asarray(clusters, np.int64)
     if len(vectors) != len(clusters):
@@ -36,33 +37,67 @@ def build_neighbors(vectors: np.ndarray, clusters: np.ndarray, m: int = 16, prob
     out = np.full((len(vectors), m), -1, np.int32)
     present = np.concatenate([np.abs(vectors[i:i + 65536]).sum(1) > 0 for i in range(0, len(vectors), 65536)]) \
         if len(vectors) else np.zeros(0, bool)                      # in blocks: no [N, D] temporary
+    if live is not None:
+        present &= np.asarray(live, bool)
     ids = np.unique(clusters[present])
     if len(ids) == 0:
         return out
     order = np.argsort(clusters, kind="stable")
     bounds = np.searchsorted(clusters[order], np.stack([ids, ids + 1]))
     members = {int(c): order[lo:hi][present[order[lo:hi]]] for c, lo, hi in zip(ids, *bounds)}
-
-    def unit(rows: np.ndarray) -> torch.Tensor:  # rows converted one block at a time: no [N, D] float32 copy
-        return torch.from_numpy(l2_normalize(np.asarray(vectors[rows], np.float32)))
-
-    centroids = l2_normalize(np.stack([unit(members[int(c)]).mean(0).numpy() for c in ids]))
+    centroids = l2_normalize(np.stack([_unit(vectors, members[int(c)]).mean(0).numpy() for c in ids]))
     similarity = centroids @ centroids.T
     np.fill_diagonal(similarity, np.inf)  # its own cluster first, even beside a twin centroid
     nearest = np.argsort(-similarity, axis=1)[:, :probe]
     for i, c in enumerate(tqdm(ids, desc="neighbour lists", disable=not progress, leave=False)):
-        rows = members[int(c)]
         pool = np.concatenate([members[int(ids[j])] for j in nearest[i]])
-        pool_t, pool_x = torch.from_numpy(pool), unit(pool)
-        keep = min(m + 1, len(pool))
-        for start in range(0, len(rows), row_block):
-            block = rows[start:start + row_block]
-            sims = unit(block) @ pool_x.T
-            sims[torch.from_numpy(block)[:, None] == pool_t[None, :]] = -np.inf  # never its own neighbour
-            top = sims.topk(keep, dim=1)
-            found = np.where(np.isfinite(top.values.numpy()), pool[top.indices.numpy()], -1)[:, :m]
-            out[block, :found.shape[1]] = found
+        _fill_lists(out, vectors, members[int(c)], pool, row_block)
     return out
+
+
+def without_rows(neighbors: np.ndarray, vectors: np.ndarray, clusters: np.ndarray, live: np.ndarray,
+                 gone: np.ndarray, probe: int = 1, row_block: int = 1024) -> np.ndarray | None:
+    """The lists build_neighbors(..., live=live) gives once the rows `gone` are no longer live,
+    from the lists built before (a copy; the original is left as it is), or None where that takes a
+    full build. With probe 1 a list is searched in its own cluster only, so only the clusters of
+    `gone` change: a takedown rebuilds a few thousand lists at 1M items, not a million. With more
+    probes a cluster's centroid, and so which clusters every list searches, moves with its members:
+    None."""
+    gone = np.asarray(gone, np.int64)
+    if len(gone) == 0:
+        return neighbors
+    if probe != 1:
+        return None
+    clusters = np.asarray(clusters, np.int64)
+    out = neighbors.copy()
+    live = np.asarray(live, bool)
+    for c in np.unique(clusters[gone]):
+        rows = np.flatnonzero(clusters == c)
+        out[rows] = -1
+        members = rows[live[rows] & (np.abs(_unit(vectors, rows, normalize=False).numpy()).sum(1) > 0)]
+        if len(members):
+            _fill_lists(out, vectors, members, members, row_block)
+    return out
+
+
+def _unit(vectors: np.ndarray, rows: np.ndarray, normalize: bool = True) -> torch.Tensor:
+    """rows of `vectors` as float32 (unit length), converted one block at a time: no [N, D] copy."""
+    block = np.asarray(vectors[rows], np.float32)
+    return torch.from_numpy(l2_normalize(block) if normalize else block)
+
+
+def _fill_lists(out: np.ndarray, vectors: np.ndarray, rows: np.ndarray, pool: np.ndarray, row_block: int) -> None:
+    """out[rows]: each row's most similar rows of `pool` (itself excluded), best first."""
+    m = out.shape[1]
+    pool_t, pool_x = torch.from_numpy(pool), _unit(vectors, pool)
+    keep = min(m + 1, len(pool))
+    for start in range(0, len(rows), row_block):
+        block = rows[start:start + row_block]
+        sims = _unit(vectors, block) @ pool_x.T
+        sims[torch.from_numpy(block)[:, None] == pool_t[None, :]] = -np.inf  # never its own neighbour
+        top = sims.topk(keep, dim=1)
+        found = np.where(np.isfinite(top.values.numpy()), pool[top.indices.numpy()], -1)[:, :m]
+        out[block, :found.shape[1]] = found
 
 
 def follow_neighbors(neighbors: np.ndarray, seeds: np.ndarray, exclude: np.ndarray, live: np.ndarray | None = None,

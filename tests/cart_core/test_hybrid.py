@@ -151,8 +151,9 @@ def test_verified_retriever_finds_what_the_generator_misses_and_never_a_deleted_
 
 def test_a_takedown_applied_to_a_loaded_retriever_answers_as_one_built_without_the_items():
     """answering_only (what `cart serve` applies at a delete, before reloading): the copy never
-    answers the dead rows and answers like a retriever built with them dead (same neighbour lists);
-    the original, which in-flight batches may still hold, is unchanged."""
+    answers the dead rows and answers like a retriever built with them dead, neighbour lists
+    included (those a load of that version builds); the original, which in-flight batches may
+    still hold, is unchanged."""
     from cart_core.hybrid import item_neighbors
 
     feats, table, gen = vector_index()
@@ -165,7 +166,8 @@ def test_a_takedown_applied_to_a_loaded_retriever_answers_as_one_built_without_t
     live = table.live.copy()
     live[:10] = False
     for loaded, built in (
-            (hybrid, VerifiedRetriever(gen, replace(table, live=live), items, None, fusion, cfg, neighbors=lists)),
+            (hybrid, VerifiedRetriever(gen, replace(table, live=live), items, None, fusion, cfg,
+                                       neighbors=item_neighbors(items, replace(table, live=live), cfg))),
             (GenerativeRetriever(gen, table), GenerativeRetriever(gen, replace(table, live=live)))):
         original = loaded.search(queries, k=10, beam_size=10)
         taken = loaded.answering_only(live)

@@ -5,7 +5,7 @@ import pytest
 from cart_core.candidates import expand_beam, rows_as_candidates
 from cart_core.fusion import Fusion
 from cart_core.hybrid import VerifiedRetriever, VerifyConfig, item_neighbors
-from cart_core.neighbors import build_neighbors, follow_neighbors
+from cart_core.neighbors import build_neighbors, follow_neighbors, without_rows
 from cart_core.verify import ItemVectors
 
 from tests.cart_core.test_decoding import random_catalog
@@ -53,6 +53,29 @@ def test_items_without_vectors_neither_get_nor_are_neighbours_and_small_clusters
     assert (nb[-3:, :2] >= 27).all() and (nb[-3:, 2:] == -1).all()
     with pytest.raises(ValueError, match="3 cluster ids"):
         build_neighbors(x, clusters[:3])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lists_without_taken_rows_are_those_a_build_without_them_gives(seed):
+    """A takedown rebuilds only the lists of the taken rows' clusters (probe 1), and gets what a
+    full build without those rows gives; the lists it started from are left as they were."""
+    rng = np.random.default_rng(seed)
+    clusters = rng.integers(0, 6, 300)
+    x = (rng.normal(size=(6, 8))[clusters] * 3 + rng.normal(size=(300, 8))).astype(np.float16)
+    x[rng.choice(300, 5, replace=False)] = 0  # items without vectors stay out
+    live = rng.random(300) > 0.1                # rows already dead before the takedown
+    lists = build_neighbors(x, clusters, m=5, live=live)
+    kept = lists.copy()
+    gone = np.concatenate([rng.choice(np.flatnonzero(live), 8, replace=False),
+                           np.flatnonzero(clusters == 2)])  # one cluster emptied whole
+    after = live.copy()
+    after[gone] = False
+    rebuilt = without_rows(lists, x, clusters, after, gone)
+    np.testing.assert_array_equal(rebuilt, build_neighbors(x, clusters, m=5, live=after))
+    assert not np.isin(rebuilt, gone).any() and (rebuilt[clusters == 2] == -1).all()
+    np.testing.assert_array_equal(lists, kept)
+    assert without_rows(lists, x, clusters, after, gone, probe=2) is None  # centroids move: a full build
+    assert without_rows(lists, x, clusters, live, np.zeros(0, int)) is lists
 
 
 def test_follow_takes_live_new_rows_once_in_seed_order():
