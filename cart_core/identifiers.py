@@ -162,7 +162,11 @@ def apply_delta(table: IdentifierTable, appended: IdentifierTable, dead_rows: np
     Together with appended_rows this lets an index of millions take a small change without
     rewriting every row (the id table of a reindex holds only what it changed)."""
     live = table.live.copy()
-    live[np.asarray(dead_rows, dtype=np.int64)] = False
+    dead_rows = np.asarray(dead_rows, dtype=np.int64)
+    wrong = dead_rows[(dead_rows < 0) | (dead_rows >= len(live))]
+    if len(wrong):  # -1 would silently kill the last row
+        raise ValueError(f"dead row {int(wrong[0])} is outside the table it marks ({len(live)} rows)")
+    live[dead_rows] = False
     codes = appended.codes.reshape(len(appended.item_ids), table.length) if len(appended.item_ids) else \
         np.zeros((0, table.length), dtype=np.int64)
     return IdentifierTable(np.concatenate([table.item_ids, appended.item_ids]), np.concatenate([table.codes, codes]),

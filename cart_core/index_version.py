@@ -343,6 +343,12 @@ def withdrawn_since(table: IdentifierTable, held: "IndexVersion", current: "Inde
     a row `held` had live stays live unless one of them retires it, so the answer costs what was
     deleted, not the catalog (a takedown at 1M items: 1.2 s before, see docs/benchmarks.md).
     Anything else (a compact, a rollback) compares the live rows in full."""
+    return deleted_since(table.item_ids[table.live], held, current)
+
+
+def deleted_since(items: np.ndarray, held: "IndexVersion", current: "IndexVersion") -> frozenset[str]:
+    """withdrawn_since for `items` (item ids live in `held`): those whose content in `held` was
+    taken down since (what a rollback to `held` would bring back)."""
     held_tombs = list(held.manifest.extra.get("tombstones") or [])
     current_tombs = list(current.manifest.extra.get("tombstones") or [])
     if held.manifest.features == current.manifest.features and held_tombs == current_tombs:
@@ -354,13 +360,13 @@ def withdrawn_since(table: IdentifierTable, held: "IndexVersion", current: "Inde
     appended = current.manifest.features[:len(held.manifest.features)] == held.manifest.features \
         and set(held_tombs) <= set(current_tombs)
     if appended:
-        return _held_rows_retired(table, held, current, newer)
-    return _withdrawn_by_live_rows(table, held, current, newer)
+        return _held_rows_retired(items, held, current, newer)
+    return _withdrawn_by_live_rows(items, held, current, newer)
 
 
-def _held_rows_retired(table: IdentifierTable, held: "IndexVersion", current: "IndexVersion",
+def _held_rows_retired(items: np.ndarray, held: "IndexVersion", current: "IndexVersion",
                        newer: list[str]) -> frozenset[str]:
-    """withdrawn_since when `current` only appended to `held`: the live items of `table` whose
+    """deleted_since when `current` only appended to `held`: those of `items` whose
     `held` row a tombstone in `newer` retires (reads those tombstones, nothing else)."""
     if not newer:
         return frozenset()
@@ -370,13 +376,13 @@ def _held_rows_retired(table: IdentifierTable, held: "IndexVersion", current: "I
     named = rows.filter(pc.is_in(rows.column("item_id"), value_set=pc.unique(t.column("item_id").combine_chunks())))
     gone = {item for item, run in zip(named.column("item_id").to_pylist(), named.column("run").to_pylist())
             if (item, run) in retired}
-    return _live_in(table, gone)
+    return _among(items, gone)
 
 
-def _withdrawn_by_live_rows(table: IdentifierTable, held: "IndexVersion", current: "IndexVersion",
+def _withdrawn_by_live_rows(items: np.ndarray, held: "IndexVersion", current: "IndexVersion",
                             newer: list[str]) -> frozenset[str]:
-    """withdrawn_since in general: every live row of `current` read and compared."""
-    ids = pa.array(table.item_ids[table.live], pa.string())
+    """deleted_since in general: every live row of `current` read and compared."""
+    ids = pa.array(np.asarray(items, object), pa.string())
     alive = current.live_rows().column("item_id").combine_chunks().cast(pa.string())
     gone = set(ids.filter(pc.invert(pc.is_in(ids, value_set=alive))).to_pylist())
     retired = set()
@@ -386,16 +392,17 @@ def _withdrawn_by_live_rows(table: IdentifierTable, held: "IndexVersion", curren
     if retired:
         rows = held.live_rows()
         pairs = zip(rows.column("item_id").to_pylist(), rows.column("run").to_pylist())
-        gone |= _live_in(table, {item for item, run in pairs if (item, run) in retired})
+        gone |= _among(items, {item for item, run in pairs if (item, run) in retired})
     return frozenset(gone)
 
 
-def _live_in(table: IdentifierTable, items: set[str]) -> frozenset[str]:
-    """Those of `items` that are live rows of `table`."""
-    if not items:
+def _among(items: np.ndarray, named: set[str]) -> frozenset[str]:
+    """Those of `named` that are in `items`."""
+    if not named:
         return frozenset()
-    named = pc.is_in(pa.array(table.item_ids, pa.string()), value_set=pa.array(sorted(items), pa.string()))
-    return frozenset(table.item_ids[named.to_numpy(zero_copy_only=False) & table.live].tolist())
+    items = np.asarray(items, object)
+    hit = pc.is_in(pa.array(items, pa.string()), value_set=pa.array(sorted(named), pa.string()))
+    return frozenset(items[hit.to_numpy(zero_copy_only=False)].tolist())
 
 
 def only_deleted(before: "IndexVersion", after: "IndexVersion") -> bool:

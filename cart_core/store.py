@@ -36,6 +36,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cart_core.errors import first_line
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -284,13 +286,17 @@ class Store:
         raise CommitConflict(f"{self.url}: could not commit after {COMMIT_ATTEMPTS} attempts: "
                              "other jobs keep committing; nothing was committed, rerun this job")
 
-    def versions(self) -> list[Manifest]:
-        """Every readable committed manifest, oldest first (unreadable ones: `cart check`)."""
+    def versions(self, strict: bool = False) -> list[Manifest]:
+        """Every readable committed manifest, oldest first (unreadable ones: `cart check`). strict:
+        an unreadable one raises instead (what a job that removes history must not guess about)."""
         out = []
         for p in self.history_files():
             try:
                 out.append(Manifest.from_json(self.fs.cat_file(p).decode(), p))
-            except (StoreError, OSError):
+            except (StoreError, OSError) as exc:
+                if strict:
+                    raise StoreError(f"{first_line(exc)} (a history file); `cart check --store {self.url}` says "
+                                     "what is damaged and `--repair` what it can restore") from None
                 continue
         return out
 
@@ -466,6 +472,22 @@ class Store:
         p = self.path(relpath)
         if self.fs.exists(p):
             self.fs.rm(p, recursive=True)
+
+    def last_write(self, relpath: str) -> float | None:
+        """Seconds since the epoch of the newest file under `relpath` (None: no file there): how a
+        folder no version names yet tells a job still writing it from one that died."""
+        p = self.path(relpath)
+        self._invalidate(p)
+        if not self.fs.exists(p):
+            return None
+        newest = None
+        for info in self.fs.find(p, detail=True).values():
+            stamp = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+            if hasattr(stamp, "timestamp"):
+                stamp = stamp.timestamp()
+            if stamp is not None:
+                newest = float(stamp) if newest is None else max(newest, float(stamp))
+        return newest
 
 
 # ---- table schemas (DESIGN.md §3) ----------------------------------------------------------

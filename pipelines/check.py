@@ -5,7 +5,9 @@ current version names: Parquet footers and full reads (a truncated file fails), 
 index ranges, safetensors headers, JSON, the identifier delta chain (loaded whole), the generator
 files `Generator.load` needs. Folders no committed version names are reported as orphans (debris of
 killed or refused jobs; `cart compact` removes them), not as problems. `--repair` rewrites
-`manifest.json` from the newest intact history file. No Ray: it runs anywhere the store is readable.
+`manifest.json` from the newest intact history file (or, where the newest history file is damaged
+and `manifest.json` is an intact copy of it, that history file from the pointer). The version
+that answers queries is checked too when it is not the current one. No Ray: it runs anywhere the store is readable.
 """
 from __future__ import annotations
 
@@ -61,22 +63,40 @@ def inspect(store: Store) -> dict:
     if current is not None and newest is not None and current.version < newest.version:
         report["problems"].append(f"{store.uri(MANIFEST)}: points at version {current.version}, the newest "
                                   f"committed is {newest.version} (`--repair` advances it)")
-    current = newest or current
+    if current is None or newest is None or current.version <= newest.version:
+        current = newest or current  # else the pointer is an intact copy of a damaged newest history file
     if current is None:
         return report
     report["version"] = current.version
-    report["servable"] = any(is_servable(m) for m in [*history, current])
-    files = [0]
-    for path in sorted(referenced_paths(current)):
-        report["problems"] += check_path(store, path, files, unique="item_id" if path in current.features else None)
-    report["problems"] += check_ids(store, current)
-    if current.generator:
-        for name in GENERATOR_FILES:
-            if not store.exists(f"{current.generator}/{name}"):
-                report["problems"].append(f"{store.uri(current.generator, name)}: missing (the generator cannot load)")
+    files, checked = [0], set()
+    report["problems"] += check_version(store, current, files, checked)
+    # the version that answers queries when the current one has no generator yet (a refit awaiting
+    # `cart train`): its files are what every `cart serve` and `cart retrieve` reads
+    served = next((m for m in reversed([*history, current]) if is_servable(m)), None)
+    serving_problems = [] if served is None or served.version == current.version else \
+        [f"{line} (version {served.version}, which answers queries)"
+         for line in check_version(store, served, files, checked)]
+    report["problems"] += serving_problems
+    report["servable"] = served is not None and not serving_problems and \
+        (served.version != current.version or not report["problems"])
     report["files_checked"] = files[0]
     report["orphans"] = orphans(store, history or [current])
     return report
+
+
+def check_version(store: Store, manifest: Manifest, files: list[int], checked: set[str]) -> list[str]:
+    """Every file `manifest` names (those in `checked` were read already), its identifier chain and
+    its generator's files."""
+    problems = []
+    for path in sorted(referenced_paths(manifest) - checked):
+        problems += check_path(store, path, files, unique="item_id" if path in manifest.features else None)
+        checked.add(path)
+    problems += check_ids(store, manifest)
+    if manifest.generator:
+        for name in GENERATOR_FILES:
+            if not store.exists(f"{manifest.generator}/{name}"):
+                problems.append(f"{store.uri(manifest.generator, name)}: missing (the generator cannot load)")
+    return problems
 
 
 def read_history(store: Store) -> tuple[list[Manifest], list[str]]:
@@ -205,7 +225,13 @@ def repair_pointer(store: Store, report: dict) -> list[str]:
     done = []
     for path in store.history_files():  # damaged history newer than the newest intact one: set aside
         number = int(path.rsplit("/v", 1)[1].split(".")[0])
-        if number > newest.version:
+        if current is not None and number == current.version > newest.version:
+            # the pointer is an intact copy of this version: restore the history from it (moving it
+            # aside would undo a committed version, a delete included)
+            store._write_bytes(path, current.to_json().encode())
+            done.append(f"{path}: damaged, rewritten from {store.uri(MANIFEST)} (an intact copy of version {number})")
+            newest = current
+        elif number > newest.version:
             store.fs.mv(path, f"{path}.corrupt")
             done.append(f"{path}: damaged, moved to {path}.corrupt")
     if done or current is None or current != newest:

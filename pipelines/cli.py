@@ -174,7 +174,7 @@ def run_command(args) -> None:
     elif args.command == "compact":
         from pipelines.reindex import run_compact
 
-        run_compact(store, args.keep or cfg.reindex.keep_versions)
+        run_compact(store, cfg.reindex.keep_versions if args.keep is None else args.keep)
     elif args.command == "train":
         from pipelines.train import run_train
 

@@ -35,13 +35,14 @@ import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig, config_from_dict
 from cart_core.corpus import Corpus, CorpusError, load_corpus_files
-from cart_core.errors import ConfigError, first_line
+from cart_core.errors import BadInput, ConfigError, first_line
 from cart_core.fallback import acceptance_threshold
 from cart_core.identifiers import IdentifierTable, extend_identifiers, live_rows
 from cart_core.indexing import encode, identifier_inputs, load_codebooks
 from cart_core.kmeans import cluster_imbalance
 from cart_core.lexical import ItemTerms
-from cart_core.index_version import IndexVersion, is_servable, pending_runs, referenced_paths, save_ids
+from cart_core.index_version import (IndexVersion, deleted_since, is_servable, pending_runs, referenced_paths,
+                                     save_ids)
 from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
 from pipelines.parts import write_parts
@@ -697,28 +698,46 @@ def run_rollback(store: Store, version: int) -> dict:
     """Commit the content of an earlier version as the newest one (history is never rewritten)."""
     current = store.manifest()
     old = store.version(version)
-    for path in sorted(referenced_paths(old)):  # every file a reader of it opens
-        if not store.exists(path):
-            raise StoreError(f"{store.uri(path)}: needed by version {version} but compacted away")
+    _require_files(store, old, f"needed by version {version} but compacted away")
     back = brought_back(IndexVersion(store, old), IndexVersion(store, current))
     new = store.commit(old, f"rollback to v{version}", base=current, reads={"*"})
+    try:  # a `cart compact` that ran since the check above may have removed what it names
+        _require_files(store, old, f"needed by version {version}")
+    except StoreError as exc:
+        undone = store.commit(current, f"undo rollback v{new.version}: a compact removed version {version}'s files",
+                              base=new, reads={"*"})
+        raise StoreError(f"{exc}: a `cart compact` removed it while this rollback ran; version {undone.version} "
+                         f"restores version {current.version}, so nothing was rolled back") from None
     log("rollback", f"version {new.version} = version {version}")
     if back:
-        log("rollback", f"{len(back)} items deleted since version {version} are indexed again (e.g. "
-                        f"{', '.join(sorted(back)[:5])}); `cart reindex --delete` them again if that is not meant")
-    serving = IndexVersion.newest_servable(store) if not is_servable(new) else IndexVersion(store, new)
-    if serving.version != new.version:
+        log("rollback", f"{len(back)} items deleted since version {version} are indexed again with the content "
+                        f"they had then (e.g. {', '.join(sorted(back)[:5])}); `cart reindex --delete` them again "
+                        "if that is not meant")
+    try:
+        serving = IndexVersion.newest_servable(store) if not is_servable(new) else IndexVersion(store, new)
+    except StoreError:  # no version has a generator yet: nothing answers before or after
+        serving = None
+    if serving is None:
+        log("rollback", "no version has a trained generator yet: `cart train` makes one servable")
+    elif serving.version != new.version:
         log("rollback", f"version {version} has no generator trained for its identifiers: `cart serve` and "
                         f"`cart retrieve` answer from version {serving.version} until `cart train` commits one")
-    return {"version": new.version, "restored": version, "served": serving.version, "brought_back": len(back)}
+    return {"version": new.version, "restored": version, "served": None if serving is None else serving.version,
+            "brought_back": len(back)}
+
+
+def _require_files(store: Store, manifest: Manifest, why: str) -> None:
+    for path in sorted(referenced_paths(manifest)):  # every file a reader of it opens
+        if not store.exists(path):
+            raise StoreError(f"{store.uri(path)}: {why}")
 
 
 def brought_back(old: IndexVersion, current: IndexVersion) -> list[str]:
-    """Items a rollback to `old` indexes again: live there, with no live row now (deleted since)."""
-    def live(version: IndexVersion) -> set[str]:
-        return set(version.live_rows().column("item_id").to_pylist())
-
-    return sorted(live(old) - live(current))
+    """Items a rollback to `old` indexes again with the content they had there: deleted since (no
+    live row now), or deleted and imported again since (their row in `old` retired; told while
+    the tombstones last, i.e. until `cart compact` clears them)."""
+    items = np.array(old.live_rows().column("item_id").to_pylist(), dtype=object)
+    return sorted(deleted_since(items, old, current))
 
 
 ORPHAN_GRACE_S = 24 * 3600  # a folder no manifest names may belong to a job still running
@@ -728,28 +747,46 @@ def run_compact(store: Store, keep: int) -> dict:
     """Reclaim storage: feature rows that are not live (deleted, replaced) are rewritten away (a new
     version), identifier deltas are folded, then folders named only by versions older than the last
     `keep` are removed. The newest servable version is always kept, with everything it names, so a
-    store stays servable; folders no version ever named are removed only after ORPHAN_GRACE_S."""
+    store stays servable; a folder no version ever named is removed only once nothing was written
+    to it for ORPHAN_GRACE_S (a job may still be writing it).
+
+    Refused while a history file is unreadable (what it names cannot be known). The rewrites wait
+    while a `cart train` is pending (its commit would conflict with them) and while an older
+    version serves (the tombstones the rewrite clears are what keeps that version from answering
+    content deleted since: IndexVersion.withdrawn_since). Before each folder is removed, a commit
+    since (a rollback naming an older version's folders) is looked for, and what it names kept."""
+    if keep < 1:
+        raise BadInput(f"--keep must be at least 1 (the newest version is always kept), got {keep}")
     version = IndexVersion.current(store)
     manifest = version.manifest
     counts = {"rows_dropped": 0, "folders_removed": 0}
+    versions = store.versions(strict=True)
+    pending_train = _pending_training(store)
+    servable = next((m for m in reversed(versions) if is_servable(m)), None)
+    waiting = ("a `cart train` run is pending (jobs/train-pending.json): its commit would conflict"
+               if pending_train else
+               f"version {servable.version} serves until `cart train` commits a generator for version "
+               f"{manifest.version}, and the tombstones keep it from answering what was deleted since"
+               if servable is not None and servable.version != manifest.version else None)
+    if waiting:
+        log("compact", f"feature rows and identifier deltas are not rewritten now: {waiting}")
     rows = version.feature_rows()
     stale = rows.filter(pc.invert(rows.column("live")))
-    if stale.num_rows:
+    if stale.num_rows and not waiting:
         run = JobSummary("compact", store.url).run
         runs = sorted(set(stale.column("run").to_pylist()))
         counts["rows_dropped"] = stale.num_rows
         kept_rows = rows.filter(pc.and_(rows.column("live"), pc.is_in(rows.column("run"), value_set=pa.array(runs))))
         parts = []
-        for r in runs:
-            t = store.read_table(r)
-            live_ids = set(kept_rows.filter(pc.equal(kept_rows.column("run"), r)).column("item_id").to_pylist())
-            parts.append(t.filter(pa.array([i in live_ids for i in t.column("item_id").to_pylist()])))
+        for path in store.parquet_files(runs):  # by (file, row): a legacy file holding an item twice keeps one
+            keep_rows = kept_rows.filter(pc.equal(kept_rows.column("file"), path)).column("row").to_numpy()
+            parts.append(version._read_file(path, None).take(pa.array(np.sort(keep_rows))))
         write_parts(store, pa.concat_tables(parts), f"features/{run}")
         features = [f for f in manifest.features if f not in runs] + [f"features/{run}"]
         manifest = store.commit(replace(manifest, features=features, extra={**manifest.extra, "tombstones": []}),
                                 f"compact {run}: {counts['rows_dropped']} dead feature rows dropped",
                                 base=manifest, reads={"*"})
-    if manifest.extra.get("ids_chain"):  # fold the id-table deltas into one table
+    if manifest.extra.get("ids_chain") and not waiting:  # fold the id-table deltas into one table
         run = JobSummary("compact", store.url).run
         counts["id_deltas_folded"] = len(manifest.extra["ids_chain"])
         table, meta = IndexVersion(store, manifest).ids()
@@ -759,32 +796,77 @@ def run_compact(store: Store, keep: int) -> dict:
                                             f"ids/{run}" if manifest.extra.get("generator_ids") == manifest.ids
                                             else manifest.extra.get("generator_ids"))}),
                                 f"compact {run}: identifier deltas folded into one table", base=manifest, reads={"*"})
-    versions = store.versions()
-    kept = versions[-keep:] if keep > 0 else versions[-1:]
+    versions = store.versions(strict=True)
+    if not versions or versions[-1].version != store.manifest().version:
+        raise StoreError(f"{store.url}: the current version {store.manifest().version} has no readable history file; "
+                         f"`cart check --store {store.url} --repair` first")
+    kept = versions[-keep:]
     servable = next((m for m in reversed(versions) if is_servable(m)), None)
     if servable is not None and servable.version not in {m.version for m in kept}:
         kept = [servable, *kept]
         log("compact", f"keeping version {servable.version} too: it is the newest servable one")
-    live_paths = set().union(*(referenced_paths(m) for m in kept))
     ever_named = set().union(*(referenced_paths(m) for m in versions))
-    pending_train = store.read_json("jobs/train-pending.json").get("run") if store.exists("jobs/train-pending.json") \
-        else None
     kept_numbers = {m.version for m in kept}
     for m in versions:  # history first: a compact killed before its folders are gone leaves no
         if m.version not in kept_numbers:  # version naming a removed folder (a rollback could commit it)
             store.remove(store.history_path(m.version))
+    protected = Protected(store, kept)
     for kind in ("features", "queries", "ids", "codebooks", "generator", "tombstones", "errors", "eval"):
         for name in store.listdir(kind):
             path = f"{kind}/{name}"
-            if _named(path, live_paths) or (kind == "generator" and name == pending_train):
-                continue  # kept versions need it, or an unfinished training run can still be resumed
-            if not _named(path, ever_named) and _younger_than(name, ORPHAN_GRACE_S):
-                continue  # no version named it yet: maybe a job still running
+            if kind == "generator" and name == pending_train:
+                continue  # an unfinished training run can still be resumed
+            if not _named(path, ever_named) and _written_within(store, path, name, ORPHAN_GRACE_S):
+                continue  # no version named it yet: a job may still be writing it
+            if protected.names(path):
+                continue  # kept versions, or one committed since (a rollback), need it
             store.remove(path)
             counts["folders_removed"] += 1
+    for path in store.fs.find(store.root):  # temporary files of writers killed mid-write
+        name = path.rsplit("/", 1)[-1]
+        if ".tmp-" in name and not _written_within(store, path[len(store.root):].lstrip("/"), name,
+                                                              ORPHAN_GRACE_S):
+            store.fs.rm(path)
+            counts["temporary_files_removed"] = counts.get("temporary_files_removed", 0) + 1
     counts["versions_kept"] = len(kept)
     log("compact", json.dumps(counts))
     return counts
+
+
+class Protected:
+    """The paths compact must not remove: those the kept versions name, and those of any version
+    committed while it runs (read again whenever the current version moved)."""
+
+    def __init__(self, store: Store, kept: list[Manifest]):
+        self.store, self.seen = store, store.manifest().version
+        self.paths = set().union(*(referenced_paths(m) for m in kept))
+
+    def names(self, path: str) -> bool:
+        now = self.store.manifest()
+        if now.version != self.seen:  # a commit since: every history file left is kept or newer
+            self.paths |= set().union(referenced_paths(now), *(referenced_paths(m) for m in self.store.versions()))
+            self.seen = now.version
+        return _named(path, self.paths)
+
+
+def _pending_training(store: Store) -> str | None:
+    """The run of a `cart train` not finished (jobs/train-pending.json), or None."""
+    if not store.exists("jobs/train-pending.json"):
+        return None
+    try:
+        return store.read_json("jobs/train-pending.json").get("run")
+    except (ValueError, AttributeError) as exc:
+        raise StoreError(f"{store.uri('jobs/train-pending.json')}: unreadable ({first_line(exc)}); remove it if no "
+                         "`cart train` is running or to be resumed") from None
+
+
+def _written_within(store: Store, path: str, name: str, seconds: float) -> bool:
+    """Whether the run folder started (its name's time) or was last written less than `seconds`
+    ago: a job that started long ago and is still writing parts keeps its folder."""
+    if _younger_than(name, seconds):
+        return True
+    last = store.last_write(path)
+    return last is not None and time.time() - last < seconds
 
 
 def _named(path: str, paths: set[str]) -> bool:

@@ -43,6 +43,9 @@ def test_a_saved_delta_rebuilds_the_grown_table(tmp_path, added):
     np.testing.assert_array_equal(rebuilt.codes, grown.codes)
     np.testing.assert_array_equal(rebuilt.live, grown.live)
     assert base.live.all()  # applying a delta leaves the table it extends untouched
+    for wrong in (-1, 3):  # -1 would mark the last row dead without a word
+        with pytest.raises(ValueError, match=f"dead row {wrong} is outside the table it marks \\(3 rows\\)"):
+            apply_delta(base, IdentifierTable.load(tmp_path / "append.parquet"), np.array([wrong]))
 
 
 def test_growing_the_counter_vocabulary_keeps_every_existing_logit():

@@ -87,7 +87,7 @@ def test_an_appending_commit_withdraws_what_the_full_comparison_withdraws(tmp_pa
         table = table_of(held)
         for current in history.versions[i + 1:]:
             newer = [r for r in current.manifest.extra["tombstones"] if r not in held.manifest.extra["tombstones"]]
-            expected = _withdrawn_by_live_rows(table, held, current, newer)
+            expected = _withdrawn_by_live_rows(table.item_ids[table.live], held, current, newer)
             assert withdrawn_since(table, held, current) == expected, (held.version, current.version)
             compared, withdrew = compared + 1, withdrew + bool(expected)
     assert compared > 50 and withdrew > 10  # the histories exercise the cases, not only empty answers

@@ -1,0 +1,219 @@
+"""`cart compact`, `cart rollback` and `cart check` against what runs beside them: a rollback a
+compact overtakes, a job writing for more than a day, a damaged history file, an older version
+still serving, content deleted and imported again. Stores are written by hand (no Ray), the way
+the jobs lay them out."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cart_core.errors import BadInput
+from cart_core.identifiers import IdentifierTable
+from cart_core.index_version import IndexVersion, save_ids
+from cart_core.store import Manifest, Store, StoreError, features_table
+
+DAY = 86400
+
+
+def run_id(kind: str, age_s: float = 0) -> str:
+    return f"{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(time.time() - age_s))}-{uuid.uuid4().hex[:8]}"
+
+
+def put_features(store: Store, items: list[str], seed: int = 0, age_s: float = 0, kind: str = "import") -> str:
+    run = f"features/{run_id(kind, age_s)}"
+    emb = np.random.default_rng(seed).normal(size=(len(items), 4)).astype(np.float32)
+    store.write_table(features_table(items, emb, "image", content_hashes=[f"h{seed}-{i}" for i in items]),
+                      f"{run}/part-00000.parquet")
+    return run
+
+
+def put_tombstones(store: Store, pairs: list[tuple[str, str]], age_s: float = 0) -> str:
+    run = f"tombstones/{run_id('reindex', age_s)}"
+    store.write_table(pa.table({"item_id": [i for i, _ in pairs], "feature_run": [r for _, r in pairs]}),
+                      f"{run}/tombstones.parquet")
+    return run
+
+
+def put_ids(store: Store, items: list[str], live: list[bool] | None = None) -> str:
+    run = f"ids/{run_id('quantize')}"
+    n = len(items)
+    codes = np.stack([np.arange(n) % 3, np.arange(n) % 5, np.arange(n)], 1).astype(np.int64)
+    save_ids(store, IdentifierTable(np.array(items, dtype=object), codes, [3, 5, n],
+                                    np.ones(n, bool) if live is None else np.array(live)), run, {"report": {}})
+    return run
+
+
+def put_generator(store: Store) -> str:
+    run = f"generator/{run_id('train')}"
+    store.write_json(f"{run}/model/config.json", {"x": 1})
+    Path(store.path(run, "model/generator.safetensors")).write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    return run
+
+
+def live_items(store: Store) -> list[str]:
+    return sorted(IndexVersion(store, store.manifest()).live_rows().column("item_id").to_pylist())
+
+
+def imported_then_deleted(store: Store, age_s: float = 0) -> tuple[Manifest, str]:
+    """v1 imports a and b, v2 deletes a."""
+    features = put_features(store, ["a", "b"], seed=1, age_s=age_s)
+    v1 = store.commit(Manifest(features=[features], dim=4), "import")
+    store.commit(replace(v1, extra={"tombstones": [put_tombstones(store, [("a", features)], age_s)]}), "delete a")
+    return v1, features
+
+
+def test_a_rollback_a_compact_overtakes_is_undone_instead_of_naming_removed_files(tmp_path, monkeypatch):
+    import pipelines.reindex as reindex
+
+    store = Store(tmp_path / "s")
+    imported_then_deleted(store, age_s=2 * DAY)
+    reindex.run_compact(store, keep=10)  # v3: the dead row rewritten away, v1's folders still kept
+    checked = reindex.brought_back
+
+    def compact_meanwhile(old, current):  # a `cart compact --keep 1` between the rollback's check and commit
+        out = checked(old, current)
+        reindex.run_compact(store, keep=1)
+        return out
+
+    monkeypatch.setattr(reindex, "brought_back", compact_meanwhile)
+    with pytest.raises(StoreError, match="a `cart compact` removed it while this rollback ran; version 5 restores "
+                                         "version 3, so nothing was rolled back"):
+        reindex.run_rollback(store, 1)
+    current = store.manifest()
+    assert current.version == 5 and all(store.exists(p) for p in current.features)
+    assert live_items(store) == ["b"]  # the delete holds
+
+
+def test_a_commit_while_compact_removes_folders_keeps_what_it_names(tmp_path):
+    """The folders a version committed during the removals names are kept (a rollback that read the
+    history before the compact removed it)."""
+    from pipelines.reindex import Protected
+
+    store = Store(tmp_path / "s")
+    v1, features = imported_then_deleted(store)
+    later = store.commit(replace(store.manifest(), features=[put_features(store, ["b"], seed=2)],
+                                 extra={"tombstones": []}), "rewritten")
+    protected = Protected(store, [later])
+    assert not protected.names(features)
+    store.commit(v1, "rollback to v1", base=later, reads={"*"})
+    assert protected.names(features)
+
+
+def test_a_folder_a_job_still_writes_is_kept_however_long_ago_it_started(tmp_path):
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    store.commit(Manifest(features=[put_features(store, ["a"])], dim=4), "import")
+    writing = put_features(store, ["x1", "x2"], age_s=25 * 3600, kind="extract")  # started 25 h ago, wrote now
+    abandoned = put_features(store, ["y"], age_s=3 * DAY, kind="extract")
+    old = time.time() - 2 * DAY
+    for f in Path(store.path(abandoned)).rglob("*"):
+        os.utime(f, (old, old))
+    stale_temp, fresh_temp = Path(store.path("manifest.json.tmp-dead0001")), Path(store.path("manifest.json.tmp-live0001"))
+    stale_temp.write_bytes(b"{")  # a writer killed between its temporary file and the rename
+    fresh_temp.write_bytes(b"{")  # one still writing
+    os.utime(stale_temp, (old, old))
+    counts = run_compact(store, keep=10)
+    assert store.exists(writing) and not store.exists(abandoned) and counts["folders_removed"] == 1
+    assert not stale_temp.exists() and fresh_temp.exists() and counts["temporary_files_removed"] == 1
+
+
+def test_compact_refuses_while_a_history_file_is_unreadable(tmp_path):
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    imported_then_deleted(store, age_s=2 * DAY)
+    history = Path(store.path(store.history_path(2)))
+    history.write_bytes(history.read_bytes()[:40])
+    with pytest.raises(StoreError, match=r"v000002\.json: not valid JSON .* \(a history file\); `cart check"):
+        run_compact(store, keep=1)
+    assert all(store.exists(p) for p in store.manifest().features)
+    with pytest.raises(BadInput, match="--keep must be at least 1"):
+        run_compact(store, keep=0)
+
+
+def test_compact_keeps_the_tombstones_an_older_serving_version_needs(tmp_path, capsys):
+    """Version 1 serves while a refit awaits training; a was deleted and imported again since: the
+    tombstone is what keeps version 1 from answering a's old content, so compact leaves it."""
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    features = put_features(store, ["a", "b"], seed=1)
+    ids = put_ids(store, ["a", "b"])
+    v1 = store.commit(Manifest(features=[features], dim=4, ids=ids, generator=put_generator(store),
+                               extra={"generator_ids": ids}), "trained")
+    v2 = store.commit(replace(v1, ids=put_ids(store, ["a", "b"]), generator=None), "quantize --refit")
+    v3 = store.commit(replace(v2, ids=put_ids(store, ["a", "b"], live=[False, True]),
+                              extra={**v2.extra, "tombstones": [put_tombstones(store, [("a", features)])]}), "delete a")
+    store.commit(replace(v3, features=[features, put_features(store, ["a"], seed=4)]), "a imported again")
+    assert IndexVersion.newest_servable(store).withdrawn == {"a"}
+    counts = run_compact(store, keep=10)
+    assert counts["rows_dropped"] == 0 and "version 1 serves until `cart train`" in capsys.readouterr().err
+    assert IndexVersion.newest_servable(store).withdrawn == {"a"}
+
+
+def test_a_rollback_names_content_deleted_and_imported_again(tmp_path):
+    from pipelines.reindex import brought_back
+
+    store = Store(tmp_path / "s")
+    v1, features = imported_then_deleted(store)
+    store.commit(replace(store.manifest(), features=[features, put_features(store, ["a"], seed=3)]), "a again")
+    current = IndexVersion(store, store.manifest())
+    assert current.live_item_hashes(["a"])["a"][1] == "h3-a"
+    assert brought_back(IndexVersion(store, v1), current) == ["a"]  # its content of v1 would come back
+
+
+def test_compact_drops_a_legacy_duplicate_row_by_file_and_row(tmp_path):
+    from pipelines.check import inspect
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    run = f"features/{run_id('extract')}"
+    for k, seed in ((0, 1), (1, 2)):  # written before a run held an item once: a in both files
+        store.write_table(features_table(["a", f"b{k}"], np.full((2, 4), seed, np.float32), "image",
+                                         content_hashes=[f"h{seed}-a", f"h{seed}-b"]), f"{run}/part-{k:05d}.parquet")
+    store.commit(Manifest(features=[run], dim=4), "legacy extract")
+    assert run_compact(store, keep=10)["rows_dropped"] == 1
+    version = IndexVersion(store, store.manifest())
+    assert version.feature_rows().num_rows == 3 and version.live_item_hashes(["a"])["a"][1] == "h2-a"
+    assert inspect(store)["problems"] == []
+
+
+def test_repair_restores_a_damaged_newest_history_file_from_its_intact_pointer(tmp_path):
+    """Moving the history file aside would roll the store back past the delete it committed."""
+    from pipelines.check import run_check
+
+    store = Store(tmp_path / "s")
+    imported_then_deleted(store)
+    history = Path(store.path(store.history_path(2)))
+    history.write_bytes(history.read_bytes()[:40])
+    assert store.manifest().version == 2 and live_items(store) == ["b"]
+    report = run_check(store, repair=True)
+    assert any("rewritten from" in line and "intact copy of version 2" in line for line in report["repaired"])
+    assert report["problems"] == [] and store.version(2).extra["tombstones"]
+    assert store.manifest().version == 2 and live_items(store) == ["b"]
+    assert store.commit(replace(store.manifest()), "next").version == 3
+
+
+def test_check_reads_the_version_that_answers_queries(tmp_path):
+    from pipelines.check import run_check
+
+    store = Store(tmp_path / "s")
+    ids = put_ids(store, ["a", "b"])
+    generator = put_generator(store)
+    v1 = store.commit(Manifest(features=[put_features(store, ["a", "b"])], dim=4, ids=ids, generator=generator,
+                               extra={"generator_ids": ids}), "trained")
+    store.commit(replace(v1, ids=put_ids(store, ["a", "b"]), generator=None), "quantize --refit")
+    assert run_check(store)["servable"] and run_check(store)["problems"] == []
+    Path(store.path(generator, "model/generator.safetensors")).unlink()
+    report = run_check(store)
+    assert not report["servable"]
+    assert report["problems"] == [f"{store.uri(generator, 'model/generator.safetensors')}: missing (the generator "
+                                  "cannot load) (version 1, which answers queries)"]
