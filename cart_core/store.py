@@ -232,7 +232,7 @@ class Store:
         """The committed manifest, or an empty version-0 one for a new store."""
         text = self._read_bytes(self.path(MANIFEST))
         if text is None:
-            current = Manifest()
+            current = self._newest_history()
         else:
             try:
                 current = Manifest.from_json(text.decode(), self.uri(MANIFEST))
@@ -240,6 +240,20 @@ class Store:
                 raise StoreError(f"{exc}; `cart check --store {self.url} --repair` restores it from the newest "
                                  f"intact {self.uri('manifests')}/v*.json") from None
         return self._follow(current)
+
+    def _newest_history(self) -> Manifest:
+        """Where there is no pointer: an empty version 0 for a new store, else the newest history
+        file (a pointer lost after `cart compact` removed version 1's history must not make the
+        store look new: the next commit would reuse version 1 beside the newer ones)."""
+        files = self.history_files()
+        if not files:
+            return Manifest()
+        try:
+            return Manifest.from_json(self.fs.cat_file(files[-1]).decode(), files[-1])
+        except (StoreError, OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.uri(MANIFEST)}: missing, and the newest history file is unreadable "
+                             f"({first_line(exc)}); `cart check --store {self.url} --repair` restores the pointer "
+                             "from the newest intact one") from None
 
     def _follow(self, current: Manifest) -> Manifest:
         """Newer history files than `current` are commits whose pointer update has not landed."""

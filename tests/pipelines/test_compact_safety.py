@@ -217,3 +217,24 @@ def test_check_reads_the_version_that_answers_queries(tmp_path):
     assert not report["servable"]
     assert report["problems"] == [f"{store.uri(generator, 'model/generator.safetensors')}: missing (the generator "
                                   "cannot load) (version 1, which answers queries)"]
+
+
+def test_a_pointer_lost_after_a_compact_still_finds_the_newest_version(tmp_path):
+    """Without manifest.json a store is read from its newest history file, not from version 1
+    (which a compact may have removed): the next commit must not make the store look new."""
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    imported_then_deleted(store, age_s=2 * DAY)
+    run_compact(store, keep=1)
+    assert not store.exists(store.history_path(1))
+    newest = store.manifest()
+    Path(store.path("manifest.json")).unlink()
+    assert store.manifest() == newest and live_items(store) == ["b"]
+    assert store.commit(replace(newest), "next").version == newest.version + 1
+    Path(store.path("manifest.json")).unlink()
+    last = Path(store.path(store.history_path(newest.version + 1)))
+    last.write_bytes(last.read_bytes()[:30])
+    with pytest.raises(StoreError, match="manifest.json: missing, and the newest history file is unreadable"):
+        store.manifest()
+    assert Store(tmp_path / "new").manifest().version == 0
