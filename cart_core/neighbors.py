@@ -71,8 +71,9 @@ def without_rows(neighbors: np.ndarray, vectors: np.ndarray, clusters: np.ndarra
     clusters = np.asarray(clusters, np.int64)
     out = neighbors.copy()
     live = np.asarray(live, bool)
+    affected = np.flatnonzero(np.isin(clusters, np.unique(clusters[gone])))  # one pass over the rows
     for c in np.unique(clusters[gone]):
-        rows = np.flatnonzero(clusters == c)
+        rows = affected[clusters[affected] == c]
         out[rows] = -1
         members = rows[live[rows] & (np.abs(_unit(vectors, rows, normalize=False).numpy()).sum(1) > 0)]
         if len(members):

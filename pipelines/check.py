@@ -63,13 +63,18 @@ def inspect(store: Store) -> dict:
     if current is not None and newest is not None and current.version < newest.version:
         report["problems"].append(f"{store.uri(MANIFEST)}: points at version {current.version}, the newest "
                                   f"committed is {newest.version} (`--repair` advances it)")
+    if current is not None and newest is not None and current.version > newest.version:
+        report["problems"].append(f"{store.uri(store.history_path(current.version))}: missing or damaged while "
+                                  f"{store.uri(MANIFEST)} holds version {current.version} intact (`--repair` "
+                                  "rewrites it from there)")
     if current is None or newest is None or current.version <= newest.version:
         current = newest or current  # else the pointer is an intact copy of a damaged newest history file
     if current is None:
         return report
     report["version"] = current.version
     files, checked = [0], set()
-    report["problems"] += check_version(store, current, files, checked)
+    current_problems = check_version(store, current, files, checked)
+    report["problems"] += current_problems
     # the version that answers queries when the current one has no generator yet (a refit awaiting
     # `cart train`): its files are what every `cart serve` and `cart retrieve` reads
     served = next((m for m in reversed([*history, current]) if is_servable(m)), None)
@@ -77,10 +82,10 @@ def inspect(store: Store) -> dict:
         [f"{line} (version {served.version}, which answers queries)"
          for line in check_version(store, served, files, checked)]
     report["problems"] += serving_problems
-    report["servable"] = served is not None and not serving_problems and \
-        (served.version != current.version or not report["problems"])
+    report["servable"] = served is not None and not (serving_problems if served.version != current.version
+                                                     else current_problems)
     report["files_checked"] = files[0]
-    report["orphans"] = orphans(store, history or [current])
+    report["orphans"] = orphans(store, [*history, current])
     return report
 
 
@@ -234,6 +239,13 @@ def repair_pointer(store: Store, report: dict) -> list[str]:
         elif number > newest.version:
             store.fs.mv(path, f"{path}.corrupt")
             done.append(f"{path}: damaged, moved to {path}.corrupt")
+    if current is not None and current.version > newest.version and \
+            not store.exists(store.history_path(current.version)):
+        # the pointer is the only copy of its version (its history file lost): restore that file
+        store._write_bytes(store.path(store.history_path(current.version)), current.to_json().encode())
+        done.append(f"{store.uri(store.history_path(current.version))}: missing, rewritten from "
+                    f"{store.uri(MANIFEST)} (an intact copy of version {current.version})")
+        newest = current
     if done or current is None or current != newest:
         store.repair_pointer(newest)
         done.append(f"{store.uri(MANIFEST)}: rewritten from {store.uri(store.history_path(newest.version))}")

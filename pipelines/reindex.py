@@ -43,7 +43,7 @@ from cart_core.kmeans import cluster_imbalance
 from cart_core.lexical import ItemTerms
 from cart_core.index_version import (IndexVersion, deleted_since, is_servable, pending_runs, referenced_paths,
                                      save_ids)
-from cart_core.store import Manifest, Store, StoreError, features_table, queries_table
+from cart_core.store import CommitConflict, Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
@@ -696,16 +696,25 @@ def commit_identifiers(version: IndexVersion, run: str, plan: dict, table: Ident
 
 def run_rollback(store: Store, version: int) -> dict:
     """Commit the content of an earlier version as the newest one (history is never rewritten)."""
+    lease = compact_running(store)
+    if lease:
+        raise StoreError(f"{store.url}: a `cart compact` is removing old versions (run {lease.get('run')}): rerun "
+                         f"the rollback when it has finished (remove {store.uri(COMPACT_LEASE)} if none runs)")
     current = store.manifest()
     old = store.version(version)
     _require_files(store, old, f"needed by version {version} but compacted away")
     back = brought_back(IndexVersion(store, old), IndexVersion(store, current))
     new = store.commit(old, f"rollback to v{version}", base=current, reads={"*"})
+    _wait_for_compact(store)  # one that started before this commit may not have seen it
     try:  # a `cart compact` that ran since the check above may have removed what it names
         _require_files(store, old, f"needed by version {version}")
     except StoreError as exc:
-        undone = store.commit(current, f"undo rollback v{new.version}: a compact removed version {version}'s files",
-                              base=new, reads={"*"})
+        try:
+            undone = store.commit(current, f"undo rollback v{new.version}: a compact removed version {version}'s "
+                                           "files", base=new, reads={"*"})
+        except CommitConflict:
+            raise StoreError(f"{exc}: a `cart compact` removed it while this rollback ran, and a commit since "
+                             f"stops its undo: `cart rollback {current.version}` restores the version before") from None
         raise StoreError(f"{exc}: a `cart compact` removed it while this rollback ran; version {undone.version} "
                          f"restores version {current.version}, so nothing was rolled back") from None
     log("rollback", f"version {new.version} = version {version}")
@@ -724,6 +733,16 @@ def run_rollback(store: Store, version: int) -> dict:
                         f"`cart retrieve` answer from version {serving.version} until `cart train` commits one")
     return {"version": new.version, "restored": version, "served": None if serving is None else serving.version,
             "brought_back": len(back)}
+
+
+def _wait_for_compact(store: Store, poll_s: float = 1.0) -> None:
+    """Until no `cart compact` holds its lease: what it removes is known only once it is done."""
+    said = False
+    while compact_running(store):
+        if not said:
+            log("rollback", "a `cart compact` is removing old versions: waiting for it to finish")
+            said = True
+        time.sleep(poll_s)
 
 
 def _require_files(store: Store, manifest: Manifest, why: str) -> None:
@@ -796,9 +815,22 @@ def run_compact(store: Store, keep: int) -> dict:
                                             f"ids/{run}" if manifest.extra.get("generator_ids") == manifest.ids
                                             else manifest.extra.get("generator_ids"))}),
                                 f"compact {run}: identifier deltas folded into one table", base=manifest, reads={"*"})
+    store.write_json(COMPACT_LEASE, {"run": JobSummary("compact", store.url).run, "started": time.time()})
+    try:  # a rollback refuses to start while the lease stands, and one that committed since waits for it
+        _remove_unkept(store, keep, pending_train, counts)
+    finally:
+        store.remove(COMPACT_LEASE)
+    log("compact", json.dumps(counts))
+    return counts
+
+
+def _remove_unkept(store: Store, keep: int, pending_train: str | None, counts: dict) -> None:
+    """Remove the history files, then the folders, that neither the last `keep` versions nor the
+    newest servable one name (nor a version committed meanwhile, nor a job still writing)."""
+    pointer = store.manifest().version
     versions = store.versions(strict=True)
-    if not versions or versions[-1].version != store.manifest().version:
-        raise StoreError(f"{store.url}: the current version {store.manifest().version} has no readable history file; "
+    if not versions or versions[-1].version < pointer:
+        raise StoreError(f"{store.url}: the current version {pointer} has no readable history file; "
                          f"`cart check --store {store.url} --repair` first")
     kept = versions[-keep:]
     servable = next((m for m in reversed(versions) if is_servable(m)), None)
@@ -810,7 +842,7 @@ def run_compact(store: Store, keep: int) -> dict:
     for m in versions:  # history first: a compact killed before its folders are gone leaves no
         if m.version not in kept_numbers:  # version naming a removed folder (a rollback could commit it)
             store.remove(store.history_path(m.version))
-    protected = Protected(store, kept)
+    protected = Protected(store, kept, versions[-1].version)
     for kind in ("features", "queries", "ids", "codebooks", "generator", "tombstones", "errors", "eval"):
         for name in store.listdir(kind):
             path = f"{kind}/{name}"
@@ -829,16 +861,31 @@ def run_compact(store: Store, keep: int) -> dict:
             store.fs.rm(path)
             counts["temporary_files_removed"] = counts.get("temporary_files_removed", 0) + 1
     counts["versions_kept"] = len(kept)
-    log("compact", json.dumps(counts))
-    return counts
+
+
+COMPACT_LEASE = "jobs/compact-running.json"
+LEASE_STALE_S = 6 * 3600  # a lease older than this belongs to a compact that was killed
+
+
+def compact_running(store: Store) -> dict | None:
+    """The lease of a `cart compact` removing history and folders now, or None (none, or a stale one)."""
+    if not store.exists(COMPACT_LEASE):
+        return None
+    try:
+        lease = store.read_json(COMPACT_LEASE)
+        started = float(lease.get("started", 0))
+    except (ValueError, TypeError, AttributeError, FileNotFoundError):
+        return None
+    return lease if time.time() - started < LEASE_STALE_S else None
 
 
 class Protected:
     """The paths compact must not remove: those the kept versions name, and those of any version
-    committed while it runs (read again whenever the current version moved)."""
+    committed after `seen` (the newest version they were chosen from), read again whenever the
+    current version moves."""
 
-    def __init__(self, store: Store, kept: list[Manifest]):
-        self.store, self.seen = store, store.manifest().version
+    def __init__(self, store: Store, kept: list[Manifest], seen: int):
+        self.store, self.seen = store, seen
         self.paths = set().union(*(referenced_paths(m) for m in kept))
 
     def names(self, path: str) -> bool:

@@ -92,18 +92,55 @@ def test_a_rollback_a_compact_overtakes_is_undone_instead_of_naming_removed_file
 
 
 def test_a_commit_while_compact_removes_folders_keeps_what_it_names(tmp_path):
-    """The folders a version committed during the removals names are kept (a rollback that read the
-    history before the compact removed it)."""
+    """The folders a version committed after the history compact chose from names are kept (a
+    rollback that read the history before the compact removed it), however early it landed."""
     from pipelines.reindex import Protected
 
     store = Store(tmp_path / "s")
     v1, features = imported_then_deleted(store)
     later = store.commit(replace(store.manifest(), features=[put_features(store, ["b"], seed=2)],
                                  extra={"tombstones": []}), "rewritten")
-    protected = Protected(store, [later])
+    protected = Protected(store, [later], later.version)
     assert not protected.names(features)
     store.commit(v1, "rollback to v1", base=later, reads={"*"})
     assert protected.names(features)
+    # committed before the removals began, after the history was read: still seen
+    early = Protected(store, [later], later.version)
+    assert early.names(features)
+
+
+def test_a_rollback_waits_for_a_compact_that_started_before_its_commit(tmp_path, monkeypatch):
+    """A compact holds a lease while it removes: a rollback refuses to start under it, and one
+    that committed while a compact started waits for it, then checks its files (and undoes)."""
+    import threading
+
+    import pipelines.reindex as reindex
+
+    store = Store(tmp_path / "s")
+    v1, features = imported_then_deleted(store)
+    store.commit(replace(store.manifest(), features=[put_features(store, ["b"], seed=2)],
+                         extra={"tombstones": []}), "rewritten")
+    store.write_json(reindex.COMPACT_LEASE, {"run": "compact-x", "started": time.time()})
+    with pytest.raises(StoreError, match="a `cart compact` is removing old versions \\(run compact-x\\)"):
+        reindex.run_rollback(store, 1)
+    store.remove(reindex.COMPACT_LEASE)
+    checked = reindex.brought_back
+
+    def compact_starts(old, current):  # a compact takes its lease between the rollback's checks and commit
+        store.write_json(reindex.COMPACT_LEASE, {"run": "compact-y", "started": time.time()})
+
+        def removes_then_ends():
+            time.sleep(1.0)
+            store.remove(features)  # it had chosen before seeing the rollback's commit
+            store.remove(reindex.COMPACT_LEASE)
+        threading.Thread(target=removes_then_ends).start()
+        return checked(old, current)
+
+    monkeypatch.setattr(reindex, "brought_back", compact_starts)
+    with pytest.raises(StoreError, match="removed it while this rollback ran; version 5 restores version 3"):
+        reindex.run_rollback(store, 1)
+    assert all(store.exists(p) for p in store.manifest().features) and live_items(store) == ["b"]
+    assert reindex.compact_running(store) is None
 
 
 def test_a_folder_a_job_still_writes_is_kept_however_long_ago_it_started(tmp_path):
@@ -186,15 +223,22 @@ def test_compact_drops_a_legacy_duplicate_row_by_file_and_row(tmp_path):
     assert inspect(store)["problems"] == []
 
 
-def test_repair_restores_a_damaged_newest_history_file_from_its_intact_pointer(tmp_path):
-    """Moving the history file aside would roll the store back past the delete it committed."""
-    from pipelines.check import run_check
+@pytest.mark.parametrize("damage", ["truncated", "lost"])
+def test_repair_restores_a_damaged_newest_history_file_from_its_intact_pointer(tmp_path, damage):
+    """Moving the history file aside (or pointing at the version before a lost one) would roll the
+    store back past the delete it committed."""
+    from pipelines.check import inspect, run_check
 
     store = Store(tmp_path / "s")
     imported_then_deleted(store)
     history = Path(store.path(store.history_path(2)))
-    history.write_bytes(history.read_bytes()[:40])
+    if damage == "truncated":
+        history.write_bytes(history.read_bytes()[:40])
+    else:
+        history.unlink()
     assert store.manifest().version == 2 and live_items(store) == ["b"]
+    assert any("holds version 2 intact (`--repair` rewrites it from there)" in line
+               for line in inspect(store)["problems"])
     report = run_check(store, repair=True)
     assert any("rewritten from" in line and "intact copy of version 2" in line for line in report["repaired"])
     assert report["problems"] == [] and store.version(2).extra["tombstones"]
