@@ -95,11 +95,7 @@ class IndexVersion:
     # ---- features --------------------------------------------------------------------------
     def tombstones(self) -> set[tuple[str, str]]:
         """(item_id, feature run) of every feature row a delete or an update retired."""
-        runs = self.manifest.extra.get("tombstones") or []
-        if not runs:
-            return set()
-        t = self.store.read_table(runs, columns=["item_id", "feature_run"])
-        return set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
+        return retired_rows(self.store, self.manifest.extra.get("tombstones") or [])
 
     def feature_rows(self) -> pa.Table:
         """item_id, content_hash, run, file, row, live for every committed feature row. A row is live
@@ -357,43 +353,40 @@ def deleted_since(items: np.ndarray, held: "IndexVersion", current: "IndexVersio
     # merged run's rows that `held` had retired match none of its live rows): `held`'s own
     # tombstone files are never read, so a version `cart compact` cleared can still be held
     newer = [r for r in current_tombs if r not in set(held_tombs)]
+    retired = _held_rows_retired(items, held, retired_rows(current.store, newer))
     appended = current.manifest.features[:len(held.manifest.features)] == held.manifest.features \
         and set(held_tombs) <= set(current_tombs)
-    if appended:
-        return _held_rows_retired(items, held, current, newer)
-    return _withdrawn_by_live_rows(items, held, current, newer)
+    if appended:  # a row `held` had live stays live unless a new tombstone retires it
+        return retired
+    return retired | _without_live_row(items, current)
 
 
-def _held_rows_retired(items: np.ndarray, held: "IndexVersion", current: "IndexVersion",
-                       newer: list[str]) -> frozenset[str]:
-    """deleted_since when `current` only appended to `held`: those of `items` whose
-    `held` row a tombstone in `newer` retires (reads those tombstones, nothing else)."""
-    if not newer:
+def retired_rows(store: Store, runs: list[str]) -> set[tuple[str, str]]:
+    """(item_id, feature run) of every feature row the tombstone runs `runs` retire."""
+    if not runs:
+        return set()
+    t = store.read_table(runs, columns=["item_id", "feature_run"])
+    return set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
+
+
+def _held_rows_retired(items: np.ndarray, held: "IndexVersion", retired: set[tuple[str, str]]) -> frozenset[str]:
+    """Those of `items` whose live row in `held` is one of the `retired` rows (only the rows of
+    the retired items are looked at)."""
+    if not retired:
         return frozenset()
-    t = current.store.read_table(newer, columns=["item_id", "feature_run"])
-    retired = set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
     rows = held.live_rows()
-    named = rows.filter(pc.is_in(rows.column("item_id"), value_set=pc.unique(t.column("item_id").combine_chunks())))
+    named = rows.filter(pc.is_in(rows.column("item_id"), value_set=pa.array(sorted({i for i, _ in retired}),
+                                                                            pa.string())))
     gone = {item for item, run in zip(named.column("item_id").to_pylist(), named.column("run").to_pylist())
             if (item, run) in retired}
     return _among(items, gone)
 
 
-def _withdrawn_by_live_rows(items: np.ndarray, held: "IndexVersion", current: "IndexVersion",
-                            newer: list[str]) -> frozenset[str]:
-    """deleted_since in general: every live row of `current` read and compared."""
+def _without_live_row(items: np.ndarray, current: "IndexVersion") -> frozenset[str]:
+    """Those of `items` with no live row in `current` (reads every feature row's item)."""
     ids = pa.array(np.asarray(items, object), pa.string())
     alive = current.live_rows().column("item_id").combine_chunks().cast(pa.string())
-    gone = set(ids.filter(pc.invert(pc.is_in(ids, value_set=alive))).to_pylist())
-    retired = set()
-    if newer:
-        t = current.store.read_table(newer, columns=["item_id", "feature_run"])
-        retired = set(zip(t.column("item_id").to_pylist(), t.column("feature_run").to_pylist()))
-    if retired:
-        rows = held.live_rows()
-        pairs = zip(rows.column("item_id").to_pylist(), rows.column("run").to_pylist())
-        gone |= _among(items, {item for item, run in pairs if (item, run) in retired})
-    return frozenset(gone)
+    return frozenset(ids.filter(pc.invert(pc.is_in(ids, value_set=alive))).to_pylist())
 
 
 def _among(items: np.ndarray, named: set[str]) -> frozenset[str]:

@@ -71,20 +71,20 @@ def without_rows(neighbors: np.ndarray, vectors: np.ndarray, clusters: np.ndarra
     clusters = np.asarray(clusters, np.int64)
     out = neighbors.copy()
     live = np.asarray(live, bool)
-    affected = np.flatnonzero(np.isin(clusters, np.unique(clusters[gone])))  # one pass over the rows
-    for c in np.unique(clusters[gone]):
+    changed = np.unique(clusters[gone])
+    affected = np.flatnonzero(np.isin(clusters, changed))  # one pass over the rows
+    for c in changed:
         rows = affected[clusters[affected] == c]
         out[rows] = -1
-        members = rows[live[rows] & (np.abs(_unit(vectors, rows, normalize=False).numpy()).sum(1) > 0)]
+        members = rows[live[rows] & (np.abs(np.asarray(vectors[rows], np.float32)).sum(1) > 0)]
         if len(members):
             _fill_lists(out, vectors, members, members, row_block)
     return out
 
 
-def _unit(vectors: np.ndarray, rows: np.ndarray, normalize: bool = True) -> torch.Tensor:
-    """rows of `vectors` as float32 (unit length), converted one block at a time: no [N, D] copy."""
-    block = np.asarray(vectors[rows], np.float32)
-    return torch.from_numpy(l2_normalize(block) if normalize else block)
+def _unit(vectors: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """rows of `vectors` as unit float32, converted one block at a time: no [N, D] copy."""
+    return torch.from_numpy(l2_normalize(np.asarray(vectors[rows], np.float32)))
 
 
 def _fill_lists(out: np.ndarray, vectors: np.ndarray, rows: np.ndarray, pool: np.ndarray, row_block: int) -> None:

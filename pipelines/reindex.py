@@ -779,14 +779,8 @@ def run_compact(store: Store, keep: int) -> dict:
     version = IndexVersion.current(store)
     manifest = version.manifest
     counts = {"rows_dropped": 0, "folders_removed": 0}
-    versions = store.versions(strict=True)
     pending_train = _pending_training(store)
-    servable = next((m for m in reversed(versions) if is_servable(m)), None)
-    waiting = ("a `cart train` run is pending (jobs/train-pending.json): its commit would conflict"
-               if pending_train else
-               f"version {servable.version} serves until `cart train` commits a generator for version "
-               f"{manifest.version}, and the tombstones keep it from answering what was deleted since"
-               if servable is not None and servable.version != manifest.version else None)
+    waiting = _rewrites_wait(store.versions(strict=True), manifest, pending_train)
     if waiting:
         log("compact", f"feature rows and identifier deltas are not rewritten now: {waiting}")
     rows = version.feature_rows()
@@ -894,6 +888,18 @@ class Protected:
             self.paths |= set().union(referenced_paths(now), *(referenced_paths(m) for m in self.store.versions()))
             self.seen = now.version
         return _named(path, self.paths)
+
+
+def _rewrites_wait(versions: list[Manifest], current: Manifest, pending_train: str | None) -> str | None:
+    """Why compact's rewrites (dead rows dropped with the tombstones, id deltas folded) must wait
+    now, or None."""
+    if pending_train:
+        return "a `cart train` run is pending (jobs/train-pending.json): its commit would conflict"
+    servable = next((m for m in reversed(versions) if is_servable(m)), None)
+    if servable is not None and servable.version != current.version:
+        return (f"version {servable.version} serves until `cart train` commits a generator for version "
+                f"{current.version}, and the tombstones keep it from answering what was deleted since")
+    return None
 
 
 def _pending_training(store: Store) -> str | None:
