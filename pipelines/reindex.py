@@ -740,7 +740,8 @@ def _wait_for_compact(store: Store, poll_s: float = 1.0) -> None:
     said = False
     while compact_running(store):
         if not said:
-            log("rollback", "a `cart compact` is removing old versions: waiting for it to finish")
+            log("rollback", "a `cart compact` is removing old versions: waiting for it to finish (remove "
+                            f"{store.uri(COMPACT_LEASE)} if none runs)")
             said = True
         time.sleep(poll_s)
 
