@@ -24,7 +24,8 @@ from cart_core.errors import BadInput, LocatedError, shown
 from cart_core.store import Store, StoreError
 from cart_core.text import TextEncoder
 from pipelines.report import format_table, plot_recall, write_metrics
-from pipelines.queries import check_k, check_query_rows, load_queries
+from pipelines.leases import newest_servable_held
+from pipelines.queries import QueryTable, check_k, check_query_rows, load_queries
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.search import retrieve_dataset
 from pipelines.verify import query_time, verify_settings
@@ -98,7 +99,12 @@ def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k
         raise BadInput(f"{out}: is a file; give the folder to write metrics.json and recall.png in")
     # a user's file is checked first; the store's held-out captions by the same rules once it is open
     checked = load_queries(queries, cfg.queries, "evaluate", need_item=True) if queries is not None else None
-    version = IndexVersion.newest_servable(store)
+    with newest_servable_held(store, "evaluate") as version:  # actors starting later load it: compact keeps it
+        return _evaluate(store, version, queries, checked, out, cfg, k, address)
+
+
+def _evaluate(store: Store, version: IndexVersion, queries: str | None, checked: QueryTable | None, out: str,
+              cfg: CartConfig, k: int, address: str | None) -> list[dict]:
     manifest = version.manifest
     table, _ = version.ids()  # before Ray starts: a damaged store fails at once
     settings = verify_settings(version, query=query_time(cfg))  # the verify.* its retriever runs with

@@ -45,6 +45,7 @@ from cart_core.index_version import (IndexVersion, deleted_since, is_servable, p
                                      save_ids)
 from cart_core.store import CommitConflict, Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
+from pipelines.leases import COMPACT_LEASE, compact_running, held_versions, require_files, wait_for_compact
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import added_features, fitted_items, has_verifier
@@ -702,12 +703,12 @@ def run_rollback(store: Store, version: int) -> dict:
                          f"the rollback when it has finished (remove {store.uri(COMPACT_LEASE)} if none runs)")
     current = store.manifest()
     old = store.version(version)
-    _require_files(store, old, f"needed by version {version} but compacted away")
+    require_files(store, old, f"needed by version {version} but compacted away")
     back = brought_back(IndexVersion(store, old), IndexVersion(store, current))
     new = store.commit(old, f"rollback to v{version}", base=current, reads={"*"})
-    _wait_for_compact(store)  # one that started before this commit may not have seen it
+    wait_for_compact(store, "rollback")  # one that started before this commit may not have seen it
     try:  # a `cart compact` that ran since the check above may have removed what it names
-        _require_files(store, old, f"needed by version {version}")
+        require_files(store, old, f"needed by version {version}")
     except StoreError as exc:
         try:
             undone = store.commit(current, f"undo rollback v{new.version}: a compact removed version {version}'s "
@@ -733,23 +734,6 @@ def run_rollback(store: Store, version: int) -> dict:
                         f"`cart retrieve` answer from version {serving.version} until `cart train` commits one")
     return {"version": new.version, "restored": version, "served": None if serving is None else serving.version,
             "brought_back": len(back)}
-
-
-def _wait_for_compact(store: Store, poll_s: float = 1.0) -> None:
-    """Until no `cart compact` holds its lease: what it removes is known only once it is done."""
-    said = False
-    while compact_running(store):
-        if not said:
-            log("rollback", "a `cart compact` is removing old versions: waiting for it to finish (remove "
-                            f"{store.uri(COMPACT_LEASE)} if none runs)")
-            said = True
-        time.sleep(poll_s)
-
-
-def _require_files(store: Store, manifest: Manifest, why: str) -> None:
-    for path in sorted(referenced_paths(manifest)):  # every file a reader of it opens
-        if not store.exists(path):
-            raise StoreError(f"{store.uri(path)}: {why}")
 
 
 def brought_back(old: IndexVersion, current: IndexVersion) -> list[str]:
@@ -820,8 +804,9 @@ def run_compact(store: Store, keep: int) -> dict:
 
 
 def _remove_unkept(store: Store, keep: int, pending_train: str | None, counts: dict) -> None:
-    """Remove the history files, then the folders, that neither the last `keep` versions nor the
-    newest servable one name (nor a version committed meanwhile, nor a job still writing)."""
+    """Remove the history files, then the folders, that neither the last `keep` versions, the
+    newest servable one nor one a running job reads (pipelines/leases.py) name (nor a version
+    committed meanwhile, nor a job still writing)."""
     pointer = store.manifest().version
     versions = store.versions(strict=True)
     if not versions or versions[-1].version < pointer:
@@ -832,6 +817,11 @@ def _remove_unkept(store: Store, keep: int, pending_train: str | None, counts: d
     if servable is not None and servable.version not in {m.version for m in kept}:
         kept = [servable, *kept]
         log("compact", f"keeping version {servable.version} too: it is the newest servable one")
+    held = held_versions(store, remove_stale=True)  # read after this compact's lease was written
+    for m in versions:
+        if m.version in held and m.version not in {k.version for k in kept}:
+            kept = [m, *kept]
+            log("compact", f"keeping version {m.version} too: a running job reads it ({'; '.join(held[m.version])})")
     ever_named = set().union(*(referenced_paths(m) for m in versions))
     kept_numbers = {m.version for m in kept}
     for m in versions:  # history first: a compact killed before its folders are gone leaves no
@@ -856,22 +846,7 @@ def _remove_unkept(store: Store, keep: int, pending_train: str | None, counts: d
             store.fs.rm(path)
             counts["temporary_files_removed"] = counts.get("temporary_files_removed", 0) + 1
     counts["versions_kept"] = len(kept)
-
-
-COMPACT_LEASE = "jobs/compact-running.json"
-LEASE_STALE_S = 6 * 3600  # a lease older than this belongs to a compact that was killed
-
-
-def compact_running(store: Store) -> dict | None:
-    """The lease of a `cart compact` removing history and folders now, or None (none, or a stale one)."""
-    if not store.exists(COMPACT_LEASE):
-        return None
-    try:
-        lease = store.read_json(COMPACT_LEASE)
-        started = float(lease.get("started", 0))
-    except (ValueError, TypeError, AttributeError, FileNotFoundError):
-        return None
-    return lease if time.time() - started < LEASE_STALE_S else None
+    counts["versions_read_by_jobs"] = sorted(held)
 
 
 class Protected:

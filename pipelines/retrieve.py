@@ -34,7 +34,8 @@ from cart_core.config import CartConfig
 from cart_core.errors import BadInput
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store, StoreError
-from pipelines.queries import check_k, load_queries
+from pipelines.leases import newest_servable_held
+from pipelines.queries import QueryTable, check_k, load_queries
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import query_time, verify_settings
 from pipelines.search import RANKED_SCHEMA, flatten_ranked, retrieve_dataset
@@ -269,7 +270,12 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
     check_k(k, cfg.queries)
     check_output(out, (queries,))
     checked = load_queries(queries, cfg.queries, "retrieve")  # every input check runs before Ray starts
-    version = IndexVersion.newest_servable(store)
+    with newest_servable_held(store, "retrieve") as version:  # actors starting later load it: compact keeps it
+        return _retrieve(store, version, checked, out, cfg, k, address)
+
+
+def _retrieve(store: Store, version: IndexVersion, checked: QueryTable, out: str, cfg: CartConfig, k: int,
+              address: str | None) -> dict:
     version.ids()  # a damaged identifier table fails here, naming its folder, not in an actor a minute later
     verify_settings(version, query=query_time(cfg))  # logs the verify.* settings that differ from the fitted ones
     init_ray(address)

@@ -27,6 +27,7 @@ from cart_core.index_version import IndexVersion, deletes_since, is_servable
 from cart_core.store import FALLBACK_KEYS, CommitConflict, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
+from pipelines.leases import ReaderLease
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.verify import copy_verifier, fit_verifier
 
@@ -330,67 +331,70 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         summary.extra.update(version=base.version, up_to_date=True)
         return summary.write(store)
     init_ray(address)
-    run, resume_from, started = summary.run, None, base.version
-    if resume and store.exists(PENDING):
-        pending = store.read_json(PENDING)
-        went_on = resumed_from(store, pending.get("ids"), info["base"])
-        if went_on is not None:
-            run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
-            started = pending.get("started", went_on.version)  # pending files before 2026-12-07 lack it
-            log("train", f"resuming {run} from {resume_from or 'the start (no checkpoint yet)'}")
-        else:
-            log("train", "the unfinished run was for other identifiers; starting afresh")
-    elif resume:
-        log("train", "nothing to resume; starting afresh")
-    store.write_json(PENDING, {"run": run, "ids": info["ids"], "started": started})
-    summary.run = run
-    scaling = train_scaling(cfg, workers)
-    workers = scaling.workers
-    log("train", f"{workers} worker(s) x {scaling.cpus_per_worker:g} CPU, {scaling.threads} torch thread(s) each "
-                 f"({scaling.chosen})")
-    # a full training keeps a seeded slice of the captions from the generator: the hybrid
-    # retriever's fusion is fitted on them (pipelines/verify.py); a fine-tune keeps its verifier
-    holdout = held_out(store, cfg, pairs, started, base.version) if finetune is None else np.zeros(len(pairs), bool)
-    summary.counts.update(generator_pairs=int((~holdout).sum()), fusion_pairs=int(holdout.sum()))
-    # Ray Train's controller polls its workers every 2 s unless told otherwise, and a worker's
-    # report (one per epoch) blocks until the poll has taken the previous one: short epochs (a
-    # reindex fine-tune, a small catalog) would wait on the controller, not train
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": config_dict(cfg), "store": store.url, "run": run, "resume_from": resume_from,
-                           "vocab_sizes": info["vocab_sizes"],
-                           "init_from": f"{finetune.init_from}/model" if finetune else None,
-                           "crash_after_epoch": int(os.environ.get("CART_CRASH_AFTER_EPOCH", "0")) or None,
-                           "threads": scaling.threads},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        datasets={"train": ray.data.from_arrow(pairs.filter(pa.array(~holdout)))},
-        run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=cfg.jobs.train_max_failures)),
-    )
-    summary.time("prepare_s", t0)
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}")
-    summary.time("train_s", t0)
-    final = latest_checkpoint(store, run)
-    if final is None:
-        raise StoreError(f"{store.uri('generator', run)}: training finished without a checkpoint")
-    with store.local_dir(f"{final}/model") as folder:
-        store.put_dir(folder, f"generator/{run}/model")
-    t0 = time.perf_counter()
-    if finetune is not None:
-        copy_verifier(store, finetune.init_from, f"generator/{run}")
-    elif cfg.verify.mode == "hybrid":
-        report = fit_verifier(store, IndexVersion(store, info["base"]), f"generator/{run}", cfg,
-                              pairs.column("text").to_pylist(), pairs.column("row").to_numpy(), holdout)
-        summary.extra.update(fusion=report)
-    summary.time("verify_s", t0)
-    if before_commit is not None:
-        before_commit()
-    new = commit_generator(store, info["base"], f"generator/{run}", fingerprint, finish,
-                           message=f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
+    # the verifier is fitted on the base version's files after the training: a `cart compact`
+    # meanwhile keeps them (a quantize --refit or a rollback since may have left no other version naming them)
+    with ReaderLease(store, base.version, "train").held():
+        run, resume_from, started = summary.run, None, base.version
+        if resume and store.exists(PENDING):
+            pending = store.read_json(PENDING)
+            went_on = resumed_from(store, pending.get("ids"), info["base"])
+            if went_on is not None:
+                run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
+                started = pending.get("started", went_on.version)  # pending files before 2026-12-07 lack it
+                log("train", f"resuming {run} from {resume_from or 'the start (no checkpoint yet)'}")
+            else:
+                log("train", "the unfinished run was for other identifiers; starting afresh")
+        elif resume:
+            log("train", "nothing to resume; starting afresh")
+        store.write_json(PENDING, {"run": run, "ids": info["ids"], "started": started})
+        summary.run = run
+        scaling = train_scaling(cfg, workers)
+        workers = scaling.workers
+        log("train", f"{workers} worker(s) x {scaling.cpus_per_worker:g} CPU, {scaling.threads} torch thread(s) each "
+                     f"({scaling.chosen})")
+        # a full training keeps a seeded slice of the captions from the generator: the hybrid
+        # retriever's fusion is fitted on them (pipelines/verify.py); a fine-tune keeps its verifier
+        holdout = held_out(store, cfg, pairs, started, base.version) if finetune is None else np.zeros(len(pairs), bool)
+        summary.counts.update(generator_pairs=int((~holdout).sum()), fusion_pairs=int(holdout.sum()))
+        # Ray Train's controller polls its workers every 2 s unless told otherwise, and a worker's
+        # report (one per epoch) blocks until the poll has taken the previous one: short epochs (a
+        # reindex fine-tune, a small catalog) would wait on the controller, not train
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": config_dict(cfg), "store": store.url, "run": run, "resume_from": resume_from,
+                               "vocab_sizes": info["vocab_sizes"],
+                               "init_from": f"{finetune.init_from}/model" if finetune else None,
+                               "crash_after_epoch": int(os.environ.get("CART_CRASH_AFTER_EPOCH", "0")) or None,
+                               "threads": scaling.threads},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
+                                         resources_per_worker={"CPU": scaling.cpus_per_worker}),
+            datasets={"train": ray.data.from_arrow(pairs.filter(pa.array(~holdout)))},
+            run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=cfg.jobs.train_max_failures)),
+        )
+        summary.time("prepare_s", t0)
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        if result.error:
+            raise RuntimeError(f"training failed: {result.error}")
+        summary.time("train_s", t0)
+        final = latest_checkpoint(store, run)
+        if final is None:
+            raise StoreError(f"{store.uri('generator', run)}: training finished without a checkpoint")
+        with store.local_dir(f"{final}/model") as folder:
+            store.put_dir(folder, f"generator/{run}/model")
+        t0 = time.perf_counter()
+        if finetune is not None:
+            copy_verifier(store, finetune.init_from, f"generator/{run}")
+        elif cfg.verify.mode == "hybrid":
+            report = fit_verifier(store, IndexVersion(store, info["base"]), f"generator/{run}", cfg,
+                                  pairs.column("text").to_pylist(), pairs.column("row").to_numpy(), holdout)
+            summary.extra.update(fusion=report)
+        summary.time("verify_s", t0)
+        if before_commit is not None:
+            before_commit()
+        new = commit_generator(store, info["base"], f"generator/{run}", fingerprint, finish,
+                               message=f"train {run}: {len(pairs)} pairs, {workers} worker(s)")
     store.remove(PENDING)
     history = store.read_json(f"{final}/state.json")["history"]
     metrics = {key: history[key][-1] for key in ("loss", "nll", "kl")} | {"epochs": len(history["loss"])}

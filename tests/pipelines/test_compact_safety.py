@@ -282,3 +282,96 @@ def test_a_pointer_lost_after_a_compact_still_finds_the_newest_version(tmp_path)
     with pytest.raises(StoreError, match="manifest.json: missing, and the newest history file is unreadable"):
         store.manifest()
     assert Store(tmp_path / "new").manifest().version == 0
+
+
+def trained_twice(store: Store) -> tuple[Manifest, Manifest]:
+    """v1 and v2 each servable, with their own identifiers and generator: a `compact --keep 1`
+    removes v1's history file and both its folders."""
+    features = put_features(store, ["a", "b"], seed=1)
+    ids = put_ids(store, ["a", "b"])
+    v1 = store.commit(Manifest(features=[features], dim=4, ids=ids, generator=put_generator(store),
+                               extra={"generator_ids": ids}), "trained")
+    ids = put_ids(store, ["a", "b"])
+    v2 = store.commit(replace(v1, ids=ids, generator=put_generator(store), extra={"generator_ids": ids}), "again")
+    return v1, v2
+
+
+def test_compact_keeps_a_version_a_running_job_reads_until_its_lease_goes(tmp_path, capsys):
+    from pipelines.leases import READERS, ReaderLease, missing_file
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    v1, _ = trained_twice(store)
+    with ReaderLease(store, v1.version, "retrieve").held():
+        counts = run_compact(store, keep=1)
+        assert counts["versions_read_by_jobs"] == [1] and missing_file(store, v1) is None
+        assert "keeping version 1 too: a running job reads it (retrieve (retrieve-" in capsys.readouterr().err
+    assert store.listdir(READERS) == []
+    counts = run_compact(store, keep=1)
+    assert counts["versions_read_by_jobs"] == [] and counts["folders_removed"] == 2
+    assert not store.exists(v1.ids) and not store.exists(v1.generator) and store.versions() == [store.manifest()]
+
+
+def test_a_lease_of_a_job_that_died_is_ignored_and_removed(tmp_path):
+    from pipelines.leases import READER_STALE_S, READERS, held_versions
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    v1, _ = trained_twice(store)
+    store.write_json(f"{READERS}/retrieve-dead.json", {"version": 1, "job": "retrieve",
+                                                       "renewed": time.time() - READER_STALE_S - 1})
+    store.write_json(f"{READERS}/retrieve-half.json", {"version": 1})  # killed mid-write: no renewal time
+    old = time.time() - READER_STALE_S - 1
+    os.utime(store.path(f"{READERS}/retrieve-half.json"), (old, old))
+    assert held_versions(store) == {}
+    counts = run_compact(store, keep=1)
+    assert counts["versions_read_by_jobs"] == [] and not store.exists(v1.generator)
+    assert store.listdir(READERS) == []
+
+
+def test_a_reader_lease_is_renewed_while_the_job_runs(tmp_path):
+    from pipelines.leases import ReaderLease
+
+    store = Store(tmp_path / "s")
+    lease = ReaderLease(store, 3, "evaluate").acquire(renew_s=0.05)
+    try:
+        first = store.read_json(lease.path)["renewed"]
+        time.sleep(0.3)
+        assert store.read_json(lease.path)["renewed"] > first
+        assert store.read_json(lease.path)["version"] == 3 and store.read_json(lease.path)["pid"] == os.getpid()
+    finally:
+        lease.release()
+    assert not store.exists(lease.path)
+
+
+def test_a_job_pinning_a_version_as_a_compact_removes_it_waits_and_takes_the_newer_one(tmp_path, capsys):
+    """The reader's lease came too late for a compact that had chosen what to keep: the job waits
+    for that compact, finds its version's files gone, and pins the newest servable one again."""
+    import threading
+
+    from pipelines.leases import COMPACT_LEASE, READERS, newest_servable_held
+
+    store = Store(tmp_path / "s")
+    features = put_features(store, ["a", "b"], seed=1)
+    ids = put_ids(store, ["a", "b"])
+    v1 = store.commit(Manifest(features=[features], dim=4, ids=ids, generator=put_generator(store),
+                               extra={"generator_ids": ids}), "trained")
+    store.write_json(COMPACT_LEASE, {"run": "compact-x", "started": time.time()})
+
+    def train_then_compact():  # a training commits v2 and the compact removes v1, then ends
+        time.sleep(0.5)
+        ids = put_ids(store, ["a", "b"])
+        store.commit(replace(v1, ids=ids, generator=put_generator(store), extra={"generator_ids": ids}), "train")
+        store.remove(store.history_path(1))
+        store.remove(v1.generator)
+        store.remove(COMPACT_LEASE)
+
+    compact = threading.Thread(target=train_then_compact)
+    compact.start()
+    with newest_servable_held(store, "retrieve") as version:
+        assert version.version == 2
+        assert [store.read_json(f"{READERS}/{n}")["version"] for n in store.listdir(READERS)] == [2]
+    compact.join()
+    err = capsys.readouterr().err
+    assert "waiting for it to finish" in err and "version 1 lost" in err and "taking the newest servable" in err
+    assert store.listdir(READERS) == []

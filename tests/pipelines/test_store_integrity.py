@@ -307,3 +307,40 @@ def test_check_repairs_a_corrupted_manifest(base, tmp_path, capsys):
     assert "repaired: " in capsys.readouterr().out
     assert store.manifest() == good
     check_index(store, base["deleted"], base["captions"])  # servable again
+
+
+def test_retrieve_reads_its_version_while_a_compact_removes_older_ones(base, tmp_path):
+    """`cart retrieve` pins the newest servable version and its actors load it when they start;
+    a new version committed and a `cart compact --keep 1` run meanwhile keep what it reads (its
+    reader lease), and the next compact after it finished removes it."""
+    from pipelines.leases import READERS
+    from pipelines.reindex import run_compact
+    from pipelines.retrieve import run_retrieve
+
+    store = Store(tmp_path / "store")
+    shutil.copytree(base["store"].url, store.url)
+    pinned = store.manifest()
+    out = tmp_path / "results.parquet"
+    outcome: dict = {}
+
+    def retrieve() -> None:
+        try:
+            outcome["summary"] = run_retrieve(Store(store.url), str(base["root"] / "queries.parquet"), str(out),
+                                              small_config(), k=20)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    job = threading.Thread(target=retrieve)
+    job.start()
+    while not store.listdir(READERS) and job.is_alive():  # the driver chose its version
+        job.join(0.05)
+    store.commit(pinned, "a later commit", base=pinned)  # servable (the same generator): the newest one now
+    counts = run_compact(Store(store.url), keep=1)
+    job.join()
+    assert "error" not in outcome, outcome.get("error")
+    assert counts["versions_read_by_jobs"] == [pinned.version]
+    assert outcome["summary"]["version"] == pinned.version
+    assert not set(pq.read_table(out).column("item_id").to_pylist()) & base["deleted"]
+    assert store.listdir(READERS) == []  # released at the end
+    assert not run_compact(Store(store.url), keep=1)["versions_read_by_jobs"]
+    assert [m.version for m in store.versions()] == [store.manifest().version]  # the pinned one went
