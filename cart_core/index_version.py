@@ -71,18 +71,26 @@ class IndexVersion:
             return cls(store, current)
         for old in reversed(store.versions()):
             if is_servable(old):
-                served = cls(store, old)
-                table, meta = served.ids()
-                withdrawn = withdrawn_since(table, served, cls(store, current))
-                if not withdrawn:
-                    return served
-                out = cls(store, old, withdrawn=withdrawn)
-                out._cache["ids"] = (withdraw(table, withdrawn), meta)  # the table is read once
-                return out
+                return cls.answering_for(store, old, current)
         if current.version == 0:
             raise StoreError(f"{store.url}: no index here (no committed version); `cart import` or `cart extract` "
                              "starts one, or check the --store path")
         raise StoreError(f"{store.url}: no committed version has a trained generator; run `cart train` first")
+
+    @classmethod
+    def answering_for(cls, store: Store, old: Manifest, current: Manifest) -> "IndexVersion":
+        """The servable version `old` answering on behalf of the newer `current`: without the items
+        deleted since (withdrawn)."""
+        served = cls(store, old)
+        if old.version == current.version:
+            return served
+        table, meta = served.ids()
+        withdrawn = withdrawn_since(table, served, cls(store, current))
+        if not withdrawn:
+            return served
+        out = cls(store, old, withdrawn=withdrawn)
+        out._cache["ids"] = (withdraw(table, withdrawn), meta)  # the table is read once
+        return out
 
     @property
     def version(self) -> int:

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cart_core.index_version import IndexVersion, referenced_paths
 from cart_core.store import Manifest, Store, StoreError, new_run_id
@@ -146,13 +146,15 @@ def held_versions(store: Store, remove_stale: bool = False) -> dict[int, list[st
 
 
 @contextmanager
-def newest_servable_held(store: Store, job: str, tries: int = 3) -> Iterator[IndexVersion]:
-    """The newest servable version, held by a reader lease until the block ends: what a long job
-    whose actors load the version later reads, safe from a `cart compact` running meanwhile."""
+def newest_servable_held(store: Store, job: str, prefer: Callable[[], IndexVersion | None] = lambda: None,
+                         tries: int = 3) -> Iterator[IndexVersion]:
+    """The newest servable version (or the one `prefer` returns, e.g. the version a resumed job's
+    saved answers come from), held by a reader lease until the block ends: what a long job whose
+    actors load the version later reads, safe from a `cart compact` running meanwhile."""
     lease = None
     try:
         for _ in range(tries):
-            version = IndexVersion.newest_servable(store)
+            version = prefer() or IndexVersion.newest_servable(store)
             lease = ReaderLease(store, version.version, job).acquire()
             wait_for_compact(store, job)  # one that chose what to keep before this lease existed
             gone = missing_file(store, version.manifest)
@@ -169,4 +171,3 @@ def newest_servable_held(store: Store, job: str, tries: int = 3) -> Iterator[Ind
     finally:
         if lease is not None:
             lease.release()
-

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 import uuid
+from functools import partial
 from typing import Iterable
 
 import numpy as np
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig
 from cart_core.errors import BadInput
-from cart_core.index_version import IndexVersion
+from cart_core.index_version import IndexVersion, is_servable
 from cart_core.store import Store, StoreError
 from pipelines.leases import newest_servable_held
 from pipelines.queries import QueryTable, check_k, load_queries
@@ -270,8 +271,32 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
     check_k(k, cfg.queries)
     check_output(out, (queries,))
     checked = load_queries(queries, cfg.queries, "retrieve")  # every input check runs before Ray starts
-    with newest_servable_held(store, "retrieve") as version:  # actors starting later load it: compact keeps it
+    resumable = partial(version_of_saved_answers, store, out, cfg, k, checked.table)
+    with newest_servable_held(store, "retrieve", prefer=resumable) as version:  # compact keeps it
         return _retrieve(store, version, checked, out, cfg, k, address)
+
+
+def version_of_saved_answers(store: Store, out: str, cfg: CartConfig, k: int, queries: pa.Table) -> IndexVersion | None:
+    """The version the saved answers of an earlier run of this command come from, when they can be
+    resumed on it though a newer version was committed since: it is still in the store and
+    servable, and nothing it holds was deleted since that run (the withdrawn items are part of
+    the signature). A killed job's rerun then finishes on the version it started with."""
+    saved = ResultParts(out, {})._read_json("run.json")
+    if not saved or saved.get("store") != store.url:
+        return None
+    try:
+        old = store.version(int(saved["version"]))
+        if not is_servable(old):
+            return None
+        version = IndexVersion.answering_for(store, old, store.manifest())
+    except (StoreError, OSError, KeyError, ValueError, TypeError):  # compacted away, or not ours
+        return None
+    if run_signature(store, version, cfg, k, queries) != saved:
+        return None
+    if version.version != store.manifest().version:
+        log("retrieve", f"the saved answers in {out}.parts come from version {version.version}: this run finishes "
+                        f"on it (remove that folder to answer from the newest version instead)")
+    return version
 
 
 def _retrieve(store: Store, version: IndexVersion, checked: QueryTable, out: str, cfg: CartConfig, k: int,
@@ -287,7 +312,7 @@ def _retrieve(store: Store, version: IndexVersion, checked: QueryTable, out: str
     done = parts.open()
     if done.any():
         log("retrieve", f"resuming: {int(done.sum())} of {n} queries were answered by an earlier run of "
-                        "this command")
+                        f"this command, from version {manifest.version}")
     todo = checked.table.append_column("pos", pa.array(np.arange(n, dtype=np.int64))).filter(pa.array(~done))
     try:
         if todo.num_rows:

@@ -177,6 +177,7 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
     import subprocess
 
     from cart_core.errors import BadInput
+    from pipelines.reindex import run_reindex
     from pipelines.retrieve import run_retrieve
     from pipelines.train import run_train
 
@@ -209,9 +210,15 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
         other.kill()
         other.wait()
     capsys.readouterr()
-    counts = run_retrieve(store, queries, str(out), often, k=5)["counts"]
+    started_on = store.manifest()
+    store.commit(started_on, "a newer version, committed while the job was down", base=started_on)
+    summary = run_retrieve(store, queries, str(out), often, k=5)
+    counts = summary["counts"]
     assert counts["queries_resumed"] == held and counts["result_rows"] == 160 * 5
-    assert f"resuming: {held} of 160 queries were answered by an earlier run of this command" in capsys.readouterr().err
+    assert summary["version"] == started_on.version  # finished on the version it started with
+    err = capsys.readouterr().err
+    assert (f"resuming: {held} of 160 queries were answered by an earlier run of this command, from version "
+            f"{started_on.version}") in err and f"come from version {started_on.version}: this run finishes" in err
     assert not parts.exists()
     order = [("query_id", "ascending"), ("rank", "ascending")]
     got, want = pq.read_table(out).sort_by(order), pq.read_table(whole).sort_by(order)
@@ -233,6 +240,18 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
     counts = run_retrieve(store, queries, str(tmp_path / "other.parquet"), often, k=3)["counts"]
     assert counts["queries_resumed"] == 0 and counts["result_rows"] == 160 * 3
     assert "another command's (other queries, index version, k or settings)" in capsys.readouterr().err
+    # a delete since the killed run: its saved answers may hold the deleted item; it starts over
+    monkeypatch.setenv("CART_CRASH_AT", "retrieve_after_save")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_retrieve(store, queries, str(tmp_path / "deleted.parquet"), often, k=5)
+    monkeypatch.delenv("CART_CRASH_AT")
+    gone = pq.read_table(whole).column("item_id")[0].as_py()
+    (tmp_path / "gone.txt").write_text(gone + "\n")
+    run_reindex(store, small_config(), delete=str(tmp_path / "gone.txt"))
+    capsys.readouterr()
+    counts = run_retrieve(store, queries, str(tmp_path / "deleted.parquet"), often, k=5)["counts"]
+    assert counts["queries_resumed"] == 0 and "another command's" in capsys.readouterr().err
+    assert gone not in pq.read_table(tmp_path / "deleted.parquet").column("item_id").to_pylist()
 
 
 def test_train_resumes_after_a_crash(tmp_path, quantized, monkeypatch):
