@@ -49,6 +49,7 @@ from cart_core.config import CartConfig, QueryConfig, ServeConfig
 from cart_core.errors import BadInput, InputNotFound, first_line, shown
 from cart_core.index_version import IndexVersion, withdraw, withdrawn_since
 from cart_core.store import Manifest, Store
+from pipelines.leases import newest_servable_held
 from pipelines.queries import QueryRefused, check_k, normalize_query
 from pipelines.search import load_generator, load_retriever
 from pipelines.verify import has_verifier, load_verifier_files, query_time, verify_settings
@@ -216,7 +217,8 @@ class CartSearch:
         self.query = limits.get("verify")  # mode, candidates, neighbour lists: as `cart retrieve` (pipelines/verify.query_time)
         # the committed version looked at, read before resolving: a commit during the load is seen
         seen = self.store.manifest().version
-        self.current = Snapshot(IndexVersion.newest_servable(self.store), device, self.query, seen)
+        with newest_servable_held(self.store, "serve") as version:  # a compact meanwhile leaves what it reads
+            self.current = Snapshot(version, device, self.query, seen)
         self.search_one.set_max_batch_size(max_batch_size)
         self.search_one.set_batch_wait_timeout_s(batch_wait_s)
         self.poll_failures = self.load_failures = 0
@@ -260,10 +262,11 @@ class CartSearch:
     def _load(self) -> None:
         try:
             resolved_at = self.store.manifest().version  # read before resolving: a later commit is seen
-            version = IndexVersion.newest_servable(self.store)
-            current = self.current
-            relabel = Snapshot.key_of(version) == current.key and not current.withdrawn_at
-            fresh = None if relabel else Snapshot(version, self.device, self.query)
+            with newest_servable_held(self.store, "serve") as version:  # a load takes minutes at 1M items
+                current = self.current
+                relabel = Snapshot.key_of(version) == current.key and not current.withdrawn_at
+                fresh = None if relabel else Snapshot(version, self.device, self.query)
+                source = version.pinned() if relabel and version.version != current.version else None  # read while held
             with self._swap:
                 now, current = self.store.manifest(), self.current
                 if fresh is None:  # the same answers, new labels
@@ -272,7 +275,7 @@ class CartSearch:
                         return
                     fresh = copy.copy(current)
                     if version.version != current.version:
-                        fresh.version, fresh.source = version.version, version.pinned()
+                        fresh.version, fresh.source = version.version, source
                 else:
                     # what the watcher withdrew for commits after the one this load resolved: this
                     # version predates those deletes (and any content imported again after them)
