@@ -362,11 +362,17 @@ def deleted_since(items: np.ndarray, held: "IndexVersion", current: "IndexVersio
     # tombstone files are never read, so a version `cart compact` cleared can still be held
     newer = [r for r in current_tombs if r not in set(held_tombs)]
     retired = _held_rows_retired(items, held, retired_rows(current.store, newer))
-    appended = current.manifest.features[:len(held.manifest.features)] == held.manifest.features \
-        and set(held_tombs) <= set(current_tombs)
-    if appended:  # a row `held` had live stays live unless a new tombstone retires it
+    if only_appended(held.manifest, current.manifest):  # a row `held` had live stays live unless a new tombstone retires it
         return retired
     return retired | _without_live_row(items, current)
+
+
+def only_appended(held: Manifest, current: Manifest) -> bool:
+    """Whether `current` only appended feature runs and tombstones to `held`'s (every import,
+    reindex and delete; not a compact, which rewrites runs, nor a rollback to fewer runs): then
+    what `held` had live and `current` deleted is exactly what the new tombstones retire."""
+    return (current.features[:len(held.features)] == held.features
+            and set(held.extra.get("tombstones") or []) <= set(current.extra.get("tombstones") or []))
 
 
 def retired_rows(store: Store, runs: list[str]) -> set[tuple[str, str]]:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from cart_core.index_version import is_servable, load_ids, referenced_paths
 from cart_core.store import MANIFEST, Manifest, Store, StoreError
+from pipelines.leases import held_versions
 from pipelines.runtime import log
 
 RUN_KINDS = ("features", "queries", "eval", "codebooks", "ids", "generator", "tombstones", "errors")
@@ -38,6 +39,8 @@ def run_check(store: Store, repair: bool = False) -> dict:
         print(f"orphan:  {line}")
     for line in report["repaired"]:
         print(f"repaired: {line}")
+    for line in report["read_by_jobs"]:
+        print(f"reading: {line}")
     print(f"check: {len(report['problems'])} problem(s), {len(report['orphans'])} orphan(s), "
           f"version {report['version']}, servable {'yes' if report['servable'] else 'no'}, "
           f"{report['files_checked']} files read")
@@ -46,7 +49,7 @@ def run_check(store: Store, repair: bool = False) -> dict:
 
 def inspect(store: Store) -> dict:
     report = {"version": None, "servable": False, "problems": [], "orphans": [], "repaired": [],
-              "files_checked": 0}
+              "read_by_jobs": [], "files_checked": 0}
     history, broken = read_history(store)
     report["problems"] += broken
     current = None
@@ -84,6 +87,15 @@ def inspect(store: Store) -> dict:
     report["problems"] += serving_problems
     report["servable"] = served is not None and not (serving_problems if served.version != current.version
                                                      else current_problems)
+    by_number = {m.version: m for m in history}
+    for number, jobs in sorted(held_versions(store).items()):  # a running retrieve / evaluate / train reads it
+        report["read_by_jobs"].append(f"version {number}: {'; '.join(jobs)}")
+        if number in by_number and number not in (current.version, served.version if served else None):
+            report["problems"] += [f"{line} (version {number}, which a running job reads)"
+                                   for line in check_version(store, by_number[number], files, checked)]
+        elif number not in by_number and number != current.version:
+            report["problems"].append(f"{store.uri(store.history_path(number))}: missing while a running job reads "
+                                      f"version {number} ({'; '.join(jobs)})")
     report["files_checked"] = files[0]
     report["orphans"] = orphans(store, [*history, current])
     return report

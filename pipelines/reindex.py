@@ -45,7 +45,8 @@ from cart_core.index_version import (IndexVersion, deleted_since, is_servable, p
                                      save_ids)
 from cart_core.store import CommitConflict, Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
-from pipelines.leases import COMPACT_LEASE, compact_running, held_versions, require_files, wait_for_compact
+from pipelines.leases import (COMPACT_LEASE, compact_lease, compact_running, held_versions, require_files,
+                             wait_for_compact)
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import added_features, fitted_items, has_verifier
@@ -794,11 +795,10 @@ def run_compact(store: Store, keep: int) -> dict:
                                             f"ids/{run}" if manifest.extra.get("generator_ids") == manifest.ids
                                             else manifest.extra.get("generator_ids"))}),
                                 f"compact {run}: identifier deltas folded into one table", base=manifest, reads={"*"})
-    store.write_json(COMPACT_LEASE, {"run": JobSummary("compact", store.url).run, "started": time.time()})
-    try:  # a rollback refuses to start while the lease stands, and one that committed since waits for it
+    # a rollback refuses to start while the lease stands; one that committed since, and a job
+    # pinning a version, wait for it
+    with compact_lease(store, JobSummary("compact", store.url).run).acquire():
         _remove_unkept(store, keep, pending_train, counts)
-    finally:
-        store.remove(COMPACT_LEASE)
     log("compact", json.dumps(counts))
     return counts
 

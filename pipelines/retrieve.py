@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from cart_core.config import CartConfig
 from cart_core.errors import BadInput
-from cart_core.index_version import IndexVersion, is_servable
+from cart_core.index_version import IndexVersion, is_servable, only_appended
 from cart_core.store import Store, StoreError
 from pipelines.leases import newest_servable_held
 from pipelines.queries import QueryTable, check_k, load_queries
@@ -277,25 +277,30 @@ def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int =
 
 
 def version_of_saved_answers(store: Store, out: str, cfg: CartConfig, k: int, queries: pa.Table) -> IndexVersion | None:
-    """The version the saved answers of an earlier run of this command come from, when they can be
-    resumed on it though a newer version was committed since: it is still in the store and
-    servable, and nothing it holds was deleted since that run (the withdrawn items are part of
-    the signature). A killed job's rerun then finishes on the version it started with."""
-    saved = ResultParts(out, {})._read_json("run.json")
-    if not saved or saved.get("store") != store.url:
+    """The version the saved answers of an earlier run of this command come from, when a newer one
+    was committed since and they can be resumed on it: it is still in the store and servable, every
+    commit since only added or deleted (no rollback: what was undone is not answered; no compact:
+    cleared tombstones would hide content deleted and imported again), and nothing it holds was
+    deleted since (the withdrawn items are part of the signature). A killed job's rerun then
+    finishes on the version it started with."""
+    parts = ResultParts(out, {})
+    saved = parts._read_json("run.json")
+    if not saved or saved.get("store") != store.url or not parts.parts():
         return None
     try:
-        old = store.version(int(saved["version"]))
-        if not is_servable(old):
+        current, old = store.manifest(), store.version(int(saved["version"]))
+        if old.version >= current.version or not is_servable(old):
             return None
-        version = IndexVersion.answering_for(store, old, store.manifest())
-    except (StoreError, OSError, KeyError, ValueError, TypeError):  # compacted away, or not ours
+        since = [store.version(n) for n in range(old.version + 1, current.version + 1)]
+    except (StoreError, OSError, KeyError, ValueError, TypeError):  # compacted away, unreadable, or not ours
         return None
+    if not only_appended(old, current) or any(m.message.startswith(("rollback", "undo rollback")) for m in since):
+        return None
+    version = IndexVersion.answering_for(store, old, current)
     if run_signature(store, version, cfg, k, queries) != saved:
         return None
-    if version.version != store.manifest().version:
-        log("retrieve", f"the saved answers in {out}.parts come from version {version.version}: this run finishes "
-                        f"on it (remove that folder to answer from the newest version instead)")
+    log("retrieve", f"the saved answers in {out}.parts come from version {version.version}: this run finishes "
+                    f"on it (remove that folder to answer from the newest version instead)")
     return version
 
 

@@ -27,7 +27,7 @@ from cart_core.index_version import IndexVersion, deletes_since, is_servable
 from cart_core.store import FALLBACK_KEYS, CommitConflict, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
-from pipelines.leases import ReaderLease
+from pipelines.leases import hold
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.verify import copy_verifier, fit_verifier
 
@@ -330,10 +330,10 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         log("train", f"version {base.version}'s generator was trained on these pairs with this config; nothing to do")
         summary.extra.update(version=base.version, up_to_date=True)
         return summary.write(store)
-    init_ray(address)
     # the verifier is fitted on the base version's files after the training: a `cart compact`
     # meanwhile keeps them (a quantize --refit or a rollback since may have left no other version naming them)
-    with ReaderLease(store, base.version, "train").held():
+    with hold(store, base, "train"):
+        init_ray(address)
         run, resume_from, started = summary.run, None, base.version
         if resume and store.exists(PENDING):
             pending = store.read_json(PENDING)

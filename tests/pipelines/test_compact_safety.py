@@ -53,7 +53,7 @@ def put_ids(store: Store, items: list[str], live: list[bool] | None = None) -> s
 def put_generator(store: Store) -> str:
     run = f"generator/{run_id('train')}"
     store.write_json(f"{run}/model/config.json", {"x": 1})
-    Path(store.path(run, "model/generator.safetensors")).write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    store.fs.pipe_file(store.path(run, "model/generator.safetensors"), b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     return run
 
 
@@ -297,15 +297,21 @@ def trained_twice(store: Store) -> tuple[Manifest, Manifest]:
 
 
 def test_compact_keeps_a_version_a_running_job_reads_until_its_lease_goes(tmp_path, capsys):
-    from pipelines.leases import READERS, ReaderLease, missing_file
+    from pipelines.check import run_check
+    from pipelines.leases import READERS, missing_file, reader_lease
     from pipelines.reindex import run_compact
 
     store = Store(tmp_path / "s")
     v1, _ = trained_twice(store)
-    with ReaderLease(store, v1.version, "retrieve").held():
+    with reader_lease(store, v1.version, "retrieve").acquire():
         counts = run_compact(store, keep=1)
         assert counts["versions_read_by_jobs"] == [1] and missing_file(store, v1) is None
         assert "keeping version 1 too: a running job reads it (retrieve (retrieve-" in capsys.readouterr().err
+        report = run_check(store)  # says who reads it, and reads its files too
+        assert report["problems"] == [] and report["read_by_jobs"][0].startswith("version 1: retrieve (retrieve-")
+        Path(store.path(v1.generator, "model/config.json")).unlink()
+        assert any("(version 1, which a running job reads)" in p for p in run_check(store)["problems"])
+        assert "reading: version 1: retrieve" in capsys.readouterr().out
     assert store.listdir(READERS) == []
     counts = run_compact(store, keep=1)
     assert counts["versions_read_by_jobs"] == [] and counts["folders_removed"] == 2
@@ -313,27 +319,83 @@ def test_compact_keeps_a_version_a_running_job_reads_until_its_lease_goes(tmp_pa
 
 
 def test_a_lease_of_a_job_that_died_is_ignored_and_removed(tmp_path):
-    from pipelines.leases import READER_STALE_S, READERS, held_versions
+    """Judged by when the store last saw it written (its mtime), not by the job host's clock."""
+    from pipelines.leases import LEASE_STALE_S, READERS, held_versions
     from pipelines.reindex import run_compact
 
     store = Store(tmp_path / "s")
     v1, _ = trained_twice(store)
-    store.write_json(f"{READERS}/retrieve-dead.json", {"version": 1, "job": "retrieve",
-                                                       "renewed": time.time() - READER_STALE_S - 1})
-    store.write_json(f"{READERS}/retrieve-half.json", {"version": 1})  # killed mid-write: no renewal time
-    old = time.time() - READER_STALE_S - 1
-    os.utime(store.path(f"{READERS}/retrieve-half.json"), (old, old))
+    old = time.time() - LEASE_STALE_S - 1
+    store.write_json(f"{READERS}/retrieve-dead.json", {"version": 1, "job": "retrieve", "renewed": time.time()})
+    store.write_json(f"{READERS}/retrieve-half.json", {"version": 1})  # killed mid-write
+    store.write_json(f"{READERS}/retrieve-behind.json", {"version": 1, "job": "retrieve", "renewed": old})
+    for name in ("retrieve-dead.json", "retrieve-half.json"):
+        os.utime(store.path(f"{READERS}/{name}"), (old, old))
+    assert list(held_versions(store)) == [1]  # the live job whose clock runs behind keeps its version
+    store.remove(f"{READERS}/retrieve-behind.json")
     assert held_versions(store) == {}
     counts = run_compact(store, keep=1)
     assert counts["versions_read_by_jobs"] == [] and not store.exists(v1.generator)
     assert store.listdir(READERS) == []
 
 
-def test_a_reader_lease_is_renewed_while_the_job_runs(tmp_path):
-    from pipelines.leases import ReaderLease
+def test_compact_reads_the_reader_leases_only_under_its_own_lease(tmp_path, monkeypatch):
+    """The other half of the order that closes the race (pipelines/leases.py)."""
+    import pipelines.reindex as reindex
+    from pipelines.leases import compact_running
 
     store = Store(tmp_path / "s")
-    lease = ReaderLease(store, 3, "evaluate").acquire(renew_s=0.05)
+    trained_twice(store)
+    read = reindex.held_versions
+    seen = []
+
+    def reads_leases(s, remove_stale=False):
+        seen.append(compact_running(s))
+        return read(s, remove_stale)
+
+    monkeypatch.setattr(reindex, "held_versions", reads_leases)
+    reindex.run_compact(store, keep=1)
+    assert seen and all(lease is not None for lease in seen) and compact_running(store) is None
+
+
+def test_a_killed_compacts_lease_stops_holding_up_jobs_once_stale(tmp_path):
+    from pipelines.leases import COMPACT_LEASE, LEASE_STALE_S, compact_running, wait_for_compact
+
+    store = Store(tmp_path / "s")
+    store.write_json(COMPACT_LEASE, {"run": "compact-dead", "started": time.time()})
+    assert compact_running(store)
+    old = time.time() - LEASE_STALE_S - 1
+    os.utime(store.path(COMPACT_LEASE), (old, old))
+    t0 = time.monotonic()
+    wait_for_compact(store, "retrieve")
+    assert compact_running(store) is None and time.monotonic() - t0 < 1
+
+
+def test_a_removal_by_another_process_is_seen_through_the_s3_listing_cache(s3_server):
+    """s3fs answers `exists` from listings it cached: the check a job makes after taking its
+    lease must not, or it misses a compact's removals (and its actors fail later)."""
+    from pipelines.leases import held_versions, missing_file, reader_lease
+
+    url = f"s3://cart-test/leases-{uuid.uuid4().hex[:8]}"
+    job, compact = Store(url), Store(url)
+    compact.fs = type(compact.fs)(**{**compact.fs.storage_options, "skip_instance_cache": True})  # another process
+    v1, _ = trained_twice(job)
+    job.versions()
+    job.fs.find(job.path(v1.ids))  # the job's listings are cached
+    assert missing_file(job, v1) is None
+    compact.remove(compact.history_path(1))
+    compact.remove(v1.ids)
+    assert missing_file(job, v1) == job.history_path(1)
+    assert held_versions(compact) == {}
+    with reader_lease(job, 1, "retrieve").acquire():
+        assert list(held_versions(compact)) == [1]
+
+
+def test_a_reader_lease_is_renewed_while_the_job_runs(tmp_path):
+    from pipelines.leases import reader_lease
+
+    store = Store(tmp_path / "s")
+    lease = reader_lease(store, 3, "evaluate").acquire(renew_s=0.05)
     try:
         first = store.read_json(lease.path)["renewed"]
         time.sleep(0.3)
@@ -373,5 +435,54 @@ def test_a_job_pinning_a_version_as_a_compact_removes_it_waits_and_takes_the_new
         assert [store.read_json(f"{READERS}/{n}")["version"] for n in store.listdir(READERS)] == [2]
     compact.join()
     err = capsys.readouterr().err
-    assert "waiting for it to finish" in err and "version 1 lost" in err and "taking the newest servable" in err
+    assert "waiting for it to finish" in err and "needed by version 1, which retrieve reads, but removed as this job " \
+        "started: taking the newest servable version again" in err
     assert store.listdir(READERS) == []
+
+
+def test_a_retrieve_rerun_finishes_on_its_version_only_when_nothing_was_undone_or_deleted(tmp_path):
+    """`retrieve.version_of_saved_answers`: a newer version that only added resumes on the saved
+    one; a rollback, a delete or a compact since, or no saved part, starts over on the newest."""
+    from pipelines.retrieve import run_signature, version_of_saved_answers
+    from tests.pipelines.test_jobs import small_config
+
+    store = Store(tmp_path / "s")
+    features = put_features(store, ["a", "b"], seed=1)
+    ids = put_ids(store, ["a", "b"])
+    v1 = store.commit(Manifest(features=[features], dim=4, ids=ids, generator=put_generator(store),
+                               extra={"generator_ids": ids}), "trained")
+    cfg, queries = small_config(), pa.table({"query_id": ["q1", "q2"], "text": ["a dog", "a cat"]})
+    out = str(tmp_path / "results.parquet")
+    parts = Path(f"{out}.parts")
+    parts.mkdir()
+    (parts / "run.json").write_text(__import__("json").dumps(
+        run_signature(store, IndexVersion(store, v1), cfg, 10, queries), sort_keys=True))
+
+    def resumes_on() -> int | None:
+        version = version_of_saved_answers(store, out, cfg, 10, queries)
+        return None if version is None else version.version
+
+    assert resumes_on() is None  # the newest version: nothing to choose
+    added = store.commit(replace(v1, features=[features, put_features(store, ["c"], seed=2)]), "import c")
+    assert resumes_on() is None  # no answer saved yet
+    (parts / "part-000001-0000.parquet").write_bytes(b"")
+    assert resumes_on() == 1
+    store.commit(v1, "rollback to v1", base=added, reads={"*"})  # the same features, what came after undone
+    assert resumes_on() is None
+    store.commit(added, "import c again")
+    assert resumes_on() is None  # a rollback anywhere since
+    store = Store(tmp_path / "s2")
+    features = put_features(store, ["a", "b"], seed=1)
+    ids = put_ids(store, ["a", "b"])
+    v1 = store.commit(Manifest(features=[features], dim=4, ids=ids, generator=put_generator(store),
+                               extra={"generator_ids": ids}), "trained")
+    (parts / "run.json").write_text(__import__("json").dumps(
+        run_signature(store, IndexVersion(store, v1), cfg, 10, queries), sort_keys=True))
+    deleted = store.commit(replace(v1, extra={**v1.extra, "tombstones": [put_tombstones(store, [("b", features)])]}),
+                           "delete b")
+    assert resumes_on() is None  # its answers may hold b
+    again = store.commit(replace(deleted, features=[features, put_features(store, ["b"], seed=3)]), "b imported again")
+    assert resumes_on() is None
+    store.commit(replace(again, features=[put_features(store, ["a", "b"], seed=4)], extra=v1.extra), "compact")
+    assert IndexVersion.answering_for(store, v1, store.manifest()).withdrawn == frozenset()  # b's takedown is lost
+    assert resumes_on() is None  # so rewritten runs never resume
