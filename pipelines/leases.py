@@ -21,6 +21,7 @@ lease, or the job sees the compact's and checks the files only after it finished
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -36,6 +37,7 @@ COMPACT_LEASE = "jobs/compact-running.json"
 READERS = "jobs/readers"
 LEASE_RENEW_S = 60.0
 LEASE_STALE_S = 15 * 60.0  # a lease not written for this long belongs to a job that died
+RELEASE_WAIT_S = 10.0  # how long a release waits for a renewal in flight
 
 
 class Lease:
@@ -45,14 +47,27 @@ class Lease:
     def __init__(self, store: Store, path: str, job: str, data: dict):
         self.store, self.path, self.job, self.data = store, path, job, data
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # a renewal and the release never interleave
         self._thread: threading.Thread | None = None
 
-    def _write(self) -> None:
-        self.store.write_json(self.path, {**self.data, "job": self.job, "host": socket.gethostname(),
-                                          "pid": os.getpid(), "renewed": time.time()})
+    def _body(self) -> bytes:
+        return json.dumps({**self.data, "job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
+                           "renewed": time.time()}, indent=2, sort_keys=True).encode()
 
-    def acquire(self, renew_s: float = LEASE_RENEW_S) -> "Lease":
-        self._write()
+    def acquire(self, renew_s: float = LEASE_RENEW_S, exclusive: bool = False) -> "Lease":
+        """Writes the lease and starts renewing it. `exclusive`: only if no other holds it (an atomic
+        create; a stale one is removed first), else StoreError."""
+        if exclusive:
+            if not self.store._create_exclusive(self.store.path(self.path), self._body()):
+                holder = _fresh(self.store, self.path)
+                if holder is not None:
+                    raise StoreError(f"{self.store.uri(self.path)}: held by {self.job} run {holder.get('run', '?')} "
+                                     f"on {holder.get('host', '?')} (pid {holder.get('pid', '?')}); rerun when it "
+                                     f"has finished (the lease goes stale {LEASE_STALE_S / 60:.0f} min after it dies)")
+                self.store.remove(self.path)  # stale: its holder died
+                return self.acquire(renew_s, exclusive)
+        else:
+            self.store._write_bytes(self.store.path(self.path), self._body())
         self._thread = threading.Thread(target=self._renew, args=(renew_s,), name=f"cart-{self.job}-lease",
                                         daemon=True)
         self._thread.start()
@@ -60,15 +75,26 @@ class Lease:
 
     def _renew(self, renew_s: float) -> None:
         while not self._stop.wait(renew_s):
-            try:
-                self._write()
-            except Exception as exc:  # a store briefly unreachable: the next renewal tries again
-                log(self.job, f"could not renew {self.store.uri(self.path)}: {exc}")
+            with self._writing:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.store._write_bytes(self.store.path(self.path), self._body())
+                except Exception as exc:  # a store briefly unreachable: the next renewal tries again
+                    log(self.job, f"could not renew {self.store.uri(self.path)}: {exc}")
+                if self._stop.is_set():  # released while this write hung: it must not bring the lease back
+                    self._remove()
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)  # a renewal stuck on the store does not hold up the exit
+        got = self._writing.acquire(timeout=RELEASE_WAIT_S)  # a renewal stuck on the store does not hold up the exit
+        try:
+            self._remove()  # a renewal still in flight removes it again when its write lands
+        finally:
+            if got:
+                self._writing.release()
+
+    def _remove(self) -> None:
         try:
             self.store.remove(self.path)
         except Exception as exc:  # it goes stale and the next compact removes it
@@ -90,30 +116,44 @@ def compact_lease(store: Store, run: str) -> Lease:
     return Lease(store, COMPACT_LEASE, "compact", {"run": run, "started": time.time()})
 
 
-def _age_s(store: Store, path: str) -> float | None:
+def _store_now(store: Store, clock: str | None) -> float:
+    """Now, by the store's clock: when the checker just wrote `clock` (its own lease), that file's
+    time, so that a checking host whose clock runs ahead cannot take a live lease for stale."""
+    stamp = store.last_write(clock) if clock else None
+    return time.time() if stamp is None else stamp
+
+
+def _age_s(store: Store, path: str, clock: str | None = None) -> float | None:
     """Seconds since the lease was last written, by the store's clock (mtime, S3 LastModified;
     never from a listing cache); None when it is gone."""
     last = store.last_write(path)
-    return None if last is None else time.time() - last
+    return None if last is None else max(0.0, _store_now(store, clock) - last)
 
 
-def compact_running(store: Store) -> dict | None:
-    """The lease of a `cart compact` removing history and folders now, or None (none, or stale)."""
+def _fresh(store: Store, path: str, clock: str | None = None) -> dict | None:
+    """The lease at `path` when it was written within LEASE_STALE_S (an unreadable one, a writer
+    killed mid-write, counts as fresh until then: its holder may be alive), else None."""
     try:
-        lease = store.read_json(COMPACT_LEASE)
-    except (FileNotFoundError, ValueError):
-        lease = None
-    if not isinstance(lease, dict):
+        lease = store.read_json(path)
+    except FileNotFoundError:
         return None
-    age = _age_s(store, COMPACT_LEASE)
-    return lease if age is not None and age < LEASE_STALE_S else None
+    except ValueError:
+        lease = {}
+    age = _age_s(store, path, clock)
+    return (lease if isinstance(lease, dict) else {}) if age is not None and age < LEASE_STALE_S else None
 
 
-def wait_for_compact(store: Store, job: str, poll_s: float = 1.0) -> None:
+def compact_running(store: Store, clock: str | None = None) -> dict | None:
+    """The lease of a `cart compact` removing history and folders now, or None (none, or stale).
+    `clock`: a file the caller just wrote (pipelines/leases._store_now)."""
+    return _fresh(store, COMPACT_LEASE, clock)
+
+
+def wait_for_compact(store: Store, job: str, poll_s: float = 1.0, clock: str | None = None) -> None:
     """Until no `cart compact` holds its lease: what it removes is known only once it is done (a
     killed compact's lease goes stale within LEASE_STALE_S)."""
     said = False
-    while compact_running(store):
+    while compact_running(store, clock):
         if not said:
             log(job, "a `cart compact` is removing old versions: waiting for it to finish (its lease, "
                      f"{store.uri(COMPACT_LEASE)}, goes stale {LEASE_STALE_S / 60:.0f} min after a compact dies)")
@@ -138,26 +178,22 @@ def require_files(store: Store, manifest: Manifest, why: str) -> None:
         raise StoreError(f"{store.uri(path)}: {why}")
 
 
-def held_versions(store: Store, remove_stale: bool = False) -> dict[int, list[str]]:
+def held_versions(store: Store, remove_stale: bool = False, clock: str | None = None) -> dict[int, list[str]]:
     """version -> the jobs whose fresh reader leases hold it. With `remove_stale`, leases not
-    written for LEASE_STALE_S (unreadable ones included) are removed."""
+    written for LEASE_STALE_S (unreadable ones included) are removed. `clock`: a file the caller
+    just wrote (its own lease), whose time is now by the store's clock."""
     held: dict[int, list[str]] = {}
     store._invalidate(store.path(READERS))
     for name in store.listdir(READERS):
         path = f"{READERS}/{name}"
-        try:
-            lease = store.read_json(path)
-            version = int(lease["version"])
-        except FileNotFoundError:  # released meanwhile
-            continue
-        except (ValueError, TypeError, KeyError, AttributeError):  # written half by a job killed mid-write?
-            lease, version = None, None
-        age = _age_s(store, path)
-        if age is None:
-            continue
-        if version is None or age >= LEASE_STALE_S:
-            if remove_stale and age >= LEASE_STALE_S:
+        lease = _fresh(store, path, clock)
+        if lease is None:
+            if remove_stale and store.last_write(path) is not None:
                 store.remove(path)
+            continue
+        try:
+            version = int(lease["version"])
+        except (KeyError, TypeError, ValueError):  # written half by a job killed mid-write: stale in time
             continue
         held.setdefault(version, []).append(f"{lease.get('job', '?')} ({name.removesuffix('.json')}, "
                                             f"host {lease.get('host', '?')}, pid {lease.get('pid', '?')})")
@@ -169,12 +205,20 @@ def hold(store: Store, manifest: Manifest, job: str) -> Lease:
     docstring). Raises StoreError, with the lease released, when a file of it is gone."""
     lease = reader_lease(store, manifest.version, job).acquire()
     try:
-        wait_for_compact(store, job)  # one that chose what to keep before this lease existed
+        wait_for_compact(store, job, clock=lease.path)  # one that chose what to keep before this lease existed
         require_files(store, manifest, f"needed by version {manifest.version}, which {job} reads, but removed")
     except BaseException:
         lease.release()
         raise
     return lease
+
+
+def _preferred(prefer: Callable[[], IndexVersion | None], job: str) -> IndexVersion | None:
+    try:
+        return prefer()
+    except (StoreError, OSError) as exc:  # e.g. removed by a compact as it was read: the newest serves
+        log(job, f"the version to resume on cannot be read ({exc}): taking the newest servable one")
+        return None
 
 
 @contextmanager
@@ -186,7 +230,7 @@ def newest_servable_held(store: Store, job: str, prefer: Callable[[], IndexVersi
     lease = None
     try:
         for attempt in range(tries):
-            version = (prefer() if attempt == 0 else None) or IndexVersion.newest_servable(store)
+            version = (_preferred(prefer, job) if attempt == 0 else None) or IndexVersion.newest_servable(store)
             try:
                 lease = hold(store, version.manifest, job)
                 break

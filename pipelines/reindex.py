@@ -45,8 +45,8 @@ from cart_core.index_version import (IndexVersion, deleted_since, is_servable, p
                                      save_ids)
 from cart_core.store import CommitConflict, Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
-from pipelines.leases import (COMPACT_LEASE, compact_lease, compact_running, held_versions, require_files,
-                             wait_for_compact)
+from pipelines.leases import (COMPACT_LEASE, LEASE_STALE_S, compact_lease, compact_running, held_versions,
+                             require_files, wait_for_compact)
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import added_features, fitted_items, has_verifier
@@ -701,7 +701,8 @@ def run_rollback(store: Store, version: int) -> dict:
     lease = compact_running(store)
     if lease:
         raise StoreError(f"{store.url}: a `cart compact` is removing old versions (run {lease.get('run')}): rerun "
-                         f"the rollback when it has finished (remove {store.uri(COMPACT_LEASE)} if none runs)")
+                         f"the rollback when it has finished (its lease, {store.uri(COMPACT_LEASE)}, goes stale "
+                         f"{LEASE_STALE_S / 60:.0f} min after a compact dies)")
     current = store.manifest()
     old = store.version(version)
     require_files(store, old, f"needed by version {version} but compacted away")
@@ -762,6 +763,11 @@ def run_compact(store: Store, keep: int) -> dict:
     since (a rollback naming an older version's folders) is looked for, and what it names kept."""
     if keep < 1:
         raise BadInput(f"--keep must be at least 1 (the newest version is always kept), got {keep}")
+    running = compact_running(store)
+    if running:  # its removals and this one's rewrites would race; its lease is taken again below, atomically
+        raise StoreError(f"{store.url}: another `cart compact` (run {running.get('run', '?')}) is running; rerun "
+                         f"when it has finished (its lease, {store.uri(COMPACT_LEASE)}, goes stale "
+                         f"{LEASE_STALE_S / 60:.0f} min after a compact dies)")
     version = IndexVersion.current(store)
     manifest = version.manifest
     counts = {"rows_dropped": 0, "folders_removed": 0}
@@ -797,7 +803,7 @@ def run_compact(store: Store, keep: int) -> dict:
                                 f"compact {run}: identifier deltas folded into one table", base=manifest, reads={"*"})
     # a rollback refuses to start while the lease stands; one that committed since, and a job
     # pinning a version, wait for it
-    with compact_lease(store, JobSummary("compact", store.url).run).acquire():
+    with compact_lease(store, JobSummary("compact", store.url).run).acquire(exclusive=True):  # one at a time
         _remove_unkept(store, keep, pending_train, counts)
     log("compact", json.dumps(counts))
     return counts
@@ -817,7 +823,7 @@ def _remove_unkept(store: Store, keep: int, pending_train: str | None, counts: d
     if servable is not None and servable.version not in {m.version for m in kept}:
         kept = [servable, *kept]
         log("compact", f"keeping version {servable.version} too: it is the newest servable one")
-    held = held_versions(store, remove_stale=True)  # read after this compact's lease was written
+    held = held_versions(store, remove_stale=True, clock=COMPACT_LEASE)  # read after this compact's lease was written
     for m in versions:
         if m.version in held and m.version not in {k.version for k in kept}:
             kept = [m, *kept]

@@ -261,7 +261,7 @@ def held_out(store: Store, cfg: CartConfig, pairs: pa.Table, started: int, base_
         return holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed)
     try:
         first, _ = training_pairs(store, cfg, version=IndexVersion(store, store.version(started)))
-    except StoreError as exc:  # its history compacted away
+    except (StoreError, OSError) as exc:  # its history compacted away (or its files, as they were read)
         log("train", f"the pairs of version {started}, where this run started, cannot be read ({exc}); the fusion "
                      "slice is drawn afresh and may hold pairs the generator learned before the resume")
         return holdout_mask(len(pairs), cfg.verify.holdout, cfg.train.seed)

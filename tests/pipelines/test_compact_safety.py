@@ -327,7 +327,7 @@ def test_a_lease_of_a_job_that_died_is_ignored_and_removed(tmp_path):
     v1, _ = trained_twice(store)
     old = time.time() - LEASE_STALE_S - 1
     store.write_json(f"{READERS}/retrieve-dead.json", {"version": 1, "job": "retrieve", "renewed": time.time()})
-    store.write_json(f"{READERS}/retrieve-half.json", {"version": 1})  # killed mid-write
+    Path(store.path(f"{READERS}/retrieve-half.json")).write_bytes(b'{"version": ')  # killed mid-write
     store.write_json(f"{READERS}/retrieve-behind.json", {"version": 1, "job": "retrieve", "renewed": old})
     for name in ("retrieve-dead.json", "retrieve-half.json"):
         os.utime(store.path(f"{READERS}/{name}"), (old, old))
@@ -349,13 +349,14 @@ def test_compact_reads_the_reader_leases_only_under_its_own_lease(tmp_path, monk
     read = reindex.held_versions
     seen = []
 
-    def reads_leases(s, remove_stale=False):
-        seen.append(compact_running(s))
-        return read(s, remove_stale)
+    def reads_leases(s, remove_stale=False, clock=None):
+        seen.append((compact_running(s), clock))
+        return read(s, remove_stale, clock)
 
     monkeypatch.setattr(reindex, "held_versions", reads_leases)
     reindex.run_compact(store, keep=1)
-    assert seen and all(lease is not None for lease in seen) and compact_running(store) is None
+    assert seen and all(lease is not None and clock == reindex.COMPACT_LEASE for lease, clock in seen)
+    assert compact_running(store) is None
 
 
 def test_a_killed_compacts_lease_stops_holding_up_jobs_once_stale(tmp_path):
@@ -372,8 +373,9 @@ def test_a_killed_compacts_lease_stops_holding_up_jobs_once_stale(tmp_path):
 
 
 def test_a_removal_by_another_process_is_seen_through_the_s3_listing_cache(s3_server):
-    """s3fs answers `exists` from listings it cached: the check a job makes after taking its
-    lease must not, or it misses a compact's removals (and its actors fail later)."""
+    """s3fs answers `exists` and listings from what it cached: the check a job makes after taking
+    its lease, and the compact's reading of the leases, must not, or they miss what another
+    process did (and the job's actors fail later)."""
     from pipelines.leases import held_versions, missing_file, reader_lease
 
     url = f"s3://cart-test/leases-{uuid.uuid4().hex[:8]}"
@@ -383,12 +385,14 @@ def test_a_removal_by_another_process_is_seen_through_the_s3_listing_cache(s3_se
     job.versions()
     job.fs.find(job.path(v1.ids))  # the job's listings are cached
     assert missing_file(job, v1) is None
+    compact.remove(v1.ids)  # a folder alone (the history file stays)
+    assert missing_file(job, v1) == v1.ids
     compact.remove(compact.history_path(1))
-    compact.remove(v1.ids)
     assert missing_file(job, v1) == job.history_path(1)
-    assert held_versions(compact) == {}
     with reader_lease(job, 1, "retrieve").acquire():
-        assert list(held_versions(compact)) == [1]
+        assert list(held_versions(compact)) == [1]  # the compact's listing of jobs/readers/ is now cached
+        with reader_lease(job, 2, "evaluate").acquire():
+            assert sorted(held_versions(compact)) == [1, 2]
 
 
 def test_a_reader_lease_is_renewed_while_the_job_runs(tmp_path):
@@ -486,3 +490,59 @@ def test_a_retrieve_rerun_finishes_on_its_version_only_when_nothing_was_undone_o
     store.commit(replace(again, features=[put_features(store, ["a", "b"], seed=4)], extra=v1.extra), "compact")
     assert IndexVersion.answering_for(store, v1, store.manifest()).withdrawn == frozenset()  # b's takedown is lost
     assert resumes_on() is None  # so rewritten runs never resume
+
+
+def test_a_lease_released_while_a_renewal_hangs_does_not_come_back(tmp_path, monkeypatch):
+    import threading
+
+    from pipelines.leases import reader_lease
+
+    store = Store(tmp_path / "s")
+    lease = reader_lease(store, 1, "retrieve").acquire(renew_s=0.05)
+    write, hung = store._write_bytes, threading.Event()
+
+    def slow_write(path, data):  # the store answers the next renewal only after the release gave up on it
+        hung.set()
+        time.sleep(0.5)
+        write(path, data)
+
+    monkeypatch.setattr(store, "_write_bytes", slow_write)
+    hung.wait(5)
+    monkeypatch.setattr("pipelines.leases.RELEASE_WAIT_S", 0.05)  # the release stops waiting for it
+    lease.release()
+    assert not store.exists(lease.path)
+    time.sleep(1.0)  # the hung renewal lands, sees the release and removes its write
+    assert not store.exists(lease.path)
+
+
+def test_one_compact_at_a_time(tmp_path):
+    from pipelines.leases import COMPACT_LEASE, LEASE_STALE_S, compact_lease
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    trained_twice(store)
+    with compact_lease(store, "compact-first").acquire(exclusive=True):
+        with pytest.raises(StoreError, match="another `cart compact` \\(run compact-first\\) is running"):
+            run_compact(store, keep=1)
+        with pytest.raises(StoreError, match="held by compact run compact-first"):
+            compact_lease(store, "compact-second").acquire(exclusive=True)
+    old = time.time() - LEASE_STALE_S - 1  # a killed compact's lease: taken over
+    store.write_json(COMPACT_LEASE, {"run": "compact-dead"})
+    os.utime(store.path(COMPACT_LEASE), (old, old))
+    assert run_compact(store, keep=1)["folders_removed"] == 2 and not store.exists(COMPACT_LEASE)
+
+
+def test_a_checking_host_whose_clock_runs_ahead_keeps_a_live_lease(tmp_path):
+    """Ages are differences of the store's own times: the compact compares a lease's time with its
+    own lease's, not with its host's clock."""
+    from pipelines.leases import COMPACT_LEASE, READERS, held_versions
+
+    store = Store(tmp_path / "s")
+    store.write_json(f"{READERS}/retrieve-live.json", {"version": 1, "job": "retrieve"})
+    store.write_json(COMPACT_LEASE, {"run": "compact-x"})
+    behind = time.time() - 20 * 60  # the store stamps both 20 min behind this host's clock
+    for path in (f"{READERS}/retrieve-live.json", COMPACT_LEASE):
+        os.utime(store.path(path), (behind, behind))
+    assert held_versions(store) == {}  # by this host's clock it looks dead
+    assert list(held_versions(store, remove_stale=True, clock=COMPACT_LEASE)) == [1]
+    assert store.exists(f"{READERS}/retrieve-live.json")
