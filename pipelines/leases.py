@@ -11,8 +11,9 @@ and judged stale when not written for LEASE_STALE_S (a job killed outright: SIGK
   driver chose it. `cart compact` keeps every version a fresh reader lease names, with all its
   files, and removes stale leases.
 
-Freshness is judged by the store's clock (the file's mtime, S3 LastModified), so a job host whose
-clock runs behind cannot have its lease taken for stale.
+Freshness is judged by the store's clock (the file's mtime, S3 LastModified): a lease's age is
+its time subtracted from that of a file the checker just wrote itself (its own lease), so neither
+the job host's clock nor the checker's decides.
 
 The order that makes a version safe to read (`hold`): the job writes its lease, waits for a
 compact holding its lease, then checks the version's files, bypassing any listing cache. A
