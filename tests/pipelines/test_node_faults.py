@@ -12,6 +12,7 @@ byte-for-byte the same. Every process the test starts is stopped by PID.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -185,6 +186,15 @@ def kill_when(node_of: callable, proc: subprocess.Popen, timeout: float = 300) -
     raise AssertionError(f"the job ended (exit {proc.poll()}) before a node could be killed mid-run")
 
 
+RAY_LOG_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|pid=|autoscaler|gcs_server|monitor)")
+
+
+def own_lines(out: str) -> list[str]:
+    """The job's output without the log lines Ray forwards to the driver whenever they arrive (a
+    killed node's raylet can report after the job's last line)."""
+    return [line for line in out.strip().splitlines() if not RAY_LOG_LINE.match(line)]
+
+
 def run_and_kill(cluster: dict, store_url: str, verb: str, pick, *args: str, rerun: tuple[str, ...] = ()) -> dict:
     before = committed(store_url)
     proc = cart(cluster, verb, "--store", store_url, *args)
@@ -194,7 +204,7 @@ def run_and_kill(cluster: dict, store_url: str, verb: str, pick, *args: str, rer
     result = {"killed": killed, "killed_at_s": at, "exit": code, "output": out, "reran": False,
               "finished_s": time.time() - t0}
     if code != 0:  # a clear one-line message, then a rerun finishes
-        last = out.strip().splitlines()[-1]
+        last = own_lines(out)[-1]
         assert last.startswith(f"cart {verb}: failed: "), last
         code, out = finish(cart(cluster, verb, "--store", store_url, *args, *rerun))
         result.update(exit=code, output=out, reran=True, finished_s=time.time() - t0)
