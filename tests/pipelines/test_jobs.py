@@ -254,6 +254,41 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
     assert gone not in pq.read_table(tmp_path / "deleted.parquet").column("item_id").to_pylist()
 
 
+def test_train_holds_its_base_version_taken_in_the_safe_order(tmp_path, quantized):
+    """`cart train` fits its verifier on the base version's files hours later: it holds a reader
+    lease on it, written before it waits for a compact running and before anything of its own
+    (pipelines/leases.hold), and released when it commits."""
+    import threading
+    import time
+
+    from pipelines.leases import COMPACT_LEASE, READERS, held_versions
+    from pipelines.train import PENDING, run_train
+
+    store = copy_of(quantized, tmp_path)
+    base = store.manifest()
+    store.write_json(COMPACT_LEASE, {"run": "compact-x"})
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["summary"] = run_train(Store(store.url), small_config("train.epochs=1"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    job = threading.Thread(target=train)
+    job.start()
+    deadline = time.time() + 120
+    while not store.listdir(READERS) and job.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(held_versions(store)) == [base.version]
+    time.sleep(2.0)  # waiting for the compact: nothing of the training written yet
+    assert not store.exists(PENDING) and job.is_alive()
+    store.remove(COMPACT_LEASE)
+    job.join()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"]["version"] == base.version + 1 and store.listdir(READERS) == []
+
+
 def test_train_resumes_after_a_crash(tmp_path, quantized, monkeypatch):
     from pipelines.train import PENDING, run_train
 
