@@ -124,24 +124,27 @@ def _store_now(store: Store, clock: str | None) -> float:
     return time.time() if stamp is None else stamp
 
 
-def _age_s(store: Store, path: str, clock: str | None = None) -> float | None:
-    """Seconds since the lease was last written, by the store's clock (mtime, S3 LastModified;
-    never from a listing cache); None when it is gone."""
-    last = store.last_write(path)
-    return None if last is None else max(0.0, _store_now(store, clock) - last)
-
-
-def _fresh(store: Store, path: str, clock: str | None = None) -> dict | None:
-    """The lease at `path` when it was written within LEASE_STALE_S (an unreadable one, a writer
-    killed mid-write, counts as fresh until then: its holder may be alive), else None."""
+def _lease_at(store: Store, path: str, now: float) -> tuple[dict | None, float | None]:
+    """The lease at `path` ({} when unreadable: a writer killed mid-write) and its age in seconds
+    by the store's clock (mtime, S3 LastModified; never from a listing cache) against `now`
+    (_store_now); (None, None) when it is gone."""
     try:
         lease = store.read_json(path)
     except FileNotFoundError:
-        return None
+        return None, None
     except ValueError:
         lease = {}
-    age = _age_s(store, path, clock)
-    return (lease if isinstance(lease, dict) else {}) if age is not None and age < LEASE_STALE_S else None
+    last = store.last_write(path)
+    if last is None:
+        return None, None
+    return (lease if isinstance(lease, dict) else {}), max(0.0, now - last)
+
+
+def _fresh(store: Store, path: str, clock: str | None = None) -> dict | None:
+    """The lease at `path` when it was written within LEASE_STALE_S (an unreadable one counts as
+    fresh until then: its holder may be alive), else None."""
+    lease, age = _lease_at(store, path, _store_now(store, clock))
+    return lease if age is not None and age < LEASE_STALE_S else None
 
 
 def compact_running(store: Store, clock: str | None = None) -> dict | None:
@@ -184,12 +187,15 @@ def held_versions(store: Store, remove_stale: bool = False, clock: str | None = 
     written for LEASE_STALE_S (unreadable ones included) are removed. `clock`: a file the caller
     just wrote (its own lease), whose time is now by the store's clock."""
     held: dict[int, list[str]] = {}
+    now = _store_now(store, clock)  # once: every lease is aged against the same moment
     store._invalidate(store.path(READERS))
     for name in store.listdir(READERS):
         path = f"{READERS}/{name}"
-        lease = _fresh(store, path, clock)
-        if lease is None:
-            if remove_stale and store.last_write(path) is not None:
+        lease, age = _lease_at(store, path, now)
+        if age is None:  # released meanwhile
+            continue
+        if age >= LEASE_STALE_S:
+            if remove_stale:
                 store.remove(path)
             continue
         try:
