@@ -36,7 +36,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests/cart_core tests/cluster tests/pipelines/test_queries.py
 
 # whole Ray clusters started with `ray start`: node-kill faults, the chain through `ray job submit`;
-# the README's commands, the wheel install, the pipeline-speed benchmark's end-to-end tiny run
+# the README's commands, the wheel install, the pipeline-speed benchmark's end-to-end tiny run; the
+# whole chains again from media files and on S3, and the demo on generated data
 test-slow: install
 	$(PY) -m pytest -q -m slow --durations=10 tests
 

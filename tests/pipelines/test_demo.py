@@ -47,6 +47,7 @@ def test_demo_writes_table_metrics_and_plot(corpus_dir, tmp_path):
     assert "hybrid (generate + verify)" in result.stdout and run["fusion"]["held_out_queries"] > 0
 
 
+@pytest.mark.slow  # a whole demo in its own process (~25 s): `make test-slow`
 def test_demo_without_shared_data_says_so(tmp_path):
     result = run_cart("demo", "--out", str(tmp_path), *FAST, "--set", "train.epochs=1",
                       env={"CART_SHARED_DATA": str(tmp_path / "nowhere")})

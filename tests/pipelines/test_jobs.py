@@ -321,6 +321,7 @@ def test_train_restarts_itself_from_the_last_checkpoint(tmp_path, quantized, mon
     assert store.manifest().generator == f"generator/{summary['run']}"
 
 
+@pytest.mark.slow  # the whole chain again, on S3 (~35 s; S3 commits stay in `make test`): `make test-slow`
 def test_s3_chain(s3_server, tmp_path, corpus_dir, ray_local):
     """The same code path against an S3 endpoint: inputs, store and results all in the bucket."""
     import fsspec

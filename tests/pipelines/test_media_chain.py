@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from cart_core.config import load_config
 from cart_core.store import Store
@@ -11,6 +12,7 @@ from pipelines.data_paths import REPO_ROOT
 from tests.pipelines import media_fixtures as mf
 
 
+@pytest.mark.slow  # the whole chain from media files (~45 s; each stage has its own tests): `make test-slow`
 def test_media_folder_to_answers(tmp_path, ray_local):
     from pipelines.caption import run_caption
     from pipelines.extract import run_extract
