@@ -13,7 +13,10 @@ and judged stale when not written for LEASE_STALE_S (a job killed outright: SIGK
 
 Freshness is judged by the store's clock (the file's mtime, S3 LastModified): a lease's age is
 its time subtracted from that of a file the checker just wrote itself (its own lease), so neither
-the job host's clock nor the checker's decides.
+the job host's clock nor the checker's decides. A lease whose holder ran on the checker's own
+machine (same boot, same PID namespace) is judged at once instead: stale when that process is gone
+(`holder_is_gone`), so a compact killed with SIGKILL or by the OOM killer holds up the next
+compact, rollback or job on its host for no time, and elsewhere for LEASE_STALE_S.
 
 The order that makes a version safe to read (`hold`): the job writes its lease, waits for a
 compact holding its lease, then checks the version's files, bypassing any listing cache. A
@@ -39,6 +42,53 @@ READERS = "jobs/readers"
 LEASE_RENEW_S = 60.0
 LEASE_STALE_S = 15 * 60.0  # a lease not written for this long belongs to a job that died
 RELEASE_WAIT_S = 10.0  # how long a release waits for a renewal in flight
+# what the messages say about a lease whose holder died
+GOES_STALE = f"goes stale {LEASE_STALE_S / 60:.0f} min after its holder dies, at once on the holder's machine"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the PID,
+    it names one process, where a PID alone may be reused. None off Linux or when it is gone."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat or ")" not in stat:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def process_identity() -> dict:
+    """What says, on another process of the same machine, whether the holder still runs: the boot
+    (a host name may be shared: containers on the host network), the PID namespace and the
+    process's start. Empty off Linux: such a lease is judged by its age only."""
+    boot, space, start = _read("/proc/sys/kernel/random/boot_id"), _pid_namespace(), _start_ticks(os.getpid())
+    return {} if None in (boot, space, start) else {"boot_id": boot, "pid_namespace": space, "pid_start": start}
+
+
+def holder_is_gone(lease: dict) -> bool:
+    """True only when the lease was written on this machine's boot and PID namespace and its process
+    no longer runs (its PID is free, or taken by a process that started later). Anything this
+    process cannot see (another machine or container, a lease without the identity) is False:
+    then only its age decides."""
+    pid, mine = lease.get("pid"), process_identity()
+    if not mine or not isinstance(pid, int) or lease.get("boot_id") != mine["boot_id"] \
+            or lease.get("pid_namespace") != mine["pid_namespace"] or lease.get("pid_start") is None:
+        return False
+    return _start_ticks(pid) != lease["pid_start"]
 
 
 class Lease:
@@ -47,13 +97,14 @@ class Lease:
 
     def __init__(self, store: Store, path: str, job: str, data: dict):
         self.store, self.path, self.job, self.data = store, path, job, data
+        self.identity = process_identity()
         self._stop = threading.Event()
         self._writing = threading.Lock()  # a renewal and the release never interleave
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        return json.dumps({**self.data, "job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
-                           "renewed": time.time()}, indent=2, sort_keys=True).encode()
+        return json.dumps({**self.data, **self.identity, "job": self.job, "host": socket.gethostname(),
+                           "pid": os.getpid(), "renewed": time.time()}, indent=2, sort_keys=True).encode()
 
     def acquire(self, renew_s: float = LEASE_RENEW_S, exclusive: bool = False) -> "Lease":
         """Writes the lease and starts renewing it. `exclusive`: only if no other holds it (an atomic
@@ -64,7 +115,7 @@ class Lease:
                 if holder is not None:
                     raise StoreError(f"{self.store.uri(self.path)}: held by {self.job} run {holder.get('run', '?')} "
                                      f"on {holder.get('host', '?')} (pid {holder.get('pid', '?')}); rerun when it "
-                                     f"has finished (the lease goes stale {LEASE_STALE_S / 60:.0f} min after it dies)")
+                                     f"has finished (the lease {GOES_STALE})")
                 self.store.remove(self.path)  # stale: its holder died
                 return self.acquire(renew_s, exclusive)
         else:
@@ -140,11 +191,16 @@ def _lease_at(store: Store, path: str, now: float) -> tuple[dict | None, float |
     return (lease if isinstance(lease, dict) else {}), max(0.0, now - last)
 
 
+def _stale(lease: dict, age: float) -> bool:
+    """Not written for LEASE_STALE_S, or its holder ran on this machine and is gone."""
+    return age >= LEASE_STALE_S or holder_is_gone(lease)
+
+
 def _fresh(store: Store, path: str, clock: str | None = None) -> dict | None:
-    """The lease at `path` when it was written within LEASE_STALE_S (an unreadable one counts as
-    fresh until then: its holder may be alive), else None."""
+    """The lease at `path` when it was written within LEASE_STALE_S by a holder that may still run
+    (an unreadable one counts as fresh until then: its holder may be alive), else None."""
     lease, age = _lease_at(store, path, _store_now(store, clock))
-    return lease if age is not None and age < LEASE_STALE_S else None
+    return lease if age is not None and not _stale(lease, age) else None
 
 
 def compact_running(store: Store, clock: str | None = None) -> dict | None:
@@ -155,12 +211,12 @@ def compact_running(store: Store, clock: str | None = None) -> dict | None:
 
 def wait_for_compact(store: Store, job: str, poll_s: float = 1.0, clock: str | None = None) -> None:
     """Until no `cart compact` holds its lease: what it removes is known only once it is done (a
-    killed compact's lease goes stale within LEASE_STALE_S)."""
+    killed compact's lease goes stale within LEASE_STALE_S; at once on its own machine)."""
     said = False
     while compact_running(store, clock):
         if not said:
             log(job, "a `cart compact` is removing old versions: waiting for it to finish (its lease, "
-                     f"{store.uri(COMPACT_LEASE)}, goes stale {LEASE_STALE_S / 60:.0f} min after a compact dies)")
+                     f"{store.uri(COMPACT_LEASE)}, {GOES_STALE})")
             said = True
         time.sleep(poll_s)
 
@@ -194,7 +250,7 @@ def held_versions(store: Store, remove_stale: bool = False, clock: str | None = 
         lease, age = _lease_at(store, path, now)
         if age is None:  # released meanwhile
             continue
-        if age >= LEASE_STALE_S:
+        if _stale(lease, age):
             if remove_stale:
                 store.remove(path)
             continue

@@ -45,7 +45,7 @@ from cart_core.index_version import (IndexVersion, deleted_since, is_servable, p
                                      save_ids)
 from cart_core.store import CommitConflict, Manifest, Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy
-from pipelines.leases import (COMPACT_LEASE, LEASE_STALE_S, compact_lease, compact_running, held_versions,
+from pipelines.leases import (COMPACT_LEASE, GOES_STALE, compact_lease, compact_running, held_versions,
                              require_files, wait_for_compact)
 from pipelines.parts import write_parts
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
@@ -701,8 +701,8 @@ def run_rollback(store: Store, version: int) -> dict:
     lease = compact_running(store)
     if lease:
         raise StoreError(f"{store.url}: a `cart compact` is removing old versions (run {lease.get('run')}): rerun "
-                         f"the rollback when it has finished (its lease, {store.uri(COMPACT_LEASE)}, goes stale "
-                         f"{LEASE_STALE_S / 60:.0f} min after a compact dies)")
+                         f"the rollback when it has finished (its lease, {store.uri(COMPACT_LEASE)}, "
+                         f"{GOES_STALE})")
     current = store.manifest()
     old = store.version(version)
     require_files(store, old, f"needed by version {version} but compacted away")
@@ -766,8 +766,8 @@ def run_compact(store: Store, keep: int) -> dict:
     running = compact_running(store)
     if running:  # its removals and this one's rewrites would race; its lease is taken again below, atomically
         raise StoreError(f"{store.url}: another `cart compact` (run {running.get('run', '?')}) is running; rerun "
-                         f"when it has finished (its lease, {store.uri(COMPACT_LEASE)}, goes stale "
-                         f"{LEASE_STALE_S / 60:.0f} min after a compact dies)")
+                         f"when it has finished (its lease, {store.uri(COMPACT_LEASE)}, "
+                         f"{GOES_STALE})")
     version = IndexVersion.current(store)
     manifest = version.manifest
     counts = {"rows_dropped": 0, "folders_removed": 0}

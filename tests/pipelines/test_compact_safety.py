@@ -546,3 +546,76 @@ def test_a_checking_host_whose_clock_runs_ahead_keeps_a_live_lease(tmp_path):
     assert held_versions(store) == {}  # by this host's clock it looks dead
     assert list(held_versions(store, remove_stale=True, clock=COMPACT_LEASE)) == [1]
     assert store.exists(f"{READERS}/retrieve-live.json")
+
+
+HOLD_A_LEASE = """
+import sys, time
+from cart_core.store import Store
+from pipelines.leases import compact_lease, reader_lease
+store = Store(sys.argv[1])
+lease = compact_lease(store, "compact-killed") if sys.argv[2] == "compact" else reader_lease(store, 1, "retrieve")
+lease.acquire(exclusive=sys.argv[2] == "compact")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def holding(store: Store, kind: str):
+    """A real process holding a lease on this machine, started and waited for."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_A_LEASE, store.url, kind], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_lease_whose_holder_was_killed_on_this_machine_is_stale_at_once(tmp_path):
+    """SIGKILL (or the OOM killer) leaves the lease behind, unreleased: on the holder's own machine the
+    next compact, rollback or job sees the process gone and does not wait out LEASE_STALE_S."""
+    from pipelines.leases import COMPACT_LEASE, READERS, compact_running, held_versions, wait_for_compact
+    from pipelines.reindex import run_compact
+
+    store = Store(tmp_path / "s")
+    trained_twice(store)
+    compact, reader = holding(store, "compact"), holding(store, "reader")
+    try:
+        assert compact_running(store)["run"] == "compact-killed" and list(held_versions(store)) == [1]
+        with pytest.raises(StoreError, match="another `cart compact` \\(run compact-killed\\) is running"):
+            run_compact(store, keep=1)
+    finally:
+        for proc in (compact, reader):
+            proc.kill()
+            proc.wait()
+    assert store.exists(COMPACT_LEASE) and len(store.listdir(READERS)) == 1  # left behind, freshly written
+    t0 = time.monotonic()
+    wait_for_compact(store, "retrieve")
+    assert compact_running(store) is None and time.monotonic() - t0 < 1
+    counts = run_compact(store, keep=1)  # takes the compact lease over; the dead reader keeps nothing
+    assert counts["versions_read_by_jobs"] == [] and counts["folders_removed"] == 2
+    assert store.listdir(READERS) == [] and not store.exists(COMPACT_LEASE)
+
+
+def test_only_a_holder_this_machine_can_see_is_judged_gone(tmp_path):
+    """Another machine's lease, another container's (a host name may be shared, a PID namespace is
+    not) or a lease written before the identity was kept is judged by its age alone; a PID reused by
+    a later process does not keep a dead holder's lease alive."""
+    from pipelines.leases import READERS, held_versions, holder_is_gone, process_identity
+
+    mine = process_identity()
+    if not mine:
+        pytest.skip("no /proc: leases are judged by their age alone here")
+    me = {**mine, "pid": os.getpid()}
+    assert not holder_is_gone(me)
+    dead = {**me, "pid_start": "1"}  # this PID, reused by this process after the holder died
+    assert holder_is_gone(dead)
+    for unseen in ({**dead, "boot_id": "another-boot"}, {**dead, "pid_namespace": "pid:[1]"},
+                   {"pid": 999999999, "host": "elsewhere"}, {k: v for k, v in dead.items() if k != "boot_id"}):
+        assert not holder_is_gone(unseen)
+    store = Store(tmp_path / "s")
+    for name, lease in (("gone", dead), ("elsewhere", {**dead, "boot_id": "another-boot"})):
+        store.write_json(f"{READERS}/retrieve-{name}.json", {**lease, "version": 1, "job": "retrieve"})
+    held = held_versions(store, remove_stale=True)
+    assert list(held) == [1] and len(held[1]) == 1 and "retrieve-elsewhere" in held[1][0]
+    assert store.listdir(READERS) == ["retrieve-elsewhere.json"]
