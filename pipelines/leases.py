@@ -30,6 +30,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -42,6 +43,7 @@ READERS = "jobs/readers"
 LEASE_RENEW_S = 60.0
 LEASE_STALE_S = 15 * 60.0  # a lease not written for this long belongs to a job that died
 RELEASE_WAIT_S = 10.0  # how long a release waits for a renewal in flight
+TAKEOVER_SETTLE_S = 2.0  # after taking a dead holder's exclusive lease over: how long before reading it back
 # what the messages say about a lease whose holder died
 GOES_STALE = f"goes stale {LEASE_STALE_S / 60:.0f} min after its holder dies, at once on the holder's machine"
 
@@ -71,22 +73,40 @@ def _pid_namespace() -> str | None:
         return None
 
 
+def _time_namespace() -> str:
+    """Start times in /proc are shifted by the reader's time namespace (Linux >= 5.6); "" on a
+    kernel without them, where every process shares one clock."""
+    try:
+        return os.readlink("/proc/self/ns/time")
+    except OSError:
+        return ""
+
+
 def process_identity() -> dict:
-    """What says, on another process of the same machine, whether the holder still runs: the boot
-    (a host name may be shared: containers on the host network), the PID namespace and the
-    process's start. Empty off Linux: such a lease is judged by its age only."""
+    """What says, on another process of the same machine, whether the holder still runs: the host
+    and the boot (machines cloned from one snapshot share a boot id, containers on the host network
+    a host name), the PID and time namespaces and the process's start. Empty where /proc is not
+    this process's own (off Linux, or a PID namespace without its /proc): such a lease is judged
+    by its age only."""
+    try:
+        own_proc = os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        own_proc = False
     boot, space, start = _read("/proc/sys/kernel/random/boot_id"), _pid_namespace(), _start_ticks(os.getpid())
-    return {} if None in (boot, space, start) else {"boot_id": boot, "pid_namespace": space, "pid_start": start}
+    if not own_proc or None in (boot, space, start):
+        return {}
+    return {"boot_id": boot, "pid_namespace": space, "time_namespace": _time_namespace(), "pid_start": start,
+            "host": socket.gethostname()}
 
 
 def holder_is_gone(lease: dict) -> bool:
-    """True only when the lease was written on this machine's boot and PID namespace and its process
-    no longer runs (its PID is free, or taken by a process that started later). Anything this
-    process cannot see (another machine or container, a lease without the identity) is False:
-    then only its age decides."""
+    """True only when the lease was written on this machine (host, boot, PID and time namespace)
+    and its process no longer runs (its PID is free, or taken by a process that started later).
+    Anything this process cannot see (another machine or container, a lease without the
+    identity) is False: then only its age decides."""
     pid, mine = lease.get("pid"), process_identity()
-    if not mine or not isinstance(pid, int) or lease.get("boot_id") != mine["boot_id"] \
-            or lease.get("pid_namespace") != mine["pid_namespace"] or lease.get("pid_start") is None:
+    if not mine or not isinstance(pid, int) or lease.get("pid_start") is None \
+            or any(lease.get(key) != mine[key] for key in ("host", "boot_id", "pid_namespace", "time_namespace")):
         return False
     return _start_ticks(pid) != lease["pid_start"]
 
@@ -98,32 +118,54 @@ class Lease:
     def __init__(self, store: Store, path: str, job: str, data: dict):
         self.store, self.path, self.job, self.data = store, path, job, data
         self.identity = process_identity()
+        self.token = uuid.uuid4().hex  # tells this holder's writes from another's
         self._stop = threading.Event()
         self._writing = threading.Lock()  # a renewal and the release never interleave
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
         return json.dumps({**self.data, **self.identity, "job": self.job, "host": socket.gethostname(),
-                           "pid": os.getpid(), "renewed": time.time()}, indent=2, sort_keys=True).encode()
+                           "pid": os.getpid(), "token": self.token, "renewed": time.time()},
+                          indent=2, sort_keys=True).encode()
 
     def acquire(self, renew_s: float = LEASE_RENEW_S, exclusive: bool = False) -> "Lease":
         """Writes the lease and starts renewing it. `exclusive`: only if no other holds it (an atomic
-        create; a stale one is removed first), else StoreError."""
+        create; a stale one is taken over: _take_over), else StoreError."""
         if exclusive:
             if not self.store._create_exclusive(self.store.path(self.path), self._body()):
-                holder = _fresh(self.store, self.path)
-                if holder is not None:
-                    raise StoreError(f"{self.store.uri(self.path)}: held by {self.job} run {holder.get('run', '?')} "
-                                     f"on {holder.get('host', '?')} (pid {holder.get('pid', '?')}); rerun when it "
-                                     f"has finished (the lease {GOES_STALE})")
-                self.store.remove(self.path)  # stale: its holder died
-                return self.acquire(renew_s, exclusive)
+                self._take_over()
         else:
             self.store._write_bytes(self.store.path(self.path), self._body())
         self._thread = threading.Thread(target=self._renew, args=(renew_s,), name=f"cart-{self.job}-lease",
                                         daemon=True)
         self._thread.start()
         return self
+
+    def _held_by_other(self, holder: dict) -> StoreError:
+        return StoreError(f"{self.store.uri(self.path)}: held by {self.job} run {holder.get('run', '?')} on "
+                          f"{holder.get('host', '?')} (pid {holder.get('pid', '?')}); rerun when it has finished "
+                          f"(the lease {GOES_STALE})")
+
+    def _take_over(self) -> None:
+        """The exclusive lease exists: StoreError while its holder may run; else remove it, create
+        ours, and read it back after TAKEOVER_SETTLE_S. Removing is not atomic with the judgement:
+        two jobs that judged the same dead lease at once may each remove and create, the later one
+        removing the earlier one's new lease. Both read back: the one whose lease is not there
+        anymore gives up (without removing the other's), so one holds it."""
+        holder = _fresh(self.store, self.path)
+        if holder is not None:
+            raise self._held_by_other(holder)
+        self.store.remove(self.path)  # stale: its holder died
+        if not self.store._create_exclusive(self.store.path(self.path), self._body()):
+            raise self._held_by_other(_fresh(self.store, self.path) or {})  # another took it over first
+        time.sleep(TAKEOVER_SETTLE_S)
+        self.store._invalidate(self.store.path(self.path))
+        try:
+            now = self.store.read_json(self.path)
+        except (FileNotFoundError, ValueError):
+            now = {}
+        if not isinstance(now, dict) or now.get("token") != self.token:
+            raise self._held_by_other(now if isinstance(now, dict) else {})
 
     def _renew(self, renew_s: float) -> None:
         while not self._stop.wait(renew_s):
