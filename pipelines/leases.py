@@ -111,6 +111,11 @@ def holder_is_gone(lease: dict) -> bool:
     return _start_ticks(pid) != lease["pid_start"]
 
 
+def _settle(seconds: float) -> None:
+    """The wait between taking a lease over and reading it back (a test replays a rival's takeover here)."""
+    time.sleep(seconds)
+
+
 class Lease:
     """A JSON file in the store that a daemon thread rewrites every `renew_s` while the job runs;
     `release` (or the end of a `with` block) stops the thread and removes the file."""
@@ -158,7 +163,7 @@ class Lease:
         self.store.remove(self.path)  # stale: its holder died
         if not self.store._create_exclusive(self.store.path(self.path), self._body()):
             raise self._held_by_other(_fresh(self.store, self.path) or {})  # another took it over first
-        time.sleep(TAKEOVER_SETTLE_S)
+        _settle(TAKEOVER_SETTLE_S)
         self.store._invalidate(self.store.path(self.path))
         try:
             now = self.store.read_json(self.path)

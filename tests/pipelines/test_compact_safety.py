@@ -644,12 +644,12 @@ def test_two_jobs_taking_a_dead_holders_lease_over_at_once_leave_one_holder(tmp_
         store.remove(leases.COMPACT_LEASE)
         assert store._create_exclusive(store.path(leases.COMPACT_LEASE), second._body())
 
-    monkeypatch.setattr(leases.time, "sleep", the_second_takes_it_over_meanwhile)
+    monkeypatch.setattr(leases, "_settle", the_second_takes_it_over_meanwhile)
     first = leases.compact_lease(store, "compact-first")
     with pytest.raises(StoreError, match="held by compact run compact-second"):
         first.acquire(exclusive=True)
     assert json.loads(Path(store.path(leases.COMPACT_LEASE)).read_text())["token"] == second.token
-    monkeypatch.setattr(leases.time, "sleep", lambda _seconds: None)
+    monkeypatch.setattr(leases, "_settle", lambda _seconds: None)
     os.utime(store.path(leases.COMPACT_LEASE), (old, old))  # the second died too: a third takes over alone
     with leases.compact_lease(store, "compact-third").acquire(exclusive=True) as third:
         assert store.read_json(leases.COMPACT_LEASE)["token"] == third.token
