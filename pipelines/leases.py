@@ -66,20 +66,15 @@ def _start_ticks(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _pid_namespace() -> str | None:
+def _namespace(kind: str) -> str | None:
+    """This process's `kind` namespace ("pid", "time"): /proc/self/ns/<kind>, None without one."""
     try:
-        return os.readlink("/proc/self/ns/pid")
+        return os.readlink(f"/proc/self/ns/{kind}")
     except OSError:
         return None
 
 
-def _time_namespace() -> str:
-    """Start times in /proc are shifted by the reader's time namespace (Linux >= 5.6); "" on a
-    kernel without them, where every process shares one clock."""
-    try:
-        return os.readlink("/proc/self/ns/time")
-    except OSError:
-        return ""
+_IDENTITY: dict[int, dict] = {}  # per PID: a forked child is another process
 
 
 def process_identity() -> dict:
@@ -87,16 +82,20 @@ def process_identity() -> dict:
     and the boot (machines cloned from one snapshot share a boot id, containers on the host network
     a host name), the PID and time namespaces and the process's start. Empty where /proc is not
     this process's own (off Linux, or a PID namespace without its /proc): such a lease is judged
-    by its age only."""
-    try:
-        own_proc = os.readlink("/proc/self") == str(os.getpid())
-    except OSError:
-        own_proc = False
-    boot, space, start = _read("/proc/sys/kernel/random/boot_id"), _pid_namespace(), _start_ticks(os.getpid())
-    if not own_proc or None in (boot, space, start):
-        return {}
-    return {"boot_id": boot, "pid_namespace": space, "time_namespace": _time_namespace(), "pid_start": start,
-            "host": socket.gethostname()}
+    by its age only. Read once per process."""
+    pid = os.getpid()
+    if pid not in _IDENTITY:
+        try:
+            own_proc = os.readlink("/proc/self") == str(pid)
+        except OSError:
+            own_proc = False
+        boot, space, start = _read("/proc/sys/kernel/random/boot_id"), _namespace("pid"), _start_ticks(pid)
+        # start times in /proc are shifted by the reader's time namespace (Linux >= 5.6); "" on a
+        # kernel without them, where every process shares one clock
+        _IDENTITY[pid] = {} if not own_proc or None in (boot, space, start) else {
+            "boot_id": boot, "pid_namespace": space, "time_namespace": _namespace("time") or "",
+            "pid_start": start, "host": socket.gethostname()}
+    return dict(_IDENTITY[pid])
 
 
 def holder_is_gone(lease: dict) -> bool:
