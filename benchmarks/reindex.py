@@ -312,7 +312,8 @@ def dense_growth(prep, retriever, catalog_rows: np.ndarray, n_old: int, query_ma
 def part_flickr(out: Path, overrides: list[str], reuse: Path | None = None) -> dict:
     from pipelines.importer import run_import
     from pipelines.quantize import run_quantize
-    from pipelines.reindex import run_reindex, run_rollback
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_rollback
     from pipelines.train import run_train
 
     data = default_dataset()
@@ -409,7 +410,8 @@ def synthetic_items(n: int, dim: int, seed: int, prefix: str, centers: np.ndarra
 def part_scale(out: Path, n: int, n_add: int, overrides: list[str], reuse: Path | None = None) -> dict:
     from pipelines.importer import run_import
     from pipelines.quantize import run_quantize
-    from pipelines.reindex import run_reindex, run_rollback
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_rollback
     from pipelines.train import run_train
 
     dim = 512

@@ -81,7 +81,8 @@ def top10(snapshot, queries: list[str]) -> np.ndarray:
 def measure(store: Store, cfg, query: dict, probes: list[str], folder: Path, label: str) -> dict:
     """One delete against one query setting; the store is rolled back to where it was after."""
     from cart_core.index_version import IndexVersion
-    from pipelines.reindex import run_reindex, run_rollback
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_rollback
     from pipelines.serve import Snapshot
 
     base = store.manifest().version

@@ -168,11 +168,11 @@ def run_command(args) -> None:
                     finetune=False if args.no_finetune else (True if args.finetune else None),
                     address=args.address)
     elif args.command == "rollback":
-        from pipelines.reindex import run_rollback
+        from pipelines.maintenance import run_rollback
 
         run_rollback(store, args.version)
     elif args.command == "compact":
-        from pipelines.reindex import run_compact
+        from pipelines.maintenance import run_compact
 
         run_compact(store, cfg.reindex.keep_versions if args.keep is None else args.keep)
     elif args.command == "train":

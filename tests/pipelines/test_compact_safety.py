@@ -70,22 +70,22 @@ def imported_then_deleted(store: Store, age_s: float = 0) -> tuple[Manifest, str
 
 
 def test_a_rollback_a_compact_overtakes_is_undone_instead_of_naming_removed_files(tmp_path, monkeypatch):
-    import pipelines.reindex as reindex
+    import pipelines.maintenance as maintenance
 
     store = Store(tmp_path / "s")
     imported_then_deleted(store, age_s=2 * DAY)
-    reindex.run_compact(store, keep=10)  # v3: the dead row rewritten away, v1's folders still kept
-    checked = reindex.brought_back
+    maintenance.run_compact(store, keep=10)  # v3: the dead row rewritten away, v1's folders still kept
+    checked = maintenance.brought_back
 
     def compact_meanwhile(old, current):  # a `cart compact --keep 1` between the rollback's check and commit
         out = checked(old, current)
-        reindex.run_compact(store, keep=1)
+        maintenance.run_compact(store, keep=1)
         return out
 
-    monkeypatch.setattr(reindex, "brought_back", compact_meanwhile)
+    monkeypatch.setattr(maintenance, "brought_back", compact_meanwhile)
     with pytest.raises(StoreError, match="a `cart compact` removed it while this rollback ran; version 5 restores "
                                          "version 3, so nothing was rolled back"):
-        reindex.run_rollback(store, 1)
+        maintenance.run_rollback(store, 1)
     current = store.manifest()
     assert current.version == 5 and all(store.exists(p) for p in current.features)
     assert live_items(store) == ["b"]  # the delete holds
@@ -94,7 +94,7 @@ def test_a_rollback_a_compact_overtakes_is_undone_instead_of_naming_removed_file
 def test_a_commit_while_compact_removes_folders_keeps_what_it_names(tmp_path):
     """The folders a version committed after the history compact chose from names are kept (a
     rollback that read the history before the compact removed it), however early it landed."""
-    from pipelines.reindex import Protected
+    from pipelines.maintenance import Protected
 
     store = Store(tmp_path / "s")
     v1, features = imported_then_deleted(store)
@@ -114,37 +114,37 @@ def test_a_rollback_waits_for_a_compact_that_started_before_its_commit(tmp_path,
     that committed while a compact started waits for it, then checks its files (and undoes)."""
     import threading
 
-    import pipelines.reindex as reindex
+    import pipelines.maintenance as maintenance
 
     store = Store(tmp_path / "s")
     v1, features = imported_then_deleted(store)
     store.commit(replace(store.manifest(), features=[put_features(store, ["b"], seed=2)],
                          extra={"tombstones": []}), "rewritten")
-    store.write_json(reindex.COMPACT_LEASE, {"run": "compact-x", "started": time.time()})
+    store.write_json(maintenance.COMPACT_LEASE, {"run": "compact-x", "started": time.time()})
     with pytest.raises(StoreError, match="a `cart compact` is removing old versions \\(run compact-x\\)"):
-        reindex.run_rollback(store, 1)
-    store.remove(reindex.COMPACT_LEASE)
-    checked = reindex.brought_back
+        maintenance.run_rollback(store, 1)
+    store.remove(maintenance.COMPACT_LEASE)
+    checked = maintenance.brought_back
 
     def compact_starts(old, current):  # a compact takes its lease between the rollback's checks and commit
-        store.write_json(reindex.COMPACT_LEASE, {"run": "compact-y", "started": time.time()})
+        store.write_json(maintenance.COMPACT_LEASE, {"run": "compact-y", "started": time.time()})
 
         def removes_then_ends():
             time.sleep(1.0)
             store.remove(features)  # it had chosen before seeing the rollback's commit
-            store.remove(reindex.COMPACT_LEASE)
+            store.remove(maintenance.COMPACT_LEASE)
         threading.Thread(target=removes_then_ends).start()
         return checked(old, current)
 
-    monkeypatch.setattr(reindex, "brought_back", compact_starts)
+    monkeypatch.setattr(maintenance, "brought_back", compact_starts)
     with pytest.raises(StoreError, match="removed it while this rollback ran; version 5 restores version 3"):
-        reindex.run_rollback(store, 1)
+        maintenance.run_rollback(store, 1)
     assert all(store.exists(p) for p in store.manifest().features) and live_items(store) == ["b"]
-    assert reindex.compact_running(store) is None
+    assert maintenance.compact_running(store) is None
 
 
 def test_a_folder_a_job_still_writes_is_kept_however_long_ago_it_started(tmp_path):
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     store.commit(Manifest(features=[put_features(store, ["a"])], dim=4), "import")
@@ -163,7 +163,7 @@ def test_a_folder_a_job_still_writes_is_kept_however_long_ago_it_started(tmp_pat
 
 
 def test_compact_refuses_while_a_history_file_is_unreadable(tmp_path):
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     imported_then_deleted(store, age_s=2 * DAY)
@@ -179,7 +179,7 @@ def test_compact_refuses_while_a_history_file_is_unreadable(tmp_path):
 def test_compact_keeps_the_tombstones_an_older_serving_version_needs(tmp_path, capsys):
     """Version 1 serves while a refit awaits training; a was deleted and imported again since: the
     tombstone is what keeps version 1 from answering a's old content, so compact leaves it."""
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     features = put_features(store, ["a", "b"], seed=1)
@@ -197,7 +197,7 @@ def test_compact_keeps_the_tombstones_an_older_serving_version_needs(tmp_path, c
 
 
 def test_a_rollback_names_content_deleted_and_imported_again(tmp_path):
-    from pipelines.reindex import brought_back
+    from pipelines.maintenance import brought_back
 
     store = Store(tmp_path / "s")
     v1, features = imported_then_deleted(store)
@@ -209,7 +209,7 @@ def test_a_rollback_names_content_deleted_and_imported_again(tmp_path):
 
 def test_compact_drops_a_legacy_duplicate_row_by_file_and_row(tmp_path):
     from pipelines.check import inspect
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     run = f"features/{run_id('extract')}"
@@ -266,7 +266,7 @@ def test_check_reads_the_version_that_answers_queries(tmp_path):
 def test_a_pointer_lost_after_a_compact_still_finds_the_newest_version(tmp_path):
     """Without manifest.json a store is read from its newest history file, not from version 1
     (which a compact may have removed): the next commit must not make the store look new."""
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     imported_then_deleted(store, age_s=2 * DAY)
@@ -299,7 +299,7 @@ def trained_twice(store: Store) -> tuple[Manifest, Manifest]:
 def test_compact_keeps_a_version_a_running_job_reads_until_its_lease_goes(tmp_path, capsys):
     from pipelines.check import run_check
     from pipelines.leases import READERS, missing_file, reader_lease
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     v1, _ = trained_twice(store)
@@ -321,7 +321,7 @@ def test_compact_keeps_a_version_a_running_job_reads_until_its_lease_goes(tmp_pa
 def test_a_lease_of_a_job_that_died_is_ignored_and_removed(tmp_path):
     """Judged by when the store last saw it written (its mtime), not by the job host's clock."""
     from pipelines.leases import LEASE_STALE_S, READERS, held_versions
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     v1, _ = trained_twice(store)
@@ -341,21 +341,21 @@ def test_a_lease_of_a_job_that_died_is_ignored_and_removed(tmp_path):
 
 def test_compact_reads_the_reader_leases_only_under_its_own_lease(tmp_path, monkeypatch):
     """The other half of the order that closes the race (pipelines/leases.py)."""
-    import pipelines.reindex as reindex
+    import pipelines.maintenance as maintenance
     from pipelines.leases import compact_running
 
     store = Store(tmp_path / "s")
     trained_twice(store)
-    read = reindex.held_versions
+    read = maintenance.held_versions
     seen = []
 
     def reads_leases(s, remove_stale=False, clock=None):
         seen.append((compact_running(s), clock))
         return read(s, remove_stale, clock)
 
-    monkeypatch.setattr(reindex, "held_versions", reads_leases)
-    reindex.run_compact(store, keep=1)
-    assert seen and all(lease is not None and clock == reindex.COMPACT_LEASE for lease, clock in seen)
+    monkeypatch.setattr(maintenance, "held_versions", reads_leases)
+    maintenance.run_compact(store, keep=1)
+    assert seen and all(lease is not None and clock == maintenance.COMPACT_LEASE for lease, clock in seen)
     assert compact_running(store) is None
 
 
@@ -517,7 +517,7 @@ def test_a_lease_released_while_a_renewal_hangs_does_not_come_back(tmp_path, mon
 
 def test_one_compact_at_a_time(tmp_path):
     from pipelines.leases import COMPACT_LEASE, LEASE_STALE_S, compact_lease
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     store = Store(tmp_path / "s")
     trained_twice(store)
@@ -576,7 +576,7 @@ def test_a_lease_whose_holder_was_killed_on_this_machine_is_stale_at_once(tmp_pa
     next compact, rollback or job sees the process gone and does not wait out LEASE_STALE_S."""
     from pipelines.leases import (COMPACT_LEASE, READERS, compact_running, held_versions, process_identity,
                                   wait_for_compact)
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
 
     if not process_identity():
         pytest.skip("no /proc of this process's own: leases are judged by their age alone here")

@@ -128,7 +128,8 @@ def test_add_keeps_old_identifiers_and_new_items_are_found(base, tmp_path, monke
 
 
 def test_deleted_items_are_never_returned(base, tmp_path):
-    from pipelines.reindex import run_compact, run_reindex
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_compact
 
     store = fresh(base, tmp_path)
     gone = base["old_ids"][:15]
@@ -155,7 +156,8 @@ def test_a_rollback_forward_past_a_delete_withdraws_the_item_from_the_version_th
     without it), the item is withdrawn from its answers: in process and in the Ray actors."""
     from cart_core.index_version import IndexVersion, is_servable
     from pipelines.quantize import run_quantize
-    from pipelines.reindex import run_reindex, run_rollback
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_rollback
     from pipelines.search import load_retriever
 
     store = fresh(base, tmp_path)
@@ -395,7 +397,8 @@ def test_rollback_refuses_a_version_whose_files_were_compacted_and_says_what_it_
     import shutil as sh
 
     from cart_core.store import StoreError
-    from pipelines.reindex import run_compact, run_reindex, run_rollback
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_compact, run_rollback
 
     store = fresh(base, tmp_path)
     trained = store.manifest().version
@@ -533,7 +536,8 @@ def test_identifier_deltas_load_as_the_whole_table_and_compaction_folds_them(bas
     loading the chain gives exactly the table a whole rewrite gives, at every version, and
     `compact` folds the chain into one table that serves the same answers."""
     from cart_core.index_version import load_ids
-    from pipelines.reindex import run_compact, run_reindex
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_compact
 
     new = pq.read_table(base["new"] / "items.parquet")
     first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
@@ -761,7 +765,8 @@ def test_a_deleted_item_added_again_comes_back_without_its_old_captions(base, tm
     from cart_core.text import TextEncoder
     from pipelines.check import run_check
     from pipelines.quantize import caption_centroids
-    from pipelines.reindex import run_compact, run_reindex
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_compact
     from pipelines.search import load_retriever
     from pipelines.train import run_train
     from pipelines.verify import retired_since_fit

@@ -335,7 +335,8 @@ def test_a_delete_after_a_compact_that_removed_the_loaded_versions_files(served)
     """`cart compact --keep 1` removes the files of the version the replica loaded; the replica
     never reads them again (it keeps that version's live rows in memory), so a delete committed
     right after is withdrawn within a poll and the newest version loads."""
-    from pipelines.reindex import run_compact, run_reindex
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_compact
 
     store, url, folder = served
     target, query = answered_probe(url, folder, caption_index=2)

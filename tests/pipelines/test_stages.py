@@ -117,8 +117,8 @@ def test_no_actor_pool_outside_the_stage_runner():
 def test_verb_modules_do_not_import_each_others_internals():
     """A verb module (one per `cart` verb) imports shared modules, not another verb's module;
     reindex composes train's fine-tune through its public entry point only."""
-    verbs = {"caption", "check", "demo", "evaluate", "extract", "importer", "quantize", "reindex", "retrieve",
-             "scan", "serve", "train"}
+    verbs = {"caption", "check", "demo", "evaluate", "extract", "importer", "maintenance", "quantize", "reindex",
+             "retrieve", "scan", "serve", "train"}
     allowed = {("reindex", "train"): {"Finetune", "run_train"}}
     found = []
     for name in verbs:

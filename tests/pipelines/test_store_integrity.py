@@ -101,7 +101,8 @@ def run_verb(verb: str, store: Store, base: dict, tmp_path) -> None:
     from pipelines.evaluate import run_evaluate
     from pipelines.importer import run_import
     from pipelines.quantize import run_quantize
-    from pipelines.reindex import run_compact, run_reindex, run_rollback
+    from pipelines.reindex import run_reindex
+    from pipelines.maintenance import run_compact, run_rollback
     from pipelines.retrieve import run_retrieve
     from pipelines.train import run_train
 
@@ -314,7 +315,7 @@ def test_retrieve_reads_its_version_while_a_compact_removes_older_ones(base, tmp
     a new version committed and a `cart compact --keep 1` run meanwhile keep what it reads (its
     reader lease), and the next compact after it finished removes it."""
     from pipelines.leases import READERS
-    from pipelines.reindex import run_compact
+    from pipelines.maintenance import run_compact
     from pipelines.retrieve import run_retrieve
 
     store = Store(tmp_path / "store")
