@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 import uuid
@@ -458,9 +459,22 @@ class Store:
                 self.put_file(f, f"{relpath}/{f.relative_to(local)}")
 
     def put_file(self, local: str | Path, relpath: str) -> None:
+        """Whole or not at all: on a local store the copy is fsynced beside `relpath` and renamed
+        into place (a job killed mid-copy leaves a stray temporary file, never a short one that a
+        reader would take for complete, e.g. a checkpoint's `state.json`); an S3 PUT is atomic."""
         dest = self.path(relpath)
         self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.put_file(str(local), dest)
+        if self.is_local:
+            tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copyfile(local, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        else:
+            self.fs.put_file(str(local), dest)
 
     @contextmanager
     def local_dir(self, relpath: str) -> Iterator[Path]:

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
+from cart_core.errors import first_line
 from cart_core.index_version import IndexVersion, deletes_since, is_servable
 from cart_core.store import FALLBACK_KEYS, CommitConflict, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
@@ -86,25 +87,58 @@ def training_fingerprint(pairs: pa.Table, cfg: CartConfig, finetune: Finetune | 
     """What a generator was trained on: the pairs, the model and training config, the start point.
     The same fingerprint again means a rerun of `cart train` would only repeat the work."""
     import hashlib
-    import json
 
     digest = hashlib.sha256()
+    _hash_pairs(digest, pairs)
+    _hash_settings(digest, cfg, finetune)
+    return digest.hexdigest()[:32]
+
+
+def resume_digests(pairs: pa.Table, cfg: CartConfig, finetune: Finetune | None) -> dict[str, str]:
+    """The two halves of the fingerprint, kept apart in the pending file: `cart train --resume`
+    goes on with an unfinished run only under the settings it started with, and on its pairs (or
+    those pairs less deleted items' ones)."""
+    import hashlib
+
+    pairs_digest, settings_digest = hashlib.sha256(), hashlib.sha256()
+    _hash_pairs(pairs_digest, pairs)
+    _hash_settings(settings_digest, cfg, finetune)
+    return {"pairs": pairs_digest.hexdigest()[:32], "settings": settings_digest.hexdigest()[:32]}
+
+
+def _hash_pairs(digest, pairs: pa.Table) -> None:
     for column in ("text", "codes", "weight", "distill"):
         for chunk in pairs.column(column).chunks:
             for buf in chunk.buffers():
                 if buf is not None:
                     digest.update(buf)
+
+
+def _hash_settings(digest, cfg: CartConfig, finetune: Finetune | None) -> None:
+    import json
+
     settings = config_dict(cfg)
     digest.update(json.dumps({k: settings[k] for k in ("generator", "train", "verify")}, sort_keys=True,
                              default=str).encode())
     digest.update(json.dumps(None if finetune is None else [finetune.init_from, finetune.rehearsal]).encode())
-    return digest.hexdigest()[:32]
 
 
 def latest_checkpoint(store: Store, run: str) -> str | None:
-    epochs = [d for d in store.listdir(f"generator/{run}/checkpoints") if d.startswith("epoch-")]
-    complete = [d for d in epochs if store.exists(f"generator/{run}/checkpoints/{d}/state.json")]
-    return f"generator/{run}/checkpoints/{max(complete)}" if complete else None
+    """The run's newest complete checkpoint: its `state.json` (written last) is there and reads. A
+    damaged one (a disk error, a store written before copies were atomic) is passed over, saying
+    so, for the epoch before it: a resume or a Ray Train restart costs epochs, not the run."""
+    epochs = sorted((d for d in store.listdir(f"generator/{run}/checkpoints") if d.startswith("epoch-")), reverse=True)
+    for epoch in epochs:
+        state = f"generator/{run}/checkpoints/{epoch}/state.json"
+        if not store.exists(state):
+            continue
+        try:
+            store.read_json(state)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log("train", f"{store.uri(state)} does not read ({first_line(exc)}): resuming from an earlier checkpoint")
+            continue
+        return f"generator/{run}/checkpoints/{epoch}"
+    return None
 
 
 def _collect_shard(shard) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -249,6 +283,7 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
 
 
 TRAINED_FOR = {"ids", "extra.ids_chain", "extra.tombstones"}  # what a generator was trained for
+PAIRS_FROM = {"queries"}  # besides the identifiers, what its training pairs are read from
 TRAIN_WRITES = {"generator", "extra.generator_ids", "extra.generator_fingerprint",
                 *(f"extra.{key}" for key in FALLBACK_KEYS)}
 
@@ -311,6 +346,29 @@ def resumed_from(store: Store, started_for: str | None, base: Manifest) -> Manif
     return None
 
 
+def why_not_resumed(store: Store, pending: dict, base: Manifest, digests: dict[str, str]) -> str | None:
+    """Why the unfinished run in `pending` cannot go on for `base` with these pairs and settings,
+    or None when it can. Its checkpoint holds what it learned under the settings and from the
+    pairs it started with: going on under others would commit a generator that neither set of
+    settings, nor the fingerprint recorded with it, describes."""
+    if resumed_from(store, pending.get("ids"), base) is None:
+        return "the unfinished run was for other identifiers"
+    if pending.get("settings") not in (None, digests["settings"]):  # pending files before 2026-12-07 lack it
+        return "the unfinished run was started with other generator / train / verify settings"
+    if pending.get("pairs") in (None, digests["pairs"]):
+        return None
+    started = pending.get("started")
+    try:
+        went_on = None if started is None else deletes_since(store, store.version(int(started)),
+                                                             TRAINED_FOR | PAIRS_FROM, TRAIN_WRITES)
+    except (StoreError, OSError, ValueError):
+        went_on = None
+    if went_on is None or went_on.version == int(started) or went_on.version < base.version:
+        return (f"its training pairs changed since it started on version {started} (captions imported, "
+                "identifiers or `jobs.pseudo_query_weight` changed: not only items deleted)")
+    return None
+
+
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
               address: str | None = None, finetune: Finetune | None = None,
               finish: Callable[[Manifest], Manifest] | None = None, before_commit=None) -> dict:
@@ -324,7 +382,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         cfg = replace(cfg, train=replace(cfg.train, epochs=finetune.epochs))
     pairs, info = training_pairs(store, cfg, finetune)
     summary.counts.update(info["counts"])
-    fingerprint = training_fingerprint(pairs, cfg, finetune)
+    fingerprint, digests = training_fingerprint(pairs, cfg, finetune), resume_digests(pairs, cfg, finetune)
     base = info["base"]
     if is_servable(base) and base.extra.get("generator_fingerprint") == fingerprint:
         log("train", f"version {base.version}'s generator was trained on these pairs with this config; nothing to do")
@@ -337,16 +395,18 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         run, resume_from, started = summary.run, None, base.version
         if resume and store.exists(PENDING):
             pending = store.read_json(PENDING)
-            went_on = resumed_from(store, pending.get("ids"), info["base"])
-            if went_on is not None:
+            why_not = why_not_resumed(store, pending, info["base"], digests)
+            if why_not is None:
+                went_on = resumed_from(store, pending.get("ids"), info["base"])
                 run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
                 started = pending.get("started", went_on.version)  # pending files before 2026-12-07 lack it
+                digests = {k: pending.get(k, v) for k, v in digests.items()}  # what it started with
                 log("train", f"resuming {run} from {resume_from or 'the start (no checkpoint yet)'}")
             else:
-                log("train", "the unfinished run was for other identifiers; starting afresh")
+                log("train", f"not resuming {pending.get('run', '?')}: {why_not}; starting afresh")
         elif resume:
             log("train", "nothing to resume; starting afresh")
-        store.write_json(PENDING, {"run": run, "ids": info["ids"], "started": started})
+        store.write_json(PENDING, {"run": run, "ids": info["ids"], "started": started, **digests})
         summary.run = run
         scaling = train_scaling(cfg, workers)
         workers = scaling.workers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -289,8 +290,13 @@ def test_train_holds_its_base_version_taken_in_the_safe_order(tmp_path, quantize
     assert outcome["summary"]["version"] == base.version + 1 and store.listdir(READERS) == []
 
 
-def test_train_resumes_after_a_crash(tmp_path, quantized, monkeypatch):
-    from pipelines.train import PENDING, run_train
+def test_train_resumes_after_a_crash(tmp_path, quantized, corpus_dir, monkeypatch):
+    """`--resume` goes on from the newest checkpoint that reads, and only under the settings and on
+    the pairs the run started with: a checkpoint trained otherwise would be committed under a
+    fingerprint that does not describe it (and a later `cart train` with those settings would
+    then find nothing to do)."""
+    from pipelines.importer import run_import
+    from pipelines.train import PENDING, latest_checkpoint, resume_digests, run_train, training_pairs, why_not_resumed
 
     store = copy_of(quantized, tmp_path)
     before = store.manifest()
@@ -301,6 +307,24 @@ def test_train_resumes_after_a_crash(tmp_path, quantized, monkeypatch):
     pending = store.read_json(PENDING)
     assert store.listdir(f"generator/{pending['run']}/checkpoints") == ["epoch-0001", "epoch-0002"]
     monkeypatch.delenv("CART_CRASH_AFTER_EPOCH")
+
+    def why_not(store: Store, *overrides: str) -> str | None:
+        cfg = small_config(*overrides)
+        return why_not_resumed(store, pending, store.manifest(), resume_digests(training_pairs(store, cfg)[0], cfg, None))
+
+    assert why_not(store) is None
+    assert "other generator / train / verify settings" in why_not(store, "train.lr=0.002")
+    grown = copy_of(store, tmp_path / "grown")  # captions imported since the run started: other pairs
+    extra = pq.read_table(corpus_dir / "captions.parquet").slice(0, 3)
+    index, text = extra.schema.get_field_index("caption_index"), extra.schema.get_field_index("caption")
+    extra = extra.set_column(index, "caption_index", pa.array([7] * 3, extra.schema.field(index).type))
+    pq.write_table(extra.set_column(text, "caption", pa.array(["a caption added later"] * 3)), tmp_path / "later.parquet")
+    run_import(grown, str(corpus_dir / "items.parquet"), str(tmp_path / "later.parquet"))
+    assert "training pairs changed since it started" in why_not(grown)
+    # a checkpoint whose state does not read is passed over for the one before it
+    checkpoints = f"generator/{pending['run']}/checkpoints"
+    Path(store.path(f"{checkpoints}/epoch-0002/state.json")).write_text('{"epoch": ')  # cut short
+    assert latest_checkpoint(store, pending["run"]) == f"{checkpoints}/epoch-0001"
     summary = run_train(store, small_config(), resume=True)
     assert summary["run"] == pending["run"]
     assert summary["final_metrics"]["epochs"] == 3
