@@ -175,4 +175,8 @@ def decode_audio(data: bytes, sample_rate: int, max_s: float | None = None) -> n
     wave = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if wave.size == 0:
         raise MediaError("audio has no samples")
-    return wave[:limit] if limit is not None else wave
+    wave = wave[:limit] if limit is not None else wave
+    bad = int(np.count_nonzero(~np.isfinite(wave)))
+    if bad:  # a float WAV can store them; every embedding of it would be NaN
+        raise MediaError(f"audio holds {bad} NaN or infinite sample(s)")
+    return wave

@@ -176,8 +176,15 @@ class ExtractStage(Stage):
                     vectors.append(None)
                     out[i]["status"], out[i]["reason"] = "error", f"embedding failed: {type(exc).__name__}: {exc}"
         for i, v in zip(index, vectors):
-            if v is not None:
-                out[i]["embedding"] = np.asarray(v, np.float32).tolist()
+            if v is None:
+                continue
+            v = np.asarray(v, np.float32)
+            if not np.isfinite(v).all() or not v.any():  # e.g. a float WAV holding a NaN sample
+                out[i]["status"], out[i]["reason"] = "error", (
+                    "embedding is not finite (the decoded media holds NaN or inf values)" if not np.isfinite(v).all()
+                    else "embedding is all zeros")
+                continue
+            out[i]["embedding"] = v.tolist()
 
 
 # ---- the driver ------------------------------------------------------------------------------

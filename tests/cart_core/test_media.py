@@ -78,6 +78,18 @@ def test_audio_is_resampled_downmixed_and_cropped(files):
         media.decode_audio((files / "image0.png").read_bytes(), 48000)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_audio_with_a_nan_or_infinite_sample_is_refused(tmp_path, bad):
+    """A float WAV can store them, and every embedding of such a wave is NaN: refused at decoding,
+    so extract reports the file instead of committing a NaN feature row."""
+    tone = (0.4 * np.sin(2 * np.pi * 440 * np.arange(24000) / 48000)).astype(np.float32)
+    assert np.allclose(media.decode_audio(mf.write_float_wav(tmp_path / "ok.wav", tone).read_bytes(), 48000), tone,
+                       atol=1e-6)
+    tone[1000] = bad
+    with pytest.raises(media.MediaError, match="1 NaN or infinite sample"):
+        media.decode_audio(mf.write_float_wav(tmp_path / "bad.wav", tone).read_bytes(), 48000)
+
+
 def test_shrink_keeps_aspect_and_small_images():
     from PIL import Image
 

@@ -67,6 +67,17 @@ def write_wav(path: Path, seed: int, rate: int = 16000, seconds: float = 0.5, ch
     return path
 
 
+def write_float_wav(path: Path, samples: np.ndarray, rate: int = 48000) -> Path:
+    """A mono IEEE-float WAV (format 3): unlike 16-bit PCM it can hold NaN and infinite samples."""
+    import struct
+
+    data = np.asarray(samples, "<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
 def write_bad_files(folder: Path) -> list[tuple[str, str, str | None]]:
     """(item_id, file name, modality) of files extract must reject: truncated mp4, random bytes
     named .png, a path that does not exist, an unsupported extension."""

@@ -152,3 +152,17 @@ def test_extract_from_and_into_s3(s3_server, ray_local, tmp_path, models):
     assert m2.version == 2 and m2.features == m.features + [f"features/{again['run']}"]
     changed = store.read_table(m2.errors[-1]).to_pylist()
     assert [(r["item_id"], "cart reindex --update" in r["reason"]) for r in changed] == [("img-0", True)]
+
+
+def test_an_embedding_that_is_not_finite_becomes_an_error_row_not_a_feature():
+    """Whatever the model gives back (a NaN from the media or the model, or nothing at all), only a
+    finite, non-zero vector is committed; `cart quantize` would otherwise fail later naming no item."""
+    from pipelines.extract import ExtractStage
+
+    vectors = {0: [0.6, 0.8], 1: [np.nan, 1.0], 2: [np.inf, 0.0], 3: [0.0, 0.0]}
+    out = [{"status": "ok", "reason": None} for _ in vectors]
+    ExtractStage._embed(list(vectors), lambda idx: [vectors[i] for i in idx], out)
+    assert out[0]["embedding"] == pytest.approx([0.6, 0.8]) and out[0]["status"] == "ok"
+    assert [o["status"] for o in out[1:]] == ["error"] * 3
+    assert "not finite" in out[1]["reason"] and "not finite" in out[2]["reason"] and "all zeros" in out[3]["reason"]
+    assert all("embedding" not in o for o in out[1:])
