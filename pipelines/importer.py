@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from cart_core.corpus import CorpusError, load_corpus_files
+from cart_core.errors import BadInput
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store, StoreError, features_table, queries_table
 from pipelines.inputs import embedding_hashes, local_copy, warn_readded
@@ -29,6 +30,7 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
     t0 = time.perf_counter()
     with local_copy(items) as items_path, local_copy(captions) as captions_path:
         corpus = load_corpus_files(items_path, captions_path)
+    is_holdout = held_out_rows(corpus, captions, holdout_caption_index)  # before anything is written
     summary.time("validate_s", t0)
     version = IndexVersion.current(store)
     manifest = version.manifest
@@ -53,11 +55,13 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
         write_parts(store, feats, f"features/{run}")
         update["features"] = manifest.features + [f"features/{run}"]
     caption_rows = np.arange(len(corpus.caption_text))
-    is_holdout = (corpus.caption_index == holdout_caption_index) if holdout_caption_index is not None \
-        else np.zeros(len(caption_rows), dtype=bool)
     owners = corpus.item_ids[corpus.caption_item] if len(caption_rows) else np.zeros(0, object)
     texts = corpus.caption_text
     train = version.new_captions([str(o) for o in owners[~is_holdout]], [texts[i] for i in caption_rows[~is_holdout]])
+    train, leaked = not_held_out(version, *train)
+    if leaked:  # e.g. the same files imported again without --holdout-caption-index
+        log("import", f"{leaked} caption(s) are held-out queries of their item already: not made training queries "
+                      "(a query the generator trained on measures nothing)")
     if train[0]:
         write_parts(store, queries_table(train[0], train[1], "human"), f"queries/{run}")
         update["queries"] = manifest.queries + [f"queries/{run}"]
@@ -71,7 +75,8 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
         store.write_table(ev, f"eval/{run}/queries.parquet")
         update["eval_queries"] = manifest.eval_queries + [f"eval/{run}"]
     summary.counts.update(captions=len(texts), training_queries=len(train[0]), eval_queries=len(fresh),
-                          captions_already_present=len(texts) - len(train[0]) - len(fresh))
+                          captions_held_out_already=leaked,
+                          captions_already_present=len(texts) - len(train[0]) - len(fresh) - leaked)
     summary.time("write_s", t0)
     if update:
         update["dim"] = corpus.dim
@@ -87,3 +92,29 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
         log("import", "nothing new: every item and caption is already in the store")
         summary.extra["version"] = manifest.version
     return summary.write(store)
+
+
+def held_out_rows(corpus, captions: str | None, index: int | None) -> np.ndarray:
+    """The caption rows `--holdout-caption-index` keeps out of training. An index that no caption
+    has would hold nothing out, silently: refused, like one given without captions."""
+    if index is None:
+        return np.zeros(len(corpus.caption_text), dtype=bool)
+    if captions is None:
+        raise BadInput(f"--holdout-caption-index {index} needs --captions: there is nothing to hold out")
+    rows = corpus.caption_index == index
+    if not rows.any():
+        found = sorted(set(corpus.caption_index.tolist()))
+        raise BadInput(f"{captions}: no caption has caption_index {index} (the file has "
+                       f"{', '.join(map(str, found[:10]))}{' …' if len(found) > 10 else ''}); nothing would be held out")
+    return rows
+
+
+def not_held_out(version: IndexVersion, item_ids: list[str], texts: list[str]) -> tuple[tuple[list[str], list[str]], int]:
+    """The (item, text) training captions that are not an evaluation query of that item already,
+    and how many were."""
+    if not version.manifest.eval_queries or not item_ids:
+        return (item_ids, texts), 0
+    held = version.eval_queries(with_retired=True)
+    held = set(zip(held.column("item_id").to_pylist(), held.column("text").to_pylist()))
+    keep = [(i, t) for i, t in zip(item_ids, texts) if (i, t) not in held]
+    return ([i for i, _ in keep], [t for _, t in keep]), len(item_ids) - len(keep)

@@ -154,6 +154,16 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "import-caption-unknown-item": lambda c: c.job(
         "import", "--items", c.write("items.parquet", c.items()),
         "--captions", c.write("captions.parquet", pa.table({"item_id": ["ghost"], "caption": ["a ghost"]}))),
+    "import-caption-index-twice": lambda c: c.job(
+        "import", "--items", c.write("items.parquet", c.items()), "--captions", c.write("captions.parquet", pa.table(
+            {"item_id": [c.items().column("item_id")[i].as_py() for i in (0, 1, 0)], "caption_index": [4, 4, 4],
+             "caption": ["a dog", "a cat", "a dog again"]}))),
+    "import-holdout-index-absent": lambda c: c.job(
+        "import", "--items", c.write("items.parquet", c.items()), "--holdout-caption-index", "9",
+        "--captions", c.write("captions.parquet", pa.table({"item_id": [c.items().column("item_id")[0].as_py()],
+                                                            "caption_index": [0], "caption": ["a dog"]}))),
+    "import-holdout-without-captions": lambda c: c.job(
+        "import", "--items", c.write("items.parquet", c.items()), "--holdout-caption-index", "4"),
     "config-unknown-key": lambda c: c.job("quantize", "--set", "train.epochz=3"),
     "config-bad-type": lambda c: c.job("quantize", "--set", "train.epochs=many"),
     "config-bad-enum": lambda c: c.job("quantize", "--set", "verify.mode=fancy"),

@@ -13,6 +13,7 @@ import pytest
 
 from cart_core.config import load_config
 from cart_core.corpus import CorpusError, synthetic_corpus, write_corpus
+from cart_core.errors import BadInput
 from cart_core.store import Store, StoreError
 from pipelines.data_paths import REPO_ROOT
 
@@ -70,7 +71,7 @@ def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
     # the synthetic captions repeat 5 (item, text) pairs: each is stored once
     assert first["counts"] == {"items": 160, "new_items": 160, "already_present": 0, "captions": 800,
                                "training_queries": 635, "eval_queries": 160, "captions_already_present": 5,
-                               "readded_after_delete": 0}
+                               "captions_held_out_already": 0, "readded_after_delete": 0}
     manifest = store.manifest()
     assert manifest.version == 1 and manifest.dim == 32
     feats = store.read_table(manifest.features)
@@ -80,6 +81,22 @@ def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
                        holdout_caption_index=4)
     assert again["counts"]["new_items"] == 0 and store.manifest().version == 1
     assert again["counts"]["captions_already_present"] == 800
+    # the same files without --holdout-caption-index: the held-out captions stay out of training
+    leaky = run_import(store, str(corpus_dir / "items.parquet"), str(corpus_dir / "captions.parquet"))
+    # (7 of the 160 equal a training caption of their item in the synthetic data: already present)
+    assert leaky["counts"]["captions_held_out_already"] == 153 and leaky["counts"]["training_queries"] == 0
+    assert store.manifest().version == 1
+    items, captions = str(corpus_dir / "items.parquet"), str(corpus_dir / "captions.parquet")
+    with pytest.raises(BadInput, match=r"captions.parquet: no caption has caption_index 9 .*nothing would be held"):
+        run_import(Store(tmp_path / "other"), items, captions, holdout_caption_index=9)
+    with pytest.raises(BadInput, match="needs --captions"):
+        run_import(Store(tmp_path / "other"), items, None, holdout_caption_index=4)
+    twice = pq.read_table(corpus_dir / "captions.parquet").slice(0, 6)
+    twice = pa.concat_tables([twice, twice.slice(1, 1)])  # row 6 repeats row 1's (item, caption_index)
+    pq.write_table(twice, tmp_path / "twice.parquet")
+    with pytest.raises(CorpusError, match=r"twice.parquet.*row 6.*caption_index \d+ twice \(first at row 1\)"):
+        run_import(Store(tmp_path / "other"), items, str(tmp_path / "twice.parquet"), holdout_caption_index=4)
+    assert not (tmp_path / "other").exists() or not Store(tmp_path / "other").versions()
 
     bad = pq.read_table(corpus_dir / "items.parquet").to_pandas()
     bad.loc[7, "embedding"] = np.full(32, np.nan, dtype=np.float32)
