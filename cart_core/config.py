@@ -23,6 +23,12 @@ class IdentifierConfig:
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
     seed: int = 0
 
+    def __post_init__(self):  # found at load, not after Ray started and the sample was drawn
+        if self.coarse and isinstance(self.kmeans_sample, int) and isinstance(self.n_clusters, int) \
+                and self.kmeans_sample < self.n_clusters:
+            raise ConfigError(f"identifiers.kmeans_sample: {self.kmeans_sample} vectors cannot fit "
+                              f"identifiers.n_clusters = {self.n_clusters} clusters; sample at least as many")
+
 
 @dataclass
 class EvalConfig:

@@ -57,6 +57,14 @@ def projection_dim(name_or_path: str, tower: str) -> int:
     return int(_tower_config(name_or_path, tower).projection_dim)
 
 
+def audio_sampling_rate(name_or_path: str) -> int:
+    """The rate a CLAP checkpoint's feature extractor expects, from its preprocessor config only."""
+    from transformers import AutoFeatureExtractor
+
+    _quiet_transformers()
+    return int(AutoFeatureExtractor.from_pretrained(name_or_path).sampling_rate)
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

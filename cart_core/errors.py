@@ -7,7 +7,10 @@ catch ValueError keep working.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 MAX_SHOWN = 60  # characters of a user's value quoted in a message: messages never echo unbounded input
 
@@ -49,3 +52,18 @@ def shown(value: object) -> str:
     """A user's value quoted in a message, cut to MAX_SHOWN characters."""
     text = repr(value)
     return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(str(value))} characters)"
+
+
+@contextmanager
+def model_setting(key: str, name: str) -> Iterator[None]:
+    """A model the config key `key` names (`name`: hub name or local path) that does not load is
+    a ConfigError naming the key: checked by a job's driver from the model's config files, before
+    Ray starts and long before an actor would fail loading its weights."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        if isinstance(exc, BadInput):
+            raise
+        where = name if len(name) <= MAX_SHOWN else "…" + name[-(MAX_SHOWN - 1):]  # a path's end says the most
+        why = "no such folder" if name.startswith(("/", ".")) and not os.path.exists(name) else first_line(exc)
+        raise ConfigError(f"{key}: {where!r} cannot be loaded ({why})") from None

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cart_core.config import CartConfig
-from cart_core.media import MediaError, decode_image, decode_video_frames, read_bytes, shrink
+from cart_core.errors import model_setting
+from cart_core.media import MediaError, content_hash, decode_image, decode_video_frames, read_bytes, shrink
 from cart_core.index_version import IndexVersion
 from cart_core.store import Store, queries_table
 from pipelines.parts import ErrorLog, PartWriter
@@ -24,15 +25,18 @@ from pipelines.stages import Resources, Stage, run_stage, stream
 
 RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("uri", pa.string()), ("text", pa.string()),
                            ("status", pa.string()), ("reason", pa.string())])
+CHANGED = ("the file changed since `cart extract` (its content is not what the features were extracted "
+           "from); `cart reindex --update` the item, then caption it")
 MAX_SIDE = 768   # frames are shrunk to this shorter side before the processor (memory, not quality)
 
 
 @dataclass
 class CaptionStage(Stage):
-    """Loads the captioner once per actor; turns a block of (item_id, modality, uri) rows into captions."""
+    """Loads the captioner once per actor; turns a block of (item_id, modality, uri, content_hash)
+    rows into captions, of the content the features were extracted from."""
 
     name = "caption"
-    inputs = ("item_id", "modality", "uri")
+    inputs = ("item_id", "modality", "uri", "content_hash")
     outputs = tuple(RESULT_SCHEMA.names)
 
     resources: Resources
@@ -58,6 +62,9 @@ class CaptionStage(Stage):
                 data = read_bytes(r["uri"])   # other storage errors (credentials, network) stop the job
             except MediaError as exc:
                 out.append({**_row(r), "status": "error", "reason": str(exc)})
+                continue
+            if r["content_hash"] and content_hash(data) != r["content_hash"]:  # captions of other content
+                out.append({**_row(r), "status": "error", "reason": CHANGED})
                 continue
             try:
                 frames = self._frames(r["modality"], data)
@@ -95,7 +102,7 @@ def candidates(version: IndexVersion) -> tuple[pa.Table, dict[str, int]]:
     """Live image / video items with a media file, not yet captioned; plus skip counts."""
     manifest = version.manifest
     version.store.require(manifest, "features", "cart extract")
-    rows = version.live_features(["item_id", "modality", "uri"]).to_pylist()
+    rows = version.live_features(["item_id", "modality", "uri", "content_hash"]).to_pylist()
     done: set[str] = set()
     if manifest.queries:
         q = version.queries(["item_id", "source"])
@@ -111,7 +118,8 @@ def candidates(version: IndexVersion) -> tuple[pa.Table, dict[str, int]]:
             counts["skipped_captioned"] += 1
         else:
             keep.append(r)
-    schema = pa.schema([("item_id", pa.string()), ("modality", pa.string()), ("uri", pa.string())])
+    schema = pa.schema([("item_id", pa.string()), ("modality", pa.string()), ("uri", pa.string()),
+                        ("content_hash", pa.string())])
     return pa.Table.from_pylist(keep, schema=schema), counts
 
 
@@ -135,6 +143,10 @@ def run_caption(store: Store, cfg: CartConfig, address: str | None = None) -> di
     captioned: set[str] = set()
     t0 = time.perf_counter()
     if table.num_rows:
+        from transformers import AutoConfig
+
+        with model_setting("caption.model", cfg.caption.model):  # here, not in every actor after Ray started
+            AutoConfig.from_pretrained(cfg.caption.model)
         init_ray(address)
         for batch in stream(run_stage(caption_stage(cfg), table), table.num_rows, "caption", count=_items):
             ok = batch.filter(pc.equal(batch.column("status"), "ok"))

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cart_core.errors import BadInput, ConfigError, InputNotFound, LocatedError
+from cart_core.errors import BadInput, ConfigError, InputNotFound, LocatedError, model_setting
 from cart_core.config import CartConfig
 from cart_core.media import MODALITIES, MediaError, content_hash, decode_audio, decode_image, \
     decode_video_frames, infer_modality, read_bytes, resolve_uri, shrink
@@ -189,14 +189,22 @@ class ExtractStage(Stage):
 
 # ---- the driver ------------------------------------------------------------------------------
 def model_dims(cfg: CartConfig, modalities: set[str]) -> dict[str, int]:
-    """Embedding size per modality group present, read from the model configs (no weights)."""
-    from cart_core.embedders import projection_dim
+    """Embedding size per modality group present, read from the model configs (no weights), and
+    the audio model's sampling rate checked against extract.sample_rate: a wrong model or rate is
+    refused here, naming its key, not in every actor after Ray started."""
+    from cart_core.embedders import audio_sampling_rate, projection_dim
 
     dims = {}
     if modalities & set(VISUAL):
-        dims["image/video"] = projection_dim(cfg.extract.image_model, "vision")
+        with model_setting("extract.image_model", cfg.extract.image_model):
+            dims["image/video"] = projection_dim(cfg.extract.image_model, "vision")
     if "audio" in modalities:
-        dims["audio"] = projection_dim(cfg.extract.audio_model, "audio")
+        with model_setting("extract.audio_model", cfg.extract.audio_model):
+            dims["audio"] = projection_dim(cfg.extract.audio_model, "audio")
+            rate = audio_sampling_rate(cfg.extract.audio_model)
+        if rate != cfg.extract.sample_rate:
+            raise ConfigError(f"extract.sample_rate={cfg.extract.sample_rate} but the CLAP feature extractor of "
+                              f"{cfg.extract.audio_model} expects {rate} Hz; set extract.sample_rate to {rate}")
     return dims
 
 

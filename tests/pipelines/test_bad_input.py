@@ -167,6 +167,8 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "config-unknown-key": lambda c: c.job("quantize", "--set", "train.epochz=3"),
     "config-bad-type": lambda c: c.job("quantize", "--set", "train.epochs=many"),
     "config-bad-enum": lambda c: c.job("quantize", "--set", "verify.mode=fancy"),
+    "config-kmeans-sample": lambda c: c.job("quantize", "--set", "identifiers.kmeans_sample=4",
+                                            "--set", "identifiers.n_clusters=8"),
     "config-verify-no-signal": lambda c: c.job("train", "--set", "verify.signals=[predicted_caption_cos]"),
     "config-verify-folds": lambda c: c.job("quantize", "--set", "verify.caption_predictor.folds=1"),
     "config-missing-file": lambda c: ["quantize", "--store", c.store.url, "--config", str(c.folder / "nope.yaml")],

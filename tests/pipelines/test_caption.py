@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cart_core.captioner import Captioner
-from cart_core.media import decode_image, decode_video_frames
+from cart_core.media import content_hash, decode_image, decode_video_frames
 from cart_core.store import Manifest, Store, StoreError, features_table
 from pipelines.caption import run_caption
 from tests.pipelines import media_fixtures as mf
@@ -23,8 +23,9 @@ def committed_features(store: Store, folder) -> dict[str, str]:
              "img-1": ("image", "image1.jpg"), "aud-0": ("audio", "sound0.wav"),
              "imp-0": ("image", "items.parquet"), "gone": ("image", "deleted.png")}
     uris = {k: str(folder / name) for k, (_, name) in items.items()}
+    hashes = [content_hash(Path(u).read_bytes()) if Path(u).exists() else None for u in uris.values()]
     table = features_table(list(items), np.eye(len(items), 8), [m for m, _ in items.values()], list(uris.values()),
-                           ["h"] * len(items))
+                           hashes)
     store.write_table(table, "features/extract-x/part-00000.parquet")
     store.commit(Manifest(features=["features/extract-x"], dim=8), "features")
     return uris
@@ -63,3 +64,28 @@ def test_caption_writes_pseudo_queries_for_images_and_videos(ray_local, tmp_path
 def test_caption_needs_features(tmp_path, captioner):
     with pytest.raises(StoreError, match="cart extract"):
         run_caption(Store(tmp_path / "empty"), mf.tiny_config(captioner=captioner))
+
+
+def test_a_file_changed_since_extract_is_not_captioned(ray_local, tmp_path, captioner):
+    """Its captions would describe other content than its features: an error row saying to
+    `cart reindex --update` it, as `cart extract` says for the same file."""
+    from pipelines.caption import CHANGED
+
+    store = Store(tmp_path / "store")
+    uris = committed_features(store, tmp_path / "media")
+    mf.write_image(Path(uris["img-0"]), seed=7)  # replaced after extract
+    summary = run_caption(store, mf.tiny_config(captioner=captioner))
+    assert summary["counts"]["captioned"] == 3
+    errors = {e["item_id"]: e["reason"] for e in store.read_table(store.manifest().errors).to_pylist()}
+    assert errors == {"img-0": CHANGED, "gone": "file not found"}
+    assert "img-0" not in set(store.read_table(store.manifest().queries).column("item_id").to_pylist())
+
+
+def test_a_captioner_that_does_not_load_is_refused_before_ray_starts(tmp_path):
+    from cart_core.errors import ConfigError
+
+    store = Store(tmp_path / "store")
+    committed_features(store, tmp_path / "media")
+    with pytest.raises(ConfigError, match=r"caption.model: '.*nowhere' cannot be loaded \(no such folder\)"):
+        run_caption(store, mf.tiny_config(captioner=str(tmp_path / "nowhere")))
+    assert store.manifest().version == 1

@@ -166,3 +166,23 @@ def test_an_embedding_that_is_not_finite_becomes_an_error_row_not_a_feature():
     assert [o["status"] for o in out[1:]] == ["error"] * 3
     assert "not finite" in out[1]["reason"] and "not finite" in out[2]["reason"] and "all zeros" in out[3]["reason"]
     assert all("embedding" not in o for o in out[1:])
+
+
+def test_a_wrong_model_or_sample_rate_is_refused_before_ray_starts_naming_the_key(tmp_path, models, corpus):
+    """Found in the driver from the model configs, with exit 2, not in every actor after Ray
+    started (an `ActorDiedError`, exit 1, naming no key)."""
+    from dataclasses import replace
+
+    from cart_core.errors import ConfigError
+
+    cfg = mf.tiny_config(models["clip"], models["clap"])
+    store = Store(tmp_path / "store")
+    wrong = [(replace(cfg, extract=replace(cfg.extract, sample_rate=16000)), r"extract.sample_rate=16000 .* expects"),
+             (replace(cfg, extract=replace(cfg.extract, image_model=str(tmp_path / "nowhere"))),
+              r"extract.image_model: '.*nowhere' cannot be loaded"),
+             (replace(cfg, extract=replace(cfg.extract, audio_model=str(tmp_path / "nowhere"))),
+              r"extract.audio_model: '.*nowhere' cannot be loaded")]
+    for bad, message in wrong:
+        with pytest.raises(ConfigError, match=message):
+            run_extract(store, str(corpus), bad)
+    assert store.manifest().version == 0
