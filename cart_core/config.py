@@ -87,6 +87,7 @@ class JobsConfig:
     serve_batch_wait_s: float = 0.01
     serve_replicas: int = 1
     train_max_failures: int = 2     # Ray Train restarts from the last checkpoint after a lost worker / node
+    train_start_tries: int = 10     # 60 s each: how long `cart train` waits for nodes that can hold its workers
 
 
 @dataclass
@@ -222,7 +223,7 @@ AT_LEAST_ONE = {
     "caption.frames", "caption.max_new_tokens", "caption.batch_size", "caption.actors",
     "jobs.checkpoint_every", "jobs.quantize_batch_size", "jobs.quantize_actors", "jobs.retrieve_batch_size",
     "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
-    "reindex.finetune_epochs", "reindex.keep_versions", "verify.mask_repeats",
+    "reindex.finetune_epochs", "reindex.keep_versions", "jobs.train_start_tries", "verify.mask_repeats",
     "verify.caption_predictor.folds", "verify.expand_depth",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
     "verify.candidates", "verify.neighbors", "verify.neighbor_probe", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",

@@ -30,6 +30,17 @@ def init_ray(address: str | None = None) -> None:
     ctx.enable_progress_bars = sys.stderr.isatty() or os.environ.get("CART_PROGRESS") == "1"
 
 
+def ray_started_here() -> bool:
+    """Whether this process started the Ray it uses (`ray.init(address="local")`): nothing can add
+    nodes to it, so work that does not fit its CPUs never starts."""
+    import ray
+
+    try:
+        return bool(ray._private.worker.global_worker.node.head)
+    except AttributeError:  # not connected, or Ray's internals moved: assume a cluster that may grow
+        return False
+
+
 def crash_point(name: str) -> None:
     """Fault injection for the tests: CART_CRASH_AT=<name> kills the run at that step."""
     if os.environ.get("CART_CRASH_AT") == name:

@@ -23,13 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
-from cart_core.errors import first_line
+from cart_core.errors import BadInput, first_line
 from cart_core.index_version import IndexVersion, deletes_since, is_servable
 from cart_core.store import FALLBACK_KEYS, CommitConflict, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
 from pipelines.leases import hold
-from pipelines.runtime import JobSummary, init_ray, log
+from pipelines.runtime import JobSummary, init_ray, log, ray_started_here
 from pipelines.verify import copy_verifier, fit_verifier
 
 PENDING = "jobs/train-pending.json"
@@ -282,6 +282,29 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
     return TrainScaling(n, cpus, how)
 
 
+def check_placement(scaling: TrainScaling, cfg: CartConfig) -> None:
+    """Workers that the nodes up now cannot hold (each on one node) would leave Ray Train retrying
+    its start for ever, without a word: refused on a Ray this process started (nothing can add
+    nodes to it); on a cluster, said, and waited for up to `jobs.train_start_tries` minutes (an
+    autoscaler may add nodes)."""
+    import ray
+
+    gpu = cfg.jobs.use_gpu
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    slots = sum(min(int(r.get("CPU", 0) // scaling.cpus_per_worker) if scaling.cpus_per_worker else 1 << 30,
+                    int(r.get("GPU", 0)) if gpu else 1 << 30) for r in nodes)
+    if slots >= scaling.workers:
+        return
+    need = f"{scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU{' + 1 GPU' if gpu else ''}"
+    have = f"{len(nodes)} node(s) with {sorted(r.get('CPU', 0) for r in nodes)} CPUs" + (
+        f" and {sorted(r.get('GPU', 0) for r in nodes)} GPUs" if gpu else "")
+    if ray_started_here():
+        raise BadInput(f"{need} cannot be placed on this machine's Ray ({have}, room for {slots}); lower --workers "
+                       "(jobs.train_workers) or jobs.cpus_per_worker, or pass --address of a larger cluster")
+    log("train", f"{need} do not fit the nodes up now ({have}, room for {slots}): waiting for more nodes "
+                 f"(an autoscaler's), at most {cfg.jobs.train_start_tries} x 60 s")
+
+
 TRAINED_FOR = {"ids", "extra.ids_chain", "extra.tombstones"}  # what a generator was trained for
 PAIRS_FROM = {"queries"}  # besides the identifiers, what its training pairs are read from
 TRAIN_WRITES = {"generator", "extra.generator_ids", "extra.generator_fingerprint",
@@ -392,6 +415,11 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
     # meanwhile keeps them (a quantize --refit or a rollback since may have left no other version naming them)
     with hold(store, base, "train"):
         init_ray(address)
+        scaling = train_scaling(cfg, workers)
+        workers = scaling.workers
+        log("train", f"{workers} worker(s) x {scaling.cpus_per_worker:g} CPU, {scaling.threads} torch thread(s) each "
+                     f"({scaling.chosen})")
+        check_placement(scaling, cfg)  # before anything is written
         run, resume_from, started = summary.run, None, base.version
         if resume and store.exists(PENDING):
             pending = store.read_json(PENDING)
@@ -408,10 +436,6 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
             log("train", "nothing to resume; starting afresh")
         store.write_json(PENDING, {"run": run, "ids": info["ids"], "started": started, **digests})
         summary.run = run
-        scaling = train_scaling(cfg, workers)
-        workers = scaling.workers
-        log("train", f"{workers} worker(s) x {scaling.cpus_per_worker:g} CPU, {scaling.threads} torch thread(s) each "
-                     f"({scaling.chosen})")
         # a full training keeps a seeded slice of the captions from the generator: the hybrid
         # retriever's fusion is fitted on them (pipelines/verify.py); a fine-tune keeps its verifier
         holdout = held_out(store, cfg, pairs, started, base.version) if finetune is None else np.zeros(len(pairs), bool)
@@ -430,7 +454,9 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.jobs.use_gpu,
                                          resources_per_worker={"CPU": scaling.cpus_per_worker}),
             datasets={"train": ray.data.from_arrow(pairs.filter(pa.array(~holdout)))},
-            run_config=RunConfig(name=run, failure_config=FailureConfig(max_failures=cfg.jobs.train_max_failures)),
+            # a start that times out (60 s: no node can hold the workers) is retried this many times, not for ever
+            run_config=RunConfig(name=run, failure_config=FailureConfig(
+                max_failures=cfg.jobs.train_max_failures, controller_failure_limit=cfg.jobs.train_start_tries)),
         )
         summary.time("prepare_s", t0)
         t0 = time.perf_counter()

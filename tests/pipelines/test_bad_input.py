@@ -207,6 +207,7 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "reindex-other-text-encoder": lambda c: c.job("reindex", "--set", "generator.text_encoder=mpnet",
                                                   "--delete", c.write("gone.txt", "syn-00001\n")),
     "train-workers-zero": lambda c: c.job("train", "--workers", "0"),
+    "train-workers-unplaceable": lambda c: c.job("train", "--workers", "1000"),
     "serve-public-no-token": lambda c: c.job("serve", "--host", "0.0.0.0"),
     "serve-token-missing": lambda c: c.job("serve", "--token-file", str(c.folder / "token")),
     "serve-token-short": lambda c: c.job("serve", "--token-file", c.write("token", "short\n")),
