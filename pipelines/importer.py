@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cart_core.corpus import CorpusError, load_corpus_files
 from cart_core.errors import BadInput
@@ -74,8 +75,13 @@ def run_import(store: Store, items: str, captions: str | None = None, *,
                        "item_id": [str(owners[eval_rows[j]]) for j in fresh]})
         store.write_table(ev, f"eval/{run}/queries.parquet")
         update["eval_queries"] = manifest.eval_queries + [f"eval/{run}"]
+    trained = set(zip(*train)) | _training_pairs_of(version, {str(owners[eval_rows[j]]) for j in fresh})
+    also_trained = sum((str(owners[eval_rows[j]]), texts[eval_rows[j]]) in trained for j in fresh)
+    if also_trained:  # kept: the evaluation set is the user's; its figures should say so
+        log("import", f"{also_trained} held-out caption(s) are also a training caption of their item (the same "
+                      "text): `cart evaluate` answers those queries from training data")
     summary.counts.update(captions=len(texts), training_queries=len(train[0]), eval_queries=len(fresh),
-                          captions_held_out_already=leaked,
+                          captions_held_out_already=leaked, held_out_also_training=int(also_trained),
                           captions_already_present=len(texts) - len(train[0]) - len(fresh) - leaked)
     summary.time("write_s", t0)
     if update:
@@ -118,3 +124,12 @@ def not_held_out(version: IndexVersion, item_ids: list[str], texts: list[str]) -
     held = set(zip(held.column("item_id").to_pylist(), held.column("text").to_pylist()))
     keep = [(i, t) for i, t in zip(item_ids, texts) if (i, t) not in held]
     return ([i for i, _ in keep], [t for _, t in keep]), len(item_ids) - len(keep)
+
+
+def _training_pairs_of(version: IndexVersion, items: set[str]) -> set[tuple[str, str]]:
+    """The (item, text) training queries the store holds for `items`."""
+    if not version.manifest.queries or not items:
+        return set()
+    q = version.queries(["item_id", "text"])
+    q = q.filter(pc.is_in(q.column("item_id"), value_set=pa.array(sorted(items), pa.string())))
+    return set(zip(q.column("item_id").to_pylist(), q.column("text").to_pylist()))

@@ -71,7 +71,8 @@ def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
     # the synthetic captions repeat 5 (item, text) pairs: each is stored once
     assert first["counts"] == {"items": 160, "new_items": 160, "already_present": 0, "captions": 800,
                                "training_queries": 635, "eval_queries": 160, "captions_already_present": 5,
-                               "captions_held_out_already": 0, "readded_after_delete": 0}
+                               "captions_held_out_already": 0, "held_out_also_training": 7,
+                               "readded_after_delete": 0}
     manifest = store.manifest()
     assert manifest.version == 1 and manifest.dim == 32
     feats = store.read_table(manifest.features)
