@@ -87,7 +87,7 @@ class JobsConfig:
     serve_batch_wait_s: float = 0.01
     serve_replicas: int = 1
     train_max_failures: int = 2     # Ray Train restarts from the last checkpoint after a lost worker / node
-    train_start_tries: int = 10     # 60 s each: how long `cart train` waits for nodes that can hold its workers
+    train_start_tries: int = 30     # Ray Train's start (60 s) tried again this often while no nodes hold the workers; -1: without limit
 
 
 @dataclass
@@ -211,7 +211,7 @@ def _check_choice(value: Any, hint: Any, where: str) -> Any:
 # ---- ranges: every number is checked at load time ---------------------------------------------
 # A count or a size must be >= 1 (a float rate or scale > 0); a share lies in [0, 1] (or [0, 1));
 # every other number must be >= 0 (seeds, weights, indices; 0 = "auto" or "off" where a comment
-# says so); jobs.train_max_failures also takes Ray's -1 (restart without limit).
+# says so); jobs.train_max_failures and jobs.train_start_tries also take Ray's -1 (without limit).
 AT_LEAST_ONE = {
     "identifiers.n_clusters", "identifiers.kmeans_sample", "identifiers.rqvae.levels",
     "identifiers.rqvae.codebook_size", "identifiers.rqvae.latent_dim", "identifiers.rqvae.hidden_dim",
@@ -223,7 +223,7 @@ AT_LEAST_ONE = {
     "caption.frames", "caption.max_new_tokens", "caption.batch_size", "caption.actors",
     "jobs.checkpoint_every", "jobs.quantize_batch_size", "jobs.quantize_actors", "jobs.retrieve_batch_size",
     "jobs.retrieve_actors", "jobs.serve_max_batch_size", "jobs.serve_replicas",
-    "reindex.finetune_epochs", "reindex.keep_versions", "jobs.train_start_tries", "verify.mask_repeats",
+    "reindex.finetune_epochs", "reindex.keep_versions", "verify.mask_repeats",
     "verify.caption_predictor.folds", "verify.expand_depth",
     "queries.max_chars", "queries.max_k", "queries.max_per_request", "serve.max_body_bytes", "serve.watcher_failures",
     "verify.candidates", "verify.neighbors", "verify.neighbor_probe", "verify.align.epochs", "verify.align.batch_size", "verify.align.negatives",
@@ -234,7 +234,7 @@ ABOVE_ZERO = {
     "reindex.drift_factor", "verify.align.lr", "verify.align.temperature",
     "verify.caption_metric.lr", "verify.caption_metric.temperature",
 }
-MINUS_ONE_ALLOWED = {"jobs.train_max_failures"}
+MINUS_ONE_ALLOWED = {"jobs.train_max_failures", "jobs.train_start_tries"}
 SHARES = {  # key: whether 1 itself is allowed
     "generator.dropout": False, "train.warmup_frac": True, "verify.holdout": False, "verify.mask_captions": True,
     "reindex.fallback_fpr": True, "verify.captionless_query_share": True,

@@ -304,22 +304,8 @@ def _load_captions(
     for r in bad_rows[: max(room, 0)].tolist():
         report["skipped_rows"].append((str(path), r, _reason(bool(unknown[r]), raw[r])))
     keep = ~bad
-    if "caption_index" in table.column_names:
-        _refuse_repeated_index(caption_item, index, keep, raw, path)
     texts = text_col.filter(pa.array(keep)) if bad_rows.size else text_col
     return caption_item[keep], index[keep], texts.to_pylist()
-
-
-def _refuse_repeated_index(caption_item: np.ndarray, index: np.ndarray, keep: np.ndarray, raw: np.ndarray,
-                           path: Path) -> None:
-    """(item_id, caption_index) names one caption: a held-out caption's query id is built from it,
-    so a repeat would give two evaluation queries one id (which `cart evaluate` then refuses)."""
-    pairs = pd.DataFrame({"item": caption_item, "index": index})[keep]
-    repeated = pairs.duplicated(keep="first").to_numpy()
-    if repeated.any():
-        r = int(pairs.index[np.flatnonzero(repeated)[0]])
-        first = int(pairs.index[((pairs["item"] == caption_item[r]) & (pairs["index"] == index[r])).to_numpy()][0])
-        raise CorpusError(path, r, f"item_id {raw[r]!r} has caption_index {int(index[r])} twice (first at row {first})")
 
 
 # --------------------------------------------------------------------------- public API

@@ -466,13 +466,18 @@ class Store:
         self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
             tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-            shutil.copyfile(local, tmp)
-            fd = os.open(tmp, os.O_RDONLY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
+                shutil.copyfile(local, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, dest)
+            except BaseException:  # a full disk, an interrupt: no stray half copy
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
         else:
             self.fs.put_file(str(local), dest)
 

@@ -25,8 +25,8 @@ from pipelines.stages import Resources, Stage, run_stage, stream
 
 RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("uri", pa.string()), ("text", pa.string()),
                            ("status", pa.string()), ("reason", pa.string())])
-CHANGED = ("the file changed since `cart extract` (its content is not what the features were extracted "
-           "from); `cart reindex --update` the item, then caption it")
+CHANGED = ("the file changed since `cart extract` (the features are of other content): replace the item with "
+           "`cart reindex --update` (its captions with `--captions`), or restore the file")
 MAX_SIDE = 768   # frames are shrunk to this shorter side before the processor (memory, not quality)
 
 

@@ -181,7 +181,7 @@ class ExtractStage(Stage):
             v = np.asarray(v, np.float32)
             if not np.isfinite(v).all() or not v.any():  # e.g. a float WAV holding a NaN sample
                 out[i]["status"], out[i]["reason"] = "error", (
-                    "embedding is not finite (the decoded media holds NaN or inf values)" if not np.isfinite(v).all()
+                    "the model gave an embedding that is not finite (NaN or inf)" if not np.isfinite(v).all()
                     else "embedding is all zeros")
                 continue
             out[i]["embedding"] = v.tolist()

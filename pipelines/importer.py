@@ -112,6 +112,16 @@ def held_out_rows(corpus, captions: str | None, index: int | None) -> np.ndarray
         found = sorted(set(corpus.caption_index.tolist()))
         raise BadInput(f"{captions}: no caption has caption_index {index} (the file has "
                        f"{', '.join(map(str, found[:10]))}{' …' if len(found) > 10 else ''}); nothing would be held out")
+    # a held-out caption's query id is <item>#<index>: two of one item would share it (`cart evaluate`
+    # then refuses the store's own table). Rows are the file's: the import drops no caption row.
+    held = np.flatnonzero(rows)
+    first: dict[int, int] = {}
+    for r in held.tolist():
+        item = int(corpus.caption_item[r])
+        if item in first:
+            raise CorpusError(captions, r, f"item_id {str(corpus.item_ids[item])[:60]!r} has caption_index {index} "
+                                           f"twice (first at row {first[item]}); the held-out query id would repeat")
+        first[item] = r
     return rows
 
 

@@ -161,10 +161,14 @@ class AssignCodesStage(Stage):
 def fit_sample(ds, n_items: int, cfg: CartConfig, lookup: CentroidLookup | None) -> np.ndarray:
     """The identifier vectors of a seeded random sample of at most kmeans_sample items."""
     fraction = min(1.0, cfg.identifiers.kmeans_sample / max(n_items, 1))
-    sample = ds if fraction >= 1.0 else ds.random_sample(fraction, seed=cfg.identifiers.seed)
-    parts = [batch_vectors(b, cfg.identifiers.source, lookup)
-             for b in sample.iter_batches(batch_format="numpy", batch_size=8192)]
-    return np.concatenate(parts)
+    while True:  # a Bernoulli sample can come out short: drawn again, larger, when under n_clusters rows
+        sample = ds if fraction >= 1.0 else ds.random_sample(fraction, seed=cfg.identifiers.seed)
+        parts = [batch_vectors(b, cfg.identifiers.source, lookup)
+                 for b in sample.iter_batches(batch_format="numpy", batch_size=8192)]
+        vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        if fraction >= 1.0 or len(vectors) >= cfg.identifiers.n_clusters:
+            return vectors
+        fraction = min(1.0, 2 * fraction)
 
 
 def up_to_date(version: IndexVersion, cfg: CartConfig) -> bool:

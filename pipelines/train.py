@@ -102,7 +102,7 @@ def resume_digests(pairs: pa.Table, cfg: CartConfig, finetune: Finetune | None) 
 
     pairs_digest, settings_digest = hashlib.sha256(), hashlib.sha256()
     _hash_pairs(pairs_digest, pairs)
-    _hash_settings(settings_digest, cfg, finetune)
+    _hash_settings(settings_digest, cfg, finetune, resume=True)
     return {"pairs": pairs_digest.hexdigest()[:32], "settings": settings_digest.hexdigest()[:32]}
 
 
@@ -114,12 +114,20 @@ def _hash_pairs(digest, pairs: pa.Table) -> None:
                     digest.update(buf)
 
 
-def _hash_settings(digest, cfg: CartConfig, finetune: Finetune | None) -> None:
+def _hash_settings(digest, cfg: CartConfig, finetune: Finetune | None, resume: bool = False) -> None:
+    """The fingerprint hashes every setting the committed generator and verifier depend on; a
+    resume (`resume`), only those its checkpoints depend on: the model, the training (its epochs
+    included: the learning-rate schedule spans them) and the slice kept from it for the fusion fit
+    (the verifier itself is fitted after the training, under the settings of the run that ends)."""
     import json
 
     settings = config_dict(cfg)
-    digest.update(json.dumps({k: settings[k] for k in ("generator", "train", "verify")}, sort_keys=True,
-                             default=str).encode())
+    if resume:
+        settings = {"generator": settings["generator"], "train": settings["train"],
+                    "verify": {"holdout": settings["verify"]["holdout"]}}
+    else:
+        settings = {k: settings[k] for k in ("generator", "train", "verify")}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(json.dumps(None if finetune is None else [finetune.init_from, finetune.rehearsal]).encode())
 
 
@@ -282,6 +290,20 @@ def train_scaling(cfg: CartConfig, workers: int | None = None) -> TrainScaling:
     return TrainScaling(n, cpus, how)
 
 
+def worker_slots(nodes: list[dict], cpus_per_worker: float, gpu: bool) -> int:
+    """How many workers of `cpus_per_worker` CPUs (and one GPU each with `gpu`) the nodes'
+    resources hold, each worker on one node. Counted in Ray's fixed point (1e-4 of a resource):
+    2 CPUs hold five 0.4-CPU workers, where 2 // 0.4 in floats says four."""
+    def units(x: float) -> int:
+        return int(round(x * 10_000))
+
+    total = 0
+    for r in nodes:
+        cpu = units(r.get("CPU", 0)) // units(cpus_per_worker) if units(cpus_per_worker) else 1 << 30
+        total += min(cpu, int(r.get("GPU", 0)) if gpu else cpu)
+    return total
+
+
 def check_placement(scaling: TrainScaling, cfg: CartConfig) -> None:
     """Workers that the nodes up now cannot hold (each on one node) would leave Ray Train retrying
     its start for ever, without a word: refused on a Ray this process started (nothing can add
@@ -291,8 +313,7 @@ def check_placement(scaling: TrainScaling, cfg: CartConfig) -> None:
 
     gpu = cfg.jobs.use_gpu
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    slots = sum(min(int(r.get("CPU", 0) // scaling.cpus_per_worker) if scaling.cpus_per_worker else 1 << 30,
-                    int(r.get("GPU", 0)) if gpu else 1 << 30) for r in nodes)
+    slots = worker_slots(nodes, scaling.cpus_per_worker, gpu)
     if slots >= scaling.workers:
         return
     need = f"{scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU{' + 1 GPU' if gpu else ''}"
@@ -301,8 +322,10 @@ def check_placement(scaling: TrainScaling, cfg: CartConfig) -> None:
     if ray_started_here():
         raise BadInput(f"{need} cannot be placed on this machine's Ray ({have}, room for {slots}); lower --workers "
                        "(jobs.train_workers) or jobs.cpus_per_worker, or pass --address of a larger cluster")
+    tries = cfg.jobs.train_start_tries
     log("train", f"{need} do not fit the nodes up now ({have}, room for {slots}): waiting for more nodes "
-                 f"(an autoscaler's), at most {cfg.jobs.train_start_tries} x 60 s")
+                 f"(an autoscaler's); Ray Train's start times out every 60 s and is tried again "
+                 f"{'without limit' if tries < 0 else f'{tries} times'} (jobs.train_start_tries)")
 
 
 TRAINED_FOR = {"ids", "extra.ids_chain", "extra.tombstones"}  # what a generator was trained for
@@ -369,27 +392,32 @@ def resumed_from(store: Store, started_for: str | None, base: Manifest) -> Manif
     return None
 
 
-def why_not_resumed(store: Store, pending: dict, base: Manifest, digests: dict[str, str]) -> str | None:
+def why_not_resumed(store: Store, pending: dict, base: Manifest, cfg: CartConfig, finetune: Finetune | None,
+                    digests: dict[str, str]) -> str | None:
     """Why the unfinished run in `pending` cannot go on for `base` with these pairs and settings,
     or None when it can. Its checkpoint holds what it learned under the settings and from the
     pairs it started with: going on under others would commit a generator that neither set of
-    settings, nor the fingerprint recorded with it, describes."""
+    settings, nor the fingerprint recorded with it, describes. Pairs may differ only by deletes
+    since: every commit since the run's version only deleted items, and that version's pairs, read
+    with this config, are the ones it started on."""
     if resumed_from(store, pending.get("ids"), base) is None:
         return "the unfinished run was for other identifiers"
     if pending.get("settings") not in (None, digests["settings"]):  # pending files before 2026-12-07 lack it
-        return "the unfinished run was started with other generator / train / verify settings"
+        return "the unfinished run was started with other generator / train settings (or verify.holdout)"
     if pending.get("pairs") in (None, digests["pairs"]):
         return None
     started = pending.get("started")
+    changed = (f"its training pairs changed since it started on version {started} (captions imported, identifiers "
+               "or `jobs.pseudo_query_weight` changed: not only items deleted)")
     try:
-        went_on = None if started is None else deletes_since(store, store.version(int(started)),
-                                                             TRAINED_FOR | PAIRS_FROM, TRAIN_WRITES)
-    except (StoreError, OSError, ValueError):
-        went_on = None
-    if went_on is None or went_on.version == int(started) or went_on.version < base.version:
-        return (f"its training pairs changed since it started on version {started} (captions imported, "
-                "identifiers or `jobs.pseudo_query_weight` changed: not only items deleted)")
-    return None
+        first = IndexVersion(store, store.version(int(started)))
+        went_on = deletes_since(store, first.manifest, TRAINED_FOR | PAIRS_FROM, TRAIN_WRITES)
+        if went_on.version == first.version or went_on.version < base.version:
+            return changed
+        then, _ = training_pairs(store, cfg, finetune, version=first)
+    except (StoreError, OSError, ValueError, TypeError):  # its history compacted away, or unreadable
+        return f"{changed[:changed.index(' (')]}, and version {started} cannot be read to tell"
+    return None if resume_digests(then, cfg, finetune)["pairs"] == pending["pairs"] else changed
 
 
 def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume: bool = False,
@@ -423,7 +451,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         run, resume_from, started = summary.run, None, base.version
         if resume and store.exists(PENDING):
             pending = store.read_json(PENDING)
-            why_not = why_not_resumed(store, pending, info["base"], digests)
+            why_not = why_not_resumed(store, pending, info["base"], cfg, finetune, digests)
             if why_not is None:
                 went_on = resumed_from(store, pending.get("ids"), info["base"])
                 run, resume_from = pending["run"], latest_checkpoint(store, pending["run"])
@@ -465,8 +493,9 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
             raise RuntimeError(f"training failed: {result.error}")
         summary.time("train_s", t0)
         final = latest_checkpoint(store, run)
-        if final is None:
-            raise StoreError(f"{store.uri('generator', run)}: training finished without a checkpoint")
+        if final is None or not final.endswith(f"epoch-{cfg.train.epochs:04d}"):  # a damaged last one: not committed
+            raise StoreError(f"{store.uri('generator', run)}: training finished without a readable checkpoint of "
+                             f"its last epoch ({cfg.train.epochs}); `cart train --resume` trains it again")
         with store.local_dir(f"{final}/model") as folder:
             store.put_dir(folder, f"generator/{run}/model")
         t0 = time.perf_counter()

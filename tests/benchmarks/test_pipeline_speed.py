@@ -88,12 +88,13 @@ def test_invalid_arguments_exit_non_zero(tmp_path, args):
 
 
 def test_failed_arm_fails_loudly(tmp_path):
-    # a one-vector K-Means sample passes the config checks, and K-Means refuses it inside the Ray job
+    # identifiers from captions pass the config checks (they do not know the store), and the quantize
+    # job refuses them once Ray has started: the benchmark's store holds no captions
     result = run("--out", str(tmp_path), "--skip", "retrieve", "--n", "500", "--dim", "32", "--components", "8",
-                 "--set", "identifiers.n_clusters=8", "--set", "identifiers.kmeans_sample=1", timeout=120)
+                 "--set", "identifiers.n_clusters=8", "--set", "identifiers.source=captions", timeout=120)
     assert result.returncode != 0
     assert "arm quantize_ray failed" in result.stderr
-    assert "cannot fit 8 clusters on 1 vectors" in result.stderr
+    assert "the committed index has no queries yet" in result.stderr
     assert not (tmp_path / "pipeline_speed.json").exists()
 
 

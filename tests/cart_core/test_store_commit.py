@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import threading
 from dataclasses import replace
 
@@ -115,3 +116,33 @@ def test_a_committer_that_keeps_losing_backs_off_longer_then_gives_up(tmp_path, 
     assert bounds[0] == 0.005 and bounds[1] == 0.01 and bounds[-1] == 1.0
     assert sum(waits[len(waits) // 2:]) > sum(waits[:8])  # later retries wait longer
     assert Store(tmp_path).manifest().version == 1
+
+
+def test_put_file_is_whole_or_absent_to_a_reader_meanwhile(tmp_path):
+    """A reader (a resumed training looking for a checkpoint's `state.json`) never sees a short
+    copy: on a local store the file is copied beside its place and renamed into it."""
+    import threading
+
+    store = Store(tmp_path / "store")
+    sizes = {8 << 20, 12 << 20}
+    sources = [tmp_path / f"src{i}" for i in range(2)]
+    for path, size in zip(sources, sorted(sizes)):
+        path.write_bytes(os.urandom(size))
+    done, seen = threading.Event(), set()
+
+    def read() -> None:
+        dest = store.path("model/weights.bin")
+        while not done.is_set():
+            if os.path.exists(dest):
+                seen.add(os.path.getsize(dest))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(12):
+            store.put_file(sources[i % 2], "model/weights.bin")
+    finally:
+        done.set()
+        reader.join()
+    assert seen and seen <= sizes, f"a reader saw sizes {sorted(seen - sizes)[:5]} that are no whole copy"
+    assert not [p for p in os.listdir(store.path("model")) if ".tmp-" in p]

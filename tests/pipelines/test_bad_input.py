@@ -157,7 +157,7 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "import-caption-index-twice": lambda c: c.job(
         "import", "--items", c.write("items.parquet", c.items()), "--captions", c.write("captions.parquet", pa.table(
             {"item_id": [c.items().column("item_id")[i].as_py() for i in (0, 1, 0)], "caption_index": [4, 4, 4],
-             "caption": ["a dog", "a cat", "a dog again"]}))),
+             "caption": ["a dog", "a cat", "a dog again"]})), "--holdout-caption-index", "4"),
     "import-holdout-index-absent": lambda c: c.job(
         "import", "--items", c.write("items.parquet", c.items()), "--holdout-caption-index", "9",
         "--captions", c.write("captions.parquet", pa.table({"item_id": [c.items().column("item_id")[0].as_py()],

@@ -92,11 +92,13 @@ def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
         run_import(Store(tmp_path / "other"), items, captions, holdout_caption_index=9)
     with pytest.raises(BadInput, match="needs --captions"):
         run_import(Store(tmp_path / "other"), items, None, holdout_caption_index=4)
-    twice = pq.read_table(corpus_dir / "captions.parquet").slice(0, 6)
-    twice = pa.concat_tables([twice, twice.slice(1, 1)])  # row 6 repeats row 1's (item, caption_index)
+    twice = pq.read_table(corpus_dir / "captions.parquet").slice(0, 10)
+    held = [i for i, k in enumerate(twice.column("caption_index").to_pylist()) if k == 4][0]
+    twice = pa.concat_tables([twice, twice.slice(held, 1)])  # row 10 repeats a held-out (item, caption_index)
     pq.write_table(twice, tmp_path / "twice.parquet")
-    with pytest.raises(CorpusError, match=r"twice.parquet.*row 6.*caption_index \d+ twice \(first at row 1\)"):
+    with pytest.raises(CorpusError, match=rf"twice.parquet: row 10: .* caption_index 4 twice \(first at row {held}\)"):
         run_import(Store(tmp_path / "other"), items, str(tmp_path / "twice.parquet"), holdout_caption_index=4)
+    run_import(Store(tmp_path / "repeats"), items, str(tmp_path / "twice.parquet"))  # nothing held out: no id to repeat
     assert not (tmp_path / "other").exists() or not Store(tmp_path / "other").versions()
 
     bad = pq.read_table(corpus_dir / "items.parquet").to_pandas()
@@ -328,14 +330,29 @@ def test_train_resumes_after_a_crash(tmp_path, quantized, corpus_dir, monkeypatc
 
     def why_not(store: Store, *overrides: str) -> str | None:
         cfg = small_config(*overrides)
-        return why_not_resumed(store, pending, store.manifest(), resume_digests(training_pairs(store, cfg)[0], cfg, None))
+        pairs = training_pairs(store, cfg)[0]
+        return why_not_resumed(store, pending, store.manifest(), cfg, None, resume_digests(pairs, cfg, None))
 
     assert why_not(store) is None
-    assert "other generator / train / verify settings" in why_not(store, "train.lr=0.002")
+    assert why_not(store, "verify.candidates=50") is None  # the verifier is fitted after the training
+    assert "other generator / train settings" in why_not(store, "train.lr=0.002")
+    # pairs that differ by a delete since: resumed; by more (a pending file whose pairs are not those of
+    # the version it started on, read with this config), not, though the versions since only deleted
+    from pipelines.reindex import run_reindex
+
+    deleted = copy_of(store, tmp_path / "deleted")
+    (tmp_path / "gone.txt").write_text(store.read_table(store.manifest().features).column("item_id")[0].as_py())
+    run_reindex(deleted, small_config(), delete=str(tmp_path / "gone.txt"))
+    cfg = small_config()
+    digests = resume_digests(training_pairs(deleted, cfg)[0], cfg, None)
+    assert digests["pairs"] != pending["pairs"]
+    assert why_not_resumed(deleted, pending, deleted.manifest(), cfg, None, digests) is None
+    assert "training pairs changed" in why_not_resumed(deleted, {**pending, "pairs": "0" * 32}, deleted.manifest(),
+                                                       cfg, None, digests)
     grown = copy_of(store, tmp_path / "grown")  # captions imported since the run started: other pairs
     extra = pq.read_table(corpus_dir / "captions.parquet").slice(0, 3)
     index, text = extra.schema.get_field_index("caption_index"), extra.schema.get_field_index("caption")
-    extra = extra.set_column(index, "caption_index", pa.array([7] * 3, extra.schema.field(index).type))
+    extra = extra.set_column(index, "caption_index", pa.array([7, 8, 9], extra.schema.field(index).type))
     pq.write_table(extra.set_column(text, "caption", pa.array(["a caption added later"] * 3)), tmp_path / "later.parquet")
     run_import(grown, str(corpus_dir / "items.parquet"), str(tmp_path / "later.parquet"))
     assert "training pairs changed since it started" in why_not(grown)
