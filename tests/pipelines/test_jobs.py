@@ -367,6 +367,7 @@ def test_train_resumes_after_a_crash(tmp_path, quantized, corpus_dir, monkeypatc
     assert not store.exists(PENDING)
 
 
+@pytest.mark.slow  # 30 s; test_node_faults (also slow) checks the same restart with a real node killed
 def test_train_restarts_itself_from_the_last_checkpoint(tmp_path, quantized, monkeypatch):
     """A worker failure mid-run (jobs.train_max_failures > 0): Ray Train restarts the loop, which
     continues from the run's newest checkpoint in the store, and the run commits on its own."""
