@@ -125,6 +125,12 @@ class CentroidLookup:
 
 def batch_vectors(batch: dict, source: str, lookup: CentroidLookup | None) -> np.ndarray:
     features = stack_column(batch["embedding"])
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():  # K-Means / the codebooks would fail naming no item, or give it garbage codes
+        item = str(batch["item_id"][int(np.flatnonzero(bad)[0])])
+        raise StoreError(f"item {item[:60]!r}: its stored features are not finite (NaN or inf; `cart extract` kept "
+                         f"such rows before 2026-12-07, {int(bad.sum())} in this batch): `cart reindex --delete` it or "
+                         "`--update` it with good features, then rerun")
     captions = lookup(batch["item_id"]) if lookup is not None else None
     return identifier_inputs(source, features, captions)
 

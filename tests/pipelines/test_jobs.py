@@ -109,6 +109,28 @@ def test_import_validates_and_is_idempotent(tmp_path, corpus_dir):
         run_import(Store(tmp_path / "other"), str(bad_path))
 
 
+def test_quantize_names_an_item_whose_stored_features_are_not_finite(tmp_path, corpus_dir, ray_local):
+    """A store written before `cart extract` refused NaN embeddings may hold one: named, exit 2,
+    nothing committed (K-Means failed naming no item)."""
+    from dataclasses import replace
+
+    from cart_core.store import features_table
+    from pipelines.importer import run_import
+    from pipelines.quantize import run_quantize
+
+    store = Store(tmp_path / "store")
+    run_import(store, str(corpus_dir / "items.parquet"))
+    emb = np.ones((1, 32), np.float32)
+    emb[0, 3] = np.nan
+    store.write_table(features_table(["legacy-nan"], emb, ["audio"], ["old.wav"], [None]),
+                      "features/extract-old/part-00000.parquet")
+    before = store.commit(replace(store.manifest(), features=store.manifest().features + ["features/extract-old"]),
+                          "a feature row `cart extract` kept before 2026-12-07")
+    with pytest.raises(StoreError, match=r"item 'legacy-nan': its stored features are not finite"):
+        run_quantize(store, small_config("identifiers.source=features"))
+    assert store.manifest() == before
+
+
 def test_quantize_needs_features(tmp_path, ray_local):
     from pipelines.quantize import run_quantize
 
