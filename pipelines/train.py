@@ -307,8 +307,8 @@ def worker_slots(nodes: list[dict], cpus_per_worker: float, gpu: bool) -> int:
 def check_placement(scaling: TrainScaling, cfg: CartConfig) -> None:
     """Workers that the nodes up now cannot hold (each on one node) would leave Ray Train retrying
     its start for ever, without a word: refused on a Ray this process started (nothing can add
-    nodes to it); on a cluster, said, and waited for up to `jobs.train_start_tries` minutes (an
-    autoscaler may add nodes)."""
+    nodes to it); on a cluster, said, and the start (60 s) tried again `jobs.train_start_tries`
+    times while an autoscaler may add nodes."""
     import ray
 
     gpu = cfg.jobs.use_gpu
