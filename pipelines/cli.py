@@ -5,12 +5,16 @@ Every job verb takes --store (local path or s3://bucket/prefix), --config, --set
 Bad input (`cart_core.errors.BadInput`, and a store that cannot serve) exits 2 with one line naming
 the file, row and reason, before Ray starts wherever the check does not need the cluster; a failed
 job exits 1 with its innermost error on one line; a commit refused because another job committed a
-conflicting change meanwhile exits 3 (rerun the job). `--debug` shows the traceback instead.
-SIGTERM is handled like Ctrl-C, so a stopped job removes its temporary outputs (exit 130 / 143).
+conflicting change meanwhile exits 3 (rerun the job). An error of ours raised in an actor's
+constructor counts as the job's own (Ray keeps only its text: `raised_in_constructor`). `--debug`
+shows the traceback instead. SIGTERM is handled like Ctrl-C, so a stopped job removes its
+temporary outputs (exit 130 / 143).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 import signal
 import sys
 import threading
@@ -235,6 +239,37 @@ def innermost(exc: BaseException) -> BaseException:
     while isinstance(getattr(exc, "cause", None), BaseException) and id(exc) not in seen:
         seen.add(id(exc))
         exc = exc.cause
+    return raised_in_constructor(exc)
+
+
+# the last line of a traceback: `<module>.<Class>: <message>`, for a module of this project
+_RAISED_LINE = re.compile(r"^((?:cart_core|pipelines)(?:\.\w+)+)\.(\w+): (.+)$")
+
+
+def raised_in_constructor(exc: BaseException) -> BaseException:
+    """Our error, where an actor's constructor raised it; `exc` otherwise.
+
+    Ray reports an actor whose `__init__` raised as `ActorDiedError`, which keeps the traceback's
+    text but not the exception (Ray Data's actor pools, Serve replicas and our own actors alike).
+    An actor that finds a damaged store file or a bad setting while loading would otherwise exit 1
+    with Ray's banner. The error is rebuilt, with its message, from the traceback's last line of
+    this project's modules: exit code and message are then those of the job raising it itself.
+    """
+    if not getattr(exc, "actor_init_failed", False):
+        return exc
+    for line in reversed(str(exc).splitlines()):
+        found = _RAISED_LINE.match(line.strip())
+        if not found:
+            continue
+        try:
+            cls = getattr(importlib.import_module(found[1]), found[2], None)
+        except ImportError:
+            return exc
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            return exc
+        rebuilt = Exception.__new__(cls)  # its own __init__ may take other arguments than the message
+        Exception.__init__(rebuilt, found[3])
+        return rebuilt
     return exc
 
 

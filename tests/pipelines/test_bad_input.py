@@ -139,6 +139,18 @@ def _awaiting_training(c: Case) -> Store:
     return store
 
 
+def _damaged_generator(c: Case) -> Store:
+    """A copy of the store whose generator weights were cut short after the commit: the driver's
+    checks read the identifiers and settings only, so the retrieve actors are the first to load
+    them (and Ray reports an actor whose constructor raised as ActorDiedError)."""
+    shutil.copytree(c.store.root, c.folder / "damaged")
+    store = Store(c.folder / "damaged")
+    weights = sorted((Path(store.root) / store.manifest().generator / "model").glob("*.safetensors"))
+    assert weights, "the generator has no safetensors file"
+    weights[0].write_bytes(weights[0].read_bytes()[:100])
+    return store
+
+
 def _ghost_items(c: Case) -> str:
     t = c.items(n=1)
     return c.write("items.parquet", t.set_column(0, "item_id", pa.array(["ghost"])))
@@ -190,6 +202,7 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
                                                                  text=[None, " \t\n", "\x00\x07"])),
     "retrieve-out-folder": lambda c: c.job("retrieve", "--queries", c.queries(), "--out", str(c.folder)),
     "retrieve-untrained-store": lambda c: c.retrieve(store=Store(c.folder / "empty")),
+    "retrieve-generator-damaged": lambda c: c.retrieve(store=_damaged_generator(c)),
     "evaluate-unknown-item": lambda c: c.evaluate(queries=c.queries(query_id=["q0"], text=["a dog"], item_id=["ghost"])),
     "evaluate-out-file": lambda c: c.job("evaluate", "--out", c.write("metrics.json", "{}")),
     "reindex-nothing": lambda c: c.job("reindex"),

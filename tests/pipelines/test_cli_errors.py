@@ -1,0 +1,45 @@
+"""How `cart` reports a failure raised inside Ray: exit code and one line (pipelines/cli.py)."""
+from __future__ import annotations
+
+import pytest
+
+from cart_core.errors import LocatedError
+from cart_core.store import CommitConflict, StoreError
+from pipelines.cli import exit_code, innermost, one_line
+
+
+def _constructor_failure(ray, error: Exception) -> BaseException:
+    """What a call to an actor whose constructor raised `error` raises (Ray's ActorDiedError)."""
+
+    @ray.remote(num_cpus=0.1, max_restarts=0)
+    class Loads:
+        def __init__(self):
+            raise error
+
+        def ping(self) -> int:
+            return 1
+
+    with pytest.raises(ray.exceptions.ActorDiedError) as caught:
+        ray.get(Loads.remote().ping.remote())
+    return caught.value
+
+
+@pytest.mark.parametrize("error, code", [
+    (LocatedError("/data/items.parquet", 7, "embedding contains NaN"), 2),
+    (StoreError("/s/gen-3/model: the generator cannot be loaded (truncated)"), 2),
+    (CommitConflict("another job committed version 9 meanwhile"), 3),
+])
+def test_our_error_in_an_actor_constructor_keeps_its_exit_code_and_message(ray_local, error, code):
+    died = _constructor_failure(ray_local, error)
+    assert exit_code(died)[0] == 1, "Ray's own exception carries no type of ours"
+    cause = innermost(died)
+    assert isinstance(cause, type(error))
+    assert exit_code(cause)[0] == code
+    assert one_line(cause) == str(error)
+
+
+def test_another_libraries_error_in_an_actor_constructor_stays_a_failed_job(ray_local):
+    died = _constructor_failure(ray_local, RuntimeError("CUDA out of memory"))
+    cause = innermost(died)
+    assert cause is died
+    assert exit_code(cause)[0] == 1
