@@ -234,11 +234,18 @@ def print_versions(store: Store) -> None:
 
 
 def innermost(exc: BaseException) -> BaseException:
-    """The error a Ray task or actor raised, unwrapped from Ray's own exception types."""
+    """The error a Ray task, actor or Ray Train worker raised, unwrapped from Ray's own exception
+    types (a training whose workers failed reports its lowest rank's error)."""
     seen = set()
-    while isinstance(getattr(exc, "cause", None), BaseException) and id(exc) not in seen:
+    while id(exc) not in seen:
         seen.add(id(exc))
-        exc = exc.cause
+        failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: {rank: exception}
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+        elif isinstance(getattr(exc, "cause", None), BaseException):
+            exc = exc.cause
+        else:
+            break
     return raised_in_constructor(exc)
 
 

@@ -43,3 +43,25 @@ def test_another_libraries_error_in_an_actor_constructor_stays_a_failed_job(ray_
     cause = innermost(died)
     assert cause is died
     assert exit_code(cause)[0] == 1
+
+
+def _fails_in_the_worker(config: dict) -> None:
+    raise StoreError(config["message"])
+
+
+def test_our_error_in_a_ray_train_worker_keeps_its_exit_code_and_message(ray_local, tmp_path):
+    """Ray Train reports a worker's exception inside WorkerGroupError; `cart` answers with it."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    message = f"{tmp_path}/generator/run/epoch-0001/model: the generator cannot be loaded (truncated)"
+    trainer = TorchTrainer(_fails_in_the_worker, train_loop_config={"message": message},
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name="fails", storage_path=str(tmp_path / "ray"),
+                                                failure_config=FailureConfig(max_failures=0)))
+    with pytest.raises(Exception) as caught:
+        trainer.fit()
+    cause = innermost(caught.value)
+    assert isinstance(cause, StoreError)
+    assert exit_code(cause)[0] == 2
+    assert one_line(cause) == message
