@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from cart_core.errors import ConfigError, InputNotFound, first_line
+from cart_core.errors import ConfigError, InputNotFound, first_line, shown
 from cart_core.settings import GeneratorConfig, RQVAEConfig, TrainConfig, VerifyConfig
 
 
@@ -144,6 +144,11 @@ class CartConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
+    def __post_init__(self):  # keys that must agree with each other, found at load
+        if isinstance(self.eval.k, int) and isinstance(self.queries.max_k, int) and self.eval.k > self.queries.max_k:
+            raise ConfigError(f"eval.k: {self.eval.k} is more than queries.max_k = {self.queries.max_k}, the most "
+                              "answers a query may ask for; lower eval.k or raise queries.max_k")
+
 
 def _build(cls, data: dict[str, Any], source: str, key: str = ""):
     """The dataclass `cls` from plain data; every error names the source, the dotted key, the value
@@ -175,7 +180,11 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         return None
     default = f.default if f.default is not dataclasses.MISSING else None
     kind = type(default) if default is not None else _optional_kind(f)
+    if value is None and kind in (str, int, float):  # `key:` or `--set key=` with nothing after it
+        raise ConfigError(f"{where}: no value given; {'an' if kind is int else 'a'} {kind.__name__} is needed")
     try:
+        if kind in (int, float, str) and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+            raise ValueError  # YAML's yes / on / true, or a list or a section, where a number or a name goes
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
                 return value.lower() in ("true", "1", "yes")
@@ -212,6 +221,9 @@ def _check_choice(value: Any, hint: Any, where: str) -> Any:
 # A count or a size must be >= 1 (a float rate or scale > 0); a share lies in [0, 1] (or [0, 1));
 # every other number must be >= 0 (seeds, weights, indices; 0 = "auto" or "off" where a comment
 # says so); jobs.train_max_failures and jobs.train_start_tries also take Ray's -1 (without limit).
+AT_MOST = {  # key: largest value, and why
+    "generator.max_query_tokens": (512, "the sentence encoders take at most 512 tokens"),
+}
 AT_LEAST_ONE = {
     "identifiers.n_clusters", "identifiers.kmeans_sample", "identifiers.rqvae.levels",
     "identifiers.rqvae.codebook_size", "identifiers.rqvae.latent_dim", "identifiers.rqvae.hidden_dim",
@@ -258,12 +270,42 @@ def _check_range(value: Any, path: str, where: str) -> Any:
         ok, rule = value >= 0, ">= 0"
     if not ok or value != value:  # NaN is never in range
         raise ConfigError(f"{where}: {value!r} is out of range; must be {rule}")
+    if path in AT_MOST and value > AT_MOST[path][0]:
+        raise ConfigError(f"{where}: {value!r} is out of range; must be <= {AT_MOST[path][0]} ({AT_MOST[path][1]})")
     return value
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping: YAML would keep the last silently."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one section (a second `train:` section
+    would otherwise replace the first one's settings without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line_of: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in first_line_of:
+                    raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {shown(key)} is given twice "
+                                        f"(first on line {first_line_of[key]}); give each key once")
+                first_line_of[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class says so
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"override value {shown(text)}: {exc}") from None
     except yaml.YAMLError:
         return text
 
@@ -290,8 +332,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise InputNotFound(f"{path}: config file not found")
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; give the YAML config file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); give the YAML config file") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or first_line(exc)})") from None
+        try:
+            data = _load_yaml(text) or {}
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
         if not isinstance(data, dict):

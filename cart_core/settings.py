@@ -48,6 +48,15 @@ class GeneratorConfig:
     finetune_layers: int = 0            # top text-encoder layers trained with the decoder (0 = frozen)
     prototype_scale: float = 20.0
 
+    def __post_init__(self):  # found at load, not in a Ray Train worker building the model
+        if isinstance(self.d_model, int) and isinstance(self.n_heads, int) and self.n_heads > 0 \
+                and self.d_model % self.n_heads:
+            raise ConfigError(f"generator.d_model: {self.d_model} is not a multiple of generator.n_heads = "
+                              f"{self.n_heads} (each attention head takes an equal share of the width)")
+        if self.query == "vector" and isinstance(self.query_dim, int) and self.query_dim <= 0:
+            raise ConfigError("generator.query: 'vector' needs generator.query_dim > 0 (the query vectors' "
+                              "dimension); the cart jobs answer text queries (generator.query: text)")
+
 
 @dataclass
 class TrainConfig:

@@ -84,8 +84,9 @@ def test_a_bad_choice_is_refused_naming_the_choices(key, choices, tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert str(exc.value) == f"{path}: {key}: 'bogus' is not one of {' | '.join(choices)}"
+    needs = ["generator.query_dim=8"] if key == "generator.query" else []  # vector queries need their width
     for choice in choices:
-        assert getattr(getattr(load_config(None, [f"{key}={choice}"]), section), name) == choice
+        assert getattr(getattr(load_config(None, [f"{key}={choice}", *needs]), section), name) == choice
 
 
 def test_a_section_given_a_value_is_refused():
@@ -202,3 +203,49 @@ def test_ridge_strengths_written_as_yaml_text_are_numbers():
 
 def test_a_generative_only_verifier_needs_no_signal():
     assert load_config(None, ["verify.mode=generative", "verify.signals=[]"]).verify.signals == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=yes", "train.epochs: True is not a valid int"),       # YAML reads yes / on / true as booleans
+    ("train.lr=on", "train.lr: True is not a valid float"),
+    ("jobs.retrieve_actors=true", "jobs.retrieve_actors: True is not a valid int"),
+    ("generator.text_encoder=", "generator.text_encoder: no value given; a str is needed"),
+    ("generator.text_encoder=[a, b]", "generator.text_encoder: ['a', 'b'] is not a valid str"),
+    ("extract.image_model={a: 1}", "extract.image_model: {'a': 1} is not a valid str"),
+    ("train.epochs=", "train.epochs: no value given; an int is needed"),
+    ("generator.max_query_tokens=1024", "generator.max_query_tokens: 1024 is out of range; must be <= 512"),
+    ("eval.k=500", "eval.k: 500 is more than queries.max_k = 100"),
+    ("generator.d_model=30", "generator.d_model: 30 is not a multiple of generator.n_heads = 4"),
+    ("generator.query=vector", "generator.query: 'vector' needs generator.query_dim > 0"),
+])
+def test_a_value_that_would_fail_later_or_mean_something_else_is_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert message in str(exc.value)
+
+
+def test_the_same_values_written_as_meant_load():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-4", "reindex.finetune=yes", "generator.max_query_tokens=512",
+                             "eval.k=100", "generator.d_model=32", "generator.query=vector", "generator.query_dim=8"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.reindex.finetune) == (3, 1e-4, True)
+    assert (cfg.generator.max_query_tokens, cfg.eval.k, cfg.generator.d_model) == (512, 100, 32)
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epochs: 3, lr: 0.01}\neval: {k: 5}\ntrain: {batch_size: 16}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value) == f"{path}: line 3: key 'train' is given twice (first on line 1); give each key once"
+    path.write_text("train:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match="line 3: key 'epochs' is given twice"):
+        load_config(path)
+
+
+def test_a_config_path_that_is_not_a_text_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; give the YAML config file"):
+        load_config(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"train:\n  epochs: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte 17\)"):
+        load_config(path)
