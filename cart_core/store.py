@@ -117,11 +117,16 @@ class Manifest:
         return replace(self, extra={**self.extra, "pending_trained": sorted(set(runs))})
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
+    def from_json(cls, text: str | bytes, where: str) -> "Manifest":
+        """The manifest in `text` (a file's bytes or their text); anything else is a StoreError naming `where`."""
         try:
-            data = json.loads(text)
+            data = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        except UnicodeDecodeError as exc:  # a file written over by something else (a Parquet file, say)
+            raise StoreError(f"{where}: not valid JSON (not UTF-8 text at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise StoreError(f"{where}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"{where}: not a manifest (a JSON {type(data).__name__}, not an object)")
         if data.get("format") != FORMAT_VERSION:
             raise StoreError(f"{where}: unsupported store format {data.get('format')!r}")
         known = set(cls.__dataclass_fields__)
@@ -236,7 +241,7 @@ class Store:
             current = self._newest_history()
         else:
             try:
-                current = Manifest.from_json(text.decode(), self.uri(MANIFEST))
+                current = Manifest.from_json(text, self.uri(MANIFEST))
             except StoreError as exc:
                 raise StoreError(f"{exc}; `cart check --store {self.url} --repair` restores it from the newest "
                                  f"intact {self.uri('manifests')}/v*.json") from None
@@ -250,7 +255,7 @@ class Store:
         if not files:
             return Manifest()
         try:
-            return Manifest.from_json(self.fs.cat_file(files[-1]).decode(), files[-1])
+            return Manifest.from_json(self.fs.cat_file(files[-1]), files[-1])
         except (StoreError, OSError, UnicodeDecodeError) as exc:
             raise StoreError(f"{self.uri(MANIFEST)}: missing, and the newest history file is unreadable "
                              f"({first_line(exc)}); `cart check --store {self.url} --repair` restores the pointer "
@@ -263,7 +268,7 @@ class Store:
             text = self._read_bytes(self.path(where))
             if text is None:
                 return current
-            current = Manifest.from_json(text.decode(), self.uri(where))
+            current = Manifest.from_json(text, self.uri(where))
 
     @staticmethod
     def history_path(version: int) -> str:
@@ -307,7 +312,7 @@ class Store:
         out = []
         for p in self.history_files():
             try:
-                out.append(Manifest.from_json(self.fs.cat_file(p).decode(), p))
+                out.append(Manifest.from_json(self.fs.cat_file(p), p))
             except (StoreError, OSError) as exc:
                 if strict:
                     raise StoreError(f"{first_line(exc)} (a history file); `cart check --store {self.url}` says "
@@ -327,7 +332,7 @@ class Store:
         text = self._read_bytes(self.path(where))
         if text is None:
             raise StoreError(f"{self.url}: no version {number} (see `cart versions`)")
-        return Manifest.from_json(text.decode(), self.uri(where))
+        return Manifest.from_json(text, self.uri(where))
 
     def repair_pointer(self, manifest: Manifest) -> None:
         """Rewrite manifest.json as `manifest` (`cart check --repair`; the history is the truth)."""

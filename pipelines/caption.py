@@ -125,7 +125,7 @@ def candidates(version: IndexVersion) -> tuple[pa.Table, dict[str, int]]:
 
 def caption_stage(cfg: CartConfig) -> CaptionStage:
     cap = cfg.caption
-    return CaptionStage(Resources(cap.actors, cap.num_cpus, cap.num_gpus, cap.batch_size), model=cap.model,
+    return CaptionStage(Resources(cap.actors, cap.num_cpus, cap.num_gpus, cap.batch_size, "caption."), model=cap.model,
                         max_new_tokens=cap.max_new_tokens, frames=cap.frames)
 
 

@@ -59,7 +59,7 @@ def inspect(store: Store) -> dict:
             report["problems"].append(f"{store.uri(MANIFEST)}: missing while {len(history)} versions exist")
     else:
         try:
-            current = Manifest.from_json(text.decode(), store.uri(MANIFEST))
+            current = Manifest.from_json(text, store.uri(MANIFEST))
         except (StoreError, UnicodeDecodeError) as exc:
             report["problems"].append(str(exc))
     newest = history[-1] if history else None
@@ -121,7 +121,7 @@ def read_history(store: Store) -> tuple[list[Manifest], list[str]]:
     good, bad = [], []
     for path in store.history_files():
         try:
-            good.append(Manifest.from_json(store.fs.cat_file(path).decode(), path))
+            good.append(Manifest.from_json(store.fs.cat_file(path), path))
         except (StoreError, UnicodeDecodeError, OSError) as exc:
             bad.append(f"{path}: unreadable history manifest ({exc})")
     return good, bad
@@ -236,7 +236,7 @@ def repair_pointer(store: Store, report: dict) -> list[str]:
     newest = history[-1]
     text = store._read_bytes(store.path(MANIFEST))
     try:
-        current = Manifest.from_json(text.decode(), MANIFEST) if text is not None else None
+        current = Manifest.from_json(text, MANIFEST) if text is not None else None
     except (StoreError, UnicodeDecodeError):
         current = None
     done = []

@@ -13,6 +13,7 @@ from cart_core.config import CartConfig, config_dict, load_config
 from cart_core.corpus import Corpus, load_corpus, synthetic_corpus
 from cart_core.experiment import dense_baselines, prepare, run_generative, run_hybrid
 from pipelines.data_paths import default_dataset, packaged_config
+from pipelines.outputs import check_output_folder
 from pipelines.report import format_table, plot_recall, write_metrics
 
 
@@ -37,6 +38,7 @@ def demo_config(config: str | None, quick: bool, overrides: list[str]) -> CartCo
 def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | None = None,
              overrides: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
+    check_output_folder(out)  # before the training, not at its end
     cfg = demo_config(config, quick, overrides or [])
     corpus, label = resolve_corpus(data)
     if corpus.caption_index.size and cfg.eval.query_caption_index > int(corpus.caption_index.max()):

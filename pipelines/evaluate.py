@@ -20,11 +20,12 @@ from cart_core.config import CartConfig, config_dict
 from cart_core.dense import FlatIndex, apply_ridge, caption_centroids, fit_ridge
 from cart_core.index_version import IndexVersion
 from cart_core.metrics import retrieval_metrics
-from cart_core.errors import BadInput, LocatedError, shown
+from cart_core.errors import LocatedError, shown
 from cart_core.store import Store, StoreError
 from cart_core.text import TextEncoder
 from pipelines.report import format_table, plot_recall, write_metrics
 from pipelines.leases import newest_servable_held
+from pipelines.outputs import check_output_folder
 from pipelines.queries import QueryTable, check_k, check_query_rows, load_queries
 from pipelines.runtime import JobSummary, init_ray, log
 from pipelines.search import retrieve_dataset
@@ -56,7 +57,7 @@ def generative_record(version: IndexVersion, queries: pa.Table, cfg: CartConfig,
             ranked[position[q], :len(items)] = [catalog[str(item)] for item in items]
     qps = queries.num_rows / (time.perf_counter() - t0)
     return {"method": "generative", "protocol": PROTOCOL, **retrieval_metrics(ranked, gold), "queries_per_s": qps,
-            "beam_size": cfg.eval.beam_size, "version": version.version}
+            "k": k, "beam_size": max(cfg.eval.beam_size, k), "version": version.version}  # the beam that ran
 
 
 def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: int,
@@ -95,8 +96,7 @@ def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: 
 def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> list[dict]:
     check_k(k, cfg.queries)
-    if Path(out).exists() and not Path(out).is_dir():
-        raise BadInput(f"{out}: is a file; give the folder to write metrics.json and recall.png in")
+    check_output_folder(out, store.url)
     # a user's file is checked first; the store's held-out captions by the same rules once it is open
     checked = load_queries(queries, cfg.queries, "evaluate", need_item=True) if queries is not None else None
     with newest_servable_held(store, "evaluate") as version:  # actors starting later load it: compact keeps it
@@ -138,7 +138,9 @@ def _evaluate(store: Store, version: IndexVersion, queries: str | None, checked:
     out_dir = Path(out)
     write_metrics(records, out_dir)
     plot_recall(records, out_dir / "recall.png", f"{store.url} (version {manifest.version}), {q.num_rows} queries")
-    (out_dir / "run.json").write_text(json.dumps({"config": config_dict(cfg), "manifest": json.loads(manifest.to_json()),
+    (out_dir / "run.json").write_text(json.dumps({"config": config_dict(cfg), "k": k, "ranked": max(k, 10),
+                                                  "beam_size": max(cfg.eval.beam_size, k, 10),
+                                                  "manifest": json.loads(manifest.to_json()),
                                                   "verify": dataclasses.asdict(settings) if settings else None},
                                                  indent=2, default=str))
     print(format_table(records, f"{store.url}: version {manifest.version}, {q.num_rows} queries"))

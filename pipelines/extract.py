@@ -287,7 +287,7 @@ def extract_stage(cfg: CartConfig, table: pa.Table) -> ExtractStage:
     """The stage for these rows: only the towers their modalities need are loaded."""
     ex = cfg.extract
     mods = set(table.column("modality").to_pylist())
-    return ExtractStage(Resources(ex.actors, ex.num_cpus, ex.num_gpus, ex.batch_size),
+    return ExtractStage(Resources(ex.actors, ex.num_cpus, ex.num_gpus, ex.batch_size, "extract."),
                         image_model=ex.image_model if mods & set(VISUAL) else None,
                         audio_model=ex.audio_model if "audio" in mods else None,
                         frames=ex.frames, sample_rate=ex.sample_rate, max_audio_s=ex.max_audio_s)

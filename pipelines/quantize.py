@@ -80,7 +80,7 @@ class CaptionEmbedStage(Stage):
 
 def quantize_resources(cfg: CartConfig, batch_size: int) -> Resources:
     """Both quantize stages share the `jobs.quantize_*` pool settings."""
-    return Resources(cfg.jobs.quantize_actors, cfg.jobs.quantize_num_cpus, 0.0, batch_size)
+    return Resources(cfg.jobs.quantize_actors, cfg.jobs.quantize_num_cpus, 0.0, batch_size, "jobs.quantize_")
 
 
 def caption_centroids(store: Store, manifest: Manifest, cfg: CartConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,8 @@ are joined into `<out>` at the end and their folder removed.
 """
 from __future__ import annotations
 
+import fnmatch
+import glob
 import hashlib
 import json
 import os
@@ -36,6 +38,7 @@ from cart_core.errors import BadInput
 from cart_core.index_version import IndexVersion, is_servable, only_appended
 from cart_core.store import Store, StoreError
 from pipelines.leases import newest_servable_held
+from pipelines.outputs import check_output_file
 from pipelines.queries import QueryTable, check_k, load_queries
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import query_time, verify_settings
@@ -47,27 +50,30 @@ RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("it
                            ("score", pa.float32())])
 
 
-def check_output(out: str, inputs: tuple[str, ...] = ()) -> None:
-    """Refuse an output path that cannot be written, before any work: a folder, or an input file."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(out)
-    if fs.isdir(path):
-        raise BadInput(f"{out}: is a folder; give the Parquet file to write")
-    for given in inputs:
-        if given and fsspec.core.url_to_fs(given)[1] == path:
-            raise BadInput(f"{out}: is also an input; write the results elsewhere")
-
-
 def temp_name(path: str) -> str:
     """A sibling temp file carrying this process's id, so a rerun can tell a dead job's leftover."""
     return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def remove_dead_temps(fs, path: str) -> list[str]:
-    """Temp files of `path` left by a killed job on this machine (their process is gone)."""
+def listed(fs, folder: str) -> list[str]:
+    """The paths in `folder` (none when it does not exist), read afresh: listed, never globbed, so
+    an --out whose name holds glob characters (`results[k=5].parquet`) names only itself."""
+    fs.invalidate_cache(folder)  # s3fs caches listings: files written since must show
+    try:
+        return fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+
+
+def remove_dead_temps(fs, path: str, name_pattern: str | None = None) -> list[str]:
+    """Temp files of `path` (or, with `name_pattern`, of the files of its folder whose names match
+    that fnmatch pattern) left by a killed job on this machine (their process is gone)."""
+    folder, name = path.rsplit("/", 1)
+    pattern = f"{name_pattern or glob.escape(name)}.tmp-*"
     removed = []
-    for name in fs.glob(f"{path}.tmp-*"):
+    for name in listed(fs, folder):
+        if not fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], pattern):
+            continue
         pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             fs.rm(name)
@@ -135,8 +141,8 @@ class ResultParts:
         self.out, self.folder, self.signature, self.saved = out, f"{path}.parts", signature, 0
 
     def parts(self) -> list[str]:
-        self.fs.invalidate_cache(self.folder)  # s3fs caches listings: parts written since must show
-        return sorted(p for p in self.fs.glob(f"{self.folder}/part-*.parquet"))
+        return sorted(p for p in listed(self.fs, self.folder)
+                      if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
 
     def _read_json(self, name: str) -> dict | None:
         try:
@@ -182,7 +188,7 @@ class ResultParts:
             fs.makedirs(self.folder, exist_ok=True)
             self._lock()
             fs.pipe_file(f"{self.folder}/run.json", json.dumps(self.signature, sort_keys=True).encode())
-        for name in remove_dead_temps(fs, f"{self.folder}/part-*.parquet"):
+        for name in remove_dead_temps(fs, f"{self.folder}/part", "part-*.parquet"):
             log("retrieve", f"removed {name}, left by a killed run")
         self.saved = len(self.parts())
         return self.answered()
@@ -269,7 +275,7 @@ def answer_and_save(results_ds, parts: ResultParts, total: int, save_s: float) -
 def run_retrieve(store: Store, queries: str, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> dict:
     check_k(k, cfg.queries)
-    check_output(out, (queries,))
+    check_output_file(out, (queries,), store.url)
     checked = load_queries(queries, cfg.queries, "retrieve")  # every input check runs before Ray starts
     resumable = partial(version_of_saved_answers, store, out, cfg, k, checked.table)
     with newest_servable_held(store, "retrieve", prefer=resumable) as version:  # compact keeps it
@@ -331,7 +337,7 @@ def _retrieve(store: Store, version: IndexVersion, checked: QueryTable, out: str
     summary.counts.update(queries=int(n), result_rows=int(rows), queries_skipped=sum(checked.skipped.values()),
                           queries_resumed=int(done.sum()))
     answered = todo.num_rows  # this run's (the rest were answered by an earlier one)
-    summary.extra.update(version=manifest.version, out=out, k=k, beam_size=cfg.eval.beam_size,
+    summary.extra.update(version=manifest.version, out=out, k=k, beam_size=max(cfg.eval.beam_size, k),
                          queries_per_s=answered / max(elapsed, 1e-9), skipped=checked.report()["skipped_by_reason"])
     log("retrieve", f"{n} queries -> {rows} rows in {out} ({answered / max(elapsed, 1e-9):.0f} queries/s, "
                     f"version {manifest.version})")

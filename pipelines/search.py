@@ -169,6 +169,6 @@ def retrieve_dataset(queries: pa.Table, cfg: CartConfig, k: int, version: IndexV
         queries = queries.append_column("pos", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
     jobs = cfg.jobs
     stage = RetrieveStage(Resources(jobs.retrieve_actors, jobs.retrieve_num_cpus, jobs.retrieve_num_gpus,
-                                    jobs.retrieve_batch_size), version.store.url, version.version, k,
+                                    jobs.retrieve_batch_size, "jobs.retrieve_"), version.store.url, version.version, k,
                           cfg.eval.beam_size, cfg.verify.mode, query_time(cfg), tuple(sorted(version.withdrawn)))
     return run_stage(stage, queries.select(list(stage.inputs)))

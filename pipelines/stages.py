@@ -39,6 +39,7 @@ class Resources:
     num_cpus: float
     num_gpus: float
     batch_size: int
+    section: str = ""  # the config keys these come from, as `<section><key>` (e.g. "jobs.retrieve_"), for messages
 
     @property
     def device(self) -> str:
@@ -106,6 +107,7 @@ def run_stage(stage: Stage, source):
     import ray
 
     res = stage.resources
+    check_actor_fits(stage)
     if isinstance(source, pa.Table):
         missing = [c for c in stage.inputs if c not in source.column_names]
         if missing:
@@ -116,6 +118,32 @@ def run_stage(stage: Stage, source):
         StageActor, fn_constructor_args=(stage, storage_env()), batch_size=res.batch_size,
         batch_format=stage.batch_format, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, res.actors)))
+
+
+def check_actor_fits(stage: Stage) -> None:
+    """An actor that no node up now can hold would leave Ray Data waiting for ever, without a word:
+    refused on a Ray this process started (nothing can add nodes to it); on a cluster, said, since
+    an autoscaler may add such a node. Counted in Ray's fixed point (1e-4 of a resource)."""
+    import ray
+
+    from pipelines.runtime import log, ray_started_here
+
+    res = stage.resources
+    need = [("CPU", res.num_cpus), ("GPU", res.num_gpus)]
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(round(r.get(kind, 0) * 10_000) >= round(amount * 10_000) for kind, amount in need) for r in nodes):
+        return
+    asked = f"one {stage.name} actor needs {res.num_cpus:g} CPU" + (f" + {res.num_gpus:g} GPU" if res.num_gpus else "")
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU + {r.get('GPU', 0):g} GPU" for r in nodes) or "no node"
+    names = ["num_cpus", "num_gpus"] if res.num_gpus else ["num_cpus"]
+    keys = " / ".join(f"{res.section}{n}" for n in names) if res.section else "its " + " / ".join(names)
+    if ray_started_here():
+        from cart_core.errors import BadInput
+
+        raise BadInput(f"{asked}; no node of this machine's Ray has that ({have}): lower {keys} or pass "
+                       "--address of a cluster with such a node")
+    log(stage.name, f"{asked}, which no node up now has ({have}): waiting for one (an autoscaler's); {keys} "
+                    "set what an actor asks for")
 
 
 def stream(ds, total: int, desc: str, count=lambda batch: batch.num_rows) -> Iterator[pa.Table]:

@@ -151,6 +151,15 @@ def _damaged_generator(c: Case) -> Store:
     return store
 
 
+def _manifest_overwritten(c: Case) -> Store:
+    """A copy of the store whose manifest.json a Parquet file replaced (what `--out
+    <store>/manifest.json` did before outputs inside a store were refused)."""
+    shutil.copytree(c.store.root, c.folder / "overwritten")
+    store = Store(c.folder / "overwritten")
+    pq.write_table(pa.table({"query_id": ["q0"]}), Path(store.root) / "manifest.json")
+    return store
+
+
 def _ghost_items(c: Case) -> str:
     t = c.items(n=1)
     return c.write("items.parquet", t.set_column(0, "item_id", pa.array(["ghost"])))
@@ -205,9 +214,17 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "retrieve-all-blank": lambda c: c.retrieve(queries=c.queries(query_id=["a", "b", "c"],
                                                                  text=[None, " \t\n", "\x00\x07"])),
     "retrieve-out-folder": lambda c: c.job("retrieve", "--queries", c.queries(), "--out", str(c.folder)),
+    "retrieve-out-under-a-file": lambda c: c.job("retrieve", "--queries", c.queries(), "--out",
+                                                 str(Path(c.write("notadir", "a file")) / "results.parquet")),
+    "retrieve-out-in-store": lambda c: c.job("retrieve", "--queries", c.queries(), "--out",
+                                             str(Path(c.store.root) / "manifest.json")),
+    "retrieve-actor-unplaceable": lambda c: c.retrieve("--set", "jobs.retrieve_num_gpus=1"),
+    "retrieve-manifest-not-json": lambda c: c.retrieve(store=_manifest_overwritten(c)),
     "retrieve-untrained-store": lambda c: c.retrieve(store=Store(c.folder / "empty")),
     "retrieve-generator-damaged": lambda c: c.retrieve(store=_damaged_generator(c)),
     "evaluate-unknown-item": lambda c: c.evaluate(queries=c.queries(query_id=["q0"], text=["a dog"], item_id=["ghost"])),
+    "evaluate-out-under-a-file": lambda c: c.job("evaluate", "--out", str(Path(c.write("notadir", "a file")) / "eval")),
+    "demo-out-file": lambda c: ["demo", "--quick", "--out", c.write("report", "a file")],
     "evaluate-out-file": lambda c: c.job("evaluate", "--out", c.write("metrics.json", "{}")),
     "reindex-nothing": lambda c: c.job("reindex"),
     "reindex-update-unknown": lambda c: c.job("reindex", "--update", _ghost_items(c)),

@@ -12,7 +12,9 @@ import pytest
 from cart_core.config import QueryConfig
 from cart_core.errors import BadInput
 from pipelines.queries import QueryRefused, check_k, normalize_query, read_query_table
-from pipelines.retrieve import RESULT_SCHEMA, write_tables
+from pipelines.outputs import check_output_file, check_output_folder
+from pipelines.retrieve import RESULT_SCHEMA, ResultParts, write_tables
+from pipelines.search import RANKED_SCHEMA
 
 RULES = QueryConfig()
 
@@ -97,3 +99,50 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next(tmp_path):
     assert write_tables(done, str(out)) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["results.parquet", live.name])
     assert pq.read_table(out).num_rows == 0
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("name", ["results[k=5].parquet", "res*ults?.parquet"])
+def test_saved_answers_join_whatever_characters_the_output_name_holds(tmp_path, name):
+    """Parts are listed, not globbed: `[k=5]` in --out made every saved part invisible (the run
+    ended 'queries have no saved answer' for ever) and could remove other files' temporaries."""
+    out = tmp_path / name
+    dead = _dead_pid()
+    stranger = tmp_path / f"results5.parquet.tmp-{dead}-abcd1234"  # what `results[k=5].parquet.tmp-*` globs
+    stranger.write_bytes(b"another job's")
+    own = tmp_path / f"{name}.tmp-{dead}-abcd1234"
+    own.write_bytes(b"half a file")
+    parts = ResultParts(str(out), {"queries": 2, "k": 1})
+    assert not parts.open().any()
+    parts.save([pa.table({"pos": [0, 1], "query_id": ["q0", "q1"], "item_ids": [["a"], ["b"]],
+                          "scores": [[1.0], [0.5]]}, schema=RANKED_SCHEMA)])
+    assert parts.answered().all()
+    assert parts.join() == 2
+    assert pq.read_table(out).column("item_id").to_pylist() == ["a", "b"]
+    assert stranger.exists() and not own.exists()
+    assert not (tmp_path / f"{name}.parts").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "notadir").write_text("a file")
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(BadInput, match="cannot be written: .*notadir is a file, not a folder"):
+        check_output_file(str(tmp_path / "notadir" / "sub" / "results.parquet"))
+    with pytest.raises(BadInput, match="cannot be written: .*notadir is a file, not a folder"):
+        check_output_folder(str(tmp_path / "notadir" / "report"))
+    with pytest.raises(BadInput, match=f"is inside the store {store}"):
+        check_output_file(str(store / "manifest.json"), store_url=str(store))
+    with pytest.raises(BadInput, match=f"is inside the store {store}"):
+        check_output_folder(str(store / "eval"), store_url=str(store))
+    with pytest.raises(BadInput, match="is a file; give the folder"):
+        check_output_folder(str(tmp_path / "notadir"))
+    with pytest.raises(BadInput, match="written to a local folder; give a local path"):
+        check_output_folder("s3://bucket/report")
+    check_output_file(str(tmp_path / "new" / "deeper" / "results.parquet"), store_url=str(store))  # made when written
+    check_output_folder(str(tmp_path / "storefront"), store_url=str(store))  # a sibling whose name starts the same
