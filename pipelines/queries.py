@@ -124,6 +124,10 @@ def read_query_table(path: str, rules: QueryConfig, need_item: bool = False) -> 
 
 def check_query_rows(table: pa.Table, path: str, rules: QueryConfig, need_item: bool = False) -> QueryTable:
     """The rules of `read_query_table` on a table already read (`where` names it in messages)."""
+    text_type = table.schema.field("text").type
+    if pa.types.is_null(text_type) or (pa.types.is_dictionary(text_type) and pa.types.is_string(text_type.value_type)):
+        # every text null (typed null by the writer), or a pandas category column: strings after all
+        table = table.set_column(table.schema.get_field_index("text"), "text", table.column("text").cast(pa.string()))
     if not pa.types.is_string(table.schema.field("text").type) and \
             not pa.types.is_large_string(table.schema.field("text").type):
         raise BadInput(f"{path}: column text must hold strings, got {table.schema.field('text').type}")

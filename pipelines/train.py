@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
-from cart_core.errors import BadInput, first_line
+from cart_core.errors import BadInput, ConfigError, first_line, model_setting
 from cart_core.index_version import IndexVersion, deletes_since, is_servable
 from cart_core.store import FALLBACK_KEYS, CommitConflict, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
@@ -304,6 +304,24 @@ def worker_slots(nodes: list[dict], cpus_per_worker: float, gpu: bool) -> int:
     return total
 
 
+def check_text_encoder(cfg: CartConfig) -> None:
+    """The text encoder's config (a few kB) is read here, so a name that does not load or a
+    `generator.finetune_layers` past its depth is refused before Ray starts (exit 2 naming the
+    key), not by a Ray Train worker building the model."""
+    gen = cfg.generator
+    if gen.query != "text":
+        return
+    from transformers import AutoConfig
+
+    from cart_core.text import resolve_model_path
+
+    with model_setting("generator.text_encoder", gen.text_encoder):
+        layers = int(AutoConfig.from_pretrained(resolve_model_path(gen.text_encoder)).num_hidden_layers)
+    if not 0 <= gen.finetune_layers < layers:
+        raise ConfigError(f"generator.finetune_layers: {gen.finetune_layers} is out of range; must be in "
+                          f"[0, {layers - 1}] (the text encoder {gen.text_encoder!r} has {layers} layers)")
+
+
 def check_placement(scaling: TrainScaling, cfg: CartConfig) -> None:
     """Workers that the nodes up now cannot hold (each on one node) would leave Ray Train retrying
     its start for ever, without a word: refused on a Ray this process started (nothing can add
@@ -429,6 +447,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
 
     summary = JobSummary("train", store.url)
     t0 = time.perf_counter()
+    check_text_encoder(cfg)
     if finetune is not None:
         cfg = replace(cfg, train=replace(cfg.train, epochs=finetune.epochs))
     pairs, info = training_pairs(store, cfg, finetune)

@@ -196,6 +196,8 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "config-heads": lambda c: c.job("train", "--set", "generator.d_model=30", "--set", "generator.n_heads=4"),
     "config-key-twice": lambda c: ["quantize", "--store", c.store.url, "--config",
                                    c.write("twice.yaml", "train: {epochs: 3}\ntrain: {batch_size: 16}\n")],
+    "config-finetune-layers": lambda c: c.job("train", "--set", "generator.finetune_layers=9"),
+    "config-text-encoder-unknown": lambda c: c.job("train", "--set", f"generator.text_encoder={c.folder / 'no-encoder'}"),
     "config-missing-file": lambda c: ["quantize", "--store", c.store.url, "--config", str(c.folder / "nope.yaml")],
     "config-not-yaml": lambda c: ["quantize", "--store", c.store.url, "--config", c.write("bad.yaml", "train: [1,\n")],
     "config-override-syntax": lambda c: c.job("quantize", "--set", "train.epochs"),

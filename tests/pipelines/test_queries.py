@@ -146,3 +146,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
         check_output_folder("s3://bucket/report")
     check_output_file(str(tmp_path / "new" / "deeper" / "results.parquet"), store_url=str(store))  # made when written
     check_output_folder(str(tmp_path / "storefront"), store_url=str(store))  # a sibling whose name starts the same
+
+
+def test_a_text_column_of_nulls_or_categories_is_read_as_strings(tmp_path):
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"query_id": ["a", "b"], "text": pa.array([None, None], pa.null())}), path)
+    nulls = read_query_table(str(path), RULES)  # load_queries then says "no query left to search"
+    assert nulls.table.num_rows == 0 and sum(nulls.skipped.values()) == 2
+    categories = pa.array(["a dog", "a cat", "a dog"]).dictionary_encode()
+    pq.write_table(pa.table({"query_id": ["a", "b", "c"], "text": categories}), path)
+    assert read_query_table(str(path), RULES).table.column("text").to_pylist() == ["a dog", "a cat", "a dog"]
