@@ -144,11 +144,6 @@ class CartConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
-    def __post_init__(self):  # keys that must agree with each other, found at load
-        if isinstance(self.eval.k, int) and isinstance(self.queries.max_k, int) and self.eval.k > self.queries.max_k:
-            raise ConfigError(f"eval.k: {self.eval.k} is more than queries.max_k = {self.queries.max_k}, the most "
-                              "answers a query may ask for; lower eval.k or raise queries.max_k")
-
 
 def _build(cls, data: dict[str, Any], source: str, key: str = ""):
     """The dataclass `cls` from plain data; every error names the source, the dotted key, the value
@@ -221,9 +216,6 @@ def _check_choice(value: Any, hint: Any, where: str) -> Any:
 # A count or a size must be >= 1 (a float rate or scale > 0); a share lies in [0, 1] (or [0, 1));
 # every other number must be >= 0 (seeds, weights, indices; 0 = "auto" or "off" where a comment
 # says so); jobs.train_max_failures and jobs.train_start_tries also take Ray's -1 (without limit).
-AT_MOST = {  # key: largest value, and why
-    "generator.max_query_tokens": (512, "the sentence encoders take at most 512 tokens"),
-}
 AT_LEAST_ONE = {
     "identifiers.n_clusters", "identifiers.kmeans_sample", "identifiers.rqvae.levels",
     "identifiers.rqvae.codebook_size", "identifiers.rqvae.latent_dim", "identifiers.rqvae.hidden_dim",
@@ -270,8 +262,6 @@ def _check_range(value: Any, path: str, where: str) -> Any:
         ok, rule = value >= 0, ">= 0"
     if not ok or value != value:  # NaN is never in range
         raise ConfigError(f"{where}: {value!r} is out of range; must be {rule}")
-    if path in AT_MOST and value > AT_MOST[path][0]:
-        raise ConfigError(f"{where}: {value!r} is out of range; must be <= {AT_MOST[path][0]} ({AT_MOST[path][1]})")
     return value
 
 
@@ -286,6 +276,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first_line_of: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 if key in first_line_of:

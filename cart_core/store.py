@@ -67,6 +67,12 @@ class StoreError(RuntimeError):
     """The store is missing something a job needs; the message says what and which command makes it."""
 
 
+class UnreadableFile(StoreError, ValueError):
+    """A JSON file of the store that does not read (cut short, not UTF-8, written over). A
+    ValueError too, so callers that pass over a damaged lease or checkpoint keep doing so; where
+    nobody does, `cart` exits 2 naming the file."""
+
+
 def unloadable(store: "Store", folder: str, what: str, exc: BaseException) -> StoreError:
     """The StoreError for model files that exist but cannot be loaded (truncated, foreign), naming
     the folder instead of the library's frame."""
@@ -427,7 +433,12 @@ class Store:
         self._write_bytes(self.path(relpath), json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, relpath: str) -> dict:
-        return json.loads(self.fs.cat_file(self.path(relpath)).decode())
+        raw = self.fs.cat_file(self.path(relpath))
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise UnreadableFile(f"{self.uri(relpath)}: not valid JSON ({first_line(exc)}); `cart check --store "
+                                 f"{self.url}` lists what is damaged") from None
 
     def write_table(self, table: pa.Table, relpath: str) -> None:
         p = self.path(relpath)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cart_core.errors import ConfigError
 from cart_core.settings import DEFAULT_TEXT_ENCODER
 
 MPNET = "mpnet"
@@ -42,6 +43,30 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+# encoders whose position table reserves the first padding_idx + 1 rows (RoBERTa's layout)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
+
+
+def token_limit(tokenizer, model_config) -> int:
+    """The most tokens an encoder takes: its tokenizer's `model_max_length` where set (the hub
+    writes 1e30 when not), and its position table (less the rows RoBERTa-style models reserve)."""
+    limits = [int(getattr(tokenizer, "model_max_length", 0) or 0)] if tokenizer is not None else []
+    positions = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    if positions and getattr(model_config, "model_type", "") in _OFFSET_POSITIONS:
+        positions -= int(getattr(model_config, "pad_token_id", 1) or 0) + 1
+    limits.append(positions)
+    limits = [n for n in limits if 0 < n < 1_000_000]
+    return min(limits) if limits else 1 << 30
+
+
+def check_token_limit(max_tokens: int, limit: int, name: str) -> None:
+    """A longer `generator.max_query_tokens` than the encoder takes fails on the first long query
+    (in a shared batch: every query of it), so it is refused where the encoder is loaded."""
+    if max_tokens > limit:
+        raise ConfigError(f"generator.max_query_tokens: {max_tokens} is more than the text encoder {name!r} "
+                          f"takes ({limit} tokens)")
+
+
 class TextEncoder:
     """A Hugging Face encoder exposing every layer's token states."""
 
@@ -58,6 +83,7 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.hidden_size = int(self.model.config.hidden_size)
         self.num_layers = int(self.model.config.num_hidden_layers)
+        check_token_limit(max_tokens, token_limit(self.tokenizer, self.model.config), name)
 
     def copy(self) -> "TextEncoder":
         """Same tokenizer, independent copy of the weights (for fine-tuning)."""

@@ -188,7 +188,7 @@ def run_command(args) -> None:
     elif args.command == "retrieve":
         from pipelines.retrieve import run_retrieve
 
-        run_retrieve(store, args.queries, args.out, cfg, k=cfg.eval.k if args.k is None else args.k,
+        run_retrieve(store, args.queries, args.out, cfg, k=answers_per_query(args.k, cfg),
                      address=args.address)
     elif args.command == "serve":
         from pipelines.serve import run_serve
@@ -197,7 +197,7 @@ def run_command(args) -> None:
     elif args.command == "evaluate":
         from pipelines.evaluate import run_evaluate
 
-        run_evaluate(store, args.queries, args.out, cfg, k=cfg.eval.k if args.k is None else args.k,
+        run_evaluate(store, args.queries, args.out, cfg, k=answers_per_query(args.k, cfg),
                      address=args.address)
     elif args.command == "check":
         from pipelines.check import run_check
@@ -233,6 +233,19 @@ def print_versions(store: Store) -> None:
     print(line)
 
 
+def answers_per_query(k: int | None, cfg) -> int:
+    """--k, or the config's eval.k when it is not given (refused there naming eval.k, which the
+    user set in a file, when it is more than queries.max_k allows)."""
+    if k is not None:
+        return k
+    if cfg.eval.k > cfg.queries.max_k:
+        from cart_core.errors import ConfigError
+
+        raise ConfigError(f"eval.k: {cfg.eval.k} is more than queries.max_k = {cfg.queries.max_k}, the most answers "
+                          "a query may ask for; lower eval.k, raise queries.max_k or give --k")
+    return cfg.eval.k
+
+
 def innermost(exc: BaseException) -> BaseException:
     """The error a Ray task, actor or Ray Train worker raised, unwrapped from Ray's own exception
     types (a training whose workers failed reports its lowest rank's error)."""
@@ -259,25 +272,37 @@ def raised_in_constructor(exc: BaseException) -> BaseException:
     Ray reports an actor whose `__init__` raised as `ActorDiedError`, which keeps the traceback's
     text but not the exception (Ray Data's actor pools, Serve replicas and our own actors alike).
     An actor that finds a damaged store file or a bad setting while loading would otherwise exit 1
-    with Ray's banner. The error is rebuilt, with its message, from the traceback's last line of
-    this project's modules: exit code and message are then those of the job raising it itself.
+    with Ray's banner. The error is rebuilt, with its message, from the exception line that ends
+    the traceback (the outermost one, when exceptions were chained), when it is of this project's
+    modules: exit code and message are then those of the job raising it itself.
     """
     if not getattr(exc, "actor_init_failed", False):
         return exc
-    for line in reversed(str(exc).splitlines()):
-        found = _RAISED_LINE.match(line.strip())
-        if not found:
-            continue
-        try:
-            cls = getattr(importlib.import_module(found[1]), found[2], None)
-        except ImportError:
-            return exc
+    found = _RAISED_LINE.match(final_exception_line(str(exc)))
+    if not found:
+        return exc
+    try:
+        cls = getattr(importlib.import_module(found[1]), found[2], None)
         if not (isinstance(cls, type) and issubclass(cls, Exception)):
             return exc
-        rebuilt = Exception.__new__(cls)  # its own __init__ may take other arguments than the message
-        Exception.__init__(rebuilt, found[3])
-        return rebuilt
-    return exc
+        try:
+            return cls(found[3])
+        except Exception:  # a constructor that takes other arguments than the message (LocatedError)
+            rebuilt = Exception.__new__(cls)
+            Exception.__init__(rebuilt, found[3])
+            return rebuilt
+    except Exception:  # never fail while reporting a failure
+        return exc
+
+
+def final_exception_line(text: str) -> str:
+    """`<type>: <message>` of a traceback's text: the first line after its last `File "..."` frame
+    that is not indented (its source and caret lines are)."""
+    lines = text.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    if not frames:
+        return ""
+    return next((line.strip() for line in lines[frames[-1] + 1:] if line.strip() and not line[:1].isspace()), "")
 
 
 def one_line(exc: BaseException) -> str:

@@ -57,7 +57,7 @@ def generative_record(version: IndexVersion, queries: pa.Table, cfg: CartConfig,
             ranked[position[q], :len(items)] = [catalog[str(item)] for item in items]
     qps = queries.num_rows / (time.perf_counter() - t0)
     return {"method": "generative", "protocol": PROTOCOL, **retrieval_metrics(ranked, gold), "queries_per_s": qps,
-            "k": k, "beam_size": max(cfg.eval.beam_size, k), "version": version.version}  # the beam that ran
+            "ranked": k, "beam_size": max(cfg.eval.beam_size, k), "version": version.version}  # what ran
 
 
 def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: int,

@@ -124,10 +124,8 @@ def read_query_table(path: str, rules: QueryConfig, need_item: bool = False) -> 
 
 def check_query_rows(table: pa.Table, path: str, rules: QueryConfig, need_item: bool = False) -> QueryTable:
     """The rules of `read_query_table` on a table already read (`where` names it in messages)."""
-    text_type = table.schema.field("text").type
-    if pa.types.is_null(text_type) or (pa.types.is_dictionary(text_type) and pa.types.is_string(text_type.value_type)):
-        # every text null (typed null by the writer), or a pandas category column: strings after all
-        table = table.set_column(table.schema.get_field_index("text"), "text", table.column("text").cast(pa.string()))
+    table = _decoded(table, "text", nulls_too=True)
+    table = _decoded(_decoded(table, "query_id"), "item_id") if need_item else _decoded(table, "query_id")
     if not pa.types.is_string(table.schema.field("text").type) and \
             not pa.types.is_large_string(table.schema.field("text").type):
         raise BadInput(f"{path}: column text must hold strings, got {table.schema.field('text').type}")
@@ -151,6 +149,19 @@ def check_query_rows(table: pa.Table, path: str, rules: QueryConfig, need_item: 
         columns["item_id"] = pa.array([items[r] for r in keep], pa.string())
     out.table, out.source_rows = pa.table(columns), keep
     return out
+
+
+def _decoded(table: pa.Table, name: str, nulls_too: bool = False) -> pa.Table:
+    """A pandas category column (Arrow dictionary of strings or integers) as its values; with
+    `nulls_too`, a column of nulls only (typed null by its writer) as strings."""
+    kind = table.schema.field(name).type
+    if pa.types.is_dictionary(kind):
+        target = kind.value_type
+    elif nulls_too and pa.types.is_null(kind):
+        target = pa.string()
+    else:
+        return table
+    return table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(target))
 
 
 def _id_column(table: pa.Table, name: str, path: str) -> list[str]:

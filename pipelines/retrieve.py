@@ -17,8 +17,6 @@ are joined into `<out>` at the end and their folder removed.
 """
 from __future__ import annotations
 
-import fnmatch
-import glob
 import hashlib
 import json
 import os
@@ -26,7 +24,6 @@ import socket
 import time
 import uuid
 from functools import partial
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -38,82 +35,16 @@ from cart_core.errors import BadInput
 from cart_core.index_version import IndexVersion, is_servable, only_appended
 from cart_core.store import Store, StoreError
 from pipelines.leases import newest_servable_held
-from pipelines.outputs import check_output_file
+from pipelines.outputs import check_output_file, listed, process_alive, remove_dead_temps, write_tables
 from pipelines.queries import QueryTable, check_k, load_queries
 from pipelines.runtime import JobSummary, crash_point, init_ray, log
 from pipelines.verify import query_time, verify_settings
-from pipelines.search import RANKED_SCHEMA, flatten_ranked, retrieve_dataset
-from pipelines.stages import stream
+from pipelines.search import RANKED_SCHEMA, flatten_ranked, retrieve_dataset, retrieve_resources
+from pipelines.stages import check_resources_fit, stream
 
 MAX_UNSAVED = 5_000_000  # answers (query x rank) the driver holds before a save, whatever jobs.retrieve_save_s says
 RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                            ("score", pa.float32())])
-
-
-def temp_name(path: str) -> str:
-    """A sibling temp file carrying this process's id, so a rerun can tell a dead job's leftover."""
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def listed(fs, folder: str) -> list[str]:
-    """The paths in `folder` (none when it does not exist), read afresh: listed, never globbed, so
-    an --out whose name holds glob characters (`results[k=5].parquet`) names only itself."""
-    fs.invalidate_cache(folder)  # s3fs caches listings: files written since must show
-    try:
-        return fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return []
-
-
-def remove_dead_temps(fs, path: str, name_pattern: str | None = None) -> list[str]:
-    """Temp files of `path` (or, with `name_pattern`, of the files of its folder whose names match
-    that fnmatch pattern) left by a killed job on this machine (their process is gone)."""
-    folder, name = path.rsplit("/", 1)
-    pattern = f"{name_pattern or glob.escape(name)}.tmp-*"
-    removed = []
-    for name in listed(fs, folder):
-        if not fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], pattern):
-            continue
-        pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            fs.rm(name)
-            removed.append(name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def write_tables(tables: Iterable[pa.Table], out: str, schema: pa.Schema = RESULT_SCHEMA) -> int:
-    """Stream tables of `schema` into one Parquet file: written to a temp beside it, renamed when
-    whole, and the temp removed when the job fails (SIGTERM and Ctrl-C included: the CLI raises on
-    both)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(out)
-    if "file" in fs.protocol:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    for name in remove_dead_temps(fs, path):
-        log("retrieve", f"removed {name}, left by a killed run")
-    target, rows = temp_name(path), 0
-    try:
-        with fs.open(target, "wb") as f, pq.ParquetWriter(f, schema) as writer:
-            for batch in tables:
-                writer.write_table(batch.select(schema.names).cast(schema))
-                rows += batch.num_rows
-        fs.mv(target, path)
-    except BaseException:
-        if fs.exists(target):
-            fs.rm(target)
-        raise
-    return rows
 
 
 def queries_digest(queries: pa.Table) -> str:
@@ -165,7 +96,7 @@ class ResultParts:
             if held.get("host") != socket.gethostname():
                 raise BadInput(f"{self.folder}/lock.json: another cart retrieve on {held.get('host')} (pid "
                                f"{held.get('pid')}) writes {self.out}; if it is gone, remove that file")
-            if _alive(int(held.get("pid", -1))):
+            if process_alive(int(held.get("pid", -1))):
                 raise BadInput(f"{self.out}: another cart retrieve (pid {held['pid']}) is writing it; "
                                "wait for it or give another --out")
         self.fs.pipe_file(f"{self.folder}/lock.json",
@@ -227,7 +158,7 @@ class ResultParts:
                         first = ~seen[pos] & _first_occurrence(pos)  # a query saved twice is written once
                         seen[pos[first]] = True
                         yield flatten_ranked(pa.Table.from_batches([batch]).filter(pa.array(first)))
-        rows = write_tables(tables(), self.out)
+        rows = write_tables(tables(), self.out, RESULT_SCHEMA)
         for part in self.parts():
             self.fs.rm(part)
         self.fs.rm(f"{self.folder}/run.json")
@@ -315,6 +246,7 @@ def _retrieve(store: Store, version: IndexVersion, checked: QueryTable, out: str
     version.ids()  # a damaged identifier table fails here, naming its folder, not in an actor a minute later
     verify_settings(version, query=query_time(cfg))  # logs the verify.* settings that differ from the fitted ones
     init_ray(address)
+    check_resources_fit("retrieve", retrieve_resources(cfg))  # before <out>.parts is made
     summary = JobSummary("retrieve", store.url)
     manifest = version.manifest
     n = checked.table.num_rows

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cart_core.errors import BadInput, InputNotFound
 from cart_core.media import infer_modality
+from pipelines.outputs import check_output_file, write_tables
 from pipelines.runtime import log
 
 
 def scan_media(folder: str, out: str) -> dict:
+    check_output_file(out, (folder,))  # before a listing that may take minutes on S3
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.isdir(root):
         raise InputNotFound(f"{folder}: not a folder")
@@ -34,9 +35,7 @@ def scan_media(folder: str, out: str) -> dict:
         raise BadInput(f"{folder}: no image, video or audio files found ({len(skipped)} other files)")
     table = pa.table({"item_id": [r[0] for r in rows], "uri": [r[1] for r in rows],
                       "modality": [r[2] for r in rows]})
-    out_fs, out_path = fsspec.core.url_to_fs(out)
-    with out_fs.open(out_path, "wb") as f:
-        pq.write_table(table, f)
+    write_tables([table], out, table.schema, job="scan")  # whole or absent
     counts = {m: sum(r[2] == m for r in rows) for m in ("image", "video", "audio")}
     log("scan", f"{len(rows)} media files -> {out} ({counts}); {len(skipped)} other files skipped")
     return {"files": len(rows), **counts, "skipped": len(skipped)}

@@ -162,13 +162,17 @@ class RetrieveStage(Stage):
         return ranked_lists(batch["pos"], batch["query_id"], rows, scores, self.table.item_ids)
 
 
+def retrieve_resources(cfg: CartConfig) -> Resources:
+    jobs = cfg.jobs
+    return Resources(jobs.retrieve_actors, jobs.retrieve_num_cpus, jobs.retrieve_num_gpus, jobs.retrieve_batch_size,
+                     "jobs.retrieve_")
+
+
 def retrieve_dataset(queries: pa.Table, cfg: CartConfig, k: int, version: IndexVersion):
     """Ray dataset of ranked answers, one row per query (RANKED_SCHEMA), for a table of checked
     queries; `pos` numbers them in order unless the table brings its own."""
     if "pos" not in queries.column_names:
         queries = queries.append_column("pos", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
-    jobs = cfg.jobs
-    stage = RetrieveStage(Resources(jobs.retrieve_actors, jobs.retrieve_num_cpus, jobs.retrieve_num_gpus,
-                                    jobs.retrieve_batch_size, "jobs.retrieve_"), version.store.url, version.version, k,
+    stage = RetrieveStage(retrieve_resources(cfg), version.store.url, version.version, k,
                           cfg.eval.beam_size, cfg.verify.mode, query_time(cfg), tuple(sorted(version.withdrawn)))
     return run_stage(stage, queries.select(list(stage.inputs)))

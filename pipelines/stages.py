@@ -124,16 +124,20 @@ def check_actor_fits(stage: Stage) -> None:
     """An actor that no node up now can hold would leave Ray Data waiting for ever, without a word:
     refused on a Ray this process started (nothing can add nodes to it); on a cluster, said, since
     an autoscaler may add such a node. Counted in Ray's fixed point (1e-4 of a resource)."""
+    check_resources_fit(stage.name, stage.resources)
+
+
+def check_resources_fit(name: str, res: Resources) -> None:
+    """`check_actor_fits` for a stage not built yet (a job checks before it writes anything)."""
     import ray
 
     from pipelines.runtime import log, ray_started_here
 
-    res = stage.resources
     need = [("CPU", res.num_cpus), ("GPU", res.num_gpus)]
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if any(all(round(r.get(kind, 0) * 10_000) >= round(amount * 10_000) for kind, amount in need) for r in nodes):
         return
-    asked = f"one {stage.name} actor needs {res.num_cpus:g} CPU" + (f" + {res.num_gpus:g} GPU" if res.num_gpus else "")
+    asked = f"one {name} actor needs {res.num_cpus:g} CPU" + (f" + {res.num_gpus:g} GPU" if res.num_gpus else "")
     have = ", ".join(f"{r.get('CPU', 0):g} CPU + {r.get('GPU', 0):g} GPU" for r in nodes) or "no node"
     names = ["num_cpus", "num_gpus"] if res.num_gpus else ["num_cpus"]
     keys = " / ".join(f"{res.section}{n}" for n in names) if res.section else "its " + " / ".join(names)
@@ -142,7 +146,7 @@ def check_actor_fits(stage: Stage) -> None:
 
         raise BadInput(f"{asked}; no node of this machine's Ray has that ({have}): lower {keys} or pass "
                        "--address of a cluster with such a node")
-    log(stage.name, f"{asked}, which no node up now has ({have}): waiting for one (an autoscaler's); {keys} "
+    log(name, f"{asked}, which no node up now has ({have}): waiting for one (an autoscaler's); {keys} "
                     "set what an actor asks for")
 
 

@@ -305,18 +305,22 @@ def worker_slots(nodes: list[dict], cpus_per_worker: float, gpu: bool) -> int:
 
 
 def check_text_encoder(cfg: CartConfig) -> None:
-    """The text encoder's config (a few kB) is read here, so a name that does not load or a
-    `generator.finetune_layers` past its depth is refused before Ray starts (exit 2 naming the
-    key), not by a Ray Train worker building the model."""
+    """The text encoder's config and tokenizer (no weights) are read here, so a name that does not
+    load, a `generator.finetune_layers` past its depth or a `max_query_tokens` past its positions is
+    refused before Ray starts (exit 2 naming the key), not by a Ray Train worker building the model."""
     gen = cfg.generator
     if gen.query != "text":
         return
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
-    from cart_core.text import resolve_model_path
+    from cart_core.text import check_token_limit, resolve_model_path, token_limit
 
     with model_setting("generator.text_encoder", gen.text_encoder):
-        layers = int(AutoConfig.from_pretrained(resolve_model_path(gen.text_encoder)).num_hidden_layers)
+        path = resolve_model_path(gen.text_encoder)
+        encoder = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    layers = int(encoder.num_hidden_layers)
+    check_token_limit(gen.max_query_tokens, token_limit(tokenizer, encoder), gen.text_encoder)
     if not 0 <= gen.finetune_layers < layers:
         raise ConfigError(f"generator.finetune_layers: {gen.finetune_layers} is out of range; must be in "
                           f"[0, {layers - 1}] (the text encoder {gen.text_encoder!r} has {layers} layers)")

@@ -33,3 +33,14 @@ def test_top_layers_recomputed_from_the_cache_match_the_full_forward(tmp_path, a
         additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)[:, None, None, :]
         without_bias = encoder.top_layer_modules(2)[0](states[:, -3], attention_mask=additive)[0]
         assert (valid(without_bias[:, None]) - valid(states[:, -2:-1])).abs().max() > 1e-2
+
+
+def test_more_query_tokens_than_the_encoder_takes_are_refused_where_it_loads():
+    """1024 tokens passed the config and failed on the first long query, with its whole batch."""
+    from cart_core.errors import ConfigError
+    from cart_core.text import TextEncoder
+
+    assert TextEncoder("minilm", 512).max_tokens == 512
+    with pytest.raises(ConfigError, match=r"generator.max_query_tokens: 513 is more than the text encoder 'minilm' "
+                                          r"takes \(512 tokens\)"):
+        TextEncoder("minilm", 513)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cart_core.errors import LocatedError
+from cart_core.errors import InputNotFound, LocatedError
 from cart_core.store import CommitConflict, StoreError
 from pipelines.cli import exit_code, innermost, one_line
 
@@ -28,6 +28,7 @@ def _constructor_failure(ray, error: Exception) -> BaseException:
     (LocatedError("/data/items.parquet", 7, "embedding contains NaN"), 2),
     (StoreError("/s/gen-3/model: the generator cannot be loaded (truncated)"), 2),
     (CommitConflict("another job committed version 9 meanwhile"), 3),
+    (InputNotFound("/data/queries.parquet: file not found"), 2),  # Exception.__new__ refuses this class
 ])
 def test_our_error_in_an_actor_constructor_keeps_its_exit_code_and_message(ray_local, error, code):
     died = _constructor_failure(ray_local, error)
@@ -38,8 +39,24 @@ def test_our_error_in_an_actor_constructor_keeps_its_exit_code_and_message(ray_l
     assert one_line(cause) == str(error)
 
 
-def test_another_libraries_error_in_an_actor_constructor_stays_a_failed_job(ray_local):
-    died = _constructor_failure(ray_local, RuntimeError("CUDA out of memory"))
+def _chained(outer: Exception, inner: Exception) -> Exception:
+    try:
+        try:
+            raise inner
+        except Exception as caught:
+            raise outer from caught
+    except Exception as raised:
+        return raised
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA out of memory"),
+    _chained(RuntimeError("CUDA out of memory"), StoreError("/s/gen-3/model: the generator cannot be loaded")),
+    _chained(KeyError("a bug while handling ours"), LocatedError("/data/items.parquet", 7, "embedding contains NaN")),
+], ids=["plain", "ours-as-cause", "bug-while-handling-ours"])
+def test_another_libraries_error_in_an_actor_constructor_stays_a_failed_job(ray_local, error):
+    """Only the exception that ends the traceback counts: ours as its cause is not what failed."""
+    died = _constructor_failure(ray_local, error)
     cause = innermost(died)
     assert cause is died
     assert exit_code(cause)[0] == 1

@@ -12,8 +12,8 @@ import pytest
 from cart_core.config import QueryConfig
 from cart_core.errors import BadInput
 from pipelines.queries import QueryRefused, check_k, normalize_query, read_query_table
-from pipelines.outputs import check_output_file, check_output_folder
-from pipelines.retrieve import RESULT_SCHEMA, ResultParts, write_tables
+from pipelines.outputs import check_output_file, check_output_folder, write_tables
+from pipelines.retrieve import RESULT_SCHEMA, ResultParts
 from pipelines.search import RANKED_SCHEMA
 
 RULES = QueryConfig()
@@ -82,7 +82,7 @@ def failing_results():
 def test_failed_retrieve_leaves_no_temporary_output(tmp_path):
     out = tmp_path / "results.parquet"
     with pytest.raises(RuntimeError, match="actor died"):
-        write_tables(failing_results(), str(out))
+        write_tables(failing_results(), str(out), RESULT_SCHEMA)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -96,7 +96,7 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next(tmp_path):
     live.write_bytes(b"in progress")
 
     done = [pa.table({n: pa.array([], t) for n, t in zip(RESULT_SCHEMA.names, RESULT_SCHEMA.types)})]
-    assert write_tables(done, str(out)) == 0
+    assert write_tables(done, str(out), RESULT_SCHEMA) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["results.parquet", live.name])
     assert pq.read_table(out).num_rows == 0
 
@@ -144,6 +144,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
         check_output_folder(str(tmp_path / "notadir"))
     with pytest.raises(BadInput, match="written to a local folder; give a local path"):
         check_output_folder("s3://bucket/report")
+    with pytest.raises(BadInput, match=f"is inside the store {store}"):
+        check_output_file(str(tmp_path / "x" / ".." / "store" / "manifest.json"), store_url=str(store))
+    (tmp_path / "link").symlink_to(store)
+    with pytest.raises(BadInput, match="is inside the store"):
+        check_output_file(str(tmp_path / "link" / "manifest.json"), store_url=str(store))
+    with pytest.raises(BadInput, match="is also an input"):
+        check_output_file(str(tmp_path / "." / "q.parquet"), inputs=(str(tmp_path / "q.parquet"),))
+    check_output_file(str(store / ".." / "beside.parquet"), store_url=str(store))
     check_output_file(str(tmp_path / "new" / "deeper" / "results.parquet"), store_url=str(store))  # made when written
     check_output_folder(str(tmp_path / "storefront"), store_url=str(store))  # a sibling whose name starts the same
 
@@ -154,5 +162,25 @@ def test_a_text_column_of_nulls_or_categories_is_read_as_strings(tmp_path):
     nulls = read_query_table(str(path), RULES)  # load_queries then says "no query left to search"
     assert nulls.table.num_rows == 0 and sum(nulls.skipped.values()) == 2
     categories = pa.array(["a dog", "a cat", "a dog"]).dictionary_encode()
-    pq.write_table(pa.table({"query_id": ["a", "b", "c"], "text": categories}), path)
-    assert read_query_table(str(path), RULES).table.column("text").to_pylist() == ["a dog", "a cat", "a dog"]
+    ids = pa.array(["a", "b", "c"]).dictionary_encode()
+    items = pa.array(["i1", "i2", "i1"], pa.large_string()).dictionary_encode()
+    pq.write_table(pa.table({"query_id": ids, "text": categories, "item_id": items}), path)
+    read = read_query_table(str(path), RULES, need_item=True).table
+    assert read.column("text").to_pylist() == ["a dog", "a cat", "a dog"]
+    assert read.column("query_id").to_pylist() == ["a", "b", "c"]
+    assert read.column("item_id").to_pylist() == ["i1", "i2", "i1"]
+
+
+def test_an_existing_report_folder_is_judged_by_its_own_permission(tmp_path):
+    """`--out .` in a home folder whose parent the user may not write in is a valid report folder."""
+    closed = tmp_path / "closed"
+    (closed / "home").mkdir(parents=True)
+    closed.chmod(0o555)
+    try:
+        if os.access(closed, os.W_OK):
+            pytest.skip("running as root: every folder is writable")
+        check_output_folder(str(closed / "home"))
+        with pytest.raises(BadInput, match="no permission to write in"):
+            check_output_folder(str(closed / "report"))
+    finally:
+        closed.chmod(0o755)
