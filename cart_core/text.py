@@ -59,12 +59,30 @@ def token_limit(tokenizer, model_config) -> int:
     return min(limits) if limits else 1 << 30
 
 
-def check_token_limit(max_tokens: int, limit: int, name: str) -> None:
-    """A longer `generator.max_query_tokens` than the encoder takes fails on the first long query
-    (in a shared batch: every query of it), so it is refused where the encoder is loaded."""
+def check_encoder_settings(name: str, max_tokens: int, finetune_layers: int = 0) -> None:
+    """The settings of a text encoder a job will build from its config, checked against the
+    encoder's config and tokenizer (no weights; tens of ms for the packaged ones) by the job's
+    driver before Ray starts: a name that does not load, `generator.max_query_tokens` past its
+    positions (the first long query would fail, and its whole batch with it) or
+    `generator.finetune_layers` past its depth is a ConfigError naming the key."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cart_core.errors import model_setting
+
+    with model_setting("generator.text_encoder", name):
+        path = resolve_model_path(name)
+        if Path(path).exists():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        encoder = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    limit = token_limit(tokenizer, encoder)
     if max_tokens > limit:
         raise ConfigError(f"generator.max_query_tokens: {max_tokens} is more than the text encoder {name!r} "
                           f"takes ({limit} tokens)")
+    layers = int(encoder.num_hidden_layers)
+    if not 0 <= finetune_layers < layers:
+        raise ConfigError(f"generator.finetune_layers: {finetune_layers} is out of range; must be in "
+                          f"[0, {layers - 1}] (the text encoder {name!r} has {layers} layers)")
 
 
 class TextEncoder:
@@ -83,7 +101,9 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.hidden_size = int(self.model.config.hidden_size)
         self.num_layers = int(self.model.config.num_hidden_layers)
-        check_token_limit(max_tokens, token_limit(self.tokenizer, self.model.config), name)
+        # a generator committed with more query tokens than its encoder takes (the config did not
+        # check it before) still answers: its queries are cut where the encoder must cut them
+        self.max_tokens = min(max_tokens, token_limit(self.tokenizer, self.model.config))
 
     def copy(self) -> "TextEncoder":
         """Same tokenizer, independent copy of the weights (for fine-tuning)."""

@@ -295,11 +295,17 @@ def raised_in_constructor(exc: BaseException) -> BaseException:
         return exc
 
 
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
+
+
 def final_exception_line(text: str) -> str:
-    """`<type>: <message>` of a traceback's text: the first line after its last `File "..."` frame
-    that is not indented (its source and caret lines are)."""
+    """`<type>: <message>` of a traceback's text: in its last part (after the last "The above
+    exception…" of a chain), the first line after the part's last `File "..."` frame that is not
+    indented (source and caret lines are). "" when that part shows no frame: Ray leaves out its own
+    frames, and the frame before would belong to the cause."""
     lines = text.splitlines()
-    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    start = max((i for i, line in enumerate(lines) if line.strip().startswith(_CHAINED)), default=-1) + 1
+    frames = [i for i in range(start, len(lines)) if lines[i].lstrip().startswith('File "')]
     if not frames:
         return ""
     return next((line.strip() for line in lines[frames[-1] + 1:] if line.strip() and not line[:1].isspace()), "")

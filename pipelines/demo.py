@@ -38,7 +38,7 @@ def demo_config(config: str | None, quick: bool, overrides: list[str]) -> CartCo
 def run_demo(data: str | None, out: str, *, quick: bool = False, config: str | None = None,
              overrides: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
-    check_output_folder(out)  # before the training, not at its end
+    out = check_output_folder(out)  # before the training, not at its end
     cfg = demo_config(config, quick, overrides or [])
     corpus, label = resolve_corpus(data)
     if corpus.caption_index.size and cfg.eval.query_caption_index > int(corpus.caption_index.max()):

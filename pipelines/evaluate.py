@@ -22,7 +22,7 @@ from cart_core.index_version import IndexVersion
 from cart_core.metrics import retrieval_metrics
 from cart_core.errors import LocatedError, shown
 from cart_core.store import Store, StoreError
-from cart_core.text import TextEncoder
+from cart_core.text import TextEncoder, check_encoder_settings
 from pipelines.report import format_table, plot_recall, write_metrics
 from pipelines.leases import newest_servable_held
 from pipelines.outputs import check_output_folder
@@ -96,7 +96,7 @@ def dense_records(version: IndexVersion, queries: pa.Table, cfg: CartConfig, k: 
 def run_evaluate(store: Store, queries: str | None, out: str, cfg: CartConfig, k: int = 10,
                  address: str | None = None) -> list[dict]:
     check_k(k, cfg.queries)
-    check_output_folder(out, store.url)
+    out = check_output_folder(out, store.url)
     # a user's file is checked first; the store's held-out captions by the same rules once it is open
     checked = load_queries(queries, cfg.queries, "evaluate", need_item=True) if queries is not None else None
     with newest_servable_held(store, "evaluate") as version:  # actors starting later load it: compact keeps it
@@ -124,6 +124,7 @@ def _evaluate(store: Store, version: IndexVersion, queries: str | None, checked:
         raise StoreError(f"{queries or store.url}: no evaluation queries")
     gold = gold_rows(np.asarray(q.column("item_id").to_pylist(), dtype=object), catalog, queries or "eval queries",
                      checked.source_rows if queries is not None else None)
+    check_encoder_settings(cfg.generator.text_encoder, cfg.generator.max_query_tokens)  # the baselines' encoder
     init_ray(address)
     summary = JobSummary("evaluate", store.url)
     summary.counts.update(eval_queries_of_deleted_items=dropped, queries_skipped=sum(checked.skipped.values()))

@@ -43,9 +43,10 @@ def check_output_file(out: str, inputs: tuple[str, ...] = (), store_url: str | N
 
 
 def check_output_folder(out: str, store_url: str | None = None,
-                        holds: str = "metrics.json, recall.png and run.json") -> None:
-    """Refuse a report folder that cannot be written: not a local path, an existing file, a path
-    inside the store, or one whose nearest existing folder is a file or not writable."""
+                        holds: str = "metrics.json, recall.png and run.json") -> str:
+    """The local folder to write a report in (`file://` taken off), or BadInput when it cannot be
+    written: not a local path, an existing file, a path inside the store, or one whose nearest
+    existing folder is a file or not writable."""
     import fsspec
 
     if "://" in out and not out.startswith("file://"):
@@ -55,6 +56,7 @@ def check_output_folder(out: str, store_url: str | None = None,
         raise BadInput(f"{out}: is a file; give the folder to write {holds} in")
     _not_in_store(out, fs, path, store_url)
     _creatable(out, path)
+    return path
 
 
 def _not_in_store(out: str, fs, path: str, store_url: str | None) -> None:

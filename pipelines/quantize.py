@@ -205,6 +205,10 @@ def run_quantize(store: Store, cfg: CartConfig, address: str | None = None, refi
                         "config; nothing to do (`cart quantize --refit` fits new codebooks anyway)")
         summary.extra.update(version=manifest.version, up_to_date=True)
         return summary.write(store)
+    if cfg.identifiers.source != "features":  # the caption stage's encoder, checked before Ray starts
+        from cart_core.text import check_encoder_settings
+
+        check_encoder_settings(cfg.generator.text_encoder, cfg.generator.max_query_tokens)
     init_ray(address)
     run = summary.run
     t0 = time.perf_counter()

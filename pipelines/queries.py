@@ -153,15 +153,17 @@ def check_query_rows(table: pa.Table, path: str, rules: QueryConfig, need_item: 
 
 def _decoded(table: pa.Table, name: str, nulls_too: bool = False) -> pa.Table:
     """A pandas category column (Arrow dictionary of strings or integers) as its values; with
-    `nulls_too`, a column of nulls only (typed null by its writer) as strings."""
+    `nulls_too`, a column of nulls only, whatever type its writer gave them (null, or pandas'
+    double for an all-null category), as strings."""
     kind = table.schema.field(name).type
-    if pa.types.is_dictionary(kind):
-        target = kind.value_type
-    elif nulls_too and pa.types.is_null(kind):
-        target = pa.string()
+    column = table.column(name)
+    if nulls_too and len(column) and column.null_count == len(column) and not pa.types.is_string(kind):
+        column = pa.nulls(len(column), pa.string())
+    elif pa.types.is_dictionary(kind):
+        column = column.cast(kind.value_type)
     else:
         return table
-    return table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(target))
+    return table.set_column(table.schema.get_field_index(name), name, column)
 
 
 def _id_column(table: pa.Table, name: str, path: str) -> list[str]:

@@ -519,6 +519,10 @@ def run_reindex(store: Store, cfg: CartConfig, add: str | None = None, captions:
     cap_ids, cap_texts = read_captions(captions, lambda ids: set(live_rows(table, ids)) | set(plan["encode_ids"]),
                                        deleted) if captions else ([], [])
     encoders = CaptionEncoders(version, cfg, id_cfg.source != "features")  # refuses another encoder than the index's
+    if add or update or cap_ids or finetune or (finetune is None and cfg.reindex.finetune):  # not a delete alone
+        from cart_core.text import check_encoder_settings
+
+        check_encoder_settings(cfg.generator.text_encoder, cfg.generator.max_query_tokens)
     init_ray(address)  # after every input check: a wrong file costs seconds, not a cluster start
     new_caps = list(zip(*version.new_captions(cap_ids, cap_texts)))  # each (item, text) is stored once
     verified = has_verifier(version)

@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cart_core.config import CartConfig, config_dict, config_from_dict
-from cart_core.errors import BadInput, ConfigError, first_line, model_setting
+from cart_core.errors import BadInput, first_line
 from cart_core.index_version import IndexVersion, deletes_since, is_servable
+from cart_core.text import check_encoder_settings
 from cart_core.store import FALLBACK_KEYS, CommitConflict, Manifest, Store, StoreError
 from cart_core.hybrid import holdout_mask
 from cart_core.training import steady_epoch_s
@@ -304,26 +305,25 @@ def worker_slots(nodes: list[dict], cpus_per_worker: float, gpu: bool) -> int:
     return total
 
 
+def read_pending(store: Store) -> dict:
+    """jobs/train-pending.json, or a StoreError saying what to do with a damaged one (`cart check`
+    does not judge it: a training may be writing it)."""
+    try:
+        pending = store.read_json(PENDING)
+        if not isinstance(pending, dict):
+            raise ValueError(f"a JSON {type(pending).__name__}, not an object")
+    except ValueError as exc:
+        raise StoreError(f"{store.uri(PENDING)}: unreadable ({first_line(exc)}); remove it if no `cart train` is "
+                         "running, then train afresh") from None
+    return pending
+
+
 def check_text_encoder(cfg: CartConfig) -> None:
-    """The text encoder's config and tokenizer (no weights) are read here, so a name that does not
-    load, a `generator.finetune_layers` past its depth or a `max_query_tokens` past its positions is
-    refused before Ray starts (exit 2 naming the key), not by a Ray Train worker building the model."""
+    """The generator's text encoder checked before Ray starts (cart_core/text.check_encoder_settings),
+    not by a Ray Train worker building the model."""
     gen = cfg.generator
-    if gen.query != "text":
-        return
-    from transformers import AutoConfig, AutoTokenizer
-
-    from cart_core.text import check_token_limit, resolve_model_path, token_limit
-
-    with model_setting("generator.text_encoder", gen.text_encoder):
-        path = resolve_model_path(gen.text_encoder)
-        encoder = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    layers = int(encoder.num_hidden_layers)
-    check_token_limit(gen.max_query_tokens, token_limit(tokenizer, encoder), gen.text_encoder)
-    if not 0 <= gen.finetune_layers < layers:
-        raise ConfigError(f"generator.finetune_layers: {gen.finetune_layers} is out of range; must be in "
-                          f"[0, {layers - 1}] (the text encoder {gen.text_encoder!r} has {layers} layers)")
+    if gen.query == "text":
+        check_encoder_settings(gen.text_encoder, gen.max_query_tokens, gen.finetune_layers)
 
 
 def check_placement(scaling: TrainScaling, cfg: CartConfig) -> None:
@@ -473,7 +473,7 @@ def run_train(store: Store, cfg: CartConfig, workers: int | None = None, resume:
         check_placement(scaling, cfg)  # before anything is written
         run, resume_from, started = summary.run, None, base.version
         if resume and store.exists(PENDING):
-            pending = store.read_json(PENDING)
+            pending = read_pending(store)
             why_not = why_not_resumed(store, pending, info["base"], cfg, finetune, digests)
             if why_not is None:
                 went_on = resumed_from(store, pending.get("ids"), info["base"])

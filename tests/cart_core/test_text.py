@@ -35,12 +35,18 @@ def test_top_layers_recomputed_from_the_cache_match_the_full_forward(tmp_path, a
         assert (valid(without_bias[:, None]) - valid(states[:, -2:-1])).abs().max() > 1e-2
 
 
-def test_more_query_tokens_than_the_encoder_takes_are_refused_where_it_loads():
-    """1024 tokens passed the config and failed on the first long query, with its whole batch."""
+def test_more_query_tokens_than_the_encoder_takes_are_refused_by_the_driver_and_cut_where_it_loads():
+    """1024 tokens passed the config and failed on the first long query, with its whole batch. A
+    job's driver refuses it; a generator committed with it before answers, its queries cut at 512."""
     from cart_core.errors import ConfigError
-    from cart_core.text import TextEncoder
+    from cart_core.text import TextEncoder, check_encoder_settings
 
-    assert TextEncoder("minilm", 512).max_tokens == 512
+    check_encoder_settings("minilm", 512, finetune_layers=5)
     with pytest.raises(ConfigError, match=r"generator.max_query_tokens: 513 is more than the text encoder 'minilm' "
                                           r"takes \(512 tokens\)"):
-        TextEncoder("minilm", 513)
+        check_encoder_settings("minilm", 513)
+    with pytest.raises(ConfigError, match=r"generator.finetune_layers: 6 is out of range; must be in \[0, 5\]"):
+        check_encoder_settings("minilm", 32, finetune_layers=6)
+    encoder = TextEncoder("minilm", 1024)
+    assert encoder.max_tokens == 512
+    assert encoder.sentence_embeddings(["a, " * 600]).shape == (1, 384)

@@ -82,3 +82,18 @@ def test_our_error_in_a_ray_train_worker_keeps_its_exit_code_and_message(ray_loc
     assert isinstance(cause, StoreError)
     assert exit_code(cause)[0] == 2
     assert one_line(cause) == message
+
+
+def test_only_the_last_part_of_a_chained_traceback_names_the_error():
+    """Ray leaves its own frames out of the text: a part without a frame names no error of ours,
+    even when the frame before it (the cause's) ends in one."""
+    from pipelines.cli import final_exception_line
+
+    cause = ('Traceback (most recent call last):\n  File "/x/cart_core/store.py", line 3, in read\n'
+             '    raise StoreError("m")\ncart_core.store.StoreError: /s/manifest.json: not valid JSON\n')
+    outer_without_frames = cause + ("\nThe above exception was the direct cause of the following exception:\n\n"
+                                    "\x1b[36mray::Worker.__init__()\x1b[39m (pid=1)\nRuntimeError: CUDA out of memory")
+    assert final_exception_line(cause) == "cart_core.store.StoreError: /s/manifest.json: not valid JSON"
+    assert final_exception_line(outer_without_frames) == ""
+    multiline = cause.replace("not valid JSON\n", "not valid JSON\n  second line of the message\n")
+    assert final_exception_line(multiline) == "cart_core.store.StoreError: /s/manifest.json: not valid JSON"

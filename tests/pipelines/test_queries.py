@@ -154,6 +154,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     check_output_file(str(store / ".." / "beside.parquet"), store_url=str(store))
     check_output_file(str(tmp_path / "new" / "deeper" / "results.parquet"), store_url=str(store))  # made when written
     check_output_folder(str(tmp_path / "storefront"), store_url=str(store))  # a sibling whose name starts the same
+    assert check_output_folder(f"file://{tmp_path}/report") == f"{tmp_path}/report"  # where the report is written
 
 
 def test_a_text_column_of_nulls_or_categories_is_read_as_strings(tmp_path):
@@ -161,6 +162,9 @@ def test_a_text_column_of_nulls_or_categories_is_read_as_strings(tmp_path):
     pq.write_table(pa.table({"query_id": ["a", "b"], "text": pa.array([None, None], pa.null())}), path)
     nulls = read_query_table(str(path), RULES)  # load_queries then says "no query left to search"
     assert nulls.table.num_rows == 0 and sum(nulls.skipped.values()) == 2
+    empty_category = pa.DictionaryArray.from_arrays(pa.array([None, None], pa.int8()), pa.array([], pa.float64()))
+    pq.write_table(pa.table({"query_id": ["a", "b"], "text": empty_category}), path)  # pandas: all-null category
+    assert sum(read_query_table(str(path), RULES).skipped.values()) == 2
     categories = pa.array(["a dog", "a cat", "a dog"]).dictionary_encode()
     ids = pa.array(["a", "b", "c"]).dictionary_encode()
     items = pa.array(["i1", "i2", "i1"], pa.large_string()).dictionary_encode()
