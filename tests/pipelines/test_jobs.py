@@ -214,6 +214,7 @@ def test_local_chain_quantize_train_retrieve_evaluate(tmp_path, corpus_dir, quan
     assert ran == dict(fitted, candidates=200) and fitted["candidates"] != 200  # 160 items: both caps take all
 
 
+@pytest.mark.slow  # long fault / race test: `make test-slow` (keeps `make test` under 20 min on 2 cores)
 def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_dir, quantized, monkeypatch, capsys):
     import json
     import socket
@@ -297,6 +298,7 @@ def test_retrieve_resumes_from_the_answers_a_killed_run_saved(tmp_path, corpus_d
     assert gone not in pq.read_table(tmp_path / "deleted.parquet").column("item_id").to_pylist()
 
 
+@pytest.mark.slow  # long fault / race test: `make test-slow` (keeps `make test` under 20 min on 2 cores)
 def test_train_holds_its_base_version_taken_in_the_safe_order(tmp_path, quantized):
     """`cart train` fits its verifier on the base version's files hours later: it holds a reader
     lease on it, written before it waits for a compact running and before anything of its own

@@ -184,6 +184,7 @@ def test_a_rollback_forward_past_a_delete_withdraws_the_item_from_the_version_th
     assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
 
 
+@pytest.mark.slow  # long fault / race test: `make test-slow` (keeps `make test` under 20 min on 2 cores)
 def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it(base, tmp_path, monkeypatch,
                                                                                    capsys):
     """A delete that lands while `cart quantize --refit` fits is committed dead in its table; while
@@ -259,6 +260,7 @@ def test_a_takedown_waits_for_neither_quantize_nor_training_which_commit_over_it
     assert {i for items in results(store, base, tmp_path, k=20).values() for i in items}.isdisjoint(gone)
 
 
+@pytest.mark.slow  # long fault / race test: `make test-slow` (keeps `make test` under 20 min on 2 cores)
 def test_a_delete_racing_a_reindex_finetune_stays_in_force_and_the_finetune_commits(base, tmp_path, monkeypatch):
     """A takedown that lands while `reindex --finetune` trains: the fine-tune commits over it, its
     added items taught, the deleted ones never answered."""
@@ -505,7 +507,8 @@ def test_update_replaces_an_item_under_the_same_key(base, tmp_path):
         assert int(table.live[table.item_ids == item].sum()) == 1  # one live identifier per key
 
 
-@pytest.mark.parametrize("point", ["after_features", "after_ids", "before_commit", "after_training"])
+@pytest.mark.parametrize("point", ["after_features", "after_ids", "before_commit",
+                                   pytest.param("after_training", marks=pytest.mark.slow)])  # the long one: test-slow
 def test_crash_at_any_step_keeps_the_old_version_and_rerun_completes(base, tmp_path, monkeypatch, point):
     from cart_core.index_version import load_ids
     from pipelines.reindex import run_reindex

@@ -198,7 +198,7 @@ def racing_import_and_quantize(store: Store, extra_items: str) -> None:
     assert history == list(range(1, final.version + 1))
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])  # S3 in test-slow
 def test_concurrent_commits_lose_nothing(where, tmp_path, ray_local, request):
     root = tmp_path / "corpus"
     write_corpus(synthetic_corpus(n_items=120, dim=32, n_captions=5, seed=5), root / "all")
