@@ -1,7 +1,8 @@
 """Where a job writes its results, checked before any work: a wrong `--out` costs seconds, not a
 cluster start-up and a whole evaluation lost at its last write.
 
-`cart retrieve` writes one Parquet file (local or s3://) and its `<out>.parts/` folder beside it;
+`cart retrieve` writes one Parquet file (local or s3://) and its `<out>.parts/` folder beside it,
+`cart scan` one Parquet file;
 `cart evaluate` and `cart demo` write a report folder on the local disk (metrics.json, recall.png,
 run.json). Neither may write inside an index store: a store holds only what its jobs commit (an
 `--out` of `<store>/manifest.json` would replace the store's pointer with Parquet).
